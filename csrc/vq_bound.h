@@ -1,0 +1,28 @@
+// Rounding bound for the candidate search of nearest-code quantization (DESIGN.md op 1).
+//
+// The fast search ranks codes by d'(k) = |e_k|^2 - 2 z.e_k computed in fp32 (GEMM / tensor cores).
+// Standard dot-product error analysis (Higham, "Accuracy and Stability", eq. 3.5) bounds its error by
+// gamma_n * (|e_k|^2 + 2 |z| |e_k|) with gamma_n = n u / (1 - n u), u the unit round-off of the
+// arithmetic, n = D + a few operations for the input conversions and the subtraction. If the two
+// smallest d' differ by more than twice that bound, the fp32 winner is the exact winner; otherwise the
+// row is re-ranked in fp64. So `exact` costs a rare fallback, never a wrong index.
+#pragma once
+#include <cmath>
+
+#if defined(__CUDACC__)
+#define MAGE_HD __host__ __device__ __forceinline__
+#else
+#define MAGE_HD inline
+#endif
+
+namespace mage {
+
+// u = 2^-24 for fp32 FFMA; tensor-core paths pass the round-off of their input format (tf32: 2^-11).
+MAGE_HD double vq_gap_bound(long long D, double unit_roundoff, double z_norm, double max_code_norm) {
+  const double n = static_cast<double>(D + 5);
+  const double gamma = n * unit_roundoff / (1.0 - n * unit_roundoff);
+  // Two candidates may each be off by the bound; a factor 2 more for safety, as it only costs fallbacks.
+  return 4.0 * gamma * (max_code_norm * max_code_norm + 2.0 * z_norm * max_code_norm);
+}
+
+}  // namespace mage

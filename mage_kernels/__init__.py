@@ -1,0 +1,32 @@
+"""mage-kernels: the fused ops of MAGE (Li et al., CVPR 2023) as drop-in torch ops in namespace `mage`.
+
+Every op is callable as `torch.ops.mage.<name>` and, with argument checks and docs, as
+`mage_kernels.<name>`. See DESIGN.md for the op contracts and backend rules.
+"""
+
+import torch  # noqa: F401  (libtorch must be loaded before our native library)
+
+from . import reference
+from ._registry import CHOSEN, NATIVE_ERROR, NATIVE_PATH, REQUESTED, triton_usable
+from .vq import vq_nearest, vq_quantize
+
+__version__ = "0.1.0"
+
+
+def build_info() -> dict:
+    """Which backends are present and which kernel each op runs on CPU and CUDA tensors."""
+    return {
+        "version": __version__,
+        "torch": torch.__version__,
+        "native": NATIVE_PATH,
+        "native_error": NATIVE_ERROR,
+        "native_cuda": any(c.get("cuda") == "cuda" for c in CHOSEN.values()),
+        "triton": triton_usable("cuda"),
+        "triton_interpret": triton_usable("cpu"),
+        "cuda_available": torch.cuda.is_available(),
+        "requested_backend": REQUESTED,
+        "ops": {name: dict(choice) for name, choice in CHOSEN.items()},
+    }
+
+
+__all__ = ["build_info", "reference", "vq_nearest", "vq_quantize"]

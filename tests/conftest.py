@@ -1,0 +1,40 @@
+"""Shared test settings: Triton runs under its interpreter when there is no GPU (BUILD_NOTES 4),
+devices always include CPU, and tolerances live in one table keyed by dtype (STYLE.md)."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when @triton.jit runs: before kernel imports
+
+import pytest  # noqa: E402
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+# (rtol, atol) for comparing results computed in a dtype against a higher-precision reference.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-12),
+    torch.float32: (1e-5, 1e-6),
+    torch.bfloat16: (1.6e-2, 1e-3),
+    torch.float16: (1e-3, 1e-4),
+}
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+requires_triton = pytest.mark.skipif(not has_triton(), reason="triton is not installed")
+
+
+def assert_close(actual, expected, dtype=None, **kwargs):
+    rtol, atol = TOLERANCES[dtype or expected.dtype]
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, **kwargs)
