@@ -1,0 +1,149 @@
+"""Benchmark plumbing shared by every op family (BENCHMARKING.md).
+
+A family module `benchmarks/bench_<family>.py` exposes `cases(device) -> list[Case]`; `run.py` times
+them and writes long-format CSV rows (Liger-Kernel style). The same modules hold pytest-benchmark
+tests for CPU. Ratios are only ever taken between rows of one run on one machine.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+import platform
+import statistics
+import subprocess
+import time
+from typing import Callable
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    op: str
+    provider: str  # mage | eager-ref | eager-best | compile | faiss
+    backend: str  # cpu | cuda | triton | reference | torch | faiss
+    mode: str  # forward | backward | forward+backward | no-grad
+    shape: str
+    dtype: str
+    fn: Callable[[], object]
+    bytes: float = 0.0  # minimum bytes moved, for GB/s and % of the bandwidth roofline
+    flops: float = 0.0
+    setup: Callable[[], object] | None = None  # run before each timed call (e.g. zero grads), untimed
+
+
+@dataclasses.dataclass
+class Row:
+    op: str
+    provider: str
+    backend: str
+    mode: str
+    shape: str
+    dtype: str
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    peak_extra_mb: float
+    gbps: float
+    tflops: float
+    roofline_pct: float
+    device: str
+    threads: int
+    torch: str
+    triton: str
+    git_sha: str
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cpus)"
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def triton_version() -> str:
+    try:
+        import triton
+
+        return triton.__version__
+    except ImportError:
+        return "-"
+
+
+# Peak memory bandwidth used for the roofline column (BENCHMARKING.md); CPU rows leave it empty.
+HBM_GBPS = {"H100": 3350.0, "H200": 4800.0}
+
+
+def roofline_gbps(device: str) -> float:
+    name = device_name(device)
+    return next((v for k, v in HBM_GBPS.items() if k in name), 0.0)
+
+
+def time_cpu(fn: Callable, setup: Callable | None, min_time: float = 0.5, max_rounds: int = 50) -> list[float]:
+    fn()  # warm-up
+    times = []
+    start = time.perf_counter()
+    while len(times) < 3 or (time.perf_counter() - start < min_time and len(times) < max_rounds):
+        if setup:
+            setup()
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def time_cuda(fn: Callable, setup: Callable | None) -> list[float]:
+    import triton.testing
+
+    if setup is None:
+        return triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], return_mode="all")  # type: ignore[return-value]
+
+    def call():
+        setup()
+        fn()
+
+    return triton.testing.do_bench(call, return_mode="all")
+
+
+def peak_extra_mb(fn: Callable, device: str) -> float:
+    if device != "cuda":
+        return float("nan")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def measure(case: Case, device: str) -> Row:
+    times = time_cuda(case.fn, case.setup) if device == "cuda" else time_cpu(case.fn, case.setup)
+    q = statistics.quantiles(times, n=10) if len(times) > 1 else times * 9
+    median = statistics.median(times)
+    gbps = case.bytes / (median * 1e-3) / 1e9 if case.bytes else 0.0
+    roof = roofline_gbps(device)
+    return Row(
+        op=case.op, provider=case.provider, backend=case.backend, mode=case.mode, shape=case.shape,
+        dtype=case.dtype, median_ms=median, p20_ms=q[1], p80_ms=q[7],
+        peak_extra_mb=peak_extra_mb(case.fn, device), gbps=gbps,
+        tflops=case.flops / (median * 1e-3) / 1e12 if case.flops else 0.0,
+        roofline_pct=100.0 * gbps / roof if roof and gbps else 0.0,
+        device=device_name(device), threads=torch.get_num_threads(), torch=torch.__version__,
+        triton=triton_version(), git_sha=git_sha(),
+    )
+
+
+def write_csv(rows: list[Row], path: str) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[f.name for f in dataclasses.fields(Row)])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(dataclasses.asdict(row))
