@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-VENV=${MAGE_VENV:-.venv}
-# Run from a scratch directory so the installed package, not the source tree, is what gets tested.
-exec "$VENV/bin/python" -m pytest "$PWD/tests" "$PWD/benchmarks" --rootdir "$PWD" -c "$PWD/pyproject.toml" "$@"
+VENV=$(cd "${MAGE_VENV:-.venv}" && pwd)
+ROOT=$PWD
+# Run from a scratch directory so that the installed package, not the source tree, is under test.
+cd "$(mktemp -d)"
+exec "$VENV/bin/python" -m pytest "$ROOT/tests" "$ROOT/benchmarks" --rootdir "$ROOT" -c "$ROOT/pyproject.toml" "$@"
