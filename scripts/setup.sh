@@ -31,4 +31,4 @@ if [ "${MAGE_EDITABLE:-0}" = 1 ]; then
 else
   "${PIP[@]}" --no-build-isolation .
 fi
-"$VENV/bin/python" -c "import mage_kernels, json; print(json.dumps(mage_kernels.build_info()))"
+(cd / && "$VENV/bin/python" -c "import mage_kernels, json; print(json.dumps(mage_kernels.build_info()))")
