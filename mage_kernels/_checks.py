@@ -38,3 +38,183 @@ def check_vq_args(op: str, z: torch.Tensor, codebook: torch.Tensor) -> None:
         raise ValueError(
             f"{op}: z's channel dim must equal codebook.size(1) = {codebook.shape[1]}, got z shape {list(z.shape)}"
         )
+
+
+def _shape(t: torch.Tensor) -> tuple:
+    return tuple(t.shape)
+
+
+def _values_checkable(t: torch.Tensor) -> bool:
+    """Value checks (ranges, order) read the data: free on CPU, a host sync on GPU, impossible on fake
+    tensors. So they run on real CPU tensors only; GPU kernels document what they assume instead."""
+    return t.device.type == "cpu" and not isinstance(t, torch._subclasses.FakeTensor) and not torch.compiler.is_compiling()
+
+
+def check_counts(op: str, name: str, counts: torch.Tensor, B: int, L: int, device: torch.device) -> None:
+    if counts.dtype != torch.int64:
+        raise TypeError(f"{op}: {name} must be int64, got {counts.dtype}")
+    if counts.dim() > 1 or (counts.dim() == 1 and counts.shape[0] != B):
+        raise ValueError(f"{op}: {name} must be a scalar or [B] = [{B}], got shape {_shape(counts)}")
+    if counts.device != device:
+        raise ValueError(f"{op}: {name} must be on the device of noise ({device}), got {counts.device}")
+    if _values_checkable(counts) and counts.numel() and bool(((counts < 0) | (counts > L)).any()):
+        raise ValueError(f"{op}: {name} must lie in [0, L] = [0, {L}], got values {counts.tolist()}")
+
+
+def check_mask_plan_args(
+    op: str, noise: torch.Tensor, num_masked: torch.Tensor, num_dropped: torch.Tensor, num_kept: int
+) -> None:
+    check_float(op, "noise", noise)
+    if noise.dim() != 2:
+        raise ValueError(f"{op}: noise must be [B, L], got shape {_shape(noise)}")
+    B, L = noise.shape
+    check_counts(op, "num_masked", num_masked, B, L, noise.device)
+    check_counts(op, "num_dropped", num_dropped, B, L, noise.device)
+    if not 0 <= num_kept <= L:
+        raise ValueError(f"{op}: num_kept must lie in [0, L] = [0, {L}], got {num_kept}")
+    if _values_checkable(num_dropped) and num_dropped.numel() and int(num_dropped.min()) < L - num_kept:
+        raise ValueError(
+            f"{op}: keep_idx has num_kept = {num_kept} columns but a row keeps L - num_dropped = "
+            f"{L - int(num_dropped.min())} tokens; pass num_kept >= L - min(num_dropped)"
+        )
+
+
+def check_keep_idx(op: str, keep_idx: torch.Tensor, B: int, L: int, device: torch.device) -> None:
+    if keep_idx.dtype != torch.int64:
+        raise TypeError(f"{op}: keep_idx must be int64, got {keep_idx.dtype}")
+    if keep_idx.dim() != 2 or keep_idx.shape[0] != B:
+        raise ValueError(f"{op}: keep_idx must be [B, Lk] with B = {B}, got shape {_shape(keep_idx)}")
+    if keep_idx.shape[1] > L:
+        raise ValueError(f"{op}: keep_idx must be [B, Lk] with Lk <= L = {L}, got shape {_shape(keep_idx)}")
+    if keep_idx.device != device:
+        raise ValueError(f"{op}: keep_idx must be on {device}, got {keep_idx.device}")
+    if not _values_checkable(keep_idx) or keep_idx.numel() == 0:
+        return
+    # Valid rows: positions in [0, L), strictly increasing, then only -1 (padding).
+    bad_range = (keep_idx < -1) | (keep_idx >= L)
+    if bool(bad_range.any()):
+        b, j = (int(v) for v in bad_range.nonzero()[0])
+        raise ValueError(f"{op}: keep_idx must hold token positions in [0, L) = [0, {L}) or -1, "
+                         f"got keep_idx[{b}, {j}] = {int(keep_idx[b, j])}")
+    prev, nxt = keep_idx[:, :-1], keep_idx[:, 1:]
+    bad_order = ((prev >= 0) & (nxt >= 0) & (nxt <= prev)) | ((prev < 0) & (nxt >= 0))
+    if bool(bad_order.any()):
+        b, j = (int(v) for v in bad_order.nonzero()[0])
+        raise ValueError(f"{op}: keep_idx rows must be strictly increasing positions followed only by -1, "
+                         f"got keep_idx[{b}, {j}:{j + 2}] = {keep_idx[b, j:j + 2].tolist()}")
+
+
+def check_gather_keep_args(op: str, x: torch.Tensor, keep_idx: torch.Tensor, L: int | None = None) -> None:
+    name = "x" if L is None else "grad"
+    check_float(op, name, x)
+    if x.dim() != 3 or x.shape[1] < 1:
+        raise ValueError(f"{op}: {name} must be [B, 1+L, C], got shape {_shape(x)}")
+    if L is None:
+        L = x.shape[1] - 1
+    elif x.shape[1] != 1 + keep_idx.shape[-1]:
+        raise ValueError(f"{op}: {name} must be [B, 1+Lk, C] with Lk = keep_idx.size(1) = {keep_idx.shape[-1]}, "
+                         f"got shape {_shape(x)}")
+    check_keep_idx(op, keep_idx, x.shape[0], L, x.device)
+
+
+def check_pad_with_cls_args(
+    op: str,
+    y: torch.Tensor,
+    keep_idx: torch.Tensor,
+    masked: torch.Tensor,
+    pos_embed: torch.Tensor | None,
+    pad: torch.Tensor | None,
+) -> None:
+    check_float(op, "y", y)
+    if y.dim() != 3:
+        raise ValueError(f"{op}: y must be [B, 1+Lk, C], got shape {_shape(y)}")
+    B, C = y.shape[0], y.shape[2]
+    if masked.dtype != torch.bool:
+        raise TypeError(f"{op}: masked must be bool, got {masked.dtype}")
+    if masked.dim() != 2 or masked.shape[0] != B:
+        raise ValueError(f"{op}: masked must be [B, L] with B = {B}, got shape {_shape(masked)}")
+    if masked.device != y.device:
+        raise ValueError(f"{op}: masked must be on {y.device}, got {masked.device}")
+    L = masked.shape[1]
+    check_keep_idx(op, keep_idx, B, L, y.device)
+    if y.shape[1] != 1 + keep_idx.shape[1]:
+        raise ValueError(f"{op}: y must be [B, 1+Lk, C] with Lk = keep_idx.size(1) = {keep_idx.shape[1]}, "
+                         f"got shape {_shape(y)}")
+    for name, t, shape in (("pos_embed", pos_embed, (L + 1, C)), ("pad", pad, (C,))):
+        if t is None:
+            continue
+        if t.dtype != y.dtype:
+            raise TypeError(f"{op}: {name} must have y's dtype {y.dtype}, got {t.dtype}")
+        if _shape(t) != shape:
+            raise ValueError(f"{op}: {name} must be {list(shape)} (L = {L}, C = {C}), got shape {_shape(t)}")
+        if t.device != y.device:
+            raise ValueError(f"{op}: {name} must be on {y.device}, got {t.device}")
+REMASK_LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_remask_args(
+    op: str,
+    vocab_rows: int,
+    ids: torch.Tensor,
+    num_masked: torch.Tensor,
+    seed: torch.Tensor,
+    vocab_size: int,
+    temperature: float,
+    choice_temperature: float,
+) -> None:
+    """Checks shared by `remask_step` and `remask_step_from_hidden` once the [B, L] token grid is known.
+    `vocab_rows` is V' (logits' last dim, or the embedding's row count)."""
+    if ids.dtype != torch.int64:
+        raise TypeError(f"{op}: ids must be int64, got {ids.dtype}")
+    check_same_device(op, ("ids", "num_masked", "seed"), ids, num_masked, seed)
+    if num_masked.dtype != torch.int64:
+        raise TypeError(f"{op}: num_masked must be int64, got {num_masked.dtype}")
+    if seed.dtype != torch.int64:
+        raise TypeError(f"{op}: seed must be int64, got {seed.dtype}")
+    if ids.dim() != 2:
+        raise ValueError(f"{op}: ids must be [B, L], got shape {tuple(ids.shape)}")
+    if num_masked.shape != (ids.shape[0],):
+        raise ValueError(f"{op}: num_masked must be [B] = [{ids.shape[0]}], got shape {tuple(num_masked.shape)}")
+    if seed.shape != (2,):
+        raise ValueError(f"{op}: seed must be [2] (seed, offset), got shape {tuple(seed.shape)}")
+    if not 1 <= vocab_size <= vocab_rows:
+        raise ValueError(f"{op}: vocab_size must be in [1, {vocab_rows}] (the logits' last dim), got {vocab_size}")
+    if not (temperature > 0.0 and temperature < float("inf")):
+        raise ValueError(f"{op}: temperature must be finite and > 0, got {temperature}")
+    if not (choice_temperature >= 0.0 and choice_temperature < float("inf")):
+        raise ValueError(f"{op}: choice_temperature must be finite and >= 0, got {choice_temperature}")
+
+
+def check_remask_logits(op: str, logits: torch.Tensor, ids: torch.Tensor) -> None:
+    if logits.dtype not in REMASK_LOGIT_DTYPES:
+        raise TypeError(f"{op}: logits must be float32, bfloat16 or float16, got {logits.dtype}")
+    if logits.dim() != 3:
+        raise ValueError(f"{op}: logits must be [B, L, V], got shape {tuple(logits.shape)}")
+    check_same_device(op, ("logits", "ids"), logits, ids)
+    if ids.dim() == 2 and logits.shape[:2] != ids.shape:
+        raise ValueError(
+            f"{op}: logits [B, L, V] and ids [B, L] disagree: logits {tuple(logits.shape)}, ids {tuple(ids.shape)}"
+        )
+
+
+def check_remask_hidden(
+    op: str, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor
+) -> None:
+    for name, t in (("hidden", hidden), ("weight", weight)) + ((("bias", bias),) if bias is not None else ()):
+        if t.dtype not in REMASK_LOGIT_DTYPES:
+            raise TypeError(f"{op}: {name} must be float32, bfloat16 or float16, got {t.dtype}")
+    check_same_device(op, ("hidden", "weight", "ids"), hidden, weight, ids)
+    if bias is not None:
+        check_same_device(op, ("weight", "bias"), weight, bias)
+    if hidden.dim() != 3:
+        raise ValueError(f"{op}: hidden must be [B, L, C], got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
+        raise ValueError(
+            f"{op}: weight must be [V, C] with C = hidden.size(2) = {hidden.shape[2]}, got shape {tuple(weight.shape)}"
+        )
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"{op}: bias must be [V] = [{weight.shape[0]}], got shape {tuple(bias.shape)}")
+    if ids.dim() == 2 and hidden.shape[:2] != ids.shape:
+        raise ValueError(
+            f"{op}: hidden [B, L, C] and ids [B, L] disagree: hidden {tuple(hidden.shape)}, ids {tuple(ids.shape)}"
+        )
