@@ -159,14 +159,14 @@ def _check_counts(op: str, num_masked: torch.Tensor, unknown: torch.Tensor) -> t
     return torch.minimum(num_masked.clamp_min(0), unknown)
 
 
-def remask_select(
-    confidence: torch.Tensor, k: torch.Tensor, reference_ties: bool
-) -> torch.Tensor:
+def remask_select(confidence: torch.Tensor, k: torch.Tensor, reference_ties: bool) -> torch.Tensor:
     """Boolean [B, L]: the k[b] lowest confidences of each row, ties to the lower position (a stable
     ascending sort); with `reference_ties`, every position with confidence <= the k-th smallest (the
     published rule, MAGE_REFERENCE.md 5.2.10), nothing when k = 0."""
-    order = torch.sort(confidence, dim=1, stable=True).indices
     L = confidence.shape[1]
+    if L == 0:
+        return torch.zeros_like(confidence, dtype=torch.bool)
+    order = torch.sort(confidence, dim=1, stable=True).indices
     if reference_ties:
         cutoff = confidence.gather(1, order.gather(1, (k - 1).clamp_min(0)[:, None]))
         return (confidence <= cutoff) & (k[:, None] > 0)

@@ -63,7 +63,7 @@ def draw_seed(device: torch.device | str, generator: torch.Generator | None = No
     default generator). Drawn on the generator's device, so a CUDA generator costs no host sync and is
     CUDA-graph safe; a CPU generator with CUDA logits costs a small host-to-device copy."""
     gen_device = generator.device if generator is not None else torch.device(device)
-    seed = torch.empty(2, dtype=torch.int64, device=gen_device).random_(generator=generator)
+    seed = torch.randint(-(2**63), 2**63 - 1, (2,), dtype=torch.int64, device=gen_device, generator=generator)
     return seed.to(device)
 
 
