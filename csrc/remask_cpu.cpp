@@ -113,8 +113,8 @@ typedef uint32_t vu __attribute__((vector_size(4 * kW)));
   return x < splat(-87.0f) ? splat(0.0f) : y;
 }
 
-// Natural log for positive normal x (Cephes logf, ~1 ulp).
-[[gnu::always_inline]] inline vf log_pos(vf x) {
+// remask_rng::log_pos, eight lanes at a time.
+[[gnu::always_inline]] inline vf log_pos8(vf x) {
   const vi bits = as_i(x);
   vi e = (bits >> 23) - 126;
   vf m = as_f((bits & 0x7FFFFF) | 0x3F000000);  // [0.5, 1)
@@ -144,8 +144,6 @@ typedef uint32_t vu __attribute__((vector_size(4 * kW)));
   x *= kMixC2;
   return x ^ (x >> 15);
 }
-
-inline float gumbel_scalar(uint32_t w) { return -std::log(-std::log(word_to_uniform(w))); }
 
 struct Sample {
   int64_t token;
@@ -181,7 +179,7 @@ Sample sample_token(float* s, int64_t V, uint32_t h, uint32_t g) {
     sum += live ? exp_nonpos(d) : splat(0.0f);
     const vu w = mix32v((vu{} + h + __builtin_convertvector(idx, vu) * kGolden) ^ g);
     const vf u = (__builtin_convertvector(w >> 9, vf) + 0.5f) * 1.1920928955078125e-07f;
-    const vf key = live ? d - log_pos(-log_pos(u)) : splat(-kInf);
+    const vf key = live ? d - log_pos8(-log_pos8(u)) : splat(-kInf);
     const vi better = key > best;
     best = better ? key : best;
     best_i = better ? idx : best_i;
@@ -220,7 +218,7 @@ struct Context {
     uint32_t h, g;
     token_keys(k0, k1, t / L, t % L, h, g);
     sampled[t] = smp.token;
-    confidence[t] = smp.logp + tau * gumbel_scalar(choice_word(g));
+    confidence[t] = smp.logp + tau * gumbel(choice_word(g));
   }
   Sample sample(float* row, int64_t t) const {
     uint32_t h, g;

@@ -47,9 +47,34 @@ def _token_keys(k0, k1, b, l):
 
 
 @triton.jit
+def _log_pos(x):
+    """log of a positive normal float32: the Cephes formula of csrc/remask_rng.h (log_pos), accurate near 1
+    where an approximate hardware log would corrupt -log(u) for u close to 1."""
+    bits = x.to(tl.int32, bitcast=True)
+    e = (bits >> 23) - 126
+    m = ((bits & 0x7FFFFF) | 0x3F000000).to(tl.float32, bitcast=True)
+    small = m < 0.707106781186547524
+    e = tl.where(small, e - 1, e)
+    m = tl.where(small, m + m - 1.0, m - 1.0)
+    z = m * m
+    y = m * 7.0376836292e-2 - 1.1514610310e-1
+    y = y * m + 1.1676998740e-1
+    y = y * m - 1.2420140846e-1
+    y = y * m + 1.4249322787e-1
+    y = y * m - 1.6668057665e-1
+    y = y * m + 2.0000714765e-1
+    y = y * m - 2.4999993993e-1
+    y = y * m + 3.3333331174e-1
+    y = y * m * z
+    ef = e.to(tl.float32)
+    y = y + ef * -2.12194440e-4 - 0.5 * z
+    return m + y + ef * 0.693359375
+
+
+@triton.jit
 def _gumbel(w):
     u = ((w >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
-    return -tl.log(-tl.log(u))
+    return -_log_pos(-_log_pos(u))
 
 
 @triton.jit
