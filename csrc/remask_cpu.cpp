@@ -333,7 +333,10 @@ std::tuple<at::Tensor, at::Tensor> remask_step_from_hidden_cpu(
     const at::Tensor& num_masked, const at::Tensor& seed, int64_t mask_id, double choice_temperature,
     int64_t vocab_size, double temperature, bool reference_ties) {
   constexpr const char* op = "remask_step_from_hidden";
-  constexpr int64_t kTile = 32;  // unknown tokens per GEMM tile: a (32, V) fp32 logits tile stays in L2
+  // Unknown tokens per GEMM chunk: a (256, 1024) fp32 logits chunk (1 MB) is reused from cache by the
+  // sampling pass right after; the GEMM is one multithreaded at::mm per chunk (a GEMM per thread inside
+  // a parallel region would serialize on small tiles).
+  constexpr int64_t kChunk = 256;
   check_remask_hidden(op, hidden, weight, bias, ids);
   check_remask_args(op, weight.size(0), ids, num_masked, seed, vocab_size, temperature, choice_temperature);
   const at::Tensor ids_c = ids.contiguous();
@@ -355,30 +358,31 @@ std::tuple<at::Tensor, at::Tensor> remask_step_from_hidden_cpu(
   const float* bp = bias.has_value() ? bias_f.const_data_ptr<float>() : nullptr;
   const int64_t n = static_cast<int64_t>(todo.size());
   const int64_t h0 = hidden.stride(0), h1 = hidden.stride(1), h2 = hidden.stride(2);
+  at::Tensor x = at::empty({std::min(kChunk, n), C}, wT.options());
+  at::Tensor out = at::empty({std::min(kChunk, n), vocab_size}, wT.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, hidden.scalar_type(), "remask_from_hidden_cpu", [&] {
     const scalar_t* hp = hidden.const_data_ptr<scalar_t>();
-    at::parallel_for(0, (n + kTile - 1) / kTile, 1, [&](int64_t begin, int64_t end) {
-      at::Tensor x = at::empty({kTile, C}, wT.options());
-      at::Tensor out = at::empty({kTile, vocab_size}, wT.options());
-      std::vector<float> row(padded(c.vocab));
-      for (int64_t tile = begin; tile < end; ++tile) {
-        const int64_t first = tile * kTile, rows = std::min(kTile, n - first);
-        float* xp = x.data_ptr<float>();
-        for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t first = 0; first < n; first += kChunk) {
+      const int64_t rows = std::min(kChunk, n - first);
+      float* xp = x.data_ptr<float>();
+      at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
           const int64_t t = todo[first + r];
           const scalar_t* src = hp + (t / c.L) * h0 + (t % c.L) * h1;
           for (int64_t k = 0; k < C; ++k) xp[r * C + k] = static_cast<float>(src[k * h2]);
         }
-        at::Tensor o = out.narrow(0, 0, rows);
-        at::mm_out(o, x.narrow(0, 0, rows), wT);
-        const float* op_ = o.const_data_ptr<float>();
-        for (int64_t r = 0; r < rows; ++r) {
-          const int64_t t = todo[first + r];
+      });
+      at::Tensor o = out.narrow(0, 0, rows);
+      at::mm_out(o, x.narrow(0, 0, rows), wT);
+      const float* op_ = o.const_data_ptr<float>();
+      at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+        std::vector<float> row(padded(c.vocab));
+        for (int64_t r = begin; r < end; ++r) {
           load_scaled(row.data(), op_ + r * vocab_size, 1, c.vocab, c.inv_t, bp);
-          c.finish_token(t, c.sample(row.data(), t));
+          c.finish_token(todo[first + r], c.sample(row.data(), todo[first + r]));
         }
-      }
-    });
+      });
+    }
   });
   select_rows(c, num_masked, reference_ties, new_ids.data_ptr<int64_t>());
   return {sampled, new_ids};
