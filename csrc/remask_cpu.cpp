@@ -178,7 +178,8 @@ Sample sample_token(float* s, int64_t V, uint32_t h, uint32_t g) {
     const vf d = x == mm ? splat(0.0f) : x - mm;
     sum += live ? exp_nonpos(d) : splat(0.0f);
     const vu w = mix32v((vu{} + h + __builtin_convertvector(idx, vu) * kGolden) ^ g);
-    const vf u = (__builtin_convertvector(w >> 9, vf) + 0.5f) * 1.1920928955078125e-07f;
+    // w >> 9 < 2^23: a signed conversion is exact and has an AVX2 instruction (unsigned has none).
+    const vf u = (__builtin_convertvector(reinterpret_cast<vi>(w >> 9), vf) + 0.5f) * 1.1920928955078125e-07f;
     const vf key = live ? d - log_pos8(-log_pos8(u)) : splat(-kInf);
     const vi better = key > best;
     best = better ? key : best;

@@ -242,6 +242,14 @@ def test_compile_fullgraph():
     got = compiled(logits, ids)
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 
+    def seeded(logits, ids, k, seed):
+        return mk.remask_step(logits, ids, k, mask_id=MASK, choice_temperature=1.5, seed=seed)
+
+    k = mk.remask_count(ids, mask_id=MASK, mask_ratio=0.5)
+    got = torch.compile(seeded, fullgraph=True, backend="aot_eager")(logits, ids, k, SEED)
+    expected = R.remask_step(logits, ids, k, SEED, **kwargs(32, tau=1.5))
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
 
 @requires_triton
 @pytest.mark.parametrize("ties", [False, True])
