@@ -4,15 +4,22 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <string>
+
 namespace mage {
 
 inline bool is_float_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf || t == at::kDouble;
 }
 
+// "torch.int64", as Python prints dtypes, so C++ and Python errors read the same.
+inline std::string dtype_name(at::ScalarType t) {
+  return "torch." + std::string(c10::getDtypeNames(t).first);
+}
+
 inline void check_float(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK_TYPE(is_float_dtype(t.scalar_type()), op, ": ", name,
-                   " must be float32, bfloat16, float16 or float64, got ", t.scalar_type());
+                   " must be float32, bfloat16, float16 or float64, got ", dtype_name(t.scalar_type()));
 }
 
 inline void check_same_device(const at::Tensor& a, const at::Tensor& b, const char* op, const char* na,

@@ -15,6 +15,8 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -54,9 +56,16 @@ Codebook prepare_codebook(const at::Tensor& codebook) {
   return cb;
 }
 
-// d'(k) in place, and its minimum. `m = d < m ? d : m` maps to minps, so NaN codes never win.
-__attribute__((target_clones("avx512f", "avx2", "default")))
-float expanded_distances(float* dots, const float* e2, int64_t K) {
+// Row scans over the K expanded distances. Explicit AVX2, chosen at run time (no -march flags):
+// compilers do not vectorize a NaN-aware min reduction on their own.
+struct Scan {
+  float best;     // min_k d'(k); +inf if no code is finite
+  int64_t index;  // first k with d'(k) == best, -1 if none
+  float second;   // min over the other k; == best when the minimum is tied
+};
+
+// d'(k) = |e_k|^2 - 2 z.e_k written over `dots`; returns the minimum. NaN codes never win.
+float expanded_min_scalar(float* dots, const float* e2, int64_t K) {
   float m = kInf;
   for (int64_t k = 0; k < K; ++k) {
     const float d = e2[k] - 2.0f * dots[k];
@@ -66,11 +75,77 @@ float expanded_distances(float* dots, const float* e2, int64_t K) {
   return m;
 }
 
-__attribute__((target_clones("avx512f", "avx2", "default")))
-float range_min(const float* d, int64_t begin, int64_t end) {
-  float m = kInf;
-  for (int64_t k = begin; k < end; ++k) m = d[k] < m ? d[k] : m;
-  return m;
+Scan locate_scalar(const float* d, int64_t K, float best) {
+  Scan s{best, -1, kInf};
+  for (int64_t k = 0; k < K; ++k) {
+    if (d[k] == best) {
+      if (s.index >= 0) s.second = best;
+      if (s.index < 0) s.index = k;
+    } else if (d[k] < s.second) {
+      s.second = d[k];
+    }
+  }
+  return s;
+}
+
+__attribute__((target("avx2,fma"))) float hmin8(__m256 v) {
+  __m128 m = _mm_min_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_min_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_min_ss(m, _mm_shuffle_ps(m, m, 1));
+  return _mm_cvtss_f32(m);
+}
+
+__attribute__((target("avx2,fma"))) float expanded_min_avx2(float* dots, const float* e2, int64_t K) {
+  const __m256 two = _mm256_set1_ps(2.0f);
+  __m256 m = _mm256_set1_ps(kInf);
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    const __m256 d = _mm256_fnmadd_ps(two, _mm256_loadu_ps(dots + k), _mm256_loadu_ps(e2 + k));
+    _mm256_storeu_ps(dots + k, d);
+    m = _mm256_min_ps(d, m);  // min_ps(a, b) returns b when a is NaN
+  }
+  float best = hmin8(m);
+  for (; k < K; ++k) {
+    const float d = e2[k] - 2.0f * dots[k];
+    dots[k] = d;
+    best = d < best ? d : best;
+  }
+  return best;
+}
+
+__attribute__((target("avx2,fma"))) Scan locate_avx2(const float* d, int64_t K, float best) {
+  const __m256 vb = _mm256_set1_ps(best), inf = _mm256_set1_ps(kInf);
+  __m256 sec = inf;
+  int64_t first = -1, ties = 0, k = 0;
+  for (; k + 8 <= K; k += 8) {
+    const __m256 v = _mm256_loadu_ps(d + k);
+    const __m256 eq = _mm256_cmp_ps(v, vb, _CMP_EQ_OQ);
+    const int mask = _mm256_movemask_ps(eq);
+    if (mask) {
+      if (first < 0) first = k + __builtin_ctz(mask);
+      ties += __builtin_popcount(mask);
+    }
+    sec = _mm256_min_ps(_mm256_blendv_ps(v, inf, eq), sec);
+  }
+  Scan s{best, first, hmin8(sec)};
+  for (; k < K; ++k) {
+    if (d[k] == best) {
+      if (s.index < 0) s.index = k;
+      ++ties;
+    } else if (d[k] < s.second) {
+      s.second = d[k];
+    }
+  }
+  if (ties > 1) s.second = best;
+  return s;
+}
+
+const bool kHasAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+
+Scan scan_row(float* dots, const float* e2, int64_t K) {
+  const float best = kHasAvx2 ? expanded_min_avx2(dots, e2, K) : expanded_min_scalar(dots, e2, K);
+  if (!(best < kInf)) return {kInf, -1, kInf};
+  return kHasAvx2 ? locate_avx2(dots, K, best) : locate_scalar(dots, K, best);
 }
 
 double exact_sqdist(const double* z, const double* e, int64_t D) {
@@ -93,14 +168,12 @@ Nearest nearest_row(float* dots, const double* z, const Codebook& cb, int64_t K,
   double z2 = 0.0;
   for (int64_t d = 0; d < D; ++d) z2 += z[d] * z[d];
   if (!std::isfinite(z2)) return kInvalid;
-  const float best = expanded_distances(dots, cb.e2.data(), K);
-  if (!(best < kInf)) return kInvalid;  // no finite code
-  int64_t i = 0;
-  while (!(dots[i] == best)) ++i;  // lowest index among ties
-  if (!exact) return {i, std::max(0.0, static_cast<double>(best) + z2)};
-  const float second = std::min(range_min(dots, 0, i), range_min(dots, i + 1, K));
+  const Scan scan = scan_row(dots, cb.e2.data(), K);
+  if (scan.index < 0) return kInvalid;  // no finite code
+  const int64_t i = scan.index;
+  if (!exact) return {i, std::max(0.0, static_cast<double>(scan.best) + z2)};
   const double* e = cb.f64.const_data_ptr<double>();
-  const double gap = static_cast<double>(second) - static_cast<double>(best);
+  const double gap = static_cast<double>(scan.second) - static_cast<double>(scan.best);
   if (gap > vq_gap_bound(D, kFp32Roundoff, std::sqrt(z2), cb.max_norm)) {
     return {i, exact_sqdist(z, e + i * D, D)};
   }

@@ -27,16 +27,16 @@ def check_vq_args(op: str, z: torch.Tensor, codebook: torch.Tensor) -> None:
     check_float(op, "codebook", codebook)
     check_same_device(op, ("z", "codebook"), z, codebook)
     if codebook.dim() != 2:
-        raise ValueError(f"{op}: codebook must be [K, D], got shape {tuple(codebook.shape)}")
+        raise ValueError(f"{op}: codebook must be [K, D], got shape {list(codebook.shape)}")
     if codebook.shape[0] < 1:
-        raise ValueError(f"{op}: codebook must hold at least one code (K >= 1), got shape {tuple(codebook.shape)}")
+        raise ValueError(f"{op}: codebook must hold at least one code (K >= 1), got shape {list(codebook.shape)}")
     if codebook.shape[1] < 1:
-        raise ValueError(f"{op}: code dimension D must be >= 1, got codebook shape {tuple(codebook.shape)}")
+        raise ValueError(f"{op}: code dimension D must be >= 1, got codebook shape {list(codebook.shape)}")
     if z.dim() not in (2, 4):
-        raise ValueError(f"{op}: z must be [N, D] or [B, D, H, W], got shape {tuple(z.shape)}")
+        raise ValueError(f"{op}: z must be [N, D] or [B, D, H, W], got shape {list(z.shape)}")
     if z.shape[1] != codebook.shape[1]:
         raise ValueError(
-            f"{op}: z's channel dim must equal codebook.size(1) = {codebook.shape[1]}, got z shape {tuple(z.shape)}"
+            f"{op}: z's channel dim must equal codebook.size(1) = {codebook.shape[1]}, got z shape {list(z.shape)}"
         )
 
 

@@ -54,7 +54,7 @@ def _scatter_to_codes(codebook: torch.Tensor, indices: torch.Tensor, rows: torch
     return grad.to(codebook.dtype)
 
 
-def _nearest_setup(ctx, inputs, output):
+def _nearest_setup(ctx, inputs, keyword_only_inputs, output):
     z, codebook = inputs[0], inputs[1]
     ctx.save_for_backward(z, codebook, output[0])
 
