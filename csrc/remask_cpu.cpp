@@ -2,7 +2,8 @@
 //
 // Phase 1, parallel over tokens: an unknown token's candidate logits are read once into a per-thread
 // fp32 row (L1-resident: 4 KB for 1024 codes), then one vectorized loop computes exp for the
-// log-sum-exp, the counter-based Gumbel noise and the Gumbel-max argmax together. Known tokens are
+// log-sum-exp, the counter-based noise and the Gumbel-max argmax (exponential-race form, which reuses
+// that exp) together. Known tokens are
 // skipped: their logits are never read. Phase 2, parallel over rows: exactly k least confident
 // unknown tokens are re-masked with a linear-time selection (nth_element), ties to the lower position.
 // The fused-head variant runs phase 1 on logits it computes itself for a tile of unknown tokens at a
@@ -151,8 +152,8 @@ struct Sample {
 };
 
 // One token from its scaled candidate logits s[0, V) (NaN already read as -inf; s has room for a
-// multiple of kW floats). d = s - m (0 where s == m), token = argmax(d + Gumbel) with ties to the lowest
-// index, log p = d[token] - log(sum exp d): the contract of reference.remask_sample.
+// multiple of kW floats). d = s - m (0 where s == m), token = argmax(exp(d) / E), E ~ Exp(1), with ties to
+// the lowest index, log p = d[token] - log(sum exp d): the contract of reference.remask_sample.
 __attribute__((target_clones("avx2", "default")))
 Sample sample_token(float* s, int64_t V, uint32_t h, uint32_t g) {
   const int64_t Vp = (V + kW - 1) / kW * kW;
@@ -168,7 +169,7 @@ Sample sample_token(float* s, int64_t V, uint32_t h, uint32_t g) {
   const vf mm = splat(m);
   vi lane;
   for (int i = 0; i < kW; ++i) lane[i] = i;
-  vf sum = splat(0.0f), best = splat(-kInf);
+  vf sum = splat(0.0f), best = splat(-1.0f);  // keys are >= 0
   vi best_i = splat_i(0);
   for (int64_t v = 0; v < Vp; v += kW) {
     vf x;
@@ -176,11 +177,12 @@ Sample sample_token(float* s, int64_t V, uint32_t h, uint32_t g) {
     const vi idx = lane + static_cast<int32_t>(v);
     const vi live = idx < splat_i(static_cast<int32_t>(V));
     const vf d = x == mm ? splat(0.0f) : x - mm;
-    sum += live ? exp_nonpos(d) : splat(0.0f);
+    const vf e = live ? exp_nonpos(d) : splat(0.0f);
+    sum += e;
     const vu w = mix32v((vu{} + h + __builtin_convertvector(idx, vu) * kGolden) ^ g);
     // w >> 9 < 2^23: a signed conversion is exact and has an AVX2 instruction (unsigned has none).
     const vf u = (__builtin_convertvector(reinterpret_cast<vi>(w >> 9), vf) + 0.5f) * 1.1920928955078125e-07f;
-    const vf key = live ? d - log_pos8(-log_pos8(u)) : splat(-kInf);
+    const vf key = live ? e / -log_pos8(u) : splat(-1.0f);
     const vi better = key > best;
     best = better ? key : best;
     best_i = better ? idx : best_i;

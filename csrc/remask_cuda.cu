@@ -2,7 +2,9 @@
 //
 // Kernel 1, one warp per token: an unknown token's candidate logits are read once, coalesced (up to
 // 32 per lane kept in registers: the whole row for a 1024-code vocabulary), for the max; then exp-sum
-// and the Gumbel-max argmax run over the registers. Known tokens read nothing. The noise is the
+// and the Gumbel-max argmax (exponential-race form: argmax exp(d) / E, sharing the exp) run over the
+// registers. Hardware exp and division (2 ulp) keep it near the bandwidth bound; the noise's log is the
+// shared Cephes one, accurate near 1 where an approximate log would distort small E. Known tokens read nothing. The noise is the
 // counter-based hash of remask_rng.h, keyed by the (seed, offset) pair read from device memory, so a
 // step has no host sync and can be captured in a CUDA graph.
 // Kernel 2, one block per row: rank every unknown token's confidence among its row's unknown tokens
@@ -73,12 +75,13 @@ __global__ void __launch_bounds__(kWarps * 32) sample_kernel(
   uint32_t k0, k1, h, g;
   call_keys(seed[0], seed[1], k0, k1);
   token_keys(k0, k1, b, l, h, g);
-  float sum = 0.f, best = -INFINITY, best_d = 0.f;
+  float sum = 0.f, best = -1.f, best_d = 0.f;  // keys are >= 0
   int64_t best_v = vocab;
   auto visit = [&](float s, int64_t v) {
     const float d = s == m ? 0.f : s - m;
-    sum += __expf(d);  // only the normalizer: a last-bit error moves log p by ~1e-7
-    const float key = __fadd_rn(d, gumbel(token_word(h, g, static_cast<uint32_t>(v))));
+    const float e = __expf(d);
+    sum += e;
+    const float key = __fdividef(e, exponential(token_word(h, g, static_cast<uint32_t>(v))));
     if (key > best) {  // lanes visit v in increasing order: the first maximum is kept
       best = key;
       best_v = v;

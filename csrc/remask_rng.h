@@ -42,7 +42,7 @@ MAGE_RNG_HD uint32_t token_word(uint32_t h, uint32_t g, uint32_t v) { return mix
 
 MAGE_RNG_HD uint32_t choice_word(uint32_t g) { return mix32(g + kChoiceSalt); }
 
-// u = (top 23 bits + 1/2) / 2^23: exact in float32, in [2^-24, 1 - 2^-24], so -log(-log(u)) is finite.
+// u = (top 23 bits + 1/2) / 2^23: exact in float32, in [2^-24, 1 - 2^-24], so -log(u) > 0 and -log(-log(u)) are finite.
 MAGE_RNG_HD float word_to_uniform(uint32_t w) {
   return (static_cast<float>(w >> 9) + 0.5f) * 1.1920928955078125e-07f;
 }
@@ -79,7 +79,8 @@ MAGE_RNG_HD float log_pos(float x) {
   return m + y + ef * 0.693359375f;
 }
 
-// Gumbel(0, 1) noise of a hash word.
-MAGE_RNG_HD float gumbel(uint32_t w) { return -log_pos(-log_pos(word_to_uniform(w))); }
+// Exp(1) and Gumbel(0, 1) noise of a hash word.
+MAGE_RNG_HD float exponential(uint32_t w) { return -log_pos(word_to_uniform(w)); }
+MAGE_RNG_HD float gumbel(uint32_t w) { return -log_pos(exponential(w)); }
 
 }  // namespace mage::remask_rng

@@ -150,17 +150,22 @@ def log_pos(x: torch.Tensor) -> torch.Tensor:
     return m + y + ef * 0.693359375
 
 
-def hash_to_gumbel(x: torch.Tensor) -> torch.Tensor:
-    """Gumbel(0, 1) noise from 32-bit hashes: u = (top 23 bits + 1/2) / 2^23 is exact in float32 and lies in
-    [2^-24, 1 - 2^-24], so -log(-log(u)) is always finite."""
+def hash_to_exponential(x: torch.Tensor) -> torch.Tensor:
+    """Exp(1) noise from 32-bit hashes: E = -log(u) with u = (top 23 bits + 1/2) / 2^23, exact in float32
+    and in [2^-24, 1 - 2^-24], so E is positive and finite."""
     u = ((x >> 9).to(torch.float32) + 0.5) * 2.0**-23
-    return -log_pos(-log_pos(u))
+    return -log_pos(u)
 
 
-def remask_token_gumbel(h: torch.Tensor, g: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Sampling noise of every (token, v): float32 [B, L, vocab_size]."""
+def hash_to_gumbel(x: torch.Tensor) -> torch.Tensor:
+    """Gumbel(0, 1) noise from 32-bit hashes: -log(E) of `hash_to_exponential`."""
+    return -log_pos(hash_to_exponential(x))
+
+
+def remask_token_exponential(h: torch.Tensor, g: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Sampling noise of every (token, v): Exp(1), float32 [B, L, vocab_size]."""
     v = _mul32(torch.arange(vocab_size, device=h.device, dtype=torch.int64), GOLDEN)
-    return hash_to_gumbel(mix32(((h[..., None] + v) & MASK32) ^ g[..., None]))
+    return hash_to_exponential(mix32(((h[..., None] + v) & MASK32) ^ g[..., None]))
 
 
 def remask_choice_gumbel(g: torch.Tensor) -> torch.Tensor:
@@ -204,8 +209,9 @@ def remask_sample(
 
     Per unknown token, s = logits[:vocab_size] * float32(1 / temperature) with NaN read as -inf,
     m = max s, d = s - m (0 where s == m, so rows whose max is +-inf stay defined: +inf entries share the
-    mass, an all -inf row is uniform), sampled = argmax(d + Gumbel) (Gumbel-max, ties to the lowest v),
-    log p = d[sampled] - log(sum exp d). Known tokens keep their id; their log p is returned as +inf.
+    mass, an all -inf row is uniform), sampled = argmax(exp(d) / E) with E ~ Exp(1) per candidate (the
+    Gumbel-max trick in its exponential-race form: the same argmax as d - log E = d + Gumbel, one log
+    cheaper; ties to the lowest v), log p = d[sampled] - log(sum exp d). Known tokens keep their id; their log p is returned as +inf.
     """
     B, L = ids.shape
     s = logits[..., :vocab_size].float() * torch.tensor(1.0 / temperature, dtype=torch.float32)
@@ -213,8 +219,9 @@ def remask_sample(
     m = s.amax(-1, keepdim=True)
     d = torch.where(s == m, 0.0, s - m)
     h, g = remask_token_keys(seed, B, L)
-    sampled = (d + remask_token_gumbel(h, g, vocab_size)).argmax(-1)
-    logp = d.gather(-1, sampled[..., None]).squeeze(-1) - torch.log(torch.exp(d).sum(-1))
+    e = torch.exp(d)
+    sampled = (e / remask_token_exponential(h, g, vocab_size)).argmax(-1)
+    logp = d.gather(-1, sampled[..., None]).squeeze(-1) - torch.log(e.sum(-1))
     unknown = ids == mask_id
     return torch.where(unknown, sampled, ids), torch.where(unknown, logp, float("inf"))
 

@@ -1,7 +1,7 @@
 """Triton kernels of confidence re-masking (DESIGN.md op 5; MAGE_REFERENCE.md 5).
 
 `remask_step`: one program per token samples it (two passes over its candidate logits: the max, then
-exp-sum and Gumbel-max together; known tokens read nothing), then one program per row re-masks exactly
+exp-sum and Gumbel-max in exponential-race form together; known tokens read nothing), then one program per row re-masks exactly
 k tokens by ranking confidences (rank = number of unknown tokens less confident, ties by position).
 `remask_step_from_hidden`: one program per block of tokens computes the head's logits tile by tile with
 `tl.dot` and keeps an online log-sum-exp and Gumbel-max, so the (B, L, V) logits never reach memory.
@@ -72,14 +72,19 @@ def _log_pos(x):
 
 
 @triton.jit
-def _gumbel(w):
+def _exponential(w):
     u = ((w >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
-    return -_log_pos(-_log_pos(u))
+    return -_log_pos(u)
 
 
 @triton.jit
-def _token_gumbel(h, g, v):
-    return _gumbel(_mix32((h + v.to(tl.uint32) * tl.full([], 0x9E3779B9, tl.uint32)) ^ g))
+def _gumbel(w):
+    return -_log_pos(_exponential(w))
+
+
+@triton.jit
+def _token_word(h, g, v):
+    return _mix32((h + v.to(tl.uint32) * tl.full([], 0x9E3779B9, tl.uint32)) ^ g)
 
 
 @triton.jit
@@ -112,7 +117,7 @@ def _sample_kernel(
         k0, k1 = _call_keys(seed_ptr)
         h, g = _token_keys(k0, k1, b, l)
         total = tl.zeros([], tl.float32)
-        best = tl.full([], float("-inf"), tl.float32)
+        best = tl.full([], -1.0, tl.float32)  # keys exp(d) / E are >= 0
         best_v = tl.zeros([], tl.int32)
         best_d = tl.zeros([], tl.float32)
         for v0 in range(0, vocab, BLOCK_V):
@@ -121,8 +126,9 @@ def _sample_kernel(
             s = tl.load(row + v * s2, mask=live, other=float("-inf")).to(tl.float32) * inv_t
             s = tl.where(s != s, float("-inf"), s)
             d = tl.where(s == m, 0.0, s - m)
-            total += tl.sum(tl.where(live, tl.exp(d), 0.0), 0)
-            key = tl.where(live, d + _token_gumbel(h, g, v), float("-inf"))
+            e = tl.where(live, tl.exp(d), 0.0)
+            total += tl.sum(e, 0)
+            key = tl.where(live, e / _exponential(_token_word(h, g, v)), -1.0)
             cmax = tl.max(key, 0)
             cv = tl.min(tl.where(key == cmax, v, vocab), 0)
             cd = tl.max(tl.where(v == cv, d, float("-inf")), 0)
@@ -273,7 +279,8 @@ def _fused_kernel(
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         total = total * tl.exp(m - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), 1)
         m = m_new
-        key = s + _token_gumbel(h[:, None], g[:, None], v[None, :])
+        # Online, so the log-domain form of Gumbel-max (s + Gumbel): the running max moves.
+        key = s + _gumbel(_token_word(h[:, None], g[:, None], v[None, :]))
         cmax = tl.max(key, 1)
         cv = tl.min(tl.where(key == cmax[:, None], v[None, :], vocab), 1)
         cs = tl.max(tl.where(v[None, :] == cv[:, None], s, float("-inf")), 1)
