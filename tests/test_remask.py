@@ -220,6 +220,25 @@ def test_bad_input(fn):
         fn(logits[:, :5], ids, k, SEED, **kw)
 
 
+@pytest.mark.parametrize("fn", [OP_HIDDEN, R.remask_step_from_hidden], ids=["cpu", "reference"])
+def test_bad_input_from_hidden(fn):
+    hidden, weight, bias = torch.randn(2, 9, 8), torch.randn(16, 8), torch.randn(16)
+    ids = torch.full((2, 9), MASK)
+    k = torch.tensor([3, 4])
+    with pytest.raises(ValueError, match="weight must be"):
+        fn(hidden, torch.randn(16, 7), bias, ids, k, SEED, **kwargs(16))
+    with pytest.raises(ValueError, match="bias must be"):
+        fn(hidden, weight, torch.randn(15), ids, k, SEED, **kwargs(16))
+    with pytest.raises(TypeError, match="hidden must be"):
+        fn(hidden.double(), weight, bias, ids, k, SEED, **kwargs(16))
+    with pytest.raises(ValueError, match="vocab_size must be in"):
+        fn(hidden, weight, bias, ids, k, SEED, **kwargs(17))
+    with pytest.raises(ValueError, match="num_masked must lie in"):
+        fn(hidden, weight, bias, ids, k + 7, SEED, **kwargs(16))
+    with pytest.raises(ValueError, match="seed must be"):
+        fn(hidden, weight, bias, ids, k, SEED[:1], **kwargs(16))
+
+
 def test_opcheck():
     logits, ids, k = make_case(2, 9, 16)
     torch.library.opcheck(OP, (logits, ids, k, SEED), kwargs(12))
