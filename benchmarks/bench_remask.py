@@ -2,7 +2,8 @@
 
 Providers: eager-ref (the published sampler: softmax + categorical + host numpy Gumbel + sort + "<="
 cut-off), eager-best (a sync-free rewrite: Gumbel-max + logsumexp + sort rank, exactly k), compile (of
-eager-best), mage (each backend). `remask_step_from_hidden` (mage) against its head matmul + remask_step.
+eager-best), mage (each backend). `remask_step_from_hidden` (mage) against the head matmul over all 2025 rows (as the model computes it)
+or over the 1024 candidate rows only, followed by remask_step.
 Logits are `logits[:, 1:]` of a (B, 1+L, 2025) tensor and the candidates its first 1024 columns, as the
 model calls it; "unknown=all" is the first step, "unknown=half" a middle one (known tokens are skipped).
 """
@@ -104,7 +105,10 @@ def _fused_cases(device: str, quick: bool) -> list[Case]:
         flops = 2.0 * B * L * C * VOCAB
         kw = dict(mask_id=MASK, choice_temperature=3.0, vocab_size=VOCAB)
 
-        def unfused(h=hidden, w=weight, b=bias, ids=ids, k=k, kw=kw):
+        def unfused(h=hidden, w=weight, b=bias, ids=ids, k=k, kw=kw):  # the head as the model runs it
+            return mk.remask_step(F.linear(h, w, b), ids, k, **kw)
+
+        def unfused_sliced(h=hidden, w=weight[:VOCAB], b=bias[:VOCAB], ids=ids, k=k, kw=kw):  # candidates only
             return mk.remask_step(F.linear(h, w, b), ids, k, **kw)
 
         out += [
@@ -113,6 +117,8 @@ def _fused_cases(device: str, quick: bool) -> list[Case]:
                  nbytes, flops),
             Case("remask_from_hidden", "gemm+mage", "torch+" + mk.build_info()["ops"]["remask_step"][device], "no-grad",
                  shape, dt, unfused, nbytes, flops),
+            Case("remask_from_hidden", "gemm1024+mage", "torch+" + mk.build_info()["ops"]["remask_step"][device],
+                 "no-grad", shape, dt, unfused_sliced, nbytes, flops),
         ]
     return out
 

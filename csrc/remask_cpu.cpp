@@ -41,6 +41,7 @@ void check_remask_args(const char* op, int64_t vocab_rows, const at::Tensor& ids
                     seed.sizes());
   TORCH_CHECK_VALUE(vocab_size >= 1 && vocab_size <= vocab_rows, op, ": vocab_size must be in [1, ", vocab_rows,
                     "] (the logits' last dim), got ", vocab_size);
+  TORCH_CHECK_VALUE(vocab_size < (int64_t(1) << 31) - 64, op, ": vocab_size must be < 2^31 - 64, got ", vocab_size);
   TORCH_CHECK_VALUE(temperature > 0.0 && std::isfinite(temperature), op,
                     ": temperature must be finite and > 0, got ", temperature);
   TORCH_CHECK_VALUE(choice_temperature >= 0.0 && std::isfinite(choice_temperature), op,
@@ -230,23 +231,20 @@ struct Context {
   }
 };
 
-// Known tokens keep their id with confidence +inf; returns the unknown count of each row, checking k.
-std::vector<int64_t> prepare_rows(const char* op, const Context& c, const at::Tensor& num_masked) {
-  std::vector<int64_t> unknown(c.B, 0);
+// Known tokens keep their id (confidence +inf, set by make_context); checks k against each row's unknowns.
+void prepare_rows(const char* op, const Context& c, const at::Tensor& num_masked) {
   const auto k = num_masked.accessor<int64_t, 1>();
   for (int64_t b = 0; b < c.B; ++b) {
+    int64_t unknown = 0;
     for (int64_t l = 0; l < c.L; ++l) {
       const int64_t t = b * c.L + l;
-      const bool u = c.ids[t] == c.mask_id;
-      unknown[b] += u;
+      unknown += c.ids[t] == c.mask_id;
       c.sampled[t] = c.ids[t];
-      c.confidence[t] = kInf;
     }
-    TORCH_CHECK_VALUE(k[b] >= 0 && k[b] <= unknown[b], op,
+    TORCH_CHECK_VALUE(k[b] >= 0 && k[b] <= unknown, op,
                       ": num_masked must lie in [0, number of unknown tokens] per row; row ", b, " has num_masked = ",
-                      k[b], " but ", unknown[b], " unknown tokens");
+                      k[b], " but ", unknown, " unknown tokens");
   }
-  return unknown;
 }
 
 // Phase 2: re-mask k[b] unknown tokens of each row (see reference.remask_select).
