@@ -57,6 +57,19 @@ def test_cpu_kernel_matches_reference(B, L, V, dtype, ties):
     torch.testing.assert_close(new_ids, ref_new, rtol=0, atol=0)
 
 
+def test_cpu_kernel_independent_of_threads():
+    logits, ids, k = make_case(5, 33, 200, seed=2)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = OP(logits, ids, k, SEED, **kwargs(200))
+        torch.set_num_threads(2)
+        two = OP(logits, ids, k, SEED, **kwargs(200))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_exactly_k_and_known_untouched(device):
     logits, ids, k = make_case(6, 50, 64, known_frac=0.5, seed=3, device=device)
