@@ -88,38 +88,42 @@ def cases(device: str, quick: bool = False) -> list[Case]:
 
 
 def _fused_cases(device: str, quick: bool) -> list[Case]:
-    """The head's last matmul + the step, fused or not (MAGE-B: C = 768), all tokens unknown."""
+    """The head's last matmul + the step, fused or not (MAGE-B: C = 768); the fused op computes logits for
+    the unknown tokens only, so a middle step ("unknown=half") also halves its matmul."""
     B, C = (2, 64) if quick else ((8, 768) if device == "cpu" else (256, 768))
     dtypes = [torch.float32] if device == "cpu" else [torch.float32, torch.bfloat16]
     backend = mk.build_info()["ops"]["remask_step_from_hidden"][device]
+    step_backend = "torch+" + mk.build_info()["ops"]["remask_step"][device]
     out = []
     for dtype in dtypes:
-        g = torch.Generator().manual_seed(1)
-        hidden = torch.randn(B, 1 + L, C, generator=g).to(device=device, dtype=dtype)[:, 1:]
-        weight = (torch.randn(VROWS, C, generator=g) * 0.05).to(device=device, dtype=dtype)
-        bias = torch.randn(VROWS, generator=g).to(device=device, dtype=dtype)
-        ids = torch.full((B, L), MASK, device=device)
-        k = mk.remask_count(ids, mask_id=MASK, mask_ratio=0.5)
-        shape, dt = f"B={B},L={L},C={C},V={VOCAB}/{VROWS}", str(dtype).replace("torch.", "")
-        nbytes = (B * L * C + VOCAB * C) * hidden.element_size()
-        flops = 2.0 * B * L * C * VOCAB
-        kw = dict(mask_id=MASK, choice_temperature=3.0, vocab_size=VOCAB)
+        for known in (0.0,) if quick else (0.0, 0.5):
+            g = torch.Generator().manual_seed(1)
+            hidden = torch.randn(B, 1 + L, C, generator=g).to(device=device, dtype=dtype)[:, 1:]
+            weight = (torch.randn(VROWS, C, generator=g) * 0.05).to(device=device, dtype=dtype)
+            bias = torch.randn(VROWS, generator=g).to(device=device, dtype=dtype)
+            ids = torch.where(torch.rand(B, L, generator=g) < known, 0, MASK).to(device)
+            k = mk.remask_count(ids, mask_id=MASK, mask_ratio=0.5 * (1 - known))
+            shape = f"B={B},L={L},C={C},V={VOCAB}/{VROWS},unknown={'all' if known == 0 else 'half'}"
+            dt = str(dtype).replace("torch.", "")
+            nbytes = (B * L * C + VOCAB * C) * hidden.element_size()
+            flops = 2.0 * B * L * C * VOCAB
+            kw = dict(mask_id=MASK, choice_temperature=3.0, vocab_size=VOCAB)
 
-        def unfused(h=hidden, w=weight, b=bias, ids=ids, k=k, kw=kw):  # the head as the model runs it
-            return mk.remask_step(F.linear(h, w, b), ids, k, **kw)
+            def fused(h=hidden, w=weight, b=bias, ids=ids, k=k, kw=kw):
+                return mk.remask_step_from_hidden(h, w, b, ids, k, **kw)
 
-        def unfused_sliced(h=hidden, w=weight[:VOCAB], b=bias[:VOCAB], ids=ids, k=k, kw=kw):  # candidates only
-            return mk.remask_step(F.linear(h, w, b), ids, k, **kw)
+            def unfused(h=hidden, w=weight, b=bias, ids=ids, k=k, kw=kw):  # the head as the model runs it
+                return mk.remask_step(F.linear(h, w, b), ids, k, **kw)
 
-        out += [
-            Case("remask_from_hidden", "mage", backend, "no-grad", shape, dt,
-                 lambda h=hidden, w=weight, b=bias, ids=ids, k=k, kw=kw: mk.remask_step_from_hidden(h, w, b, ids, k, **kw),
-                 nbytes, flops),
-            Case("remask_from_hidden", "gemm+mage", "torch+" + mk.build_info()["ops"]["remask_step"][device], "no-grad",
-                 shape, dt, unfused, nbytes, flops),
-            Case("remask_from_hidden", "gemm1024+mage", "torch+" + mk.build_info()["ops"]["remask_step"][device],
-                 "no-grad", shape, dt, unfused_sliced, nbytes, flops),
-        ]
+            def unfused_sliced(h=hidden, w=weight[:VOCAB], b=bias[:VOCAB], ids=ids, k=k, kw=kw):  # candidates only
+                return mk.remask_step(F.linear(h, w, b), ids, k, **kw)
+
+            out += [
+                Case("remask_from_hidden", "mage", backend, "no-grad", shape, dt, fused, nbytes, flops),
+                Case("remask_from_hidden", "gemm+mage", step_backend, "no-grad", shape, dt, unfused, nbytes, flops),
+                Case("remask_from_hidden", "gemm1024+mage", step_backend, "no-grad", shape, dt, unfused_sliced,
+                     nbytes, flops),
+            ]
     return out
 
 

@@ -334,10 +334,10 @@ std::tuple<at::Tensor, at::Tensor> remask_step_from_hidden_cpu(
     const at::Tensor& num_masked, const at::Tensor& seed, int64_t mask_id, double choice_temperature,
     int64_t vocab_size, double temperature, bool reference_ties) {
   constexpr const char* op = "remask_step_from_hidden";
-  // Unknown tokens per GEMM chunk: a (256, 1024) fp32 logits chunk (1 MB) is reused from cache by the
+  // Unknown tokens per GEMM chunk: a (1024, 1024) fp32 logits chunk (4 MB) is reused from cache by the
   // sampling pass right after; the GEMM is one multithreaded at::mm per chunk (a GEMM per thread inside
   // a parallel region would serialize on small tiles).
-  constexpr int64_t kChunk = 256;
+  constexpr int64_t kChunk = 1024;
   check_remask_hidden(op, hidden, weight, bias, ids);
   check_remask_args(op, weight.size(0), ids, num_masked, seed, vocab_size, temperature, choice_temperature);
   const at::Tensor ids_c = ids.contiguous();
