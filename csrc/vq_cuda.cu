@@ -7,6 +7,8 @@
 //   2. search:   a tiled fp32 FFMA GEMM (shared-memory tiles, 4x8 register micro-tiles) of z against the
 //                codebook that keeps, per row, the best and second-best expanded distance
 //                d'(k) = |e_k|^2 - 2 z.e_k and the best index. The [N, K] matrix never exists.
+//                exact=False with bf16/fp16 z and a codebook of the same dtype uses tensor cores (WMMA)
+//                instead: the products of 16-bit values are exact, the sums fp32, as the contract allows.
 //   3. finalize: one warp per row: |z|^2 in fp64 (non-finite row -> index -1 and NaN); for exact=True a
 //                row whose two best d' are within the bound is re-ranked over all codes in fp64, the
 //                others only get their exact distance; vq_quantize also writes z_q and the counts here.
@@ -21,6 +23,9 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
 
 #include <algorithm>
 #include <cmath>
@@ -37,13 +42,22 @@ constexpr double kFp32Roundoff = 0x1p-24;
 
 // Search tiling: 256 threads as 16 row groups x 16 code groups, each thread a 4 (rows) x 8 (codes)
 // register micro-tile, so a block covers 64 rows x 128 codes and steps through D 16 at a time.
-constexpr int kSearchThreads = 256;
+constexpr int kSearchThreads = 256;  // two blocks per SM: at most 128 registers per thread
 constexpr int kTM = 4;
 constexpr int kTN = 8;
 constexpr int kBM = 16 * kTM;  // 64 rows
 constexpr int kBN = 16 * kTN;  // 128 codes
 constexpr int kBK = 16;        // depth of one shared-memory tile
 constexpr int kZPad = 4;       // keeps the transposing z-tile stores at most 2-way bank-conflicted
+
+// Tensor-core search: 8 warps as 4 (32 rows each) x 2 (64 codes each), so a block covers 128 rows x 128
+// codes; its z tile stays in shared memory for the whole D, the codebook streams through in 32-deep chunks.
+constexpr int kTcThreads = 256;
+constexpr int kTcBM = 128;
+constexpr int kTcBN = kBN;  // the same code padding serves both searches
+constexpr int kTcBK = 32;
+constexpr int kTcPad = 8;  // 16-bit elements: ldm stays a multiple of 8 and fragment rows 32-byte aligned
+constexpr int kTcLdc = kTcBK + kTcPad;
 
 constexpr int kRowWarps = 8;  // warps per block in the one-warp-per-row/code kernels
 constexpr int kReduceThreads = 256;
@@ -75,7 +89,8 @@ __device__ __forceinline__ bool precedes(double d, long long k, double best_d, l
 template <typename cb_t>
 __global__ void __launch_bounds__(kRowWarps * kWarp) vq_prepare_kernel(
     const cb_t* __restrict__ codebook,              // (K, D) strides (sk, sd), any float dtype
-    float* __restrict__ cb_t32,                     // (Dp, Kp) fp32 out: transposed, zero padded, 0 for invalid codes
+    float* __restrict__ cb_t32,                     // (Dp, Kp) fp32 out: transposed, zero padded, 0 for invalid codes; or null
+    uint16_t* __restrict__ cb_h,                    // (Kp, Dp) 16-bit out (cb_t's bits), zero padded, 0 for invalid codes; or null
     float* __restrict__ e2_32,                      // (Kp,) fp32 out: |e_k|^2, +inf for invalid and padding codes
     double* __restrict__ cb64,                      // (K, D) fp64 out: the codebook as given
     double* __restrict__ e2_64,                     // (K,) fp64 out: |e_k|^2, +inf for invalid codes
@@ -91,7 +106,10 @@ __global__ void __launch_bounds__(kRowWarps * kWarp) vq_prepare_kernel(
   if (k >= Kp) return;  // uniform per warp
   const float inf = std::numeric_limits<float>::infinity();
   if (k >= K) {
-    for (int64_t d = lane; d < Dp; d += kWarp) cb_t32[d * Kp + k] = 0.0f;
+    for (int64_t d = lane; d < Dp; d += kWarp) {
+      if (cb_t32 != nullptr) cb_t32[d * Kp + k] = 0.0f;
+      if (cb_h != nullptr) cb_h[k * Dp + d] = 0;
+    }
     if (lane == 0) e2_32[k] = inf;
     return;
   }
@@ -105,7 +123,11 @@ __global__ void __launch_bounds__(kRowWarps * kWarp) vq_prepare_kernel(
   const bool valid = isfinite(s);
   // Each lane rereads only the cb64 entries it wrote itself above (same d = lane + 32 i), so no sync.
   for (int64_t d = lane; d < Dp; d += kWarp) {
-    cb_t32[d * Kp + k] = (valid && d < D) ? static_cast<float>(cb64[k * D + d]) : 0.0f;
+    const bool keep = valid && d < D;
+    if (cb_t32 != nullptr) cb_t32[d * Kp + k] = keep ? static_cast<float>(cb64[k * D + d]) : 0.0f;
+    if constexpr (sizeof(cb_t) == 2) {  // only bf16/fp16 codebooks feed the tensor cores, bit for bit
+      if (cb_h != nullptr) cb_h[k * Dp + d] = keep ? reinterpret_cast<const uint16_t*>(codebook)[k * sk + d * sd] : 0;
+    }
   }
   if (lane == 0) {
     e2_32[k] = valid ? static_cast<float>(s) : inf;
@@ -149,7 +171,7 @@ __device__ __forceinline__ void merge(Candidates& c, const Candidates& o) {
 }
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kSearchThreads) vq_search_kernel(
+__global__ void __launch_bounds__(kSearchThreads, 2) vq_search_kernel(
     const scalar_t* __restrict__ z,      // (B, R, D) strides (sb, sr, sd), read in place
     const float* __restrict__ cb_t32,    // (Dp, Kp) fp32, transposed and zero padded
     const float* __restrict__ e2_32,     // (Kp,) fp32, +inf for invalid and padding codes
@@ -258,6 +280,141 @@ __global__ void __launch_bounds__(kSearchThreads) vq_search_kernel(
   }
 }
 
+// Tensor-core variant of the search (exact=False only). Same outputs and tie rules as vq_search_kernel;
+// accumulators go through a per-warp 16x16 shared scratch because WMMA leaves their register layout open.
+template <typename wmma_t>  // __half or __nv_bfloat16, matching z's and the codebook's dtype
+__global__ void __launch_bounds__(kTcThreads, 2) vq_search_tc_kernel(
+    const uint16_t* __restrict__ z,    // (B, R, D) strides (sb, sr, sd): bf16/fp16 bits, read in place
+    const uint16_t* __restrict__ cb_h, // (Kp, Dp) same format, zero padded, 0 for invalid codes
+    const float* __restrict__ e2_32,   // (Kp,) fp32, +inf for invalid and padding codes
+    int64_t* __restrict__ indices,     // (B * R,) out: best code, -1 if no finite d'
+    float* __restrict__ best_out,      // (B * R,) out: best d'
+    float* __restrict__ second_out,    // (B * R,) out: second-best d'
+    int64_t R,
+    int64_t D,
+    int64_t Kp,
+    int64_t Dp,
+    int64_t sb,
+    int64_t sr,
+    int64_t sd,
+    int64_t tiles_per_b,
+    bool d_fastest) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // the host only launches this on compute capability >= 8.0 (bf16 WMMA)
+#else
+  namespace wmma = nvcuda::wmma;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int ldz = static_cast<int>(Dp) + kTcPad;
+  uint16_t* zs = reinterpret_cast<uint16_t*>(smem);                             // [kTcBM][ldz]
+  uint16_t* cs = zs + kTcBM * ldz;                                              // [kTcBN][kTcLdc]
+  float* scratch = reinterpret_cast<float*>(cs + kTcBN * kTcLdc);               // [warps][16 * 16]
+  Candidates* merged = reinterpret_cast<Candidates*>(scratch + kTcThreads / kWarp * 256);  // [kTcBM]
+
+  const int tid = threadIdx.x;
+  const int warp = tid / kWarp, lane = tid % kWarp;
+  const int wm = warp % 4;  // rows wm*32 .. +32 of the tile
+  const int wn = warp / 4;  // codes wn*64 .. +64 of each code tile
+  const int64_t b = static_cast<int64_t>(blockIdx.x) / tiles_per_b;
+  const int64_t row0 = (static_cast<int64_t>(blockIdx.x) % tiles_per_b) * kTcBM;
+  const uint16_t* zb = z + b * sb;
+
+  // The z tile, all of D, masked: rows past R and depth past D are +0.
+  const int tile = kTcBM * static_cast<int>(Dp);
+  for (int e = tid; e < tile; e += kTcThreads) {
+    const int r = d_fastest ? e / static_cast<int>(Dp) : e % kTcBM;
+    const int d = d_fastest ? e % static_cast<int>(Dp) : e / kTcBM;
+    const int64_t row = row0 + r;
+    zs[r * ldz + d] = (row < R && d < D) ? zb[row * sr + d * sd] : static_cast<uint16_t>(0);
+  }
+
+  const float inf = std::numeric_limits<float>::infinity();
+  Candidates cand[2] = {{inf, inf, -1}, {inf, inf, -1}};  // rows wm*32 + i*16 + lane % 16
+  float* sw = scratch + warp * 256;
+  for (int64_t k0 = 0; k0 < Kp; k0 += kTcBN) {
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][4];
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+    for (int d0 = 0; d0 < Dp; d0 += kTcBK) {
+      __syncthreads();  // every warp is done with the previous codebook chunk (and the z tile is written)
+      // 128 codes x 32 elements = 512 16-byte pieces, aligned because Dp % 32 == 0.
+#pragma unroll
+      for (int i = 0; i < kTcBN * kTcBK / 8 / kTcThreads; ++i) {
+        const int e = tid + i * kTcThreads;
+        const int c = e / (kTcBK / 8);
+        const int piece = (e % (kTcBK / 8)) * 8;
+        *reinterpret_cast<uint4*>(cs + c * kTcLdc + piece) =
+            *reinterpret_cast<const uint4*>(cb_h + (k0 + c) * Dp + d0 + piece);
+      }
+      __syncthreads();
+#pragma unroll
+      for (int kk = 0; kk < kTcBK; kk += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, wmma_t, wmma::row_major> a[2];
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, wmma_t, wmma::col_major> bf[4];
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          wmma::load_matrix_sync(a[i], reinterpret_cast<const wmma_t*>(zs + (wm * 32 + i * 16) * ldz + d0 + kk), ldz);
+        }
+        // B(d, c) = codebook[c][d]: the code-major tile is B in column-major order.
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          wmma::load_matrix_sync(bf[j], reinterpret_cast<const wmma_t*>(cs + (wn * 64 + j * 16) * kTcLdc + kk), kTcLdc);
+        }
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) wmma::mma_sync(acc[i][j], a[i], bf[j], acc[i][j]);
+      }
+    }
+    // Lane l takes row l % 16 and codes (l / 16) * 8 .. +8 of each 16x16 fragment: j and then c ascending
+    // is code index ascending, as offer() needs.
+    const int r = lane % 16, c0 = (lane / 16) * 8;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        wmma::store_matrix_sync(sw, acc[i][j], 16, wmma::mem_row_major);
+        __syncwarp();
+#pragma unroll
+        for (int c = 0; c < 8; ++c) {
+          const int k = static_cast<int>(k0) + wn * 64 + j * 16 + c0 + c;
+          offer(cand[i], fmaf(-2.0f, sw[r * 16 + c0 + c], e2_32[k]), k);
+        }
+        __syncwarp();  // the next fragment overwrites sw
+      }
+    }
+  }
+
+  // Merge the two code halves of a row (lanes l and l ^ 16), then the two code warps (wn = 0, 1).
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    Candidates o;
+    o.best = __shfl_xor_sync(kFullMask, cand[i].best, 16);
+    o.second = __shfl_xor_sync(kFullMask, cand[i].second, 16);
+    o.index = __shfl_xor_sync(kFullMask, cand[i].index, 16);
+    merge(cand[i], o);
+  }
+  if (wn == 1 && lane < 16) {
+    for (int i = 0; i < 2; ++i) merged[wm * 32 + i * 16 + lane] = cand[i];
+  }
+  __syncthreads();
+  if (wn == 0 && lane < 16) {
+    for (int i = 0; i < 2; ++i) {
+      const int r = wm * 32 + i * 16 + lane;
+      merge(cand[i], merged[r]);
+      const int64_t row = row0 + r;
+      if (row < R) {
+        const int64_t out = b * R + row;
+        indices[out] = cand[i].index;
+        best_out[out] = cand[i].best;
+        second_out[out] = cand[i].second;
+      }
+    }
+  }
+#endif
+}
+
 // ---------------------------------------------------------------------------------------------------
 // 3. Finalize: one warp per row.
 // ---------------------------------------------------------------------------------------------------
@@ -289,6 +446,10 @@ __global__ void __launch_bounds__(kRowWarps * kWarp) vq_finalize_kernel(
   if (row >= n) return;  // uniform per warp, before any shuffle
   const int64_t b = row / R, r = row % R;
   const scalar_t* zr = z + b * sb + r * sr;
+  // Read before the first shuffle, so no lane can see lane 0's final store to indices[row].
+  long long index = indices[row];
+  const double fbest = static_cast<double>(best[row]);
+  const double fsecond = static_cast<double>(second[row]);
 
   double z2 = 0.0;
   for (int64_t d = lane; d < D; d += kWarp) {
@@ -297,13 +458,11 @@ __global__ void __launch_bounds__(kRowWarps * kWarp) vq_finalize_kernel(
   }
   z2 = warp_sum(z2);  // identical in every lane, so every branch below is warp-uniform
 
-  long long index = indices[row];
   double sq = std::numeric_limits<double>::quiet_NaN();
   if (index >= 0 && isfinite(z2)) {
-    const double fbest = static_cast<double>(best[row]);
     if (!exact) {
       sq = fmax(0.0, fbest + z2);
-    } else if (static_cast<double>(second[row]) - fbest >
+    } else if (fsecond - fbest >
                vq_gap_bound(D, kFp32Roundoff, sqrt(z2), *max_norm)) {
       // The fp32 winner is certainly the exact one: only its distance is needed, in fp64.
       const double* e = cb64 + index * D;
@@ -420,22 +579,47 @@ dim3 blocks_1d(int64_t blocks) {
   return dim3(static_cast<unsigned>(blocks));
 }
 
+size_t tc_shared_bytes(int64_t Dp) {
+  return sizeof(uint16_t) * (kTcBM * (Dp + kTcPad) + kTcBN * kTcLdc) + sizeof(float) * (kTcThreads / kWarp) * 256 +
+         sizeof(Candidates) * kTcBM;
+}
+
+// The tensor-core search serves exact=False for bf16/fp16 z with a codebook of the same dtype (exact
+// products), on compute capability >= 8.0, when the z tile of all of D fits in shared memory.
+bool use_tensor_cores(const at::Tensor& z, const at::Tensor& codebook, bool exact) {
+  const auto t = z.scalar_type();
+  if (exact || (t != at::kHalf && t != at::kBFloat16) || codebook.scalar_type() != t) return false;
+  int major = 0, max_shared = 0;
+  const int dev = z.get_device();
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_shared, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  return major >= 8 && tc_shared_bytes(round_up(codebook.size(1), kTcBK)) <= static_cast<size_t>(max_shared);
+}
+
 struct PreparedCodebook {
-  at::Tensor cb_t32, e2_32, cb64, e2_64, max_norm;
+  at::Tensor cb_t32;  // (Dp, Kp) fp32 for the FFMA search, or undefined
+  at::Tensor cb_h;    // (Kp, Dp) bf16/fp16 for the tensor-core search, or undefined
+  at::Tensor e2_32, cb64, e2_64, max_norm;
   int64_t K, D, Kp, Dp;
+  bool tensor_core;
 };
 
-PreparedCodebook prepare_codebook(const at::Tensor& codebook, cudaStream_t stream) {
+PreparedCodebook prepare_codebook(const at::Tensor& codebook, bool tensor_core, cudaStream_t stream) {
   PreparedCodebook p;
   p.K = codebook.size(0);
   p.D = codebook.size(1);
+  p.tensor_core = tensor_core;
   TORCH_CHECK_VALUE(p.K <= std::numeric_limits<int32_t>::max() - kBN,
                     "vq: the CUDA kernels support up to 2^31 - 129 codes, got K = ", p.K);
   p.Kp = round_up(p.K, kBN);
-  p.Dp = round_up(p.D, kBK);
+  p.Dp = round_up(p.D, tensor_core ? kTcBK : kBK);
   const auto f32 = codebook.options().dtype(at::kFloat);
   const auto f64 = codebook.options().dtype(at::kDouble);
-  p.cb_t32 = at::empty({p.Dp, p.Kp}, f32);
+  if (tensor_core) {
+    p.cb_h = at::empty({p.Kp, p.Dp}, codebook.options());
+  } else {
+    p.cb_t32 = at::empty({p.Dp, p.Kp}, f32);
+  }
   p.e2_32 = at::empty({p.Kp}, f32);
   p.cb64 = at::empty({p.K, p.D}, f64);
   p.e2_64 = at::empty({p.K}, f64);
@@ -443,7 +627,8 @@ PreparedCodebook prepare_codebook(const at::Tensor& codebook, cudaStream_t strea
   C10_CUDA_CHECK(cudaMemsetAsync(p.max_norm.data_ptr<double>(), 0, sizeof(double), stream));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, codebook.scalar_type(), "vq_prepare_cuda", [&] {
     vq_prepare_kernel<scalar_t><<<blocks_1d(grid_for(p.Kp, kRowWarps)), kRowWarps * kWarp, 0, stream>>>(
-        codebook.const_data_ptr<scalar_t>(), p.cb_t32.data_ptr<float>(), p.e2_32.data_ptr<float>(),
+        codebook.const_data_ptr<scalar_t>(), tensor_core ? nullptr : p.cb_t32.data_ptr<float>(),
+        tensor_core ? reinterpret_cast<uint16_t*>(p.cb_h.data_ptr()) : nullptr, p.e2_32.data_ptr<float>(),
         p.cb64.data_ptr<double>(), p.e2_64.data_ptr<double>(),
         reinterpret_cast<unsigned long long*>(p.max_norm.data_ptr<double>()), p.K, p.D, p.Kp, p.Dp,
         codebook.stride(0), codebook.stride(1));
@@ -466,13 +651,30 @@ void nearest_rows(const at::Tensor& zv,
   const auto f32 = zv.options().dtype(at::kFloat);
   at::Tensor best = at::empty({n}, f32);
   at::Tensor second = at::empty({n}, f32);
-  const int64_t tiles_per_b = grid_for(R, kBM);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, zv.scalar_type(), "vq_nearest_cuda", [&] {
-    vq_search_kernel<scalar_t><<<blocks_1d(B * tiles_per_b), kSearchThreads, 0, stream>>>(
-        zv.const_data_ptr<scalar_t>(), cb.cb_t32.const_data_ptr<float>(), cb.e2_32.const_data_ptr<float>(),
-        indices.data_ptr<int64_t>(), best.data_ptr<float>(), second.data_ptr<float>(), R, D, cb.Kp, cb.Dp, sb,
-        sr, sd, tiles_per_b, sd <= sr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if constexpr (sizeof(scalar_t) == 2) {
+      if (cb.tensor_core) {
+        using wmma_t = std::conditional_t<std::is_same_v<scalar_t, at::Half>, __half, __nv_bfloat16>;
+        const int64_t tiles_per_b = grid_for(R, kTcBM);
+        const size_t shared = tc_shared_bytes(cb.Dp);
+        C10_CUDA_CHECK(cudaFuncSetAttribute(vq_search_tc_kernel<wmma_t>,
+                                            cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared)));
+        vq_search_tc_kernel<wmma_t><<<blocks_1d(B * tiles_per_b), kTcThreads, shared, stream>>>(
+            reinterpret_cast<const uint16_t*>(zv.const_data_ptr()),
+            reinterpret_cast<const uint16_t*>(cb.cb_h.const_data_ptr()), cb.e2_32.const_data_ptr<float>(),
+            indices.data_ptr<int64_t>(), best.data_ptr<float>(), second.data_ptr<float>(), R, D, cb.Kp, cb.Dp,
+            sb, sr, sd, tiles_per_b, sd <= sr);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    }
+    if (!cb.tensor_core) {
+      const int64_t tiles_per_b = grid_for(R, kBM);
+      vq_search_kernel<scalar_t><<<blocks_1d(B * tiles_per_b), kSearchThreads, 0, stream>>>(
+          zv.const_data_ptr<scalar_t>(), cb.cb_t32.const_data_ptr<float>(), cb.e2_32.const_data_ptr<float>(),
+          indices.data_ptr<int64_t>(), best.data_ptr<float>(), second.data_ptr<float>(), R, D, cb.Kp, cb.Dp,
+          sb, sr, sd, tiles_per_b, sd <= sr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
     const bool quantize = zqv.defined();
     // sqdist is fp32 (fp64 for fp64 z, and for vq_quantize's per-row loss terms).
     auto launch = [&](auto* sq_ptr) {
@@ -511,7 +713,7 @@ std::tuple<at::Tensor, at::Tensor> vq_nearest_cuda(const at::Tensor& z, const at
   at::Tensor sqdist = index_shape_empty(z, sqdist_dtype(z));
   if (z.numel() == 0) return {indices, sqdist};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const PreparedCodebook cb = prepare_codebook(codebook, stream);
+  const PreparedCodebook cb = prepare_codebook(codebook, use_tensor_cores(z, codebook, exact), stream);
   nearest_rows(zv, cb, exact, indices, sqdist, at::Tensor(), at::Tensor(), stream);
   return {indices, sqdist};
 }
@@ -528,7 +730,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vq_quantize_cuda(cons
   const auto loss_dtype = sqdist_dtype(z);
   if (z.numel() == 0) return {z_q, indices, at::zeros({}, z.options().dtype(loss_dtype)), counts};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const PreparedCodebook cb = prepare_codebook(codebook, stream);
+  const PreparedCodebook cb = prepare_codebook(codebook, /*tensor_core=*/false, stream);
   const at::Tensor zqv = z.dim() == 2 ? z_q.unsqueeze(0) : z_q.flatten(2).transpose(1, 2);
   const int64_t n = zv.size(0) * zv.size(1);
   at::Tensor sq64 = at::empty({n}, z.options().dtype(at::kDouble));  // per-row distances for the loss
