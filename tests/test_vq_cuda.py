@@ -68,7 +68,7 @@ def test_nearest_matches_reference(n, k, d):
     z, e = make(n, k, d)
     idx, sq = torch.ops.mage.vq_nearest(z, e, exact=True)
     ref_idx, ref_sq = reference.vq_nearest(z, e)
-    assert idx.device.type == "cuda" and idx.dtype == torch.long and sq.dtype == torch.float32
+    assert idx.device.type == DEV and idx.dtype == torch.long and sq.dtype == torch.float32
     assert torch.equal(idx, ref_idx)
     assert_close(sq, ref_sq)
 
@@ -245,11 +245,13 @@ def test_counts_under_contention():
 
 def test_no_host_sync_and_cuda_graph_capture():
     z, e = make(4096, 512, 64, seed=10)
+    zb, eb = z.bfloat16(), e.bfloat16()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         torch.ops.mage.vq_nearest(z, e, exact=True)
         torch.ops.mage.vq_nearest(z, e, exact=False)
+        torch.ops.mage.vq_nearest(zb, eb, exact=False)
         torch.ops.mage.vq_quantize(z, e, 0.25)
     finally:
         torch.cuda.set_sync_debug_mode("default")
@@ -257,15 +259,19 @@ def test_no_host_sync_and_cuda_graph_capture():
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up outside capture, as CUDA graphs require
         torch.ops.mage.vq_quantize(z, e, 0.25)
+        torch.ops.mage.vq_nearest(zb, eb, exact=False)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = torch.ops.mage.vq_quantize(z, e, 0.25)
+        idx_fast, sq_fast = torch.ops.mage.vq_nearest(zb, eb, exact=False)  # the tensor-core search
     z.copy_(torch.randn_like(z))
+    zb.copy_(torch.randn_like(zb))
     graph.replay()
     torch.cuda.synchronize()
     ref = reference.vq_quantize(z, e, 0.25)
     assert torch.equal(out[1], ref[1]) and torch.equal(out[3], ref[3])
+    check_inexact(zb, eb, idx_fast, sq_fast, TENSOR_CORE_ROUNDOFF)
 
 
 def test_runs_on_the_current_stream():
