@@ -57,8 +57,9 @@ def check_inexact(z, e, idx, sq, unit_roundoff):
     assert (idx.reshape(-1) >= 0).all()
     assert (chosen - ref_sq.double().reshape(-1) <= bound).all()
     assert ((sq.double().reshape(-1) - chosen).abs() <= bound + 1e-6 * chosen).all()
-    agree = (idx == ref_idx).double().mean().item()
-    assert agree > 0.99, f"only {agree:.4f} of the rows agree with the exact argmin"
+    # Picking another code takes a near-tie within the rounding error: rare on random data.
+    differ = int((idx != ref_idx).sum())
+    assert differ <= max(1, idx.numel() // 100), f"{differ} of {idx.numel()} rows differ from the exact argmin"
 
 
 @pytest.mark.parametrize("d", DS)
