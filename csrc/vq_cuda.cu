@@ -1,8 +1,8 @@
 // Nearest-code quantization on CUDA (DESIGN.md op 1; the tokenizer's quantizer, MAGE_REFERENCE.md 3.3).
 //
 // Same algorithm and contract as csrc/vq_cpu.cpp, in three launches and without a host sync:
-//   1. prepare:  the codebook once per call -> a transposed, zero-padded fp32 copy for the search, an fp64
-//                copy for exact distances, |e_k|^2 in fp32 and fp64 (+inf marks a code with a non-finite
+//   1. prepare:  the codebook once per call -> a zero-padded copy for the search (fp32 transposed, or the
+//                16-bit values for tensor cores), an fp64 copy for exact distances, |e_k|^2 in fp32 and fp64 (+inf marks a code with a non-finite
 //                entry, so it can never win) and max |e_k| for the rounding bound (csrc/vq_bound.h).
 //   2. search:   a tiled fp32 FFMA GEMM (shared-memory tiles, 4x8 register micro-tiles) of z against the
 //                codebook that keeps, per row, the best and second-best expanded distance
