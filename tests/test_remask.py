@@ -394,3 +394,19 @@ def test_cuda_fused_head_and_graph_capture():
     graph.replay()
     assert not torch.equal(first, out[0])  # a fresh (seed, offset) every replay
     assert torch.equal((out[1] == MASK).sum(1), k)
+
+
+@requires_cuda
+def test_cuda_step_has_no_host_sync():
+    B, L, C, V = 4, 256, 64, 1029
+    logits = torch.randn(B, L + 1, V, device="cuda")[:, 1:]
+    hidden, weight = torch.randn(B, L, C, device="cuda"), torch.randn(V, C, device="cuda")
+    ids = torch.full((B, L), MASK, device="cuda")
+    gen = torch.Generator("cuda").manual_seed(0)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        k = mk.remask_count(ids, mask_id=MASK, mask_ratio=mk.cosine_mask_ratio(0, 12))
+        mk.remask_step(logits, ids, k, mask_id=MASK, choice_temperature=4.5, generator=gen, vocab_size=1024)
+        mk.remask_step_from_hidden(hidden, weight, None, ids, k, mask_id=MASK, choice_temperature=4.5, vocab_size=1024)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
