@@ -9,10 +9,9 @@ csrc/remask_cpu.cpp, csrc/remask_cuda.cu, mage_kernels/triton/remask.py; referen
 
 Randomness: the wrapper draws a (seed, offset) pair of int64 from the torch.Generator (on the device of the
 logits, so no host sync, and graph-safe for CUDA generators); kernels turn it into noise with a
-counter-based hash of (seed, offset, row, position, vocab index) that every backend computes bit for bit
-alike, so the same pair gives the same tokens on every backend: bit for bit on CPU (reference, C++,
-Triton interpreter); GPU kernels use hardware exp and division, whose last-ulp differences can flip a
-near-exact tie.
+counter-based hash of (seed, offset, row, position, vocab index) and one shared log formula, so every
+backend draws bit-identical noise and the same pair gives the same tokens on every backend; only exp
+and division are each backend's own (hardware ones on GPUs), so a tie within an ulp can flip.
 """
 
 from __future__ import annotations
