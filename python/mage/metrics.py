@@ -89,7 +89,7 @@ def classifier_score(probs: torch.Tensor, splits: int = 1) -> tuple[float, float
     if p.dim() != 2 or p.shape[0] < splits:
         raise ValueError(f"probs must have shape [N, K] with N >= splits={splits}, got {tuple(p.shape)}")
     scores = []
-    for chunk in p.chunk(splits):
+    for chunk in p.tensor_split(splits):
         marginal = chunk.mean(0, keepdim=True)
         # xlogy gives 0 for p = 0, the limit of p log p.
         kl = (torch.special.xlogy(chunk, chunk) - torch.special.xlogy(chunk, marginal)).sum(1)
@@ -227,6 +227,8 @@ def inception_features(
     """
     if images.dim() != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"images must have shape [N, 1 or 3, H, W], got {tuple(images.shape)}")
+    if images.shape[0] == 0:
+        return torch.empty(0, 2048)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_inception(str(device))
     out = []
@@ -238,8 +240,6 @@ def inception_features(
         if x.shape[-2:] != (299, 299):
             x = _resize_tf_bilinear(x, 299)
         out.append(model(x / 128 - 1).float().cpu())
-    if not out:
-        return torch.empty(0, 2048)
     return torch.cat(out)
 
 
