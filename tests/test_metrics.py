@@ -210,7 +210,7 @@ def test_classifier_is_deterministic_and_separates_real_from_noise():
     )
 
     x, y = _digits_28()  # runs without Fashion-MNIST; same 28x28 grey format
-    x_train, y_train, x_test, y_test = x[:1200], y[:1200], x[1200:], y[1200:]
+    x_train, y_train, x_test, y_test = x[:800], y[:800], x[1200:], y[1200:]
     config = ClassifierConfig(epochs=4, batch_size=64, lr=4e-3)
     state = torch.get_rng_state()
     model = train_classifier(config, x_train, y_train)
