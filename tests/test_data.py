@@ -267,3 +267,13 @@ def test_token_cache_views_and_dataset():
     assert picks == {0, 1, 2}
     with pytest.raises(ValueError, match=r"\[N, K, L\]"):
         TokenCacheDataset(cache[:, 0], torch.arange(7))
+
+
+def test_ddp_shards_see_the_single_process_batches():
+    # With per-sample augmentation keyed by index, this makes 2 ranks x batch B equal 1 process x batch 2B.
+    n, b = 23, 3
+    single = list(EpochSampler(n, seed=5, drop_last=True))
+    ranks = [list(EpochSampler(n, seed=5, rank=r, world_size=2, drop_last=True)) for r in range(2)]
+    for step in range(len(ranks[0]) // b):
+        union = sorted(ranks[0][step * b : (step + 1) * b] + ranks[1][step * b : (step + 1) * b])
+        assert union == sorted(single[2 * b * step : 2 * b * (step + 1)])

