@@ -48,7 +48,8 @@ def test_head_matches_reference_layout():
     head = LinearProbeHead(384, 1000, generator=g)
     assert not head.norm.affine and head.norm.eps == 1e-6 and head.norm.weight is None
     w = head.linear.weight.detach()
-    assert abs(float(w.std()) - 0.01) < 5e-4 and float(w.abs().max()) <= 0.06 and float(head.linear.bias.detach().abs().max()) == 0
+    assert abs(float(w.std()) - 0.01) < 5e-4 and float(w.abs().max()) <= 0.06
+    assert float(head.linear.bias.detach().abs().max()) == 0
     x = torch.randn(8, 384) * 5 + 3
     ln = LinearProbeHead(384, 10, layer_norm=True, generator=g).train()
     assert ln(x).shape == (8, 10)
@@ -117,8 +118,10 @@ def test_weight_decay_groups_follow_timm_rule():
     model = Toy()
     no_decay, decay = param_groups_weight_decay(model, 0.05)
     names = {id(p): n for n, p in model.named_parameters()}
-    assert sorted(names[id(p)] for p in no_decay["params"]) == ["mlm_layer.bias", "norm.bias", "norm.weight", "proj.bias"]
-    assert sorted(names[id(p)] for p in decay["params"]) == ["decoder_pos_embed_learned", "proj.weight", "token_emb.weight"]
+    no_decay_names = sorted(names[id(p)] for p in no_decay["params"])
+    decay_names = sorted(names[id(p)] for p in decay["params"])
+    assert no_decay_names == ["mlm_layer.bias", "norm.bias", "norm.weight", "proj.bias"]
+    assert decay_names == ["decoder_pos_embed_learned", "proj.weight", "token_emb.weight"]
     assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.05
     skipped = param_groups_weight_decay(model, 0.05, skip=["decoder_pos_embed_learned"])
     assert len(skipped[0]["params"]) == 5

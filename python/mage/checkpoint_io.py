@@ -110,7 +110,9 @@ def _read_verified(path: Path) -> bytes:
                 "torch.save file loads with torch.load"
             )
         if version > FORMAT_VERSION:
-            raise CheckpointError(f"{path} has checkpoint format {version}; this version of mage reads up to {FORMAT_VERSION}")
+            raise CheckpointError(
+                f"{path} has checkpoint format {version}; this version of mage reads up to {FORMAT_VERSION}"
+            )
         payload = f.read(length + 1)
     if len(payload) < length:
         raise CheckpointError(
@@ -174,14 +176,15 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     cuda = state.get("cuda")
     if cuda is not None and torch.cuda.is_available():
         if len(cuda) != torch.cuda.device_count():
             warnings.warn(
-                f"checkpoint has RNG states for {len(cuda)} CUDA devices, this machine has {torch.cuda.device_count()}; "
-                "CUDA RNG states not restored",
+                f"checkpoint has RNG states for {len(cuda)} CUDA devices, this machine has "
+                f"{torch.cuda.device_count()}; CUDA RNG states not restored",
                 RuntimeWarning,
                 stacklevel=2,
             )

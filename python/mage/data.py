@@ -51,7 +51,7 @@ def _read_idx(path: Path, offset: int, expected_magic: int) -> tuple[np.ndarray,
         raw = f.read()
     magic = int.from_bytes(raw[:4], "big")
     if magic != expected_magic:
-        raise ValueError(f"{path} is not an IDX file of the expected kind: magic {magic:#x}, expected {expected_magic:#x}")
+        raise ValueError(f"{path} is not the expected IDX file: magic {magic:#x}, expected {expected_magic:#x}")
     ndim = raw[3]
     dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
     data = np.frombuffer(raw, dtype=np.uint8, offset=offset)
@@ -84,7 +84,7 @@ def load_fashion_mnist(
     images, dims = _read_idx(folder / image_file, offset=16, expected_magic=0x00000803)
     labels, _ = _read_idx(folder / label_file, offset=8, expected_magic=0x00000801)
     if dims[0] != count or labels.size != count:
-        raise ValueError(f"Fashion-MNIST {split}: expected {count} images and labels, found {dims[0]} and {labels.size}")
+        raise ValueError(f"Fashion-MNIST {split}: expected {count} images and labels, got {dims[0]} and {labels.size}")
     x = torch.from_numpy(images.copy()).view(count, 1, dims[1], dims[2])
     y = torch.from_numpy(labels.astype(np.int64))
     if dtype != torch.uint8:
@@ -106,7 +106,7 @@ def to_float_image(image: torch.Tensor, channels: int | None = None) -> torch.Te
     x = image.float().div_(255) if image.dtype == torch.uint8 else image.float()
     if channels is not None and x.shape[-3] != channels:
         if x.shape[-3] != 1:
-            raise ValueError(f"cannot turn a {x.shape[-3]}-channel image into {channels} channels (only grey can be expanded)")
+            raise ValueError(f"cannot turn a {x.shape[-3]}-channel image into {channels} channels (only grey expands)")
         x = x.expand(*x.shape[:-3], channels, *x.shape[-2:]).contiguous()
     return x
 

@@ -138,7 +138,8 @@ def linear_probe(
     """
     if train_features.dim() != 2 or test_features.dim() != 2 or train_features.shape[1] != test_features.shape[1]:
         raise ValueError(
-            f"features must be [N, D] with one D, got train {tuple(train_features.shape)}, test {tuple(test_features.shape)}"
+            "features must be [N, D] with one D, got train "
+            f"{tuple(train_features.shape)}, test {tuple(test_features.shape)}"
         )
     if train_labels.shape != train_features.shape[:1] or test_labels.shape != test_features.shape[:1]:
         raise ValueError("labels must have one entry per feature row")
