@@ -277,3 +277,13 @@ def test_ddp_shards_see_the_single_process_batches():
     for step in range(len(ranks[0]) // b):
         union = sorted(ranks[0][step * b : (step + 1) * b] + ranks[1][step * b : (step + 1) * b])
         assert union == sorted(single[2 * b * step : 2 * b * (step + 1)])
+
+
+def test_grey_expands_after_the_transform_with_the_same_result():
+    # Every transform maps grey-as-RGB to grey-as-RGB, so the dataset may transform 1 channel and expand after.
+    grey = torch.rand(1, 20, 20, generator=_gen(0))
+    t = T.contrastive_transform(16, p_jitter=1.0, p_grayscale=1.0, p_blur=1.0)
+    for seed in range(5):
+        one = t(grey, _gen(seed)).expand(3, -1, -1)
+        three = t(grey.expand(3, -1, -1).contiguous(), _gen(seed))
+        torch.testing.assert_close(one, three, rtol=1e-5, atol=1e-5)
