@@ -2,7 +2,8 @@
 //
 // Phase 1, parallel over tokens: an unknown token's candidate logits are read once into a per-thread
 // fp32 row (L1-resident: 4 KB for 1024 codes), then one vectorized loop computes exp for the
-// log-sum-exp, the counter-based Gumbel noise and the Gumbel-max argmax together. Known tokens are
+// log-sum-exp, the counter-based noise and the Gumbel-max argmax (exponential-race form, which reuses
+// that exp) together. Known tokens are
 // skipped: their logits are never read. Phase 2, parallel over rows: exactly k least confident
 // unknown tokens are re-masked with a linear-time selection (nth_element), ties to the lower position.
 // The fused-head variant runs phase 1 on logits it computes itself for a tile of unknown tokens at a
@@ -40,6 +41,7 @@ void check_remask_args(const char* op, int64_t vocab_rows, const at::Tensor& ids
                     seed.sizes());
   TORCH_CHECK_VALUE(vocab_size >= 1 && vocab_size <= vocab_rows, op, ": vocab_size must be in [1, ", vocab_rows,
                     "] (the logits' last dim), got ", vocab_size);
+  TORCH_CHECK_VALUE(vocab_size < (int64_t(1) << 31) - 64, op, ": vocab_size must be < 2^31 - 64, got ", vocab_size);
   TORCH_CHECK_VALUE(temperature > 0.0 && std::isfinite(temperature), op,
                     ": temperature must be finite and > 0, got ", temperature);
   TORCH_CHECK_VALUE(choice_temperature >= 0.0 && std::isfinite(choice_temperature), op,
@@ -113,8 +115,8 @@ typedef uint32_t vu __attribute__((vector_size(4 * kW)));
   return x < splat(-87.0f) ? splat(0.0f) : y;
 }
 
-// Natural log for positive normal x (Cephes logf, ~1 ulp).
-[[gnu::always_inline]] inline vf log_pos(vf x) {
+// remask_rng::log_pos, eight lanes at a time.
+[[gnu::always_inline]] inline vf log_pos8(vf x) {
   const vi bits = as_i(x);
   vi e = (bits >> 23) - 126;
   vf m = as_f((bits & 0x7FFFFF) | 0x3F000000);  // [0.5, 1)
@@ -145,16 +147,14 @@ typedef uint32_t vu __attribute__((vector_size(4 * kW)));
   return x ^ (x >> 15);
 }
 
-inline float gumbel_scalar(uint32_t w) { return -std::log(-std::log(word_to_uniform(w))); }
-
 struct Sample {
   int64_t token;
   float logp;
 };
 
 // One token from its scaled candidate logits s[0, V) (NaN already read as -inf; s has room for a
-// multiple of kW floats). d = s - m (0 where s == m), token = argmax(d + Gumbel) with ties to the lowest
-// index, log p = d[token] - log(sum exp d): the contract of reference.remask_sample.
+// multiple of kW floats). d = s - m (0 where s == m), token = argmax(exp(d) / E), E ~ Exp(1), with ties to
+// the lowest index, log p = d[token] - log(sum exp d): the contract of reference.remask_sample.
 __attribute__((target_clones("avx2", "default")))
 Sample sample_token(float* s, int64_t V, uint32_t h, uint32_t g) {
   const int64_t Vp = (V + kW - 1) / kW * kW;
@@ -170,7 +170,7 @@ Sample sample_token(float* s, int64_t V, uint32_t h, uint32_t g) {
   const vf mm = splat(m);
   vi lane;
   for (int i = 0; i < kW; ++i) lane[i] = i;
-  vf sum = splat(0.0f), best = splat(-kInf);
+  vf sum = splat(0.0f), best = splat(-1.0f);  // keys are >= 0
   vi best_i = splat_i(0);
   for (int64_t v = 0; v < Vp; v += kW) {
     vf x;
@@ -178,10 +178,12 @@ Sample sample_token(float* s, int64_t V, uint32_t h, uint32_t g) {
     const vi idx = lane + static_cast<int32_t>(v);
     const vi live = idx < splat_i(static_cast<int32_t>(V));
     const vf d = x == mm ? splat(0.0f) : x - mm;
-    sum += live ? exp_nonpos(d) : splat(0.0f);
+    const vf e = live ? exp_nonpos(d) : splat(0.0f);
+    sum += e;
     const vu w = mix32v((vu{} + h + __builtin_convertvector(idx, vu) * kGolden) ^ g);
-    const vf u = (__builtin_convertvector(w >> 9, vf) + 0.5f) * 1.1920928955078125e-07f;
-    const vf key = live ? d - log_pos(-log_pos(u)) : splat(-kInf);
+    // w >> 9 < 2^23: a signed conversion is exact and has an AVX2 instruction (unsigned has none).
+    const vf u = (__builtin_convertvector(reinterpret_cast<vi>(w >> 9), vf) + 0.5f) * 1.1920928955078125e-07f;
+    const vf key = live ? e / -log_pos8(u) : splat(-1.0f);
     const vi better = key > best;
     best = better ? key : best;
     best_i = better ? idx : best_i;
@@ -220,7 +222,7 @@ struct Context {
     uint32_t h, g;
     token_keys(k0, k1, t / L, t % L, h, g);
     sampled[t] = smp.token;
-    confidence[t] = smp.logp + tau * gumbel_scalar(choice_word(g));
+    confidence[t] = smp.logp + tau * gumbel(choice_word(g));
   }
   Sample sample(float* row, int64_t t) const {
     uint32_t h, g;
@@ -229,23 +231,20 @@ struct Context {
   }
 };
 
-// Known tokens keep their id with confidence +inf; returns the unknown count of each row, checking k.
-std::vector<int64_t> prepare_rows(const char* op, const Context& c, const at::Tensor& num_masked) {
-  std::vector<int64_t> unknown(c.B, 0);
+// Known tokens keep their id (confidence +inf, set by make_context); checks k against each row's unknowns.
+void prepare_rows(const char* op, const Context& c, const at::Tensor& num_masked) {
   const auto k = num_masked.accessor<int64_t, 1>();
   for (int64_t b = 0; b < c.B; ++b) {
+    int64_t unknown = 0;
     for (int64_t l = 0; l < c.L; ++l) {
       const int64_t t = b * c.L + l;
-      const bool u = c.ids[t] == c.mask_id;
-      unknown[b] += u;
+      unknown += c.ids[t] == c.mask_id;
       c.sampled[t] = c.ids[t];
-      c.confidence[t] = kInf;
     }
-    TORCH_CHECK_VALUE(k[b] >= 0 && k[b] <= unknown[b], op,
+    TORCH_CHECK_VALUE(k[b] >= 0 && k[b] <= unknown, op,
                       ": num_masked must lie in [0, number of unknown tokens] per row; row ", b, " has num_masked = ",
-                      k[b], " but ", unknown[b], " unknown tokens");
+                      k[b], " but ", unknown, " unknown tokens");
   }
-  return unknown;
 }
 
 // Phase 2: re-mask k[b] unknown tokens of each row (see reference.remask_select).
@@ -335,7 +334,10 @@ std::tuple<at::Tensor, at::Tensor> remask_step_from_hidden_cpu(
     const at::Tensor& num_masked, const at::Tensor& seed, int64_t mask_id, double choice_temperature,
     int64_t vocab_size, double temperature, bool reference_ties) {
   constexpr const char* op = "remask_step_from_hidden";
-  constexpr int64_t kTile = 32;  // unknown tokens per GEMM tile: a (32, V) fp32 logits tile stays in L2
+  // Unknown tokens per GEMM chunk: a (1024, 1024) fp32 logits chunk (4 MB) is reused from cache by the
+  // sampling pass right after; the GEMM is one multithreaded at::mm per chunk (a GEMM per thread inside
+  // a parallel region would serialize on small tiles).
+  constexpr int64_t kChunk = 1024;
   check_remask_hidden(op, hidden, weight, bias, ids);
   check_remask_args(op, weight.size(0), ids, num_masked, seed, vocab_size, temperature, choice_temperature);
   const at::Tensor ids_c = ids.contiguous();
@@ -357,30 +359,31 @@ std::tuple<at::Tensor, at::Tensor> remask_step_from_hidden_cpu(
   const float* bp = bias.has_value() ? bias_f.const_data_ptr<float>() : nullptr;
   const int64_t n = static_cast<int64_t>(todo.size());
   const int64_t h0 = hidden.stride(0), h1 = hidden.stride(1), h2 = hidden.stride(2);
+  at::Tensor x = at::empty({std::min(kChunk, n), C}, wT.options());
+  at::Tensor out = at::empty({std::min(kChunk, n), vocab_size}, wT.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, hidden.scalar_type(), "remask_from_hidden_cpu", [&] {
     const scalar_t* hp = hidden.const_data_ptr<scalar_t>();
-    at::parallel_for(0, (n + kTile - 1) / kTile, 1, [&](int64_t begin, int64_t end) {
-      at::Tensor x = at::empty({kTile, C}, wT.options());
-      at::Tensor out = at::empty({kTile, vocab_size}, wT.options());
-      std::vector<float> row(padded(c.vocab));
-      for (int64_t tile = begin; tile < end; ++tile) {
-        const int64_t first = tile * kTile, rows = std::min(kTile, n - first);
-        float* xp = x.data_ptr<float>();
-        for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t first = 0; first < n; first += kChunk) {
+      const int64_t rows = std::min(kChunk, n - first);
+      float* xp = x.data_ptr<float>();
+      at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
           const int64_t t = todo[first + r];
           const scalar_t* src = hp + (t / c.L) * h0 + (t % c.L) * h1;
           for (int64_t k = 0; k < C; ++k) xp[r * C + k] = static_cast<float>(src[k * h2]);
         }
-        at::Tensor o = out.narrow(0, 0, rows);
-        at::mm_out(o, x.narrow(0, 0, rows), wT);
-        const float* op_ = o.const_data_ptr<float>();
-        for (int64_t r = 0; r < rows; ++r) {
-          const int64_t t = todo[first + r];
+      });
+      at::Tensor o = out.narrow(0, 0, rows);
+      at::mm_out(o, x.narrow(0, 0, rows), wT);
+      const float* op_ = o.const_data_ptr<float>();
+      at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+        std::vector<float> row(padded(c.vocab));
+        for (int64_t r = begin; r < end; ++r) {
           load_scaled(row.data(), op_ + r * vocab_size, 1, c.vocab, c.inv_t, bp);
-          c.finish_token(t, c.sample(row.data(), t));
+          c.finish_token(todo[first + r], c.sample(row.data(), todo[first + r]));
         }
-      }
-    });
+      });
+    }
   });
   select_rows(c, num_masked, reference_ties, new_ids.data_ptr<int64_t>());
   return {sampled, new_ids};

@@ -4,6 +4,7 @@
 // (seed, offset) pair gives the same tokens on every backend, with no state and no host sync.
 #pragma once
 #include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__)
 #define MAGE_RNG_HD __host__ __device__ __forceinline__
@@ -41,9 +42,45 @@ MAGE_RNG_HD uint32_t token_word(uint32_t h, uint32_t g, uint32_t v) { return mix
 
 MAGE_RNG_HD uint32_t choice_word(uint32_t g) { return mix32(g + kChoiceSalt); }
 
-// u = (top 23 bits + 1/2) / 2^23: exact in float32, in [2^-24, 1 - 2^-24], so -log(-log(u)) is finite.
+// u = (top 23 bits + 1/2) / 2^23: exact in float32, in [2^-24, 1 - 2^-24], so -log(u) > 0 and -log(-log(u)) are finite.
 MAGE_RNG_HD float word_to_uniform(uint32_t w) {
   return (static_cast<float>(w >> 9) + 0.5f) * 1.1920928955078125e-07f;
 }
+
+// Natural log of a positive normal float (Cephes logf, ~1 ulp, and accurate near 1 where -log(u) is
+// tiny, unlike approximate hardware logs). The CPU kernel's vector code and the Triton kernel use the
+// same formula, so the backends' noise agrees to the last ulp whatever their libm.
+MAGE_RNG_HD float log_pos(float x) {
+  int32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  int32_t e = (bits >> 23) - 126;
+  const int32_t mb = (bits & 0x7FFFFF) | 0x3F000000;  // mantissa in [0.5, 1)
+  float m;
+  std::memcpy(&m, &mb, sizeof m);
+  if (m < 0.707106781186547524f) {
+    e -= 1;
+    m = m + m - 1.0f;
+  } else {
+    m = m - 1.0f;
+  }
+  const float z = m * m;
+  float y = 7.0376836292e-2f;
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  const float ef = static_cast<float>(e);
+  y = y + ef * -2.12194440e-4f - 0.5f * z;
+  return m + y + ef * 0.693359375f;
+}
+
+// Exp(1) and Gumbel(0, 1) noise of a hash word.
+MAGE_RNG_HD float exponential(uint32_t w) { return -log_pos(word_to_uniform(w)); }
+MAGE_RNG_HD float gumbel(uint32_t w) { return -log_pos(exponential(w)); }
 
 }  // namespace mage::remask_rng

@@ -179,6 +179,8 @@ def check_remask_args(
         raise ValueError(f"{op}: seed must be [2] (seed, offset), got shape {tuple(seed.shape)}")
     if not 1 <= vocab_size <= vocab_rows:
         raise ValueError(f"{op}: vocab_size must be in [1, {vocab_rows}] (the logits' last dim), got {vocab_size}")
+    if vocab_size >= 2**31 - 64:
+        raise ValueError(f"{op}: vocab_size must be < 2^31 - 64, got {vocab_size}")
     if not (temperature > 0.0 and temperature < float("inf")):
         raise ValueError(f"{op}: temperature must be finite and > 0, got {temperature}")
     if not (choice_temperature >= 0.0 and choice_temperature < float("inf")):

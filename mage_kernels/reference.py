@@ -249,17 +249,45 @@ def remask_token_keys(seed: torch.Tensor, B: int, L: int) -> tuple[torch.Tensor,
     return h, mix32(k1 ^ h)
 
 
-def hash_to_gumbel(x: torch.Tensor) -> torch.Tensor:
-    """Gumbel(0, 1) noise from 32-bit hashes: u = (top 23 bits + 1/2) / 2^23 is exact in float32 and lies in
-    [2^-24, 1 - 2^-24], so -log(-log(u)) is always finite."""
+_LOG_POLY = (7.0376836292e-2, -1.1514610310e-1, 1.1676998740e-1, -1.2420140846e-1, 1.4249322787e-1,
+             -1.6668057665e-1, 2.0000714765e-1, -2.4999993993e-1, 3.3333331174e-1)
+
+
+def log_pos(x: torch.Tensor) -> torch.Tensor:
+    """Natural log of positive normal float32 values by the Cephes formula (~1 ulp, accurate near 1), the
+    one every kernel uses for the noise, so the backends agree bit for bit rather than by libm."""
+    bits = x.view(torch.int32)
+    e = (bits >> 23) - 126
+    m = ((bits & 0x7FFFFF) | 0x3F000000).view(torch.float32)
+    small = m < 0.707106781186547524
+    e = torch.where(small, e - 1, e)
+    m = torch.where(small, m + m - 1.0, m - 1.0)
+    z = m * m
+    y = torch.full_like(m, _LOG_POLY[0])
+    for c in _LOG_POLY[1:]:
+        y = y * m + c
+    y = y * m * z
+    ef = e.to(torch.float32)
+    y = y + ef * -2.12194440e-4 - 0.5 * z
+    return m + y + ef * 0.693359375
+
+
+def hash_to_exponential(x: torch.Tensor) -> torch.Tensor:
+    """Exp(1) noise from 32-bit hashes: E = -log(u) with u = (top 23 bits + 1/2) / 2^23, exact in float32
+    and in [2^-24, 1 - 2^-24], so E is positive and finite."""
     u = ((x >> 9).to(torch.float32) + 0.5) * 2.0**-23
-    return -torch.log(-torch.log(u))
+    return -log_pos(u)
 
 
-def remask_token_gumbel(h: torch.Tensor, g: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Sampling noise of every (token, v): float32 [B, L, vocab_size]."""
+def hash_to_gumbel(x: torch.Tensor) -> torch.Tensor:
+    """Gumbel(0, 1) noise from 32-bit hashes: -log(E) of `hash_to_exponential`."""
+    return -log_pos(hash_to_exponential(x))
+
+
+def remask_token_exponential(h: torch.Tensor, g: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Sampling noise of every (token, v): Exp(1), float32 [B, L, vocab_size]."""
     v = _mul32(torch.arange(vocab_size, device=h.device, dtype=torch.int64), GOLDEN)
-    return hash_to_gumbel(mix32(((h[..., None] + v) & MASK32) ^ g[..., None]))
+    return hash_to_exponential(mix32(((h[..., None] + v) & MASK32) ^ g[..., None]))
 
 
 def remask_choice_gumbel(g: torch.Tensor) -> torch.Tensor:
@@ -281,14 +309,14 @@ def _check_counts(op: str, num_masked: torch.Tensor, unknown: torch.Tensor) -> t
     return torch.minimum(num_masked.clamp_min(0), unknown)
 
 
-def remask_select(
-    confidence: torch.Tensor, k: torch.Tensor, reference_ties: bool
-) -> torch.Tensor:
+def remask_select(confidence: torch.Tensor, k: torch.Tensor, reference_ties: bool) -> torch.Tensor:
     """Boolean [B, L]: the k[b] lowest confidences of each row, ties to the lower position (a stable
     ascending sort); with `reference_ties`, every position with confidence <= the k-th smallest (the
     published rule, MAGE_REFERENCE.md 5.2.10), nothing when k = 0."""
-    order = torch.sort(confidence, dim=1, stable=True).indices
     L = confidence.shape[1]
+    if L == 0:
+        return torch.zeros_like(confidence, dtype=torch.bool)
+    order = torch.sort(confidence, dim=1, stable=True).indices
     if reference_ties:
         cutoff = confidence.gather(1, order.gather(1, (k - 1).clamp_min(0)[:, None]))
         return (confidence <= cutoff) & (k[:, None] > 0)
@@ -303,8 +331,9 @@ def remask_sample(
 
     Per unknown token, s = logits[:vocab_size] * float32(1 / temperature) with NaN read as -inf,
     m = max s, d = s - m (0 where s == m, so rows whose max is +-inf stay defined: +inf entries share the
-    mass, an all -inf row is uniform), sampled = argmax(d + Gumbel) (Gumbel-max, ties to the lowest v),
-    log p = d[sampled] - log(sum exp d). Known tokens keep their id; their log p is returned as +inf.
+    mass, an all -inf row is uniform), sampled = argmax(exp(d) / E) with E ~ Exp(1) per candidate (the
+    Gumbel-max trick in its exponential-race form: the same argmax as d - log E = d + Gumbel, one log
+    cheaper; ties to the lowest v), log p = d[sampled] - log(sum exp d). Known tokens keep their id; their log p is returned as +inf.
     """
     B, L = ids.shape
     s = logits[..., :vocab_size].float() * torch.tensor(1.0 / temperature, dtype=torch.float32)
@@ -312,8 +341,9 @@ def remask_sample(
     m = s.amax(-1, keepdim=True)
     d = torch.where(s == m, 0.0, s - m)
     h, g = remask_token_keys(seed, B, L)
-    sampled = (d + remask_token_gumbel(h, g, vocab_size)).argmax(-1)
-    logp = d.gather(-1, sampled[..., None]).squeeze(-1) - torch.log(torch.exp(d).sum(-1))
+    e = torch.exp(d)
+    sampled = (e / remask_token_exponential(h, g, vocab_size)).argmax(-1)
+    logp = d.gather(-1, sampled[..., None]).squeeze(-1) - torch.log(e.sum(-1))
     unknown = ids == mask_id
     return torch.where(unknown, sampled, ids), torch.where(unknown, logp, float("inf"))
 

@@ -9,8 +9,9 @@ csrc/remask_cpu.cpp, csrc/remask_cuda.cu, mage_kernels/triton/remask.py; referen
 
 Randomness: the wrapper draws a (seed, offset) pair of int64 from the torch.Generator (on the device of the
 logits, so no host sync, and graph-safe for CUDA generators); kernels turn it into noise with a
-counter-based hash of (seed, offset, row, position, vocab index) that every backend computes bit for bit
-alike, so the same pair gives the same tokens on every backend (up to last-ulp differences of `log`).
+counter-based hash of (seed, offset, row, position, vocab index) and one shared log formula, so every
+backend draws bit-identical noise and the same pair gives the same tokens on every backend; only exp
+and division are each backend's own (hardware ones on GPUs), so a tie within an ulp can flip.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def draw_seed(device: torch.device | str, generator: torch.Generator | None = No
     default generator). Drawn on the generator's device, so a CUDA generator costs no host sync and is
     CUDA-graph safe; a CPU generator with CUDA logits costs a small host-to-device copy."""
     gen_device = generator.device if generator is not None else torch.device(device)
-    seed = torch.empty(2, dtype=torch.int64, device=gen_device).random_(generator=generator)
+    seed = torch.randint(-(2**63), 2**63 - 1, (2,), dtype=torch.int64, device=gen_device, generator=generator)
     return seed.to(device)
 
 
@@ -78,6 +79,7 @@ def remask_step(
     vocab_size: int | None = None,
     temperature: float = 1.0,
     reference_ties: bool = False,
+    seed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One step of MAGE's iterative decoding (MAGE_REFERENCE.md 5, steps 2.5-2.10), fused and sync-free.
 
@@ -97,6 +99,10 @@ def remask_step(
         temperature: sampling temperature, > 0 (the published sampler uses 1).
         reference_ties: re-mask every unknown token whose confidence is <= the num_masked-th smallest (the
             published rule, which can re-mask more than num_masked on ties) instead of exactly num_masked.
+        seed: optional (2,) int64 (seed, offset) on logits' device (see `draw_seed`), used instead of
+            drawing one from `generator`: the same pair gives the same tokens on every backend. Under
+            torch.compile(fullgraph=True) pass a seed or leave generator None (Dynamo cannot trace a
+            torch.Generator).
 
     Every unknown token is sampled from softmax(logits / temperature) by the Gumbel-max trick; NaN logits
     count as -inf, a token whose logits are all -inf is sampled uniformly, and one with +inf logits
@@ -109,7 +115,8 @@ def remask_step(
             last step comes from these (MAGE_REFERENCE.md 5.3).
         new_ids: (B, L) int64, `sampled` with the re-masked positions set back to mask_id.
     """
-    seed = draw_seed(logits.device, generator)
+    if seed is None:
+        seed = draw_seed(logits.device, generator)
     return torch.ops.mage.remask_step(
         logits, ids, num_masked, seed, mask_id=mask_id, choice_temperature=float(choice_temperature),
         vocab_size=logits.shape[-1] if vocab_size is None else vocab_size, temperature=float(temperature),
@@ -130,6 +137,7 @@ def remask_step_from_hidden(
     vocab_size: int | None = None,
     temperature: float = 1.0,
     reference_ties: bool = False,
+    seed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`remask_step` with the prediction head's last matmul fused in (MAGE_REFERENCE.md 4.6): the logits
     hidden @ weight[:vocab_size].T + bias[:vocab_size] are computed tile by tile (fp32 accumulation) and
@@ -143,7 +151,8 @@ def remask_step_from_hidden(
     Returns (sampled, new_ids) as `remask_step`; the tokens equal `remask_step` on the explicit fp32
     logits up to the rounding of the matmul.
     """
-    seed = draw_seed(hidden.device, generator)
+    if seed is None:
+        seed = draw_seed(hidden.device, generator)
     if bias is not None:
         bias = bias.reshape(-1)
     return torch.ops.mage.remask_step_from_hidden(

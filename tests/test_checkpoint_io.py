@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import requires_cuda
 from mage.checkpoint_io import (
     CheckpointError,
     capture_rng_state,
@@ -109,3 +110,44 @@ def test_rng_state_round_trip_through_file(tmp_path):
     assert got[0] == expected[0]
     np.testing.assert_array_equal(got[1], expected[1])
     torch.testing.assert_close(got[2], expected[2], rtol=0, atol=0)
+
+
+@requires_cuda
+def test_cuda_rng_state_round_trip(tmp_path):
+    torch.cuda.manual_seed_all(4)
+    save_checkpoint({"rng": capture_rng_state()}, tmp_path / "rng.pt")
+    expected = torch.randn(5, device="cuda")
+    torch.cuda.manual_seed_all(99)
+    restore_rng_state(load_checkpoint(tmp_path / "rng.pt")["rng"])
+    torch.testing.assert_close(torch.randn(5, device="cuda"), expected, rtol=0, atol=0)
+
+
+def test_training_state_resume_reproduces_the_uninterrupted_run(tmp_path):
+    from mage.checkpoint_io import load_training_state, save_training_state
+
+    def make():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 1))
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+    def train_step(model, opt):
+        x = torch.randn(16, 6)  # draws from the global RNG, as do dropout masks
+        loss = model(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+
+    model, opt = make()
+    straight = [train_step(model, opt) for _ in range(6)]
+
+    model, opt = make()
+    for step in range(3):
+        train_step(model, opt)
+    save_training_state(tmp_path / "run.ckpt", model, opt, step=3, extra={"epoch": 0, "position": 48})
+    torch.manual_seed(1234)  # the interrupted process's later RNG use must not matter
+    model, opt = make()
+    state = load_training_state(tmp_path / "run.ckpt", model, opt)
+    assert state["step"] == 3 and state["extra"] == {"epoch": 0, "position": 48}
+    resumed = [train_step(model, opt) for _ in range(3)]
+    assert resumed == straight[3:]

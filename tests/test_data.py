@@ -233,3 +233,57 @@ def test_transform_sampling_uses_only_the_given_generator():
     T.contrastive_transform(8)(img, _gen(0))
     assert torch.equal(torch.get_rng_state(), state)
     assert math.isclose(T.EVAL_CROP_FRACTION * 292, 256)
+
+
+# ---- token cache ----
+
+
+def _fake_encode(images: torch.Tensor) -> torch.Tensor:
+    """A stand-in tokenizer: 4x4 average pooling quantised to 16 levels -> ids [B, h, w]."""
+    pooled = torch.nn.functional.avg_pool2d(images.mean(1, keepdim=True), 4).squeeze(1)
+    return (pooled * 15.999).long()
+
+
+def test_token_cache_views_and_dataset():
+    from mage.data import TokenCacheDataset, build_token_cache
+
+    images = torch.rand(7, 1, 20, 20, generator=_gen(0))
+    ds = TensorImageDataset(images, torch.arange(7), T.pretrain_transform(16), seed=4)
+    cache = build_token_cache(_fake_encode, ds, crops_per_image=3, batch_size=3)
+    assert cache.shape == (7, 3, 16) and cache.dtype == torch.int16
+    assert not torch.equal(cache[:, 0], cache[:, 1])  # different crops per view
+    ds.set_epoch(2)
+    torch.testing.assert_close(cache[:, 2].long(), _fake_encode(torch.stack([ds[i][0] for i in range(7)])).flatten(1))
+    assert torch.equal(build_token_cache(_fake_encode, ds, crops_per_image=3, batch_size=5), cache)
+
+    tokens = TokenCacheDataset(cache, torch.arange(7), seed=1)
+    ids, label = tokens[3]
+    assert ids.dtype == torch.int64 and ids.shape == (16,) and label == 3
+    assert any(torch.equal(ids, cache[3, k].long()) for k in range(3))
+    picks = set()
+    for epoch in range(12):
+        tokens.set_epoch(epoch)
+        picks.add(next(k for k in range(3) if torch.equal(tokens[3][0], cache[3, k].long())))
+    assert picks == {0, 1, 2}
+    with pytest.raises(ValueError, match=r"\[N, K, L\]"):
+        TokenCacheDataset(cache[:, 0], torch.arange(7))
+
+
+def test_ddp_shards_see_the_single_process_batches():
+    # With per-sample augmentation keyed by index, this makes 2 ranks x batch B equal 1 process x batch 2B.
+    n, b = 23, 3
+    single = list(EpochSampler(n, seed=5, drop_last=True))
+    ranks = [list(EpochSampler(n, seed=5, rank=r, world_size=2, drop_last=True)) for r in range(2)]
+    for step in range(len(ranks[0]) // b):
+        union = sorted(ranks[0][step * b : (step + 1) * b] + ranks[1][step * b : (step + 1) * b])
+        assert union == sorted(single[2 * b * step : 2 * b * (step + 1)])
+
+
+def test_grey_expands_after_the_transform_with_the_same_result():
+    # Every transform maps grey-as-RGB to grey-as-RGB, so the dataset may transform 1 channel and expand after.
+    grey = torch.rand(1, 20, 20, generator=_gen(0))
+    t = T.contrastive_transform(16, p_jitter=1.0, p_grayscale=1.0, p_blur=1.0)
+    for seed in range(5):
+        one = t(grey, _gen(seed)).expand(3, -1, -1)
+        three = t(grey.expand(3, -1, -1).contiguous(), _gen(seed))
+        torch.testing.assert_close(one, three, rtol=1e-5, atol=1e-5)

