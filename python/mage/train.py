@@ -27,11 +27,11 @@ import mage_kernels
 
 from . import data as data_lib
 from . import transforms as T
-from .checkpoint_io import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from .checkpoint_io import load_checkpoint, load_training_state, save_checkpoint, save_training_state
 from .losses import info_nce, masked_positions, masked_token_loss, patch_pixel_loss
 from .mae import MAE, MAEConfig, mae_masked_count
 from .model import CONSTRUCTORS, MAGE
-from .plots import save_curves
+from .report import JsonlLogger, plot_curves, read_jsonl, save_image_grid
 from .schedule import build_adamw, cosine_lr, scaled_lr, set_lr
 from .tokenizer import TokenizerConfig, VQGANTokenizer
 from .tokenizer_io import load_tokenizer, save_tokenizer
@@ -256,60 +256,30 @@ def load_images(name: str, split: str) -> tuple[torch.Tensor, torch.Tensor] | da
 
 def make_dataset(cfg: TrainConfig, split: str = "train") -> torch.utils.data.Dataset:
     if cfg.token_cache:
-        return TokenCacheDataset(cfg.token_cache, views=2 if cfg.objective == "mage-c" else 1, seed=cfg.seed)
+        blob = load_checkpoint(cfg.token_cache)
+        return data_lib.TokenCacheDataset(blob["ids"], blob["labels"], seed=cfg.seed,
+                                          views=2 if cfg.objective == "mage-c" else 1)
     transform = T.contrastive_transform(cfg.image_size) if cfg.objective == "mage-c" else T.pretrain_transform(cfg.image_size)
     views = T.TwoViews(transform) if cfg.objective == "mage-c" else transform
     source = load_images(cfg.data, split)
+    channels = (cfg.mae if cfg.objective == "mae" else cfg.tokenizer).get("in_channels", 3)
     if isinstance(source, data_lib.ImageFolder):
+        if channels != 3:
+            raise ValueError(f"image folders are read as RGB; the model expects {channels} channel(s)")
         source.transform, source.seed = views, cfg.seed
         return source
-    return data_lib.TensorImageDataset(*source, transform=views, channels=3, seed=cfg.seed)
-
-
-class TokenCacheDataset(torch.utils.data.Dataset):
-    """Token ids cached by `build_token_cache` ([N, crops, L]); each item picks `views` of the crops
-    with a generator of (seed, epoch, index), like the image pipeline's augmentation."""
-
-    def __init__(self, path: str, views: int = 1, seed: int = 0):
-        blob = load_checkpoint(path)
-        self.ids, self.labels = blob["ids"], blob["labels"]
-        self.views, self.seed, self.epoch = views, seed, 0
-        if views > self.ids.shape[1] and self.ids.shape[1] < 2:
-            raise ValueError(f"{path} holds {self.ids.shape[1]} crop(s) per image; MAGE-C needs at least 2")
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.ids.shape[0]
-
-    def __getitem__(self, index: int):
-        g = data_lib.sample_generator(self.seed, self.epoch, index)
-        crops = torch.randperm(self.ids.shape[1], generator=g)[: self.views]
-        return self.ids[index, crops].long(), int(self.labels[index])
+    return data_lib.TensorImageDataset(*source, transform=views, channels=channels, seed=cfg.seed)
 
 
 @torch.no_grad()
 def build_token_cache(tokenizer: VQGANTokenizer, dataset, path: str, crops: int = 1, batch_size: int = 256) -> None:
-    """Tokenize `crops` augmented crops of every image once (the online tokenizer is ~40% of MAGE's
-    training compute, MAGE_REFERENCE.md 4.12) and save ids [N, crops, L] (int16 when K fits) + labels."""
+    """Tokenize `crops` augmented crops of every image once and save {ids [N, crops, L], labels} to `path`
+    (the online tokenizer is ~40% of MAGE's training compute, MAGE_REFERENCE.md 4.12)."""
     tokenizer.eval()
     device = tokenizer.codebook.device
-    all_ids, labels = [], []
-    for epoch in range(crops):
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(epoch)
-        ids = []
-        for x, y in data_lib.make_loader(dataset, batch_size, shuffle=False):
-            ids.append(tokenizer.encode(x.to(device), check_range=False).cpu())
-            if epoch == 0:
-                labels.append(torch.as_tensor(y))
-        all_ids.append(torch.cat(ids))
-    ids = torch.stack(all_ids, dim=1)  # (N, crops, L)
-    if tokenizer.config.n_embed <= 2**15:
-        ids = ids.to(torch.int16)
-    labels = torch.cat(labels)
-    save_checkpoint({"ids": ids, "labels": labels}, path, keep_previous=False)
+    ids = data_lib.build_token_cache(lambda x: tokenizer.encode(x, check_range=False), dataset, crops, batch_size,
+                                     device=device)
+    save_checkpoint({"ids": ids, "labels": torch.as_tensor(dataset.labels)}, path, keep_previous=False)
 
 
 class Batches:
@@ -354,8 +324,10 @@ def _autocast(cfg: TrainConfig, device: torch.device):
 def _to_ids(cfg: TrainConfig, model: nn.Module, batch: torch.Tensor, device) -> torch.Tensor:
     """The objective's input: images for tokenizer/MAE; token ids [B, views, L] for MAGE/MAGE-C."""
     batch = batch.to(device, non_blocking=True)
-    if cfg.objective in ("tokenizer", "mae") or cfg.token_cache:
+    if cfg.objective in ("tokenizer", "mae"):
         return batch
+    if cfg.token_cache:
+        return batch if batch.dim() == 3 else batch[:, None]  # (B, views, L)
     if batch.dim() == 4:
         batch = batch[:, None]  # (B, 1, C, H, W)
     B, V = batch.shape[:2]
@@ -397,18 +369,12 @@ def train(cfg: TrainConfig) -> dict:
     ckpt_path = out / "checkpoint.pt"
     start = 0
     if cfg.resume and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path, map_location=d.device)
-        module.load_state_dict(state["module"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        restore_rng_state(state["rng"])
-        start = int(state["step"])
+        start = int(load_training_state(ckpt_path, module, optimizer, scaler)["step"])
     trained = nn.parallel.DistributedDataParallel(module) if d.world > 1 else module
     batches = Batches(make_dataset(cfg), cfg, d)
     usage = torch.zeros(model.config.n_embed if cfg.objective == "tokenizer" else 1, dtype=torch.long, device=d.device)
     log_path = out / "metrics.jsonl"
-    if d.main and start == 0 and log_path.exists():
-        log_path.unlink()
+    logger = JsonlLogger(log_path, resume_step=start if start else None) if d.main else None
     bar = None
     if d.main and cfg.progress:
         from tqdm import tqdm
@@ -453,9 +419,8 @@ def train(cfg: TrainConfig) -> dict:
             last = {"step": done, **values, "lr": optimizer.param_groups[0]["lr"],
                     "images_per_s": seen / max(elapsed, 1e-9), "time": time.time()}
             t0, seen = time.perf_counter(), 0
-            if d.main:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(last) + "\n")
+            if logger is not None:
+                logger.log(last)
                 if bar is not None:
                     bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", ips=f"{last['images_per_s']:.0f}")
         if bar is not None:
@@ -467,9 +432,7 @@ def train(cfg: TrainConfig) -> dict:
                 model.vqgan.eval()
         if done % cfg.ckpt_every == 0 or done == cfg.steps:
             if d.main:
-                save_checkpoint({"module": module.state_dict(), "optimizer": optimizer.state_dict(),
-                                 "scaler": scaler.state_dict(), "rng": capture_rng_state(), "step": done,
-                                 "config": cfg.to_dict()}, ckpt_path)
+                save_training_state(ckpt_path, module, optimizer, scaler, done, {"config": cfg.to_dict()})
             if d.world > 1:
                 dist.barrier()
         if done >= cfg.steps:
@@ -477,16 +440,15 @@ def train(cfg: TrainConfig) -> dict:
     if bar is not None:
         bar.close()
     if d.main:
+        logger.close()
         save_final(cfg, model, out)
-        if log_path.exists():
-            save_curves(log_path, out / "curves.png")
+        plot_curves(read_jsonl(log_path), out / "curves.png")
     return last
 
 
 @torch.no_grad()
 def save_samples(cfg: TrainConfig, model: nn.Module, path: Path, batch: torch.Tensor) -> None:
     """A PNG grid: generated images (MAGE), or inputs over reconstructions (tokenizer, MAE)."""
-    from .cli import make_grid, save_png, to_uint8
     from .sampler import generate
 
     model.eval()
@@ -497,7 +459,7 @@ def save_samples(cfg: TrainConfig, model: nn.Module, path: Path, batch: torch.Te
         images = torch.cat([x, model.decode(model.encode(x, check_range=False))])
     else:
         return
-    save_png(make_grid(to_uint8(images), nrow=8), str(path))
+    save_image_grid(images, path, nrow=8)
 
 
 def save_final(cfg: TrainConfig, model: nn.Module, out: Path) -> None:
