@@ -137,8 +137,13 @@ def _slot_source(keep_idx: torch.Tensor, L: int, use: torch.Tensor) -> torch.Ten
 def gather_keep(x: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
     """x (B, 1+L, C) -> (B, 1+Lk, C): the class slot, then token keep_idx[b, j] at slot 1+j (zeros for -1)."""
     check_gather_keep_args("gather_keep", x, keep_idx)
-    idx = (keep_idx.clamp_min(0) + 1)[..., None].expand(-1, -1, x.shape[2])
-    tokens = torch.where((keep_idx >= 0)[..., None], x.gather(1, idx), torch.zeros((), dtype=x.dtype, device=x.device))
+    return gather_slots(x, keep_idx)
+
+
+def gather_slots(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """(B, 1+L, C) -> (B, 1+J, C): slot 0, then token idx[b, j] (a zero row where idx < 0); unchecked."""
+    gather_idx = (idx + 1).clamp_min(0)[..., None].expand(-1, -1, x.shape[2])
+    tokens = torch.where((idx >= 0)[..., None], x.gather(1, gather_idx), torch.zeros((), dtype=x.dtype, device=x.device))
     return torch.cat([x[:, :1], tokens], 1)
 
 
@@ -146,7 +151,7 @@ def scatter_keep(y: torch.Tensor, keep_idx: torch.Tensor, L: int) -> torch.Tenso
     """Adjoint of `gather_keep`: y (B, 1+Lk, C) -> (B, 1+L, C) with zeros at the tokens not kept."""
     check_gather_keep_args("scatter_keep", y, keep_idx, L)
     src = _slot_source(keep_idx, L, keep_idx >= 0)
-    idx = (src.clamp_min(0) + 1)[..., None].expand(-1, -1, y.shape[2])
+    idx = (src + 1)[..., None].expand(-1, -1, y.shape[2])  # -1 reads slot 0, always present
     tokens = torch.where((src >= 0)[..., None], y.gather(1, idx), torch.zeros((), dtype=y.dtype, device=y.device))
     return torch.cat([y[:, :1], tokens], 1)
 
@@ -169,7 +174,7 @@ def pad_with_cls(
     valid = keep_idx >= 0
     own = valid & ~masked.gather(1, keep_idx.clamp_min(0))
     src = _slot_source(keep_idx, L, own)
-    idx = (src.clamp_min(0) + 1)[..., None].expand(-1, -1, y.shape[2])
+    idx = (src + 1)[..., None].expand(-1, -1, y.shape[2])  # -1 reads slot 0, always present
     fill = y[:, :1] if pad is None else pad.reshape(1, 1, -1).expand(B, 1, -1)
     tokens = torch.where((src >= 0)[..., None], y.gather(1, idx), fill)
     z = torch.cat([y[:, :1], tokens], 1)
