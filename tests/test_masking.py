@@ -549,3 +549,47 @@ def test_cuda_ops_do_not_sync():
         z.sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+_COMPILE_FOR_SM90 = """
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from mage_kernels.triton import masking as tri
+
+def compile(fn, names, types, constexprs):
+    signature = dict(zip(names, types), **{name: "constexpr" for name in constexprs})
+    triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
+
+rows = ["i64", "i64", "i64"]
+for dtype, acc in (("*bf16", tl.float32), ("*fp64", tl.float64)):
+    compile(tri._mask_plan_kernel, ["noise", "stride_b", "stride_l", "num_masked", "m_step", "num_dropped", "d_step",
+            "masked", "dropped", "keep", "L", "num_kept"],
+            [dtype, "i64", "i64", "*i64", "i32", "*i64", "i32", "*i1", "*i1", "*i64", "i32", "i32"],
+            {"ACC": acc, "BLOCK_T": 64, "BLOCK_S": 64})
+    compile(tri._gather_rows_kernel, ["x", "sxb", "sxs", "sxc", "keep", "masked", "out", "L", "Lk", "C"],
+            [dtype, *rows, "*i64", "*i1", dtype, "i32", "i32", "i32"], {"USE_MASK": True, "BLOCK_C": 1024})
+    compile(tri._expand_rows_kernel, ["y", "syb", "sys", "syc", "src", "pad", "pos", "out", "L", "C"],
+            [dtype, *rows, "*i64", dtype, dtype, dtype, "i32", "i32"],
+            {"FILL": 2, "HAS_POS": True, "ACC": acc, "BLOCK_C": 1024})
+    compile(tri._pad_sum_kernel, ["gz", "sgb", "sgs", "sgc", "src", "grad_y", "pad_sum", "L", "Lk", "C"],
+            [dtype, *rows, "*i64", dtype, "*fp32", "i32", "i32", "i32"],
+            {"MAE": False, "ACC": acc, "BLOCK_T": 32, "BLOCK_C": 128})
+compile(tri._slot_source_kernel, ["keep", "masked", "src", "L", "Lk"], ["*i64", "*i1", "*i64", "i32", "i32"],
+        {"USE_MASK": True, "BLOCK": 128})
+"""
+
+
+@requires_triton
+def test_triton_kernels_compile_for_sm90():
+    """The interpreter is lenient about types; compiling for an H100 (ptxas ships with triton, no GPU
+    needed) is not. Runs in a subprocess because this process has TRITON_INTERPRET=1."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
