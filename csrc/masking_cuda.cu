@@ -423,14 +423,8 @@ at::Tensor pad_with_cls_cuda(const at::Tensor& y_in, const at::Tensor& keep_in, 
 
 std::tuple<at::Tensor, at::Tensor> pad_with_cls_backward_cuda(const at::Tensor& gz_in, const at::Tensor& keep_in,
                                                               const at::Tensor& masked_in, bool mae) {
-  check_rows_shape(gz_in, "pad_with_cls_backward", "grad_z");
-  const int64_t B = gz_in.size(0), C = gz_in.size(2);
-  TORCH_CHECK_VALUE(masked_in.scalar_type() == at::kBool && masked_in.dim() == 2 && masked_in.size(0) == B &&
-                        gz_in.size(1) == 1 + masked_in.size(1),
-                    "pad_with_cls_backward: masked must be bool [B, L] and grad_z [B, 1+L, C], got ",
-                    masked_in.scalar_type(), " ", masked_in.sizes(), " and ", gz_in.sizes());
-  const int64_t L = masked_in.size(1);
-  check_keep_idx_shape(keep_in, B, L, gz_in.device(), "pad_with_cls_backward");
+  check_pad_backward_shapes(gz_in, keep_in, masked_in);
+  const int64_t B = gz_in.size(0), C = gz_in.size(2), L = masked_in.size(1);
   check_cuda(gz_in, "pad_with_cls_backward", "grad_z");
   const c10::cuda::CUDAGuard guard(gz_in.device());
   const at::Tensor keep_idx = keep_in.contiguous(), masked = masked_in.contiguous(), gz = unit_channel_stride(gz_in);
