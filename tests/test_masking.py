@@ -207,6 +207,25 @@ def test_pad_with_cls_matches_reference(device, dtype, B, L, C):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_pad_with_cls_non_contiguous(device):
+    B, L, C = 3, 21, 6
+    m, d = _counts(B, L, seed=11)
+    masked, _, keep = mage_kernels.mask_plan(_noise(B, L, device), m.to(device), d.to(device), num_kept=L)
+    y = _rand((B, C, 1 + L), torch.float32, device).transpose(1, 2)
+    pos = _rand((C, 1 + L), torch.float32, device, seed=1).t()
+    pad = _rand((2 * C,), torch.float32, device, seed=2)[::2]
+    for kwargs in ({"pos_embed": pos}, {"pad": pad}):
+        expected = ref.pad_with_cls(y, keep, masked, kwargs.get("pos_embed"), kwargs.get("pad"))
+        _equal(mage_kernels.pad_with_cls(y, keep, masked, **kwargs), expected)
+    gz = _rand((B, 1 + L, 2 * C), torch.float32, device, seed=3)[..., ::2]
+    for mae in (False, True):
+        actual = torch.ops.mage.pad_with_cls_backward(gz, keep, masked, mae)
+        expected = _pad_with_cls_backward_reference(gz, keep, masked, mae)
+        _equal(actual[0][:, 1:], expected[0][:, 1:])
+        _close_sums(actual[0][:, 0], expected[0][:, 0], L)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_pad_with_cls_matches_published_padding(device):
     """The published decoder padding (MAGE_REFERENCE.md 4.5) on the published masks."""
     B, L, C = 4, 64, 16
