@@ -8,6 +8,7 @@ import torch  # noqa: F401  (libtorch must be loaded before our native library)
 
 from . import reference
 from ._registry import CHOSEN, NATIVE_ERROR, NATIVE_PATH, REQUESTED, triton_usable
+from .masking import gather_keep, mask_plan, pad_with_cls, sample_mask_counts
 from .vq import vq_nearest, vq_quantize
 
 __version__ = "0.1.0"
@@ -29,4 +30,13 @@ def build_info() -> dict:
     }
 
 
-__all__ = ["build_info", "reference", "vq_nearest", "vq_quantize"]
+__all__ = [
+    "build_info",
+    "gather_keep",
+    "mask_plan",
+    "pad_with_cls",
+    "reference",
+    "sample_mask_counts",
+    "vq_nearest",
+    "vq_quantize",
+]
