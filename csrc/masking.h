@@ -24,6 +24,7 @@ void check_keep_idx_shape(const at::Tensor& keep_idx, int64_t B, int64_t L, cons
 void check_rows_shape(const at::Tensor& x, const char* op, const char* name);
 void check_pad_with_cls_shapes(const at::Tensor& y, const at::Tensor& keep_idx, const at::Tensor& masked,
                                const std::optional<at::Tensor>& pos_embed, const std::optional<at::Tensor>& pad);
+void check_pad_backward_shapes(const at::Tensor& grad_z, const at::Tensor& keep_idx, const at::Tensor& masked);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> mask_plan_cpu(const at::Tensor& noise, const at::Tensor& num_masked,
                                                              const at::Tensor& num_dropped, c10::SymInt num_kept);

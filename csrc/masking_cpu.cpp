@@ -97,6 +97,19 @@ void check_pad_with_cls_shapes(const at::Tensor& y, const at::Tensor& keep_idx, 
   }
 }
 
+void check_pad_backward_shapes(const at::Tensor& grad_z, const at::Tensor& keep_idx, const at::Tensor& masked) {
+  check_rows_shape(grad_z, "pad_with_cls_backward", "grad_z");
+  const int64_t B = grad_z.size(0);
+  TORCH_CHECK_TYPE(masked.scalar_type() == at::kBool, "pad_with_cls_backward: masked must be bool, got ",
+                   masked.scalar_type());
+  TORCH_CHECK_VALUE(masked.dim() == 2 && masked.size(0) == B && grad_z.size(1) == 1 + masked.size(1),
+                    "pad_with_cls_backward: masked must be [B, L] and grad_z [B, 1+L, C], got ", masked.sizes(),
+                    " and ", grad_z.sizes());
+  TORCH_CHECK_VALUE(masked.device() == grad_z.device(), "pad_with_cls_backward: masked must be on ",
+                    grad_z.device(), ", got ", masked.device());
+  check_keep_idx_shape(keep_idx, B, masked.size(1), grad_z.device(), "pad_with_cls_backward");
+}
+
 namespace {
 
 // keep_idx rows must be strictly increasing positions in [0, L), followed only by -1.
@@ -357,11 +370,8 @@ at::Tensor pad_with_cls_cpu(const at::Tensor& y_in, const at::Tensor& keep_in, c
 
 std::tuple<at::Tensor, at::Tensor> pad_with_cls_backward_cpu(const at::Tensor& gz_in, const at::Tensor& keep_in,
                                                              const at::Tensor& masked_in, bool mae) {
-  check_pad_with_cls_shapes(gz_in.narrow(1, 0, std::min<int64_t>(gz_in.size(1), 1 + keep_in.size(1))), keep_in,
-                            masked_in, std::nullopt, std::nullopt);
+  check_pad_backward_shapes(gz_in, keep_in, masked_in);
   const int64_t B = gz_in.size(0), C = gz_in.size(2), L = masked_in.size(1);
-  TORCH_CHECK_VALUE(gz_in.size(1) == 1 + L, "pad_with_cls_backward: grad_z must be [B, 1+L, C] with L = ", L,
-                    ", got shape ", gz_in.sizes());
   const at::Tensor keep_idx = keep_in.contiguous(), masked = masked_in.contiguous();
   const int64_t Lk = keep_idx.size(1);
   const int64_t* keep = keep_idx.const_data_ptr<int64_t>();

@@ -44,7 +44,7 @@ def _pad_with_cls_backward_reference(grad_z, keep_idx, masked, mae):
     src = reference._slot_source(keep_idx, L, own)
     padded = (src < 0)[..., None]
     pad_sum = torch.where(padded, grad_z[:, 1:].to(acc), 0).sum(1)
-    rows = reference.gather_keep(grad_z, torch.where(own, keep_idx, -1))
+    rows = reference.gather_slots(grad_z, torch.where(own, keep_idx, -1))
     if mae:
         return rows, pad_sum
     rows[:, 0] = (grad_z[:, 0].to(acc) + pad_sum).to(grad_z.dtype)
@@ -185,6 +185,8 @@ def mask_plan(
         masked: bool (B, L). dropped: bool (B, L).
         keep_idx: int64 (B, num_kept), the positions not dropped in ascending order, then -1 padding.
     """
+    if noise.dim() != 2:
+        raise ValueError(f"mask_plan: noise must be [B, L], got shape {tuple(noise.shape)}")
     masked_t = _count_tensor("num_masked", num_masked, noise)
     dropped_t = _count_tensor("num_dropped", num_dropped, noise)
     if num_kept is None:

@@ -148,8 +148,13 @@ def _slot_source(keep_idx: torch.Tensor, L: int, use: torch.Tensor) -> torch.Ten
 def gather_keep(x: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
     """x (B, 1+L, C) -> (B, 1+Lk, C): the class slot, then token keep_idx[b, j] at slot 1+j (zeros for -1)."""
     check_gather_keep_args("gather_keep", x, keep_idx)
-    idx = (keep_idx.clamp_min(0) + 1)[..., None].expand(-1, -1, x.shape[2])
-    tokens = torch.where((keep_idx >= 0)[..., None], x.gather(1, idx), torch.zeros((), dtype=x.dtype, device=x.device))
+    return gather_slots(x, keep_idx)
+
+
+def gather_slots(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """(B, 1+L, C) -> (B, 1+J, C): slot 0, then token idx[b, j] (a zero row where idx < 0); unchecked."""
+    gather_idx = (idx + 1).clamp_min(0)[..., None].expand(-1, -1, x.shape[2])
+    tokens = torch.where((idx >= 0)[..., None], x.gather(1, gather_idx), torch.zeros((), dtype=x.dtype, device=x.device))
     return torch.cat([x[:, :1], tokens], 1)
 
 
@@ -157,7 +162,7 @@ def scatter_keep(y: torch.Tensor, keep_idx: torch.Tensor, L: int) -> torch.Tenso
     """Adjoint of `gather_keep`: y (B, 1+Lk, C) -> (B, 1+L, C) with zeros at the tokens not kept."""
     check_gather_keep_args("scatter_keep", y, keep_idx, L)
     src = _slot_source(keep_idx, L, keep_idx >= 0)
-    idx = (src.clamp_min(0) + 1)[..., None].expand(-1, -1, y.shape[2])
+    idx = (src + 1)[..., None].expand(-1, -1, y.shape[2])  # -1 reads slot 0, always present
     tokens = torch.where((src >= 0)[..., None], y.gather(1, idx), torch.zeros((), dtype=y.dtype, device=y.device))
     return torch.cat([y[:, :1], tokens], 1)
 
@@ -180,7 +185,7 @@ def pad_with_cls(
     valid = keep_idx >= 0
     own = valid & ~masked.gather(1, keep_idx.clamp_min(0))
     src = _slot_source(keep_idx, L, own)
-    idx = (src.clamp_min(0) + 1)[..., None].expand(-1, -1, y.shape[2])
+    idx = (src + 1)[..., None].expand(-1, -1, y.shape[2])  # -1 reads slot 0, always present
     fill = y[:, :1] if pad is None else pad.reshape(1, 1, -1).expand(B, 1, -1)
     tokens = torch.where((src >= 0)[..., None], y.gather(1, idx), fill)
     z = torch.cat([y[:, :1], tokens], 1)
@@ -272,22 +277,17 @@ def log_pos(x: torch.Tensor) -> torch.Tensor:
     return m + y + ef * 0.693359375
 
 
-def hash_to_exponential(x: torch.Tensor) -> torch.Tensor:
-    """Exp(1) noise from 32-bit hashes: E = -log(u) with u = (top 23 bits + 1/2) / 2^23, exact in float32
-    and in [2^-24, 1 - 2^-24], so E is positive and finite."""
-    u = ((x >> 9).to(torch.float32) + 0.5) * 2.0**-23
-    return -log_pos(u)
-
-
 def hash_to_gumbel(x: torch.Tensor) -> torch.Tensor:
-    """Gumbel(0, 1) noise from 32-bit hashes: -log(E) of `hash_to_exponential`."""
-    return -log_pos(hash_to_exponential(x))
+    """Gumbel(0, 1) noise from 32-bit hashes: u = (top 23 bits + 1/2) / 2^23 is exact in float32 and lies in
+    [2^-24, 1 - 2^-24], so -log(-log(u)) is always finite."""
+    u = ((x >> 9).to(torch.float32) + 0.5) * 2.0**-23
+    return -log_pos(-log_pos(u))
 
 
-def remask_token_exponential(h: torch.Tensor, g: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Sampling noise of every (token, v): Exp(1), float32 [B, L, vocab_size]."""
+def remask_token_gumbel(h: torch.Tensor, g: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Sampling noise of every (token, v): float32 [B, L, vocab_size]."""
     v = _mul32(torch.arange(vocab_size, device=h.device, dtype=torch.int64), GOLDEN)
-    return hash_to_exponential(mix32(((h[..., None] + v) & MASK32) ^ g[..., None]))
+    return hash_to_gumbel(mix32(((h[..., None] + v) & MASK32) ^ g[..., None]))
 
 
 def remask_choice_gumbel(g: torch.Tensor) -> torch.Tensor:
@@ -331,9 +331,8 @@ def remask_sample(
 
     Per unknown token, s = logits[:vocab_size] * float32(1 / temperature) with NaN read as -inf,
     m = max s, d = s - m (0 where s == m, so rows whose max is +-inf stay defined: +inf entries share the
-    mass, an all -inf row is uniform), sampled = argmax(exp(d) / E) with E ~ Exp(1) per candidate (the
-    Gumbel-max trick in its exponential-race form: the same argmax as d - log E = d + Gumbel, one log
-    cheaper; ties to the lowest v), log p = d[sampled] - log(sum exp d). Known tokens keep their id; their log p is returned as +inf.
+    mass, an all -inf row is uniform), sampled = argmax(d + Gumbel) (Gumbel-max, ties to the lowest v),
+    log p = d[sampled] - log(sum exp d). Known tokens keep their id; their log p is returned as +inf.
     """
     B, L = ids.shape
     s = logits[..., :vocab_size].float() * torch.tensor(1.0 / temperature, dtype=torch.float32)
@@ -341,9 +340,8 @@ def remask_sample(
     m = s.amax(-1, keepdim=True)
     d = torch.where(s == m, 0.0, s - m)
     h, g = remask_token_keys(seed, B, L)
-    e = torch.exp(d)
-    sampled = (e / remask_token_exponential(h, g, vocab_size)).argmax(-1)
-    logp = d.gather(-1, sampled[..., None]).squeeze(-1) - torch.log(e.sum(-1))
+    sampled = (d + remask_token_gumbel(h, g, vocab_size)).argmax(-1)
+    logp = d.gather(-1, sampled[..., None]).squeeze(-1) - torch.log(torch.exp(d).sum(-1))
     unknown = ids == mask_id
     return torch.where(unknown, sampled, ids), torch.where(unknown, logp, float("inf"))
 

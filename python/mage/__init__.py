@@ -7,7 +7,16 @@
 
 import mage_kernels  # noqa: F401  (registers the ops the model calls)
 
-from .checkpoint import CheckpointError, LoadReport, infer_config, load, load_any, load_official, load_official_tokenizer, save
+from .checkpoint import (
+    CheckpointError,
+    LoadReport,
+    infer_config,
+    load,
+    load_any,
+    load_official,
+    load_official_tokenizer,
+    save,
+)
 from .inpaint import inpaint, token_mask_from_pixels
 from .model import (
     MAGE,
@@ -18,7 +27,7 @@ from .model import (
     mage_vit_small,
     mage_vit_tiny,
 )
-from .sampler import decode_tokens, generate, mask_schedule
+from .sampler import decode_tokens, generate, mask_schedule, sample_step
 from .tokenizer import TokenizerConfig, VQGANTokenizer
 
 __version__ = "0.1.0"
@@ -44,6 +53,7 @@ __all__ = [
     "mage_vit_small",
     "mage_vit_tiny",
     "mask_schedule",
+    "sample_step",
     "save",
     "token_mask_from_pixels",
 ]

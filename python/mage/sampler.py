@@ -31,8 +31,8 @@ def mask_schedule(num_tokens: int, steps: int) -> list[int]:
     inspection): 256 tokens in 20 steps -> 255, 252, 248, ..., 40, 20, 0 (section 5)."""
     out, unknown = [], num_tokens
     for t in range(steps):
-        n = 0 if t == steps - 1 else min(max(math.floor(num_tokens * mage_kernels.cosine_mask_ratio(t, steps)), 1), unknown - 1)
-        out.append(max(n, 0))
+        want = math.floor(num_tokens * mage_kernels.cosine_mask_ratio(t, steps))
+        out.append(0 if t == steps - 1 else max(min(max(want, 1), unknown - 1), 0))
         unknown = out[-1]
     return out
 
@@ -53,6 +53,43 @@ def _check_model(model: MAGE) -> None:
         raise TypeError(f"expected a mage.MAGE model, got {type(model).__name__}")
 
 
+def sample_step(
+    model: MAGE,
+    ids: torch.Tensor,
+    num_initial: torch.Tensor,
+    step: int,
+    steps: int,
+    *,
+    choice_temperature: float = 6.0,
+    generator: torch.Generator | None = None,
+    fused_head: bool = True,
+    reference_ties: bool = False,
+    seed: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoding step (section 5, 2.1-2.10) on ids [B, L]: returns (sampled, new_ids), both [B, L].
+
+    Static shapes and no host sync, so it compiles with fullgraph=True and can be captured in a CUDA
+    graph. The step's randomness comes from `seed` ((2,) int64, see `mage_kernels.draw_seed`) when given,
+    else from `generator`; Dynamo cannot trace a torch.Generator, so compiled callers pass a seed.
+    """
+    c = model.config
+    K, mask_id = c.codebook_size, c.mask_id
+    num_masked = remask_counts(ids, num_initial, step, steps, mask_id)
+    tau = mage_kernels.annealed_choice_temperature(step, steps, choice_temperature)
+    kw = dict(mask_id=mask_id, choice_temperature=tau, generator=generator, reference_ties=reference_ties, seed=seed)
+    if fused_head:
+        hidden = model.head_hidden(ids, mask=ids == mask_id)[:, 1:]  # (B, L, D), fp32 under autocast (LN)
+        weight, bias = model.head_weight()
+        # The product with the table runs in the autocast dtype, as F.linear would under autocast.
+        device = ids.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        return mage_kernels.remask_step_from_hidden(
+            hidden.to(dtype), weight[:K].to(dtype), bias[:K].to(dtype), ids, num_masked, **kw
+        )
+    logits = model(ids, mask=ids == mask_id)[:, 1:, :K]  # (B, L, K), a strided view
+    return mage_kernels.remask_step(logits, ids, num_masked, **kw)
+
+
 def decode_tokens(
     model: MAGE,
     ids: torch.Tensor,
@@ -70,36 +107,25 @@ def decode_tokens(
     (still-masked tokens hold config.mask_id). Call under no_grad / autocast as wanted; no host sync.
     """
     _check_model(model)
-    c = model.config
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if choice_temperature < 0:
         raise ValueError(f"choice_temperature must be >= 0, got {choice_temperature}")
-    K, mask_id = c.codebook_size, c.mask_id
-    num_initial = (ids == mask_id).sum(1)
+    num_initial = (ids == model.config.mask_id).sum(1)
     sampled = ids
     for t in range(steps):
-        num_masked = remask_counts(ids, num_initial, t, steps, mask_id)
-        tau = mage_kernels.annealed_choice_temperature(t, steps, choice_temperature)
-        kw = dict(mask_id=mask_id, choice_temperature=tau, generator=generator, reference_ties=reference_ties)
-        if fused_head:
-            hidden = model.head_hidden(ids, mask=ids == mask_id)[:, 1:]  # (B, L, D)
-            weight, bias = model.head_weight()
-            sampled, ids = mage_kernels.remask_step_from_hidden(
-                hidden, weight[:K].to(hidden.dtype), bias[:K].to(hidden.dtype), ids, num_masked, **kw
-            )
-        else:
-            logits = model(ids, mask=ids == mask_id)[:, 1:, :K]  # (B, L, K), a strided view
-            sampled, ids = mage_kernels.remask_step(logits, ids, num_masked, **kw)
+        sampled, ids = sample_step(model, ids, num_initial, t, steps, choice_temperature=choice_temperature,
+                                   generator=generator, fused_head=fused_head, reference_ties=reference_ties)
         if on_step is not None:
             on_step(t, ids)
     return sampled
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None):
+def _autocast(device: torch.device, dtype: torch.dtype | None, cache_enabled: bool = True):
     if dtype is None or dtype == torch.float32:
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
+    # Autocast's weight-cast cache must be off inside a CUDA graph capture (PyTorch's CUDA graphs notes).
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=cache_enabled)
 
 
 class _GraphedBatch:
@@ -164,7 +190,7 @@ def generate(
 
     def one_batch() -> torch.Tensor:
         ids = torch.full((batch_size, c.num_tokens), c.mask_id, dtype=torch.long, device=device)
-        with _autocast(device, dtype):
+        with _autocast(device, dtype, cache_enabled=not cuda_graph):
             tokens = decode_tokens(model, ids, steps=steps, choice_temperature=choice_temperature,
                                    generator=generator, fused_head=fused_head, reference_ties=reference_ties)
             return model.vqgan.decode(tokens).float()
