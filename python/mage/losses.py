@@ -85,7 +85,9 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tens
     return F.cross_entropy(logits, positive)
 
 
-def patch_pixel_loss(pred: torch.Tensor, target: torch.Tensor, positions: torch.Tensor, norm_pix: bool = True) -> torch.Tensor:
+def patch_pixel_loss(
+    pred: torch.Tensor, target: torch.Tensor, positions: torch.Tensor, norm_pix: bool = True
+) -> torch.Tensor:
     """MAE loss: MSE on masked patches only; with `norm_pix`, each target patch is normalised by its
     own mean and std (MAE's better-representation variant). pred, target: [B, L, P]; positions [B, M]."""
     if norm_pix:

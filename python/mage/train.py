@@ -259,8 +259,10 @@ def make_dataset(cfg: TrainConfig, split: str = "train") -> torch.utils.data.Dat
         blob = load_checkpoint(cfg.token_cache)
         return data_lib.TokenCacheDataset(blob["ids"], blob["labels"], seed=cfg.seed,
                                           views=2 if cfg.objective == "mage-c" else 1)
-    transform = T.contrastive_transform(cfg.image_size) if cfg.objective == "mage-c" else T.pretrain_transform(cfg.image_size)
-    views = T.TwoViews(transform) if cfg.objective == "mage-c" else transform
+    if cfg.objective == "mage-c":
+        views = T.TwoViews(T.contrastive_transform(cfg.image_size))
+    else:
+        views = T.pretrain_transform(cfg.image_size)
     source = load_images(cfg.data, split)
     channels = (cfg.mae if cfg.objective == "mae" else cfg.tokenizer).get("in_channels", 3)
     if isinstance(source, data_lib.ImageFolder):
@@ -290,7 +292,8 @@ class Batches:
             raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes {d.world}")
         self.dataset, self.cfg, self.d = dataset, cfg, d
         self.local = cfg.batch_size // d.world
-        self.sampler = data_lib.EpochSampler(len(dataset), seed=cfg.seed, rank=d.rank, world_size=d.world, drop_last=True)
+        self.sampler = data_lib.EpochSampler(len(dataset), seed=cfg.seed, rank=d.rank, world_size=d.world,
+                                             drop_last=True)
         self.steps_per_epoch = self.sampler.num_per_rank() // self.local
         if self.steps_per_epoch < 1:
             raise ValueError(f"the data set ({len(dataset)} items) is smaller than one global batch ({cfg.batch_size})")
@@ -337,18 +340,38 @@ def _to_ids(cfg: TrainConfig, model: nn.Module, batch: torch.Tensor, device) -> 
 
 
 @torch.no_grad()
-def restart_dead_codes(tok: VQGANTokenizer, images: torch.Tensor, usage: torch.Tensor, generator: torch.Generator) -> int:
-    """Replace codes unused since the last restart by random encoder outputs of this batch."""
+def restart_dead_codes(
+    tok: VQGANTokenizer, images: torch.Tensor, usage: torch.Tensor, generator: torch.Generator
+) -> int:
+    """Replace codes unused since the last restart by random encoder outputs of this step's global batch.
+
+    Under DDP every rank gathers the encoder outputs in global-row order (rank r holds rows r, r + world,
+    ...) and draws the same picks, so the codebook is the one a single process would get."""
     dead = (usage == 0).nonzero().flatten()
     if dead.numel() == 0:
         return 0
     z = tok.encoder(images).float()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        parts = [torch.empty_like(z) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, z.contiguous())
+        z = torch.stack(parts, 1).flatten(0, 1)  # (local, world, ...) -> global rows j * world + r
     rows = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
     pick = torch.randint(rows.shape[0], (dead.numel(),), generator=generator).to(rows.device)
     tok.codebook[dead] = rows[pick].to(tok.codebook.dtype)
-    if dist.is_initialized():
-        dist.broadcast(tok.codebook.data, 0)
     return int(dead.numel())
+
+
+def _resume(path: Path, module: nn.Module, optimizer, scaler) -> dict:
+    """Load the training state, turning a damaged file into an error that says how to continue."""
+    from .checkpoint_io import CheckpointError, previous_path
+
+    try:
+        return load_training_state(path, module, optimizer, scaler)
+    except CheckpointError as err:
+        prev = previous_path(path)
+        hint = (f"; the checkpoint before it is intact at {prev}: move it to {path} to resume from there"
+                if prev.is_file() else "")
+        raise CheckpointError(f"cannot resume: {err}{hint}") from None
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -367,12 +390,15 @@ def train(cfg: TrainConfig) -> dict:
     optimizer = build_adamw(module, lr, cfg.weight_decay, cfg.betas)
     scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.amp == "fp16")
     ckpt_path = out / "checkpoint.pt"
+    # Codebook usage since the last dead-code restart (tokenizer): part of the state a resume needs.
+    usage = torch.zeros(model.config.n_embed if cfg.objective == "tokenizer" else 1, dtype=torch.long, device=d.device)
     start = 0
     if cfg.resume and ckpt_path.exists():
-        start = int(load_training_state(ckpt_path, module, optimizer, scaler)["step"])
+        state = _resume(ckpt_path, module, optimizer, scaler)
+        start = int(state["step"])
+        usage.copy_(state["extra"].get("codebook_usage", usage))
     trained = nn.parallel.DistributedDataParallel(module) if d.world > 1 else module
     batches = Batches(make_dataset(cfg), cfg, d)
-    usage = torch.zeros(model.config.n_embed if cfg.objective == "tokenizer" else 1, dtype=torch.long, device=d.device)
     log_path = out / "metrics.jsonl"
     logger = JsonlLogger(log_path, resume_step=start if start else None) if d.main else None
     bar = None
@@ -385,62 +411,67 @@ def train(cfg: TrainConfig) -> dict:
     module.train()
     if cfg.objective in ("mage", "mage-c"):
         model.vqgan.eval()
-    for step, x, rows in (batches.from_step(start) if start < cfg.steps else ()):
-        set_lr(optimizer, cosine_lr(step, cfg.steps, cfg.warmup_steps, lr, cfg.min_lr))
-        batch = _to_ids(cfg, model, x, d.device)
-        plan = plan_masks(cfg, step, getattr(model.config, "num_tokens", 0), rows, d.device)
-        with _autocast(cfg, d.device):
-            loss, logs = trained(batch, plan)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if cfg.clip_grad:
-            scaler.unscale_(optimizer)
-            logs["grad_norm"] = nn.utils.clip_grad_norm_(module.parameters(), cfg.clip_grad)
-        scaler.step(optimizer)
-        scaler.update()
-        seen += x.shape[0] * d.world
-        if cfg.objective == "tokenizer":
-            counts = logs.pop("counts")
-            if d.world > 1:
-                dist.all_reduce(counts)
-            usage += counts
-            if cfg.codebook_restart_every and (step + 1) % cfg.codebook_restart_every == 0:
-                logs["restarted"] = restart_dead_codes(model, batch, usage, step_generator(cfg.seed, step, 2))
-                usage.zero_()
-        done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            values = {k: float(v) for k, v in logs.items()}
-            values["loss"] = float(loss.detach())
-            if d.world > 1:
-                packed = torch.tensor(list(values.values()), dtype=torch.float64, device=d.device)
-                dist.all_reduce(packed)
-                values = dict(zip(values, (packed / d.world).tolist()))
-            elapsed = time.perf_counter() - t0
-            last = {"step": done, **values, "lr": optimizer.param_groups[0]["lr"],
-                    "images_per_s": seen / max(elapsed, 1e-9), "time": time.time()}
-            t0, seen = time.perf_counter(), 0
-            if logger is not None:
-                logger.log(last)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", ips=f"{last['images_per_s']:.0f}")
+    try:
+        for step, x, rows in (batches.from_step(start) if start < cfg.steps else ()):
+            set_lr(optimizer, cosine_lr(step, cfg.steps, cfg.warmup_steps, lr, cfg.min_lr))
+            batch = _to_ids(cfg, model, x, d.device)
+            plan = plan_masks(cfg, step, getattr(model.config, "num_tokens", 0), rows, d.device)
+            with _autocast(cfg, d.device):
+                loss, logs = trained(batch, plan)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.clip_grad:
+                scaler.unscale_(optimizer)
+                logs["grad_norm"] = nn.utils.clip_grad_norm_(module.parameters(), cfg.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            seen += x.shape[0] * d.world
+            if cfg.objective == "tokenizer":
+                counts = logs.pop("counts")
+                if d.world > 1:
+                    dist.all_reduce(counts)
+                usage += counts
+                if cfg.codebook_restart_every and (step + 1) % cfg.codebook_restart_every == 0:
+                    logs["restarted"] = restart_dead_codes(model, batch, usage, step_generator(cfg.seed, step, 2))
+                    usage.zero_()
+            done = step + 1
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                values = {k: float(v) for k, v in logs.items()}
+                values["loss"] = float(loss.detach())
+                if d.world > 1:
+                    packed = torch.tensor(list(values.values()), dtype=torch.float64, device=d.device)
+                    dist.all_reduce(packed)
+                    values = dict(zip(values, (packed / d.world).tolist()))
+                elapsed = time.perf_counter() - t0
+                last = {"step": done, **values, "lr": optimizer.param_groups[0]["lr"],
+                        "images_per_s": seen / max(elapsed, 1e-9), "time": time.time()}
+                t0, seen = time.perf_counter(), 0
+                if logger is not None:
+                    logger.log(last)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}",
+                                        ips=f"{last['images_per_s']:.0f}")
+            if bar is not None:
+                bar.update(1)
+            if cfg.sample_every and done % cfg.sample_every == 0 and d.main:
+                save_samples(cfg, model, out / "samples" / f"step{done:07d}.png", batch)
+                module.train()
+                if cfg.objective in ("mage", "mage-c"):
+                    model.vqgan.eval()
+            if done % cfg.ckpt_every == 0 or done == cfg.steps:
+                if d.main:
+                    extra = {"config": cfg.to_dict(), "codebook_usage": usage.cpu()}
+                    save_training_state(ckpt_path, module, optimizer, scaler, done, extra)
+                if d.world > 1:
+                    dist.barrier()
+            if done >= cfg.steps:
+                break
+    finally:  # an interrupted run keeps a complete log up to its last record
         if bar is not None:
-            bar.update(1)
-        if cfg.sample_every and done % cfg.sample_every == 0 and d.main:
-            save_samples(cfg, model, out / "samples" / f"step{done:07d}.png", batch)
-            module.train()
-            if cfg.objective in ("mage", "mage-c"):
-                model.vqgan.eval()
-        if done % cfg.ckpt_every == 0 or done == cfg.steps:
-            if d.main:
-                save_training_state(ckpt_path, module, optimizer, scaler, done, {"config": cfg.to_dict()})
-            if d.world > 1:
-                dist.barrier()
-        if done >= cfg.steps:
-            break
-    if bar is not None:
-        bar.close()
+            bar.close()
+        if logger is not None:
+            logger.close()
     if d.main:
-        logger.close()
         save_final(cfg, model, out)
         plot_curves(read_jsonl(log_path), out / "curves.png")
     return last
