@@ -292,3 +292,49 @@ def test_info_nce_matches_nt_xent_written_out():
         pos = z[i] @ z[partner] / tau
         terms.append(torch.logsumexp(sims, 0) - pos)
     torch.testing.assert_close(info_nce(a, b, tau), torch.stack(terms).mean())
+
+
+# ------------------------------------------------------------------------------------ command line
+
+
+def _cli_flags(out_dir, steps: int) -> list[str]:
+    return ["train", "--objective", "mage", "--data", "digits", "--image-size", "8", "--tokenizer",
+            json.dumps(TOKENIZER), "--model-overrides", json.dumps(MODEL), "--steps", str(steps), "--batch-size",
+            "16", "--lr", "1e-3", "--warmup-steps", "1", "--log-every", "1", "--ckpt-every", "2", "--no-progress",
+            "--out-dir", str(out_dir)]
+
+
+def test_cli_train_flags_reach_the_config(tmp_path, capsys):
+    from mage.cli import main
+
+    assert main(_cli_flags(tmp_path, 2) + ["--betas", "0.9", "0.99", "--amp", "bf16"]) == 0
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["tokenizer"] == {**TOKENIZER, "ch_mult": [1, 2]} and cfg["model_overrides"] == MODEL
+    assert cfg["betas"] == [0.9, 0.99] and cfg["amp"] == "bf16" and cfg["progress"] is False
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 2
+    # A run's config.json replays it; flags override it; --resume continues.
+    assert main(["train", "--config", str(tmp_path / "config.json"), "--steps", "4", "--resume"]) == 0
+    assert list(logged(tmp_path)) == [1, 2, 3, 4]
+    with pytest.raises(SystemExit):
+        main(["train", "--objective", "bert"])
+
+
+def test_cli_train_under_torchrun(tmp_path):
+    import subprocess
+    import sys
+
+    import mage
+
+    # The launched processes import mage and mage_kernels from where this process found them.
+    roots = [os.path.dirname(os.path.dirname(m.__file__)) for m in (mage, mage_kernels)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(roots + [os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "mage.cli"] + _cli_flags(tmp_path / "two", 2)
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
+    from mage.cli import main
+
+    assert main(_cli_flags(tmp_path / "one", 2)) == 0
+    one, two = logged(tmp_path / "one"), logged(tmp_path / "two")
+    assert list(two) == [1, 2]
+    torch.testing.assert_close(torch.tensor(list(two.values())), torch.tensor(list(one.values())))

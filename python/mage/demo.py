@@ -173,3 +173,18 @@ def run_demo(cfg: DemoConfig) -> dict:
     report["threads"] = torch.get_num_threads()
     (out / "report.json").write_text(json.dumps(report, indent=1))
     return report
+
+
+def summary(report: dict) -> str:
+    """The report's headline figures as a few lines of text (what `mage demo` prints)."""
+    t, gen, probe = report["times_s"], report["generation"], report["linear_probe_top1"]
+    lines = [
+        f"tokenizer: test PSNR {report['tokenizer']['test_psnr_db']:.1f} dB, "
+        f"{report['tokenizer']['used_fraction'] * 100:.0f}% of the codebook used",
+        "linear probe top-1: " + ", ".join(f"{k} {v * 100:.1f}%" for k, v in probe.items()),
+        "Frechet distance to the test set (lower is better): "
+        + ", ".join(f"{k} {v['frechet_distance']:.2f}" for k, v in gen.items()),
+        f"time: {t['total_s'] / 60:.1f} min (tokenizer {t['tokenizer_train_s']:.0f} s, MAGE {t['mage_train_s']:.0f} s)",
+        f"report: {Path(report['config']['out_dir']) / 'report.json'}",
+    ]
+    return "\n".join(lines)
