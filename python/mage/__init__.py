@@ -6,8 +6,8 @@
 
 Training and evaluation (sections 4.4-4.10, 6, 7):
 
-    mage.train(mage.TrainConfig(objective="tokenizer", ...))   # also "mage", "mage-c", "mae"
-    mage.run_demo(mage.DemoConfig.quick("report"))             # the `mage demo` pipeline
+    mage.train.train(mage.TrainConfig(objective="tokenizer", ...))   # also "mage", "mage-c", "mae"
+    mage.run_demo(mage.DemoConfig.quick("report"))                   # the `mage demo` pipeline
     mage.linear_probe(train_features, train_labels, test_features, test_labels)
 """
 
@@ -41,7 +41,8 @@ from .sampler import decode_tokens, generate, mask_schedule, sample_step
 from .probe import ProbeConfig, ProbeResult, extract_features, linear_probe
 from .tokenizer import TokenizerConfig, VQGANTokenizer
 from .tokenizer_io import load_tokenizer, save_tokenizer
-from .train import TrainConfig, build_token_cache, train
+# `train` stays the module (mage.train.train runs a config), so mage.train.<name> keeps resolving.
+from .train import TrainConfig, build_token_cache
 
 __version__ = "0.1.0"
 
@@ -92,5 +93,4 @@ __all__ = [
     "save_tokenizer",
     "ssim",
     "token_mask_from_pixels",
-    "train",
 ]
