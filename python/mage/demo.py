@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from . import data as data_lib
 from .report import save_image_grid
-from .fmnist_classifier import classifier_outputs, load_or_train_classifier
+from .fmnist_classifier import ClassifierConfig, classifier_outputs, load_or_train_classifier
 from .inpaint import inpaint
 from .metrics import classifier_score, codebook_usage, frechet_distance_from_features, psnr
 from .model import CONSTRUCTORS
@@ -30,28 +30,35 @@ from .train import TrainConfig, build_token_cache, train
 
 TOKENIZER = dict(resolution=28, in_channels=1, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, embed_dim=32,
                  n_embed=256, norm_groups=8)
-MODEL = dict(embed_dim=192, depth=6, num_heads=3, decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4,
+MODEL = dict(embed_dim=128, depth=6, num_heads=4, decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4,
              dropout=0.0)
 
 
 @dataclasses.dataclass
 class DemoConfig:
+    """Sizes of the demo. The defaults take about 15 minutes on 2 CPU cores (docs/TRAINING.md), `quick()`
+    about 2; most of the time is MAGE pre-training (steps x batch) and the tokenizer (steps)."""
+
     out_dir: str = "report"
-    tokenizer_steps: int = 1200
-    mage_steps: int = 2500
-    batch_size: int = 128
-    train_images: int = 60000  # images used for MAGE pre-training (token cache)
+    tokenizer_steps: int = 1000
+    tokenizer_batch_size: int = 64
+    mage_steps: int = 1500
+    batch_size: int = 64  # MAGE
+    train_images: int = 30000  # images whose tokens (2 augmented crops each) MAGE pre-trains on
     probe_train: int = 10000
     probe_test: int = 2000
     probe_epochs: int = 30
     num_samples: int = 1000  # for the Frechet distance (a grid of 64 is saved)
     sample_steps: int = 12
+    classifier_train_images: int | None = None  # the Frechet-distance classifier's training set (None: 60000)
+    classifier_epochs: int = 2
     seed: int = 0
 
     @classmethod
     def quick(cls, out_dir: str = "report") -> "DemoConfig":
-        return cls(out_dir=out_dir, tokenizer_steps=150, mage_steps=250, batch_size=64, train_images=4000,
-                   probe_train=2000, probe_test=500, probe_epochs=15, num_samples=200, sample_steps=8)
+        return cls(out_dir=out_dir, tokenizer_steps=100, mage_steps=250, batch_size=32, train_images=4000,
+                   probe_train=2000, probe_test=500, probe_epochs=15, num_samples=200, sample_steps=8,
+                   classifier_train_images=20000, classifier_epochs=1)
 
 
 def _save_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> None:
@@ -73,7 +80,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     # 1. Tokenizer.
     t = time.perf_counter()
     tok_cfg = TrainConfig(objective="tokenizer", data="fashion-mnist", image_size=28, tokenizer=TOKENIZER,
-                          steps=cfg.tokenizer_steps, batch_size=cfg.batch_size, lr=2e-3, warmup_steps=50,
+                          steps=cfg.tokenizer_steps, batch_size=cfg.tokenizer_batch_size, lr=2e-3,
+                          warmup_steps=min(50, cfg.tokenizer_steps // 10),
                           weight_decay=0.0, out_dir=str(out / "tokenizer"), log_every=10, ckpt_every=10**9,
                           codebook_restart_every=50, seed=cfg.seed)
     train(tok_cfg)
@@ -131,7 +139,8 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     # 5a. Frechet distance and classifier score in our classifier's feature space.
     t = time.perf_counter()
-    clf = load_or_train_classifier()
+    clf = load_or_train_classifier(ClassifierConfig(epochs=cfg.classifier_epochs,
+                                                    train_size=cfg.classifier_train_images))
     ref = test_x[: max(cfg.num_samples, 1000)]
     f_test, _ = classifier_outputs(clf, ref)
     shuffled = test_ids[: cfg.num_samples].clone()
