@@ -18,6 +18,8 @@ from mage.losses import info_nce, masked_positions, masked_token_loss, patch_pix
 from mage.model import mage_vit_tiny
 from mage.train import TrainConfig, TrainModule, plan_masks, train
 
+pytestmark = pytest.mark.filterwarnings("ignore:objective .* without tokenizer_checkpoint")
+
 # 8x8 digits -> 4x4 tokens; a few thousand parameters each, so a step takes milliseconds.
 TOKENIZER = dict(in_channels=1, ch=8, ch_mult=(1, 2), num_res_blocks=1, embed_dim=8, n_embed=32, norm_groups=4)
 MODEL = dict(embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2,
@@ -63,6 +65,22 @@ def test_objective_decreases_its_loss(tmp_path, objective):
              "mae": "mae.pt"}[objective]
     for name in (final, "checkpoint.pt", "curves.png", "config.json"):
         assert (tmp_path / name).is_file(), name
+
+
+def test_mage_takes_channels_and_size_from_the_tokenizer_checkpoint(tmp_path):
+    from mage.checkpoint import load
+    from mage.tokenizer_io import load_tokenizer
+
+    train(tiny(tmp_path / "tok", "tokenizer", steps=2))
+    path = tmp_path / "tok" / "tokenizer.safetensors"
+    # No tokenizer fields and the default image_size (32): the 1-channel 8x8 tokenizer decides.
+    train(TrainConfig(objective="mage-c", data="digits", tokenizer_checkpoint=str(path), model_overrides=MODEL,
+                      steps=2, batch_size=8, out_dir=str(tmp_path / "mage"), progress=False))
+    model = load(tmp_path / "mage" / "model.safetensors")
+    tok = load_tokenizer(path)
+    assert model.config.tokenizer.resolution == 8 and model.config.tokenizer.in_channels == 1
+    for k, v in tok.state_dict().items():
+        assert torch.equal(model.vqgan.state_dict()[k], v), k
 
 
 # ------------------------------------------------------------------------------------ resume
@@ -338,3 +356,21 @@ def test_cli_train_under_torchrun(tmp_path):
     one, two = logged(tmp_path / "one"), logged(tmp_path / "two")
     assert list(two) == [1, 2]
     torch.testing.assert_close(torch.tensor(list(two.values())), torch.tensor(list(one.values())))
+
+
+# ------------------------------------------------------------------------------------ demo
+
+
+@pytest.mark.slow
+def test_demo_quick_writes_its_report(tmp_path):
+    from mage.demo import DemoConfig, run_demo, summary
+
+    report = run_demo(DemoConfig.quick(str(tmp_path)))
+    for name in ("samples.png", "inpainting.png", "tokenizer_reconstructions.png", "shuffled_token_baseline.png",
+                 "report.json", "mage/curves.png", "tokenizer/curves.png"):
+        assert (tmp_path / name).is_file(), name
+    assert json.loads((tmp_path / "report.json").read_text())["linear_probe_top1"] == report["linear_probe_top1"]
+    assert all(0.1 < v <= 1 for v in report["linear_probe_top1"].values())  # all beat chance (10 classes)
+    gen = report["generation"]
+    assert gen["tokenizer_reconstructions"]["frechet_distance"] < gen["shuffled_tokens"]["frechet_distance"]
+    assert "linear probe" in summary(report)

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -44,7 +45,7 @@ class TrainConfig:
     objective: str = "mage"  # tokenizer | mage | mage-c | mae
     out_dir: str = "runs/mage"
     data: str = "fashion-mnist"  # fashion-mnist | digits | a folder root/<class>/*.png
-    image_size: int = 32
+    image_size: int = 32  # MAGE with a tokenizer_checkpoint: the checkpoint's resolution instead
     # Model: a MAGE constructor name (mage/mage-c) with overrides; MAE sizes come from `mae`.
     model: str = "mage_vit_tiny"
     model_overrides: dict = dataclasses.field(default_factory=dict)
@@ -142,6 +143,8 @@ def build_model(cfg: TrainConfig) -> nn.Module:
     if cfg.tokenizer_checkpoint:
         tokenizer = load_tokenizer(cfg.tokenizer_checkpoint)
     else:
+        warnings.warn(f"objective {cfg.objective!r} without tokenizer_checkpoint: the model's tokenizer is randomly "
+                      "initialised (train one with objective='tokenizer' first)", UserWarning, stacklevel=3)
         tokenizer = VQGANTokenizer(make_tokenizer_config(cfg))
     model = CONSTRUCTORS[cfg.model](tokenizer=tokenizer.config, **cfg.model_overrides)
     model.vqgan.load_state_dict(tokenizer.state_dict())
@@ -254,17 +257,22 @@ def load_images(name: str, split: str) -> tuple[torch.Tensor, torch.Tensor] | da
     return data_lib.ImageFolder(Path(name) / split if (Path(name) / split).is_dir() else name)
 
 
-def make_dataset(cfg: TrainConfig, split: str = "train") -> torch.utils.data.Dataset:
+def input_shape(model: nn.Module) -> tuple[int, int]:
+    """(channels, size) of the images a model takes: a loaded tokenizer checkpoint decides for MAGE."""
+    c = model.config.tokenizer if isinstance(model, MAGE) else model.config
+    return c.in_channels, (c.image_size if isinstance(model, MAE) else c.resolution)
+
+
+def make_dataset(cfg: TrainConfig, channels: int, size: int, split: str = "train") -> torch.utils.data.Dataset:
     if cfg.token_cache:
         blob = load_checkpoint(cfg.token_cache)
         return data_lib.TokenCacheDataset(blob["ids"], blob["labels"], seed=cfg.seed,
                                           views=2 if cfg.objective == "mage-c" else 1)
     if cfg.objective == "mage-c":
-        views = T.TwoViews(T.contrastive_transform(cfg.image_size))
+        views = T.TwoViews(T.contrastive_transform(size))
     else:
-        views = T.pretrain_transform(cfg.image_size)
+        views = T.pretrain_transform(size)
     source = load_images(cfg.data, split)
-    channels = (cfg.mae if cfg.objective == "mae" else cfg.tokenizer).get("in_channels", 3)
     if isinstance(source, data_lib.ImageFolder):
         if channels != 3:
             raise ValueError(f"image folders are read as RGB; the model expects {channels} channel(s)")
@@ -398,7 +406,7 @@ def train(cfg: TrainConfig) -> dict:
         start = int(state["step"])
         usage.copy_(state["extra"].get("codebook_usage", usage))
     trained = nn.parallel.DistributedDataParallel(module) if d.world > 1 else module
-    batches = Batches(make_dataset(cfg), cfg, d)
+    batches = Batches(make_dataset(cfg, *input_shape(model)), cfg, d)
     log_path = out / "metrics.jsonl"
     logger = JsonlLogger(log_path, resume_step=start if start else None) if d.main else None
     bar = None
