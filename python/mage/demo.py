@@ -45,6 +45,7 @@ class DemoConfig:
     mage_steps: int = 1500
     batch_size: int = 64  # MAGE
     train_images: int = 30000  # images whose tokens (2 augmented crops each) MAGE pre-trains on
+    test_images: int = 10000  # tokenizer PSNR; reference set of the Frechet distance; probe test images
     probe_train: int = 10000
     probe_test: int = 2000
     probe_epochs: int = 30
@@ -56,9 +57,9 @@ class DemoConfig:
 
     @classmethod
     def quick(cls, out_dir: str = "report") -> "DemoConfig":
-        return cls(out_dir=out_dir, tokenizer_steps=100, mage_steps=250, batch_size=32, train_images=4000,
-                   probe_train=2000, probe_test=500, probe_epochs=15, num_samples=200, sample_steps=8,
-                   classifier_train_images=20000, classifier_epochs=1)
+        return cls(out_dir=out_dir, tokenizer_steps=80, mage_steps=150, batch_size=32, train_images=3000,
+                   test_images=2000, probe_train=2000, probe_test=500, probe_epochs=10, num_samples=200,
+                   sample_steps=8, classifier_train_images=20000, classifier_epochs=1)
 
 
 def _save_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> None:
@@ -89,7 +90,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     times["tokenizer_train_s"] = time.perf_counter() - t
 
     test_x, test_y = data_lib.load_fashion_mnist("test")
-    test_x = test_x.float() / 255
+    test_x, test_y = test_x[: cfg.test_images].float() / 255, test_y[: cfg.test_images]
     train_x, train_y = data_lib.load_fashion_mnist("train")
     train_x = train_x.float() / 255
     with torch.no_grad():
