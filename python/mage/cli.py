@@ -250,12 +250,16 @@ def add_demo(subparsers) -> None:
     p.add_argument("--quick", action="store_true", help="the CI-sized run (about 2 minutes on 2 CPU cores)")
     p.add_argument("--out", default="report", help="report folder (default ./report)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: one per core); 1 is faster on a machine busy with other work")
     p.set_defaults(func=run_demo)
 
 
 def run_demo(args) -> int:
     from .demo import DemoConfig, run_demo as demo, summary
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cfg = DemoConfig.quick(args.out) if args.quick else DemoConfig(out_dir=args.out)
     cfg.seed = args.seed
     print(summary(demo(cfg)))
