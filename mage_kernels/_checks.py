@@ -47,7 +47,8 @@ def _shape(t: torch.Tensor) -> tuple:
 def _values_checkable(t: torch.Tensor) -> bool:
     """Value checks (ranges, order) read the data: free on CPU, a host sync on GPU, impossible on fake
     tensors. So they run on real CPU tensors only; GPU kernels document what they assume instead."""
-    return t.device.type == "cpu" and not isinstance(t, torch._subclasses.FakeTensor) and not torch.compiler.is_compiling()
+    fake = isinstance(t, torch._subclasses.FakeTensor)
+    return t.device.type == "cpu" and not fake and not torch.compiler.is_compiling()
 
 
 def check_counts(op: str, name: str, counts: torch.Tensor, B: int, L: int, device: torch.device) -> None:

@@ -32,23 +32,10 @@ define(
 define("gather_keep(Tensor x, Tensor keep_idx) -> Tensor")
 define("scatter_keep(Tensor y, Tensor keep_idx, SymInt L) -> Tensor")
 define("pad_with_cls(Tensor y, Tensor keep_idx, Tensor masked, Tensor? pos_embed=None, Tensor? pad=None) -> Tensor")
-define("pad_with_cls_backward(Tensor grad_z, Tensor keep_idx, Tensor masked, bool mae) -> (Tensor grad_y, Tensor pad_sum)")
-
-
-def _pad_with_cls_backward_reference(grad_z, keep_idx, masked, mae):
-    """grad_y (B, 1+Lk, C) in grad_z's dtype and pad_sum: the per-row sum of the padded tokens' gradients
-    (B, C) in fp32 (fp64 for fp64) when `mae`, else (0, C) and that sum goes into grad_y[:, 0]."""
-    B, L = masked.shape
-    acc = torch.float64 if grad_z.dtype == torch.float64 else torch.float32
-    own = (keep_idx >= 0) & ~masked.gather(1, keep_idx.clamp_min(0))
-    src = reference._slot_source(keep_idx, L, own)
-    padded = (src < 0)[..., None]
-    pad_sum = torch.where(padded, grad_z[:, 1:].to(acc), 0).sum(1)
-    rows = reference.gather_slots(grad_z, torch.where(own, keep_idx, -1))
-    if mae:
-        return rows, pad_sum
-    rows[:, 0] = (grad_z[:, 0].to(acc) + pad_sum).to(grad_z.dtype)
-    return rows, pad_sum.new_empty((0, grad_z.shape[2]))
+define(
+    "pad_with_cls_backward(Tensor grad_z, Tensor keep_idx, Tensor masked, bool mae)"
+    " -> (Tensor grad_y, Tensor pad_sum)"
+)
 
 
 register_kernels("mask_plan", reference=reference.mask_plan, triton="mage_kernels.triton.masking:mask_plan")
@@ -57,7 +44,7 @@ register_kernels("scatter_keep", reference=reference.scatter_keep, triton="mage_
 register_kernels("pad_with_cls", reference=reference.pad_with_cls, triton="mage_kernels.triton.masking:pad_with_cls")
 register_kernels(
     "pad_with_cls_backward",
-    reference=_pad_with_cls_backward_reference,
+    reference=reference.pad_with_cls_backward,
     triton="mage_kernels.triton.masking:pad_with_cls_backward",
 )
 

@@ -143,7 +143,8 @@ def gather_keep(x: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
 def gather_slots(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """(B, 1+L, C) -> (B, 1+J, C): slot 0, then token idx[b, j] (a zero row where idx < 0); unchecked."""
     gather_idx = (idx + 1).clamp_min(0)[..., None].expand(-1, -1, x.shape[2])
-    tokens = torch.where((idx >= 0)[..., None], x.gather(1, gather_idx), torch.zeros((), dtype=x.dtype, device=x.device))
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    tokens = torch.where((idx >= 0)[..., None], x.gather(1, gather_idx), zero)
     return torch.cat([x[:, :1], tokens], 1)
 
 
@@ -179,6 +180,25 @@ def pad_with_cls(
     tokens = torch.where((src >= 0)[..., None], y.gather(1, idx), fill)
     z = torch.cat([y[:, :1], tokens], 1)
     return z if pos_embed is None else z + pos_embed.reshape(1, L + 1, -1)
+
+
+def pad_with_cls_backward(
+    grad_z: torch.Tensor, keep_idx: torch.Tensor, masked: torch.Tensor, mae: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward of `pad_with_cls` for y (and pad). Returns grad_y (B, 1+Lk, C) in grad_z's dtype, and
+    pad_sum, the per-row sum of the padded tokens' gradients, (B, C) in fp32 (fp64 for fp64) when
+    `mae`; otherwise pad_sum is (0, C) and that sum goes into grad_y[:, 0] instead."""
+    L = masked.shape[1]
+    acc = torch.float64 if grad_z.dtype == torch.float64 else torch.float32
+    own = (keep_idx >= 0) & ~masked.gather(1, keep_idx.clamp_min(0))
+    src = _slot_source(keep_idx, L, own)
+    padded = (src < 0)[..., None]
+    pad_sum = torch.where(padded, grad_z[:, 1:].to(acc), 0).sum(1)
+    rows = gather_slots(grad_z, torch.where(own, keep_idx, -1))
+    if mae:
+        return rows, pad_sum
+    rows[:, 0] = (grad_z[:, 0].to(acc) + pad_sum).to(grad_z.dtype)
+    return rows, pad_sum.new_empty((0, grad_z.shape[2]))
 
 
 def published_mask_plan(noise: torch.Tensor, num_masked: int, num_dropped: int) -> tuple[torch.Tensor, torch.Tensor]:

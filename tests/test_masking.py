@@ -11,9 +11,9 @@ import torch.nn.functional as F
 
 import mage_kernels
 from mage_kernels import reference as ref
-from mage_kernels.masking import _pad_with_cls_backward_reference
+_pad_with_cls_backward_reference = ref.pad_with_cls_backward
 
-from conftest import DEVICES, FLOAT_DTYPES, assert_close, requires_cuda, requires_triton
+from conftest import DEVICES, FLOAT_DTYPES, requires_cuda, requires_triton
 
 ALL_DTYPES = FLOAT_DTYPES + [torch.float64]
 # (B, L, C): 1s, primes, non-powers of two, MAGE's L = 256 and an odd, large C.
@@ -207,6 +207,22 @@ def test_pad_with_cls_matches_reference(device, dtype, B, L, C):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_pad_with_cls_special_values(device, dtype):
+    """The fused pos_embed add rounds like torch's add: NaN, inf, overflow and ties to even."""
+    B, L, C = 2, 9, 40
+    y, keep, masked, pos, _ = _pad_inputs(B, L, C, dtype, device)
+    eps, big = torch.finfo(dtype).eps, torch.finfo(dtype).max
+    # Everywhere else: 1 + eps/2 and (1 + eps) + eps/2, exact ties that round to even.
+    y = (1.0 + eps * (torch.arange(y.numel(), device=device) % 2)).to(dtype).reshape(y.shape)
+    pos = torch.full_like(pos, eps / 2)
+    specials = torch.tensor([float("nan"), float("inf"), -float("inf"), big, -big, 0.0, -0.0, 1.0], dtype=dtype)
+    y.view(-1)[: 8 * 5] = specials.to(device).repeat(5)
+    pos.view(-1)[: 8 * 5] = specials.to(device).repeat_interleave(5)
+    _equal(mage_kernels.pad_with_cls(y, keep, masked, pos_embed=pos), ref.pad_with_cls(y, keep, masked, pos))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_pad_with_cls_non_contiguous(device):
     B, L, C = 3, 21, 6
     m, d = _counts(B, L, seed=11)
@@ -234,7 +250,8 @@ def test_pad_with_cls_matches_published_padding(device):
     masked, _, keep = mage_kernels.mask_plan(noise, 45, 32)
     y = _rand((B, 1 + L - 32, C), torch.float32, device)
     pos = _rand((1, 1 + L, C), torch.float32, device)
-    _equal(mage_kernels.pad_with_cls(y, keep, masked, pos_embed=pos), ref.published_pad_with_cls(y, pub_drop, pub_mask, pos))
+    expected = ref.published_pad_with_cls(y, pub_drop, pub_mask, pos)
+    _equal(mage_kernels.pad_with_cls(y, keep, masked, pos_embed=pos), expected)
     x = _rand((B, 1 + L, C), torch.float32, device)
     _equal(mage_kernels.gather_keep(x, keep), ref.published_gather_keep(x, pub_drop))
 
@@ -354,7 +371,7 @@ def test_bad_inputs_raise_clear_errors():
         (lambda: mage_kernels.pad_with_cls(x, good, masked), ValueError, "Lk = keep_idx.size"),
         (lambda: mage_kernels.pad_with_cls(x[:, :4], good, masked.int()), TypeError, "bool"),
         (lambda: mage_kernels.pad_with_cls(x[:, :4], good, masked[:, :5]), ValueError, r"\[0, L\) = \[0, 5\)"),
-        (lambda: mage_kernels.pad_with_cls(x[:, :4], good, masked, pos_embed=torch.randn(L, C)), ValueError, "pos_embed"),
+        (lambda: mage_kernels.pad_with_cls(x[:, :4], good, masked, pos_embed=torch.randn(L, C)), ValueError, "pos_emb"),
         (lambda: mage_kernels.pad_with_cls(x[:, :4], good, masked, pad=torch.randn(C + 1)), ValueError, "pad must be"),
         (lambda: mage_kernels.mask_plan(torch.rand(B, L), L + 1, 0), ValueError, "num_masked"),
         (lambda: mage_kernels.mask_plan(torch.rand(B, L), 3, torch.tensor([1, 7])), ValueError, "num_dropped"),
