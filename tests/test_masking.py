@@ -16,6 +16,8 @@ _pad_with_cls_backward_reference = ref.pad_with_cls_backward
 from conftest import DEVICES, FLOAT_DTYPES, has_triton, requires_cuda, requires_triton
 
 ALL_DTYPES = FLOAT_DTYPES + [torch.float64]
+# Triton launchers run on CUDA tensors, or on CPU tensors under the interpreter (no GPU).
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (B, L, C): 1s, primes, non-powers of two, MAGE's L = 256 and an odd, large C.
 SHAPES = [(1, 1, 1), (3, 7, 5), (2, 13, 33), (5, 256, 12), (2, 31, 1027)]
 
@@ -222,7 +224,7 @@ def test_pad_with_cls_special_values(device, dtype):
     pos.view(-1)[: 8 * 5] = specials.to(device).repeat_interleave(5)
     expected = ref.pad_with_cls(y, keep, masked, pos)
     _equal(mage_kernels.pad_with_cls(y, keep, masked, pos_embed=pos), expected)
-    if has_triton():
+    if has_triton() and device == TRITON_DEVICE:
         from mage_kernels.triton import masking as tri
 
         _equal(tri.pad_with_cls(y, keep, masked, pos, None), expected)
@@ -411,19 +413,20 @@ def test_reference_and_native_reject_the_same_keep_idx(op):
 # ------------------------------------------------------------------------------------ opcheck/compile
 
 
-def _opcheck_samples():
+def _opcheck_samples(device):
     B, L, C = 3, 10, 5
-    m, d = _counts(B, L, seed=8)
-    noise = _noise(B, L)
+    m, d = (t.to(device) for t in _counts(B, L, seed=8))
+    noise = _noise(B, L, device)
     masked, _, keep = mage_kernels.mask_plan(noise, m, d)
-    x = _rand((B, 1 + L, C), torch.float32, seed=1).requires_grad_()
-    y = _rand((B, 1 + keep.shape[1], C), torch.float32, seed=2).requires_grad_()
-    pos = _rand((1 + L, C), torch.float32, seed=3).requires_grad_()
-    pad = _rand((C,), torch.float32, seed=4).requires_grad_()
-    gz = _rand((B, 1 + L, C), torch.float32, seed=5)
+    x = _rand((B, 1 + L, C), torch.float32, device, seed=1).requires_grad_()
+    y = _rand((B, 1 + keep.shape[1], C), torch.float32, device, seed=2).requires_grad_()
+    pos = _rand((1 + L, C), torch.float32, device, seed=3).requires_grad_()
+    pad = _rand((C,), torch.float32, device, seed=4).requires_grad_()
+    gz = _rand((B, 1 + L, C), torch.float32, device, seed=5)
+    count = lambda n: torch.tensor(n, device=device)  # noqa: E731
     return [
-        (torch.ops.mage.mask_plan.default, (noise, m, d, L - int(d.min()))),
-        (torch.ops.mage.mask_plan.default, (noise, torch.tensor(7), torch.tensor(4), 6)),
+        (torch.ops.mage.mask_plan.default, (noise, m, d, keep.shape[1])),
+        (torch.ops.mage.mask_plan.default, (noise, count(7), count(4), 6)),
         (torch.ops.mage.gather_keep.default, (x, keep)),
         (torch.ops.mage.scatter_keep.default, (y, keep, L)),
         (torch.ops.mage.pad_with_cls.default, (y, keep, masked, pos, None)),
@@ -433,9 +436,10 @@ def _opcheck_samples():
     ]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("index", range(8))
-def test_opcheck(index):
-    op, args = _opcheck_samples()[index]
+def test_opcheck(device, index):
+    op, args = _opcheck_samples(device)[index]
     torch.library.opcheck(op, args)
 
 
@@ -524,19 +528,20 @@ def test_triton_kernels_match_reference(dtype):
     from mage_kernels.triton import masking as tri
 
     B, L, C = 3, 37, 70
-    noise = _tied_noise(B, L).to(dtype)
-    m, d = _counts(B, L, seed=9)
+    dev = TRITON_DEVICE
+    noise = _tied_noise(B, L).to(device=dev, dtype=dtype)
+    m, d = (t.to(dev) for t in _counts(B, L, seed=9))
     for a, e in zip(tri.mask_plan(noise, m, d, L), ref.mask_plan(noise, m, d, L)):
         _equal(a, e)
-    masked, _, keep = ref.mask_plan(_noise(B, L, dtype=dtype), m, d, L - int(d.min()))
-    x = _rand((B, C, 1 + L), dtype).transpose(1, 2)
+    masked, _, keep = ref.mask_plan(_noise(B, L, dev, dtype), m, d, L - int(d.min()))
+    x = _rand((B, C, 1 + L), dtype, dev).transpose(1, 2)
     _equal(tri.gather_keep(x, keep), ref.gather_keep(x, keep))
-    y = _rand((B, 1 + keep.shape[1], C), dtype)
-    pos, pad = _rand((1 + L, C), dtype, seed=1), _rand((C,), dtype, seed=2)
+    y = _rand((B, 1 + keep.shape[1], C), dtype, dev)
+    pos, pad = _rand((1 + L, C), dtype, dev, seed=1), _rand((C,), dtype, dev, seed=2)
     _equal(tri.scatter_keep(y, keep, L), ref.scatter_keep(y, keep, L))
     _equal(tri.pad_with_cls(y, keep, masked, pos, None), ref.pad_with_cls(y, keep, masked, pos))
     _equal(tri.pad_with_cls(y, keep, masked, None, pad), ref.pad_with_cls(y, keep, masked, None, pad))
-    gz = _rand((B, 1 + L, C), dtype, seed=3)
+    gz = _rand((B, 1 + L, C), dtype, dev, seed=3)
     for mae in (False, True):
         actual = tri.pad_with_cls_backward(gz, keep, masked, mae)
         expected = _pad_with_cls_backward_reference(gz, keep, masked, mae)
