@@ -113,40 +113,37 @@ void check_pad_backward_shapes(const at::Tensor& grad_z, const at::Tensor& keep_
 
 namespace {
 
-// keep_idx rows must be strictly increasing positions in [0, L), followed only by -1.
+// keep_idx rows must be strictly increasing positions in [0, L), followed only by -1. This and
+// slot_sources below are serial: B * Lk indices take microseconds, less than waking a thread pool.
 void check_keep_idx_values(const int64_t* keep, int64_t B, int64_t Lk, int64_t L, const char* op) {
-  at::parallel_for(0, B, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t* k = keep + b * Lk;
-      int64_t prev = -1;
-      bool padding = false;
-      for (int64_t j = 0; j < Lk; ++j) {
-        TORCH_CHECK_VALUE(k[j] >= -1 && k[j] < L, op, ": keep_idx must hold token positions in [0, L) = [0, ", L,
-                          ") or -1, got keep_idx[", b, ", ", j, "] = ", k[j]);
-        if (k[j] < 0) {
-          padding = true;
-          continue;
-        }
-        TORCH_CHECK_VALUE(!padding && k[j] > prev, op,
-                          ": keep_idx rows must be strictly increasing positions followed only by -1, got keep_idx[",
-                          b, ", ", j - 1, ":", j + 1, "] = [", k[j - 1], ", ", k[j], "]");
-        prev = k[j];
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t* k = keep + b * Lk;
+    int64_t prev = -1;
+    bool padding = false;
+    for (int64_t j = 0; j < Lk; ++j) {
+      TORCH_CHECK_VALUE(k[j] >= -1 && k[j] < L, op, ": keep_idx must hold token positions in [0, L) = [0, ", L,
+                        ") or -1, got keep_idx[", b, ", ", j, "] = ", k[j]);
+      if (k[j] < 0) {
+        padding = true;
+        continue;
       }
+      TORCH_CHECK_VALUE(!padding && k[j] > prev, op,
+                        ": keep_idx rows must be strictly increasing positions followed only by -1, got keep_idx[",
+                        b, ", ", j - 1, ":", j + 1, "] = [", k[j - 1], ", ", k[j], "]");
+      prev = k[j];
     }
-  });
+  }
 }
 
 // src (B, L): j when token t = keep_idx[b, j] takes its own row (and is not masked, if masked is given), else -1.
 std::vector<int64_t> slot_sources(const int64_t* keep, const bool* masked, int64_t B, int64_t Lk, int64_t L) {
   std::vector<int64_t> src(B * L, -1);
-  at::parallel_for(0, B, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      for (int64_t j = 0; j < Lk; ++j) {
-        const int64_t t = keep[b * Lk + j];
-        if (t >= 0 && !(masked && masked[b * L + t])) src[b * L + t] = j;
-      }
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t j = 0; j < Lk; ++j) {
+      const int64_t t = keep[b * Lk + j];
+      if (t >= 0 && !(masked && masked[b * L + t])) src[b * L + t] = j;
     }
-  });
+  }
   return src;
 }
 
