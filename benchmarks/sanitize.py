@@ -41,8 +41,8 @@ def masking(g: torch.Generator) -> None:
                 ops.scatter_keep(y, keep, L)
                 ops.pad_with_cls(y, keep, masked, pos, None)
                 ops.pad_with_cls(y, keep, masked, None, pad)
-                ops.pad_with_cls_backward(x, keep, masked, False)
-                ops.pad_with_cls_backward(x, keep, masked, True)
+                ops.pad_with_cls_backward(x, keep, masked, False, True)
+                ops.pad_with_cls_backward(x, keep, masked, True, False)
 
 
 if __name__ == "__main__":

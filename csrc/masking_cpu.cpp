@@ -196,6 +196,10 @@ MAGE_ROW_CLONES void accumulate_bf16(float* acc, const uint16_t* g, int64_t n) {
   for (int64_t i = 0; i < n; ++i) acc[i] += bf16_to_float(g[i]);
 }
 
+MAGE_ROW_CLONES void round_to_bf16(uint16_t* out, const float* acc, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = float_to_bf16(acc[i]);
+}
+
 // out = a + b, rounded once to T (the sum is exact in opmath before rounding, as torch's add).
 template <typename T>
 void add_row(T* out, const T* a, const T* b, int64_t n) {
@@ -219,6 +223,16 @@ void accumulate_row(at::opmath_type<T>* acc, const T* g, int64_t n) {
     accumulate_bf16(acc, reinterpret_cast<const uint16_t*>(g), n);
   } else {
     for (int64_t i = 0; i < n; ++i) acc[i] += at::opmath_type<T>(g[i]);
+  }
+}
+
+// out = acc rounded once to T.
+template <typename T>
+void store_row(T* out, const at::opmath_type<T>* acc, int64_t n) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    round_to_bf16(reinterpret_cast<uint16_t*>(out), acc, n);
+  } else {
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(acc[i]);
   }
 }
 
@@ -422,10 +436,12 @@ at::Tensor pad_with_cls_cpu(const at::Tensor& y_in, const at::Tensor& keep_in, c
   return z;
 }
 
-std::tuple<at::Tensor, at::Tensor> pad_with_cls_backward_cpu(const at::Tensor& gz_in, const at::Tensor& keep_in,
-                                                             const at::Tensor& masked_in, bool mae) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pad_with_cls_backward_cpu(const at::Tensor& gz_in,
+                                                                         const at::Tensor& keep_in,
+                                                                         const at::Tensor& masked_in, bool mae,
+                                                                         bool pos) {
   check_pad_backward_shapes(gz_in, keep_in, masked_in);
-  const int64_t B = gz_in.size(0), C = gz_in.size(2), L = masked_in.size(1);
+  const int64_t B = gz_in.size(0), C = gz_in.size(2), L = masked_in.size(1), S = 1 + L;
   const at::Tensor keep_idx = keep_in.contiguous(), masked = masked_in.contiguous();
   const int64_t Lk = keep_idx.size(1);
   const int64_t* keep = keep_idx.const_data_ptr<int64_t>();
@@ -433,7 +449,8 @@ std::tuple<at::Tensor, at::Tensor> pad_with_cls_backward_cpu(const at::Tensor& g
   const auto acc_dtype = gz_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor grad_y = at::empty({B, 1 + Lk, C}, gz_in.options());
   at::Tensor pad_sum = at::empty({mae ? B : 0, C}, gz_in.options().dtype(acc_dtype));
-  if (grad_y.numel() == 0) return {grad_y, pad_sum};
+  at::Tensor grad_pos = at::empty({pos ? S : 0, C}, gz_in.options());
+  if (C == 0) return {grad_y, pad_sum, grad_pos};
   const bool* mk = masked.const_data_ptr<bool>();
   const std::vector<int64_t> src = slot_sources(keep, mk, B, Lk, L);
   const at::Tensor gz = unit_channel_stride(gz_in);
@@ -444,33 +461,43 @@ std::tuple<at::Tensor, at::Tensor> pad_with_cls_backward_cpu(const at::Tensor& g
     const int64_t t = keep[b * Lk + s - 1];
     return t >= 0 && !mk[b * L + t] ? 1 + t : -1;
   });
-  // Row 0 / pad_sum: the sum over padded tokens, per (row, chunk of channels), accumulated in fp32/fp64.
+  // One parallel region for both column sums, per chunk of channels, accumulated in fp32 / fp64:
+  // tasks [0, B * chunks) sum a row's padded tokens (into grad_y[:, 0] or pad_sum), the next
+  // S * chunks tasks sum a slot over the batch (grad_pos).
   constexpr int64_t kChunk = 512;
   const int64_t chunks = (C + kChunk - 1) / kChunk;
+  const int64_t pad_tasks = B * chunks, pos_tasks = pos ? S * chunks : 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gz.scalar_type(), "pad_with_cls_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     scalar_t* gy = grad_y.data_ptr<scalar_t>();
+    scalar_t* gp = pos ? grad_pos.data_ptr<scalar_t>() : nullptr;
     acc_t* ps = mae ? pad_sum.data_ptr<acc_t>() : nullptr;
-    at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
+    auto row = [&](int64_t b, int64_t s, int64_t c0) { return reinterpret_cast<const scalar_t*>(gr.row(b, s)) + c0; };
+    at::parallel_for(0, pad_tasks + pos_tasks, 1, [&](int64_t begin, int64_t end) {
       acc_t acc[kChunk];
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / chunks, c0 = (task % chunks) * kChunk, n = std::min(kChunk, C - c0);
+        const bool is_pad = task < pad_tasks;
+        const int64_t k = is_pad ? task : task - pad_tasks;
+        const int64_t r = k / chunks, c0 = (k % chunks) * kChunk, n = std::min(kChunk, C - c0);
         std::fill(acc, acc + n, acc_t(0));
-        for (int64_t t = 0; t < L; ++t) {
-          if (src[b * L + t] >= 0) continue;
-          accumulate_row(acc, reinterpret_cast<const scalar_t*>(gr.row(b, 1 + t)) + c0, n);
+        if (!is_pad) {  // r = slot s
+          for (int64_t b = 0; b < B; ++b) accumulate_row(acc, row(b, r, c0), n);
+          store_row(gp + r * C + c0, acc, n);
+          continue;
+        }
+        for (int64_t t = 0; t < L; ++t) {  // r = batch row b
+          if (src[r * L + t] < 0) accumulate_row(acc, row(r, 1 + t, c0), n);
         }
         if (mae) {
-          std::copy(acc, acc + n, ps + b * C + c0);
+          std::copy(acc, acc + n, ps + r * C + c0);
         } else {
-          const scalar_t* g0 = reinterpret_cast<const scalar_t*>(gr.row(b, 0)) + c0;
-          scalar_t* out = gy + b * (1 + Lk) * C + c0;
-          for (int64_t c = 0; c < n; ++c) out[c] = static_cast<scalar_t>(acc_t(g0[c]) + acc[c]);
+          accumulate_row(acc, row(r, 0, c0), n);
+          store_row(gy + r * (1 + Lk) * C + c0, acc, n);
         }
       }
     });
   });
-  return {grad_y, pad_sum};
+  return {grad_y, pad_sum, grad_pos};
 }
 
 TORCH_LIBRARY_IMPL(mage, CPU, m) {

@@ -33,8 +33,8 @@ define("gather_keep(Tensor x, Tensor keep_idx) -> Tensor")
 define("scatter_keep(Tensor y, Tensor keep_idx, SymInt L) -> Tensor")
 define("pad_with_cls(Tensor y, Tensor keep_idx, Tensor masked, Tensor? pos_embed=None, Tensor? pad=None) -> Tensor")
 define(
-    "pad_with_cls_backward(Tensor grad_z, Tensor keep_idx, Tensor masked, bool mae)"
-    " -> (Tensor grad_y, Tensor pad_sum)"
+    "pad_with_cls_backward(Tensor grad_z, Tensor keep_idx, Tensor masked, bool mae, bool pos)"
+    " -> (Tensor grad_y, Tensor pad_sum, Tensor grad_pos)"
 )
 
 
@@ -82,12 +82,13 @@ def _(y, keep_idx, masked, pos_embed=None, pad=None):
 
 
 @torch.library.register_fake("mage::pad_with_cls_backward")
-def _(grad_z, keep_idx, masked, mae):
+def _(grad_z, keep_idx, masked, mae, pos):
     B, C = grad_z.shape[0], grad_z.shape[2]
     acc = torch.float64 if grad_z.dtype == torch.float64 else torch.float32
     return (
         grad_z.new_empty((B, 1 + keep_idx.shape[1], C)),
         grad_z.new_empty((B if mae else 0, C), dtype=acc),
+        grad_z.new_empty((grad_z.shape[1] if pos else 0, C)),
     )
 
 
@@ -126,10 +127,10 @@ def _pad_setup(ctx, inputs, output):
 
 def _pad_backward(ctx, grad_z):
     keep_idx, masked = ctx.saved_tensors
-    grad_y, pad_sum = torch.ops.mage.pad_with_cls_backward(grad_z, keep_idx, masked, ctx.mae)
-    grad_pos = grad_z.sum(0) if ctx.has_pos and ctx.needs_input_grad[3] else None
+    want_pos = ctx.has_pos and ctx.needs_input_grad[3]
+    grad_y, pad_sum, grad_pos = torch.ops.mage.pad_with_cls_backward(grad_z, keep_idx, masked, ctx.mae, want_pos)
     grad_pad = pad_sum.sum(0).to(grad_z.dtype) if ctx.mae and ctx.needs_input_grad[4] else None
-    return grad_y if ctx.needs_input_grad[0] else None, None, None, grad_pos, grad_pad
+    return grad_y if ctx.needs_input_grad[0] else None, None, None, grad_pos if want_pos else None, grad_pad
 
 
 torch.library.register_autograd("mage::pad_with_cls", _pad_backward, setup_context=_pad_setup)

@@ -183,22 +183,26 @@ def pad_with_cls(
 
 
 def pad_with_cls_backward(
-    grad_z: torch.Tensor, keep_idx: torch.Tensor, masked: torch.Tensor, mae: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backward of `pad_with_cls` for y (and pad). Returns grad_y (B, 1+Lk, C) in grad_z's dtype, and
-    pad_sum, the per-row sum of the padded tokens' gradients, (B, C) in fp32 (fp64 for fp64) when
-    `mae`; otherwise pad_sum is (0, C) and that sum goes into grad_y[:, 0] instead."""
-    L = masked.shape[1]
+    grad_z: torch.Tensor, keep_idx: torch.Tensor, masked: torch.Tensor, mae: bool, pos: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of `pad_with_cls`: (grad_y, pad_sum, grad_pos), sums accumulated in fp32 (fp64 for fp64).
+
+    grad_y (B, 1+Lk, C) in grad_z's dtype. pad_sum: the per-row sum of the padded tokens' gradients,
+    (B, C) in the accumulation dtype when `mae`; otherwise (0, C) and that sum goes into grad_y[:, 0].
+    grad_pos: grad_z summed over the batch, (1+L, C) in grad_z's dtype when `pos`, else (0, C).
+    """
+    L, C = masked.shape[1], grad_z.shape[2]
     acc = torch.float64 if grad_z.dtype == torch.float64 else torch.float32
     own = (keep_idx >= 0) & ~masked.gather(1, keep_idx.clamp_min(0))
     src = _slot_source(keep_idx, L, own)
     padded = (src < 0)[..., None]
     pad_sum = torch.where(padded, grad_z[:, 1:].to(acc), 0).sum(1)
     rows = gather_slots(grad_z, torch.where(own, keep_idx, -1))
+    grad_pos = grad_z.to(acc).sum(0).to(grad_z.dtype) if pos else grad_z.new_empty((0, C))
     if mae:
-        return rows, pad_sum
+        return rows, pad_sum, grad_pos
     rows[:, 0] = (grad_z[:, 0].to(acc) + pad_sum).to(grad_z.dtype)
-    return rows, pad_sum.new_empty((0, grad_z.shape[2]))
+    return rows, pad_sum.new_empty((0, C)), grad_pos
 
 
 def published_mask_plan(noise: torch.Tensor, num_masked: int, num_dropped: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -242,11 +242,9 @@ def test_pad_with_cls_non_contiguous(device):
         expected = ref.pad_with_cls(y, keep, masked, kwargs.get("pos_embed"), kwargs.get("pad"))
         _equal(mage_kernels.pad_with_cls(y, keep, masked, **kwargs), expected)
     gz = _rand((B, 1 + L, 2 * C), torch.float32, device, seed=3)[..., ::2]
-    for mae in (False, True):
-        actual = torch.ops.mage.pad_with_cls_backward(gz, keep, masked, mae)
-        expected = _pad_with_cls_backward_reference(gz, keep, masked, mae)
-        _equal(actual[0][:, 1:], expected[0][:, 1:])
-        _close_sums(actual[0][:, 0], expected[0][:, 0], L)
+    for mae, pos in BACKWARD_FLAGS:
+        actual = torch.ops.mage.pad_with_cls_backward(gz, keep, masked, mae, pos)
+        _check_pad_backward(actual, _pad_with_cls_backward_reference(gz, keep, masked, mae, pos), L)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -314,6 +312,20 @@ def _close_sums(actual, expected, n_terms):
     torch.testing.assert_close(actual, expected, rtol=tol, atol=tol * math.sqrt(n_terms))
 
 
+# (mae, pos) flag pairs of pad_with_cls_backward: [C] padding with pos_embed, MAE padding without.
+BACKWARD_FLAGS = [(False, True), (True, False)]
+
+
+def _check_pad_backward(actual, expected, L):
+    """Gathered rows bit for bit; the sums (row 0 and pad_sum over L tokens, grad_pos over B rows) closely."""
+    (gy, ps, gp), (ey, es, ep) = [[t.cpu() for t in r] for r in (actual, expected)]
+    assert ps.shape == es.shape and gp.shape == ep.shape
+    _equal(gy[:, 1:], ey[:, 1:])
+    _close_sums(gy[:, 0], ey[:, 0], L)
+    _close_sums(ps, es, L)
+    _close_sums(gp, ep, max(gy.shape[0], 1))
+
+
 @pytest.mark.parametrize("mode", ["cls", "mae"])
 def test_pad_with_cls_gradcheck(mode):
     B, L, C = 2, 11, 3
@@ -345,17 +357,14 @@ def test_pad_with_cls_accumulates_into_class_slot():
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("mae", [False, True])
-def test_pad_with_cls_backward_op_matches_reference(device, dtype, mae):
+@pytest.mark.parametrize("mae,pos", BACKWARD_FLAGS + [(False, False), (True, True)])
+def test_pad_with_cls_backward_op_matches_reference(device, dtype, mae, pos):
     B, L, C = 4, 37, 70
     m, d = _counts(B, L, seed=7)
     masked, _, keep = mage_kernels.mask_plan(_noise(B, L, device), m.to(device), d.to(device))
     gz = _rand((B, 1 + L, C), dtype, device)
-    actual = torch.ops.mage.pad_with_cls_backward(gz, keep, masked, mae)
-    expected = _pad_with_cls_backward_reference(gz, keep, masked, mae)
-    _equal(actual[0][:, 1:], expected[0][:, 1:])
-    _close_sums(actual[0][:, 0], expected[0][:, 0], L)
-    _close_sums(actual[1], expected[1], L)
+    actual = torch.ops.mage.pad_with_cls_backward(gz, keep, masked, mae, pos)
+    _check_pad_backward(actual, _pad_with_cls_backward_reference(gz, keep, masked, mae, pos), L)
 
 
 # ---------------------------------------------------------------------------------------- bad inputs
@@ -431,8 +440,8 @@ def _opcheck_samples(device):
         (torch.ops.mage.scatter_keep.default, (y, keep, L)),
         (torch.ops.mage.pad_with_cls.default, (y, keep, masked, pos, None)),
         (torch.ops.mage.pad_with_cls.default, (y, keep, masked, None, pad)),
-        (torch.ops.mage.pad_with_cls_backward.default, (gz, keep, masked, False)),
-        (torch.ops.mage.pad_with_cls_backward.default, (gz, keep, masked, True)),
+        (torch.ops.mage.pad_with_cls_backward.default, (gz, keep, masked, False, True)),
+        (torch.ops.mage.pad_with_cls_backward.default, (gz, keep, masked, True, False)),
     ]
 
 
@@ -542,12 +551,9 @@ def test_triton_kernels_match_reference(dtype):
     _equal(tri.pad_with_cls(y, keep, masked, pos, None), ref.pad_with_cls(y, keep, masked, pos))
     _equal(tri.pad_with_cls(y, keep, masked, None, pad), ref.pad_with_cls(y, keep, masked, None, pad))
     gz = _rand((B, 1 + L, C), dtype, dev, seed=3)
-    for mae in (False, True):
-        actual = tri.pad_with_cls_backward(gz, keep, masked, mae)
-        expected = _pad_with_cls_backward_reference(gz, keep, masked, mae)
-        _equal(actual[0][:, 1:], expected[0][:, 1:])
-        _close_sums(actual[0][:, 0], expected[0][:, 0], L)
-        _close_sums(actual[1], expected[1], L)
+    for mae, pos in BACKWARD_FLAGS:
+        actual = tri.pad_with_cls_backward(gz, keep, masked, mae, pos)
+        _check_pad_backward(actual, _pad_with_cls_backward_reference(gz, keep, masked, mae, pos), L)
 
 
 # --------------------------------------------------------------------------------------------- CUDA
@@ -574,12 +580,9 @@ def test_cuda_matches_cpu_kernels(dtype):
         gpu_z = mage_kernels.pad_with_cls(cu(y), cu(keep), cu(masked), **{k: cu(v) for k, v in kw.items()})
         _equal(gpu_z.cpu(), mage_kernels.pad_with_cls(y, keep, masked, **kw))
     gz = _rand((B, 1 + L, C), dtype, seed=4)
-    for mae in (False, True):
-        a = torch.ops.mage.pad_with_cls_backward(cu(gz), cu(keep), cu(masked), mae)
-        e = torch.ops.mage.pad_with_cls_backward(gz, keep, masked, mae)
-        _equal(a[0][:, 1:].cpu(), e[0][:, 1:])
-        _close_sums(a[0][:, 0].cpu(), e[0][:, 0], L)
-        _close_sums(a[1].cpu(), e[1], L)
+    for mae, pos in BACKWARD_FLAGS:
+        a = torch.ops.mage.pad_with_cls_backward(cu(gz), cu(keep), cu(masked), mae, pos)
+        _check_pad_backward(a, torch.ops.mage.pad_with_cls_backward(gz, keep, masked, mae, pos), L)
 
 
 @requires_cuda
@@ -622,6 +625,8 @@ for dtype, acc in (("*bf16", tl.float32), ("*fp64", tl.float64)):
     compile(tri._pad_sum_kernel, ["gz", "sgb", "sgs", "sgc", "src", "grad_y", "pad_sum", "L", "Lk", "C"],
             [dtype, *rows, "*i64", dtype, "*fp32", "i32", "i32", "i32"],
             {"MAE": False, "ACC": acc, "BLOCK_T": 32, "BLOCK_C": 128})
+    compile(tri._pos_sum_kernel, ["gz", "sgb", "sgs", "sgc", "grad_pos", "B", "C"],
+            [dtype, *rows, dtype, "i32", "i32"], {"ACC": acc, "BLOCK_B": 32, "BLOCK_C": 128})
 compile(tri._slot_source_kernel, ["keep", "masked", "src", "L", "Lk"], ["*i64", "*i1", "*i64", "i32", "i32"],
         {"USE_MASK": True, "BLOCK": 128})
 """
