@@ -9,6 +9,14 @@ import torch  # noqa: F401  (libtorch must be loaded before our native library)
 from . import reference
 from ._registry import CHOSEN, NATIVE_ERROR, NATIVE_PATH, REQUESTED, triton_usable
 from .masking import gather_keep, mask_plan, pad_with_cls, sample_mask_counts
+from .remask import (
+    annealed_choice_temperature,
+    cosine_mask_ratio,
+    draw_seed,
+    remask_count,
+    remask_step,
+    remask_step_from_hidden,
+)
 from .vq import vq_nearest, vq_quantize
 
 __version__ = "0.1.0"
@@ -31,11 +39,17 @@ def build_info() -> dict:
 
 
 __all__ = [
+    "annealed_choice_temperature",
     "build_info",
+    "cosine_mask_ratio",
+    "draw_seed",
     "gather_keep",
     "mask_plan",
     "pad_with_cls",
     "reference",
+    "remask_count",
+    "remask_step",
+    "remask_step_from_hidden",
     "sample_mask_counts",
     "vq_nearest",
     "vq_quantize",

@@ -5,10 +5,21 @@ Written for clarity, not speed; each function states the op's contract exactly.
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_gather_keep_args, check_mask_plan_args, check_pad_with_cls_args, check_vq_args
+from ._checks import (
+    check_gather_keep_args,
+    check_mask_plan_args,
+    check_pad_with_cls_args,
+    check_remask_args,
+    check_remask_hidden,
+    check_remask_logits,
+    check_vq_args,
+)
 
 # --------------------------------------------------------------------------------------------------
 # Nearest-code quantization (DESIGN.md op 1, MAGE_REFERENCE.md 3.3)
@@ -83,6 +94,231 @@ def vq_nearest_expanded(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor
     rows = vq_rows(z).reshape(-1, codebook.shape[1])
     d = (rows**2).sum(1, keepdim=True) + (codebook**2).sum(1) - 2 * torch.einsum("nd,kd->nk", rows, codebook)
     return d.argmin(1).reshape(vq_rows(z).shape[:-1])
+
+
+# --------------------------------------------------------------------------------------------------
+# Confidence re-masking (DESIGN.md op 5, MAGE_REFERENCE.md 5 and 8)
+#
+# Randomness is counter-based so that every backend draws the same numbers without state or host syncs:
+# 32-bit words from a hash of (seed, offset, row b, position l, vocab index v), written here with int64
+# tensor ops (uint32 values, products split so nothing overflows) and mirrored bit for bit in
+# csrc/remask_rng.h and mage_kernels/triton/remask.py.
+# --------------------------------------------------------------------------------------------------
+
+MASK32 = 0xFFFFFFFF
+MIX_C1, MIX_C2 = 0x21F0AAAD, 0xD35A2D97  # lowbias32 finalizer constants (an avalanche-tested 32-bit hash)
+GOLDEN = 0x9E3779B9
+SEED_SALT, OFFSET_SALT, CHOICE_SALT = 0x243F6A88, 0x85A308D3, 0x6A09E667
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2^32 for uint32 values held in int64, in two 16-bit halves so no product overflows."""
+    return ((x & 0xFFFF) * c + ((((x >> 16) * c) & 0xFFFF) << 16)) & MASK32
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    x = x ^ (x >> 16)
+    x = _mul32(x, MIX_C1)
+    x = x ^ (x >> 15)
+    x = _mul32(x, MIX_C2)
+    return x ^ (x >> 15)
+
+
+def remask_token_keys(seed: torch.Tensor, B: int, L: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two 32-bit stream keys (h, g) of every token (b, l), int64 [B, L], from seed = (seed, offset)."""
+    s, o = seed[0], seed[1]
+    k0 = mix32(mix32((s & MASK32) ^ SEED_SALT) ^ ((s >> 32) & MASK32))
+    k1 = mix32(mix32((o & MASK32) ^ OFFSET_SALT) ^ ((o >> 32) & MASK32))
+    b = torch.arange(B, device=seed.device, dtype=torch.int64)[:, None]
+    l = torch.arange(L, device=seed.device, dtype=torch.int64)[None, :]
+    h = mix32((mix32(k0 ^ b) + l) & MASK32)
+    return h, mix32(k1 ^ h)
+
+
+_LOG_POLY = (7.0376836292e-2, -1.1514610310e-1, 1.1676998740e-1, -1.2420140846e-1, 1.4249322787e-1,
+             -1.6668057665e-1, 2.0000714765e-1, -2.4999993993e-1, 3.3333331174e-1)
+
+
+def log_pos(x: torch.Tensor) -> torch.Tensor:
+    """Natural log of positive normal float32 values by the Cephes formula (~1 ulp, accurate near 1), the
+    one every kernel uses for the noise, so the backends agree bit for bit rather than by libm."""
+    bits = x.view(torch.int32)
+    e = (bits >> 23) - 126
+    m = ((bits & 0x7FFFFF) | 0x3F000000).view(torch.float32)
+    small = m < 0.707106781186547524
+    e = torch.where(small, e - 1, e)
+    m = torch.where(small, m + m - 1.0, m - 1.0)
+    z = m * m
+    y = torch.full_like(m, _LOG_POLY[0])
+    for c in _LOG_POLY[1:]:
+        y = y * m + c
+    y = y * m * z
+    ef = e.to(torch.float32)
+    y = y + ef * -2.12194440e-4 - 0.5 * z
+    return m + y + ef * 0.693359375
+
+
+def hash_to_exponential(x: torch.Tensor) -> torch.Tensor:
+    """Exp(1) noise from 32-bit hashes: E = -log(u) with u = (top 23 bits + 1/2) / 2^23, exact in float32
+    and in [2^-24, 1 - 2^-24], so E is positive and finite."""
+    u = ((x >> 9).to(torch.float32) + 0.5) * 2.0**-23
+    return -log_pos(u)
+
+
+def hash_to_gumbel(x: torch.Tensor) -> torch.Tensor:
+    """Gumbel(0, 1) noise from 32-bit hashes: -log(E) of `hash_to_exponential`."""
+    return -log_pos(hash_to_exponential(x))
+
+
+def remask_token_exponential(h: torch.Tensor, g: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Sampling noise of every (token, v): Exp(1), float32 [B, L, vocab_size]."""
+    v = _mul32(torch.arange(vocab_size, device=h.device, dtype=torch.int64), GOLDEN)
+    return hash_to_exponential(mix32(((h[..., None] + v) & MASK32) ^ g[..., None]))
+
+
+def remask_choice_gumbel(g: torch.Tensor) -> torch.Tensor:
+    """Confidence noise of every token: float32 [B, L]."""
+    return hash_to_gumbel(mix32((g + CHOICE_SALT) & MASK32))
+
+
+def _check_counts(op: str, num_masked: torch.Tensor, unknown: torch.Tensor) -> torch.Tensor:
+    """num_masked must lie in [0, unknown tokens of its row]. Checked on CPU tensors (no device sync);
+    clamped into range on other devices, where checking would cost a host sync."""
+    if num_masked.device.type == "cpu" and not torch.compiler.is_compiling():
+        bad = (num_masked < 0) | (num_masked > unknown)
+        if bool(bad.any()):
+            row = int(bad.int().argmax())
+            raise ValueError(
+                f"{op}: num_masked must lie in [0, number of unknown tokens] per row; row {row} has "
+                f"num_masked = {int(num_masked[row])} but {int(unknown[row])} unknown tokens"
+            )
+    return torch.minimum(num_masked.clamp_min(0), unknown)
+
+
+def remask_select(confidence: torch.Tensor, k: torch.Tensor, reference_ties: bool) -> torch.Tensor:
+    """Boolean [B, L]: the k[b] lowest confidences of each row, ties to the lower position (a stable
+    ascending sort); with `reference_ties`, every position with confidence <= the k-th smallest (the
+    published rule, MAGE_REFERENCE.md 5.2.10), nothing when k = 0."""
+    L = confidence.shape[1]
+    if L == 0:
+        return torch.zeros_like(confidence, dtype=torch.bool)
+    order = torch.sort(confidence, dim=1, stable=True).indices
+    if reference_ties:
+        cutoff = confidence.gather(1, order.gather(1, (k - 1).clamp_min(0)[:, None]))
+        return (confidence <= cutoff) & (k[:, None] > 0)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(L, device=order.device).expand_as(order))
+    return rank < k[:, None]
+
+
+def remask_sample(
+    logits: torch.Tensor, ids: torch.Tensor, seed: torch.Tensor, *, mask_id: int, vocab_size: int, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token sampling and confidence without the choice noise: (sampled int64 [B, L], log p float32 [B, L]).
+
+    Per unknown token, s = logits[:vocab_size] * float32(1 / temperature) with NaN read as -inf,
+    m = max s, d = s - m (0 where s == m, so rows whose max is +-inf stay defined: +inf entries share the
+    mass, an all -inf row is uniform), sampled = argmax(exp(d) / E) with E ~ Exp(1) per candidate (the
+    Gumbel-max trick in its exponential-race form: the same argmax as d - log E = d + Gumbel, one log
+    cheaper; ties to the lowest v), log p = d[sampled] - log(sum exp d). Known tokens keep their id; their log p is returned as +inf.
+    """
+    B, L = ids.shape
+    s = logits[..., :vocab_size].float() * torch.tensor(1.0 / temperature, dtype=torch.float32)
+    s = torch.where(torch.isnan(s), float("-inf"), s)
+    m = s.amax(-1, keepdim=True)
+    d = torch.where(s == m, 0.0, s - m)
+    h, g = remask_token_keys(seed, B, L)
+    e = torch.exp(d)
+    sampled = (e / remask_token_exponential(h, g, vocab_size)).argmax(-1)
+    logp = d.gather(-1, sampled[..., None]).squeeze(-1) - torch.log(e.sum(-1))
+    unknown = ids == mask_id
+    return torch.where(unknown, sampled, ids), torch.where(unknown, logp, float("inf"))
+
+
+def remask_step(
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    num_masked: torch.Tensor,
+    seed: torch.Tensor,
+    *,
+    mask_id: int,
+    choice_temperature: float,
+    vocab_size: int,
+    temperature: float,
+    reference_ties: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of MAGE's iterative decoding (MAGE_REFERENCE.md 5.2.5-5.2.10): (sampled, new_ids).
+
+    logits (B, L, V') float32/bfloat16/float16, any strides; ids (B, L) int64, `mask_id` marks unknown
+    tokens; num_masked (B,) int64; seed (2,) int64 = (seed, offset). Every unknown token is sampled (see
+    `remask_sample`); confidence = log p + float32(choice_temperature) * Gumbel, +inf for known tokens;
+    exactly num_masked[b] unknown tokens per row are set back to mask_id (`remask_select`).
+    """
+    check_remask_logits("remask_step", logits, ids)
+    check_remask_args("remask_step", logits.shape[2], ids, num_masked, seed, vocab_size, temperature,
+                      choice_temperature)
+    unknown = ids == mask_id
+    k = _check_counts("remask_step", num_masked, unknown.sum(1))
+    sampled, logp = remask_sample(logits, ids, seed, mask_id=mask_id, vocab_size=vocab_size, temperature=temperature)
+    h, g = remask_token_keys(seed, *ids.shape)
+    tau = torch.tensor(choice_temperature, dtype=torch.float32)
+    confidence = torch.where(unknown, logp + tau * remask_choice_gumbel(g), float("inf"))
+    masked = remask_select(confidence, k, reference_ties) & unknown
+    return sampled, torch.where(masked, mask_id, sampled)
+
+
+def remask_head_logits(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, vocab_size: int
+) -> torch.Tensor:
+    """The prediction head's logits over the first vocab_size rows (MAGE_REFERENCE.md 4.6), float32 [B, L, vocab_size]."""
+    logits = hidden.float() @ weight[:vocab_size].float().T
+    return logits + bias[:vocab_size].float() if bias is not None else logits
+
+
+def remask_step_from_hidden(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    ids: torch.Tensor,
+    num_masked: torch.Tensor,
+    seed: torch.Tensor,
+    *,
+    mask_id: int,
+    choice_temperature: float,
+    vocab_size: int,
+    temperature: float,
+    reference_ties: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`remask_step` on logits = hidden @ weight[:vocab_size].T + bias[:vocab_size], computed in float32."""
+    check_remask_hidden("remask_step_from_hidden", hidden, weight, bias, ids)
+    check_remask_args("remask_step_from_hidden", weight.shape[0], ids, num_masked, seed, vocab_size, temperature,
+                      choice_temperature)
+    return remask_step(
+        remask_head_logits(hidden, weight, bias, vocab_size), ids, num_masked, seed, mask_id=mask_id,
+        choice_temperature=choice_temperature, vocab_size=vocab_size, temperature=temperature,
+        reference_ties=reference_ties,
+    )
+
+
+def remask_step_published(
+    logits: torch.Tensor, ids: torch.Tensor, num_masked: torch.Tensor, *, mask_id: int, choice_temperature: float,
+    vocab_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The published sampler's step, written as it does it (the `eager-ref` baseline, MAGE_REFERENCE.md 5):
+    softmax, categorical sampling, Gumbel noise drawn by numpy on the host and copied over, a full sort and
+    the "<= k-th value" cut-off. Its randomness is torch's and numpy's global RNGs, not the op's."""
+    logits = logits[..., :vocab_size]
+    unknown = ids == mask_id
+    probs = torch.softmax(logits, dim=-1)
+    sampled = torch.distributions.Categorical(logits=logits).sample()
+    sampled = torch.where(unknown, sampled, ids)
+    selected = torch.gather(probs, -1, torch.where(unknown, sampled, 0)[..., None]).squeeze(-1)
+    selected = torch.where(unknown, selected, torch.tensor(math.inf, device=logits.device))
+    noise = torch.tensor(np.random.gumbel(size=ids.shape), dtype=torch.float32).to(logits.device)
+    confidence = torch.log(selected) + choice_temperature * noise
+    sorted_confidence, _ = torch.sort(confidence, dim=-1)
+    cutoff = sorted_confidence.gather(1, (num_masked - 1).clamp_min(0)[:, None])
+    masking = confidence <= cutoff
+    return sampled, torch.where(masking, mask_id, sampled)
 
 
 # --------------------------------------------------------------------------------------------------
