@@ -140,8 +140,9 @@ def cases(device: str, quick: bool = False) -> list[Case]:
     if quick:
         shapes, dtypes = [(8, 64, 64)], [torch.float32]
     elif device == "cpu":
-        # B = 32: every fp32 buffer is under glibc's 32 MiB mmap threshold and is reused between calls;
-        # B = 64: fresh pages for each [B, 257, 768] fp32 output, so page faults weigh on every provider.
+        # Every new output above glibc's mmap threshold is fresh pages: at B = 64 one [B, 257, 768] fp32
+        # buffer costs ~30-40 ms of page faults on the 2-core CI VM (torch.zeros alone), a floor shared
+        # by every provider; B = 32 shows the ops with less of that floor.
         shapes, dtypes = [(32, 256, 768), (64, 256, 768)], [torch.float32, torch.bfloat16]
     else:
         shapes, dtypes = [(256, 256, 768)], [torch.bfloat16]
