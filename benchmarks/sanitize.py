@@ -3,6 +3,7 @@
 import torch
 
 import mage_kernels as mk
+from mage_kernels.triton import masking as triton_masking
 from mage_kernels.triton import remask as triton_remask
 from mage_kernels.triton import vq as triton_vq
 
@@ -30,8 +31,32 @@ def main() -> None:
             weight = torch.randn(1100, 40, device="cuda", generator=g).to(dtype)
             triton_remask.remask_step_from_hidden(hidden, weight, weight[:, 0].contiguous(), ids, k, seed, **kw,
                                                   reference_ties=ties)
+    masking(g)
     torch.cuda.synchronize()
     print("sanitize: all ops ran", mk.build_info()["ops"])
+
+
+def masking(g: torch.Generator) -> None:
+    """Odd sizes, per-row counts with -1 padding, unaligned rows (C = 13) and 16-byte rows (C = 64)."""
+    B, L = 3, 37
+    noise = torch.rand(B, L, device="cuda", generator=g)
+    m = torch.tensor([0, 37, 20], device="cuda")
+    d = torch.tensor([37, 0, 11], device="cuda")
+    for plan in (torch.ops.mage.mask_plan, triton_masking.mask_plan):
+        plan(noise, m, d, L)
+        plan(noise.double().t().contiguous().t(), m, d, L)  # column-major noise
+    masked, _, keep = torch.ops.mage.mask_plan(noise, m, d, L)
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        for C in (13, 64):
+            x = torch.randn(B, 1 + L, C, device="cuda", generator=g).to(dtype)
+            pos, pad = x[0], x[0, 0]
+            for ops in (torch.ops.mage, triton_masking):
+                y = ops.gather_keep(x, keep)
+                ops.scatter_keep(y, keep, L)
+                ops.pad_with_cls(y, keep, masked, pos, None)
+                ops.pad_with_cls(y, keep, masked, None, pad)
+                ops.pad_with_cls_backward(x, keep, masked, False, True)
+                ops.pad_with_cls_backward(x, keep, masked, True, False)
 
 
 if __name__ == "__main__":

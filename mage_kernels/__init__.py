@@ -8,6 +8,7 @@ import torch  # noqa: F401  (libtorch must be loaded before our native library)
 
 from . import reference
 from ._registry import CHOSEN, NATIVE_ERROR, NATIVE_PATH, REQUESTED, triton_usable
+from .masking import gather_keep, mask_plan, pad_with_cls, sample_mask_counts
 from .remask import (
     annealed_choice_temperature,
     cosine_mask_ratio,
@@ -42,10 +43,14 @@ __all__ = [
     "build_info",
     "cosine_mask_ratio",
     "draw_seed",
+    "gather_keep",
+    "mask_plan",
+    "pad_with_cls",
     "reference",
     "remask_count",
     "remask_step",
     "remask_step_from_hidden",
+    "sample_mask_counts",
     "vq_nearest",
     "vq_quantize",
 ]

@@ -111,3 +111,115 @@ def check_remask_hidden(
         raise ValueError(
             f"{op}: hidden [B, L, C] and ids [B, L] disagree: hidden {tuple(hidden.shape)}, ids {tuple(ids.shape)}"
         )
+
+
+def _shape(t: torch.Tensor) -> tuple:
+    return tuple(t.shape)
+
+
+def _values_checkable(t: torch.Tensor) -> bool:
+    """Value checks (ranges, order) read the data: free on CPU, a host sync on GPU, impossible on fake
+    tensors. So they run on real CPU tensors only; GPU kernels document what they assume instead."""
+    fake = isinstance(t, torch._subclasses.FakeTensor)
+    return t.device.type == "cpu" and not fake and not torch.compiler.is_compiling()
+
+
+def check_counts(op: str, name: str, counts: torch.Tensor, B: int, L: int, device: torch.device) -> None:
+    if counts.dtype != torch.int64:
+        raise TypeError(f"{op}: {name} must be int64, got {counts.dtype}")
+    if counts.dim() > 1 or (counts.dim() == 1 and counts.shape[0] != B):
+        raise ValueError(f"{op}: {name} must be a scalar or [B] = [{B}], got shape {_shape(counts)}")
+    if counts.device != device:
+        raise ValueError(f"{op}: {name} must be on the device of noise ({device}), got {counts.device}")
+    if _values_checkable(counts) and counts.numel() and bool(((counts < 0) | (counts > L)).any()):
+        raise ValueError(f"{op}: {name} must lie in [0, L] = [0, {L}], got values {counts.tolist()}")
+
+
+def check_mask_plan_args(
+    op: str, noise: torch.Tensor, num_masked: torch.Tensor, num_dropped: torch.Tensor, num_kept: int
+) -> None:
+    check_float(op, "noise", noise)
+    if noise.dim() != 2:
+        raise ValueError(f"{op}: noise must be [B, L], got shape {_shape(noise)}")
+    B, L = noise.shape
+    check_counts(op, "num_masked", num_masked, B, L, noise.device)
+    check_counts(op, "num_dropped", num_dropped, B, L, noise.device)
+    if not 0 <= num_kept <= L:
+        raise ValueError(f"{op}: num_kept must lie in [0, L] = [0, {L}], got {num_kept}")
+    if _values_checkable(num_dropped) and num_dropped.numel() and int(num_dropped.min()) < L - num_kept:
+        raise ValueError(
+            f"{op}: keep_idx has num_kept = {num_kept} columns but a row keeps L - num_dropped = "
+            f"{L - int(num_dropped.min())} tokens; pass num_kept >= L - min(num_dropped)"
+        )
+
+
+def check_keep_idx(op: str, keep_idx: torch.Tensor, B: int, L: int, device: torch.device) -> None:
+    if keep_idx.dtype != torch.int64:
+        raise TypeError(f"{op}: keep_idx must be int64, got {keep_idx.dtype}")
+    if keep_idx.dim() != 2 or keep_idx.shape[0] != B:
+        raise ValueError(f"{op}: keep_idx must be [B, Lk] with B = {B}, got shape {_shape(keep_idx)}")
+    if keep_idx.shape[1] > L:
+        raise ValueError(f"{op}: keep_idx must be [B, Lk] with Lk <= L = {L}, got shape {_shape(keep_idx)}")
+    if keep_idx.device != device:
+        raise ValueError(f"{op}: keep_idx must be on {device}, got {keep_idx.device}")
+    if not _values_checkable(keep_idx) or keep_idx.numel() == 0:
+        return
+    # Valid rows: positions in [0, L), strictly increasing, then only -1 (padding).
+    bad_range = (keep_idx < -1) | (keep_idx >= L)
+    if bool(bad_range.any()):
+        b, j = (int(v) for v in bad_range.nonzero()[0])
+        raise ValueError(f"{op}: keep_idx must hold token positions in [0, L) = [0, {L}) or -1, "
+                         f"got keep_idx[{b}, {j}] = {int(keep_idx[b, j])}")
+    prev, nxt = keep_idx[:, :-1], keep_idx[:, 1:]
+    bad_order = ((prev >= 0) & (nxt >= 0) & (nxt <= prev)) | ((prev < 0) & (nxt >= 0))
+    if bool(bad_order.any()):
+        b, j = (int(v) for v in bad_order.nonzero()[0])
+        raise ValueError(f"{op}: keep_idx rows must be strictly increasing positions followed only by -1, "
+                         f"got keep_idx[{b}, {j}:{j + 2}] = {keep_idx[b, j:j + 2].tolist()}")
+
+
+def check_gather_keep_args(op: str, x: torch.Tensor, keep_idx: torch.Tensor, L: int | None = None) -> None:
+    name = "x" if L is None else "grad"
+    check_float(op, name, x)
+    if x.dim() != 3 or x.shape[1] < 1:
+        raise ValueError(f"{op}: {name} must be [B, 1+L, C], got shape {_shape(x)}")
+    if L is None:
+        L = x.shape[1] - 1
+    elif x.shape[1] != 1 + keep_idx.shape[-1]:
+        raise ValueError(f"{op}: {name} must be [B, 1+Lk, C] with Lk = keep_idx.size(1) = {keep_idx.shape[-1]}, "
+                         f"got shape {_shape(x)}")
+    check_keep_idx(op, keep_idx, x.shape[0], L, x.device)
+
+
+def check_pad_with_cls_args(
+    op: str,
+    y: torch.Tensor,
+    keep_idx: torch.Tensor,
+    masked: torch.Tensor,
+    pos_embed: torch.Tensor | None,
+    pad: torch.Tensor | None,
+) -> None:
+    check_float(op, "y", y)
+    if y.dim() != 3:
+        raise ValueError(f"{op}: y must be [B, 1+Lk, C], got shape {_shape(y)}")
+    B, C = y.shape[0], y.shape[2]
+    if masked.dtype != torch.bool:
+        raise TypeError(f"{op}: masked must be bool, got {masked.dtype}")
+    if masked.dim() != 2 or masked.shape[0] != B:
+        raise ValueError(f"{op}: masked must be [B, L] with B = {B}, got shape {_shape(masked)}")
+    if masked.device != y.device:
+        raise ValueError(f"{op}: masked must be on {y.device}, got {masked.device}")
+    L = masked.shape[1]
+    check_keep_idx(op, keep_idx, B, L, y.device)
+    if y.shape[1] != 1 + keep_idx.shape[1]:
+        raise ValueError(f"{op}: y must be [B, 1+Lk, C] with Lk = keep_idx.size(1) = {keep_idx.shape[1]}, "
+                         f"got shape {_shape(y)}")
+    for name, t, shape in (("pos_embed", pos_embed, (L + 1, C)), ("pad", pad, (C,))):
+        if t is None:
+            continue
+        if t.dtype != y.dtype:
+            raise TypeError(f"{op}: {name} must have y's dtype {y.dtype}, got {t.dtype}")
+        if _shape(t) != shape:
+            raise ValueError(f"{op}: {name} must be {list(shape)} (L = {L}, C = {C}), got shape {_shape(t)}")
+        if t.device != y.device:
+            raise ValueError(f"{op}: {name} must be on {y.device}, got {t.device}")

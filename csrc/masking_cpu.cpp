@@ -1,0 +1,511 @@
+// Masked-token ops on CPU (DESIGN.md ops 2-4; MAGE_REFERENCE.md 4.4-4.5). See masking.h for shapes.
+//
+// The ops are data movement: every output row is a copy of one input row, a zero row, or (pad_with_cls
+// with pos_embed) a row plus the positional row. Work is split over output rows (b, slot) with
+// at::parallel_for; the inner loops run over C and are plain copies or element-wise adds. The mask plan
+// selects the D-th and M-th smallest (noise, position) keys per row with nth_element instead of a sort.
+// Unlike the CUDA kernels, these validate keep_idx values (range, strictly increasing, -1 only at the
+// end) and the per-row counts, since reading them costs no host sync here.
+#include "checks.h"
+#include "masking.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace mage {
+
+// ------------------------------------------------------------------------------------------ checks
+
+static void check_counts_shape(const at::Tensor& counts, int64_t B, const at::Device& device, const char* name) {
+  TORCH_CHECK_TYPE(counts.scalar_type() == at::kLong, "mask_plan: ", name, " must be int64, got ",
+                   counts.scalar_type());
+  TORCH_CHECK_VALUE(counts.dim() == 0 || (counts.dim() == 1 && counts.size(0) == B), "mask_plan: ", name,
+                    " must be a scalar or [B] = [", B, "], got shape ", counts.sizes());
+  TORCH_CHECK_VALUE(counts.device() == device, "mask_plan: ", name, " must be on the device of noise (", device,
+                    "), got ", counts.device());
+}
+
+void check_mask_plan_shapes(const at::Tensor& noise, const at::Tensor& num_masked, const at::Tensor& num_dropped,
+                            int64_t num_kept) {
+  check_float(noise, "mask_plan", "noise");
+  TORCH_CHECK_VALUE(noise.dim() == 2, "mask_plan: noise must be [B, L], got shape ", noise.sizes());
+  const int64_t B = noise.size(0), L = noise.size(1);
+  TORCH_CHECK_VALUE(L < std::numeric_limits<int32_t>::max(), "mask_plan: L must be < 2^31, got ", L);
+  check_counts_shape(num_masked, B, noise.device(), "num_masked");
+  check_counts_shape(num_dropped, B, noise.device(), "num_dropped");
+  TORCH_CHECK_VALUE(num_kept >= 0 && num_kept <= L, "mask_plan: num_kept must lie in [0, L] = [0, ", L, "], got ",
+                    num_kept);
+}
+
+void check_keep_idx_shape(const at::Tensor& keep_idx, int64_t B, int64_t L, const at::Device& device,
+                          const char* op) {
+  TORCH_CHECK_TYPE(keep_idx.scalar_type() == at::kLong, op, ": keep_idx must be int64, got ",
+                   keep_idx.scalar_type());
+  TORCH_CHECK_VALUE(keep_idx.dim() == 2 && keep_idx.size(0) == B, op, ": keep_idx must be [B, Lk] with B = ", B,
+                    ", got shape ", keep_idx.sizes());
+  TORCH_CHECK_VALUE(keep_idx.size(1) <= L, op, ": keep_idx must be [B, Lk] with Lk <= L = ", L, ", got shape ",
+                    keep_idx.sizes());
+  TORCH_CHECK_VALUE(keep_idx.device() == device, op, ": keep_idx must be on ", device, ", got ", keep_idx.device());
+}
+
+void check_rows_shape(const at::Tensor& x, const char* op, const char* name) {
+  check_float(x, op, name);
+  TORCH_CHECK_VALUE(x.dim() == 3 && x.size(1) >= 1, op, ": ", name, " must be [B, 1+L, C], got shape ", x.sizes());
+}
+
+void check_pad_with_cls_shapes(const at::Tensor& y, const at::Tensor& keep_idx, const at::Tensor& masked,
+                               const std::optional<at::Tensor>& pos_embed, const std::optional<at::Tensor>& pad) {
+  check_float(y, "pad_with_cls", "y");
+  TORCH_CHECK_VALUE(y.dim() == 3, "pad_with_cls: y must be [B, 1+Lk, C], got shape ", y.sizes());
+  const int64_t B = y.size(0), C = y.size(2);
+  TORCH_CHECK_TYPE(masked.scalar_type() == at::kBool, "pad_with_cls: masked must be bool, got ",
+                   masked.scalar_type());
+  TORCH_CHECK_VALUE(masked.dim() == 2 && masked.size(0) == B, "pad_with_cls: masked must be [B, L] with B = ", B,
+                    ", got shape ", masked.sizes());
+  TORCH_CHECK_VALUE(masked.device() == y.device(), "pad_with_cls: masked must be on ", y.device(), ", got ",
+                    masked.device());
+  const int64_t L = masked.size(1);
+  check_keep_idx_shape(keep_idx, B, L, y.device(), "pad_with_cls");
+  TORCH_CHECK_VALUE(y.size(1) == 1 + keep_idx.size(1), "pad_with_cls: y must be [B, 1+Lk, C] with Lk = ",
+                    "keep_idx.size(1) = ", keep_idx.size(1), ", got shape ", y.sizes());
+  if (pos_embed) {
+    TORCH_CHECK_TYPE(pos_embed->scalar_type() == y.scalar_type(), "pad_with_cls: pos_embed must have y's dtype ",
+                     y.scalar_type(), ", got ", pos_embed->scalar_type());
+    TORCH_CHECK_VALUE(pos_embed->dim() == 2 && pos_embed->size(0) == L + 1 && pos_embed->size(1) == C,
+                      "pad_with_cls: pos_embed must be [", L + 1, ", ", C, "] (L = ", L, ", C = ", C,
+                      "), got shape ", pos_embed->sizes());
+    TORCH_CHECK_VALUE(pos_embed->device() == y.device(), "pad_with_cls: pos_embed must be on ", y.device(),
+                      ", got ", pos_embed->device());
+  }
+  if (pad) {
+    TORCH_CHECK_TYPE(pad->scalar_type() == y.scalar_type(), "pad_with_cls: pad must have y's dtype ",
+                     y.scalar_type(), ", got ", pad->scalar_type());
+    TORCH_CHECK_VALUE(pad->dim() == 1 && pad->size(0) == C, "pad_with_cls: pad must be [", C, "] (C = ", C,
+                      "), got shape ", pad->sizes());
+    TORCH_CHECK_VALUE(pad->device() == y.device(), "pad_with_cls: pad must be on ", y.device(), ", got ",
+                      pad->device());
+  }
+}
+
+void check_pad_backward_shapes(const at::Tensor& grad_z, const at::Tensor& keep_idx, const at::Tensor& masked) {
+  check_rows_shape(grad_z, "pad_with_cls_backward", "grad_z");
+  const int64_t B = grad_z.size(0);
+  TORCH_CHECK_TYPE(masked.scalar_type() == at::kBool, "pad_with_cls_backward: masked must be bool, got ",
+                   masked.scalar_type());
+  TORCH_CHECK_VALUE(masked.dim() == 2 && masked.size(0) == B && grad_z.size(1) == 1 + masked.size(1),
+                    "pad_with_cls_backward: masked must be [B, L] and grad_z [B, 1+L, C], got ", masked.sizes(),
+                    " and ", grad_z.sizes());
+  TORCH_CHECK_VALUE(masked.device() == grad_z.device(), "pad_with_cls_backward: masked must be on ",
+                    grad_z.device(), ", got ", masked.device());
+  check_keep_idx_shape(keep_idx, B, masked.size(1), grad_z.device(), "pad_with_cls_backward");
+}
+
+namespace {
+
+// keep_idx rows must be strictly increasing positions in [0, L), followed only by -1. This and
+// slot_sources below are serial: B * Lk indices take microseconds, less than waking a thread pool.
+void check_keep_idx_values(const int64_t* keep, int64_t B, int64_t Lk, int64_t L, const char* op) {
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t* k = keep + b * Lk;
+    int64_t prev = -1;
+    bool padding = false;
+    for (int64_t j = 0; j < Lk; ++j) {
+      TORCH_CHECK_VALUE(k[j] >= -1 && k[j] < L, op, ": keep_idx must hold token positions in [0, L) = [0, ", L,
+                        ") or -1, got keep_idx[", b, ", ", j, "] = ", k[j]);
+      if (k[j] < 0) {
+        padding = true;
+        continue;
+      }
+      TORCH_CHECK_VALUE(!padding && k[j] > prev, op,
+                        ": keep_idx rows must be strictly increasing positions followed only by -1, got keep_idx[",
+                        b, ", ", j - 1, ":", j + 1, "] = [", k[j - 1], ", ", k[j], "]");
+      prev = k[j];
+    }
+  }
+}
+
+// src (B, L): j when token t = keep_idx[b, j] takes its own row (and is not masked, if masked is given), else -1.
+std::vector<int64_t> slot_sources(const int64_t* keep, const bool* masked, int64_t B, int64_t Lk, int64_t L) {
+  std::vector<int64_t> src(B * L, -1);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t j = 0; j < Lk; ++j) {
+      const int64_t t = keep[b * Lk + j];
+      if (t >= 0 && !(masked && masked[b * L + t])) src[b * L + t] = j;
+    }
+  }
+  return src;
+}
+
+// Rows of a (B, S, C) tensor whose channel stride is 1: base pointer plus row strides, in bytes.
+struct Rows {
+  const char* data;
+  int64_t stride_b, stride_s;
+  const char* row(int64_t b, int64_t s) const { return data + b * stride_b + s * stride_s; }
+};
+
+Rows rows_of(const at::Tensor& t) {
+  const int64_t es = t.element_size();
+  return {static_cast<const char*>(t.const_data_ptr()), t.stride(0) * es, t.stride(1) * es};
+}
+
+at::Tensor unit_channel_stride(const at::Tensor& t) { return t.stride(2) == 1 ? t : t.contiguous(); }
+
+// Output rows per parallel task: about 32 KiB of data each.
+int64_t row_grain(int64_t row_bytes) { return std::max<int64_t>(1, (32 << 10) / std::max<int64_t>(row_bytes, 1)); }
+
+// Element-wise row loops, compiled once more for AVX2 and chosen at run time (no -march flags), so the
+// bf16 <-> fp32 conversions and fp32 adds vectorize. bf16 rounds to nearest-even like c10::BFloat16.
+#if defined(__x86_64__)
+#define MAGE_ROW_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define MAGE_ROW_CLONES
+#endif
+
+inline float bf16_to_float(uint16_t h) { return std::bit_cast<float>(static_cast<uint32_t>(h) << 16); }
+
+inline uint16_t float_to_bf16(float f) {
+  const uint32_t u = std::bit_cast<uint32_t>(f);
+  const uint16_t rounded = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  return f != f ? uint16_t(0x7FC0) : rounded;
+}
+
+MAGE_ROW_CLONES void add_rows_f32(float* out, const float* a, const float* b, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = a[i] + b[i];
+}
+
+MAGE_ROW_CLONES void add_rows_bf16(uint16_t* out, const uint16_t* a, const uint16_t* b, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = float_to_bf16(bf16_to_float(a[i]) + bf16_to_float(b[i]));
+}
+
+MAGE_ROW_CLONES void accumulate_f32(float* acc, const float* g, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) acc[i] += g[i];
+}
+
+MAGE_ROW_CLONES void accumulate_bf16(float* acc, const uint16_t* g, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) acc[i] += bf16_to_float(g[i]);
+}
+
+MAGE_ROW_CLONES void round_to_bf16(uint16_t* out, const float* acc, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = float_to_bf16(acc[i]);
+}
+
+// out = a + b, rounded once to T (the sum is exact in opmath before rounding, as torch's add).
+template <typename T>
+void add_row(T* out, const T* a, const T* b, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    add_rows_f32(out, a, b, n);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    add_rows_bf16(reinterpret_cast<uint16_t*>(out), reinterpret_cast<const uint16_t*>(a),
+                  reinterpret_cast<const uint16_t*>(b), n);
+  } else {
+    using acc_t = at::opmath_type<T>;
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(acc_t(a[i]) + acc_t(b[i]));
+  }
+}
+
+// acc += g, in opmath.
+template <typename T>
+void accumulate_row(at::opmath_type<T>* acc, const T* g, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    accumulate_f32(acc, g, n);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    accumulate_bf16(acc, reinterpret_cast<const uint16_t*>(g), n);
+  } else {
+    for (int64_t i = 0; i < n; ++i) acc[i] += at::opmath_type<T>(g[i]);
+  }
+}
+
+// out = acc rounded once to T.
+template <typename T>
+void store_row(T* out, const at::opmath_type<T>* acc, int64_t n) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    round_to_bf16(reinterpret_cast<uint16_t*>(out), acc, n);
+  } else {
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(acc[i]);
+  }
+}
+
+// Copies (B, S_out) rows: out[b, s] = in[b, source(b, s)], or zeros for source -1.
+template <typename Source>
+void copy_rows(at::Tensor& out, const Rows& in, int64_t C, Source source) {
+  const int64_t B = out.size(0), S = out.size(1), row_bytes = C * out.element_size();
+  char* o = static_cast<char*>(out.data_ptr());
+  at::parallel_for(0, B * S, row_grain(row_bytes), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / S, s = r % S, from = source(b, s);
+      if (from >= 0) {
+        std::memcpy(o + r * row_bytes, in.row(b, from), row_bytes);
+      } else {
+        std::memset(o + r * row_bytes, 0, row_bytes);  // all-zero bits is +0.0 in every float type
+      }
+    }
+  });
+}
+
+// Ordered integer key of a float: monotone in the value, -0.0 == 0.0, every NaN above +inf.
+template <typename Bits, typename F>
+Bits ordered_key(F f) {
+  constexpr Bits sign = Bits(1) << (8 * sizeof(Bits) - 1);
+  if (std::isnan(f)) return std::numeric_limits<Bits>::max();
+  if (f == F(0)) f = F(0);
+  Bits u;
+  std::memcpy(&u, &f, sizeof(u));
+  return (u & sign) ? ~u : (u | sign);
+}
+
+// (noise, position) as one unsigned integer, so equal noise values rank by position.
+template <typename scalar_t>
+struct RankKey {
+  using type = std::conditional_t<std::is_same_v<scalar_t, double>, unsigned __int128, uint64_t>;
+  static type make(scalar_t v, int64_t t) {
+    if constexpr (std::is_same_v<scalar_t, double>) {
+      return (type(ordered_key<uint64_t>(v)) << 64) | type(t);
+    } else {
+      return (type(ordered_key<uint32_t>(static_cast<float>(v))) << 32) | type(t);
+    }
+  }
+};
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------- mask_plan
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mask_plan_cpu(const at::Tensor& noise_in, const at::Tensor& num_masked,
+                                                             const at::Tensor& num_dropped, c10::SymInt num_kept_s) {
+  const int64_t num_kept = num_kept_s.expect_int();
+  check_mask_plan_shapes(noise_in, num_masked, num_dropped, num_kept);
+  const int64_t B = noise_in.size(0), L = noise_in.size(1);
+  const at::Tensor noise = noise_in.contiguous();
+  const at::Tensor m_counts = num_masked.contiguous(), d_counts = num_dropped.contiguous();
+  const int64_t* mc = m_counts.const_data_ptr<int64_t>();
+  const int64_t* dc = d_counts.const_data_ptr<int64_t>();
+  const int64_t m_step = m_counts.dim() ? 1 : 0, d_step = d_counts.dim() ? 1 : 0;
+  for (int64_t b = 0; b < (m_counts.dim() ? B : 1); ++b) {
+    TORCH_CHECK_VALUE(mc[b] >= 0 && mc[b] <= L, "mask_plan: num_masked must lie in [0, L] = [0, ", L, "], got ",
+                      mc[b], " (row ", b, ")");
+  }
+  for (int64_t b = 0; b < (d_counts.dim() ? B : 1); ++b) {
+    TORCH_CHECK_VALUE(dc[b] >= 0 && dc[b] <= L, "mask_plan: num_dropped must lie in [0, L] = [0, ", L, "], got ",
+                      dc[b], " (row ", b, ")");
+    TORCH_CHECK_VALUE(L - dc[b] <= num_kept, "mask_plan: keep_idx has num_kept = ", num_kept,
+                      " columns but row ", b, " keeps L - num_dropped = ", L - dc[b],
+                      " tokens; pass num_kept >= L - min(num_dropped)");
+  }
+  at::Tensor masked = at::empty({B, L}, noise.options().dtype(at::kBool));
+  at::Tensor dropped = at::empty({B, L}, noise.options().dtype(at::kBool));
+  at::Tensor keep_idx = at::empty({B, num_kept}, noise.options().dtype(at::kLong));
+  if (B == 0) return {masked, dropped, keep_idx};
+  bool* mp = masked.data_ptr<bool>();
+  bool* dp = dropped.data_ptr<bool>();
+  int64_t* kp = keep_idx.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, noise.scalar_type(), "mask_plan_cpu", [&] {
+    using Key = typename RankKey<scalar_t>::type;
+    const scalar_t* np = noise.const_data_ptr<scalar_t>();
+    at::parallel_for(0, B, std::max<int64_t>(1, 4096 / std::max<int64_t>(L, 1)), [&](int64_t begin, int64_t end) {
+      std::vector<Key> keys(L), work(L);
+      for (int64_t b = begin; b < end; ++b) {
+        const scalar_t* row = np + b * L;
+        for (int64_t t = 0; t < L; ++t) keys[t] = RankKey<scalar_t>::make(row[t], t);
+        // Keys are distinct, so rank(t) < n  <=>  key(t) < (n-th smallest key); n = L means all.
+        const int64_t M = mc[b * m_step], D = dc[b * d_step];
+        const int64_t hi = std::max(M, D), lo = std::min(M, D);
+        Key thr_hi = 0, thr_lo = 0;
+        std::copy(keys.begin(), keys.end(), work.begin());
+        if (hi < L) {
+          std::nth_element(work.begin(), work.begin() + hi, work.end());
+          thr_hi = work[hi];
+        }
+        if (lo < hi) {  // the hi smallest now lie in work[0, hi)
+          std::nth_element(work.begin(), work.begin() + lo, work.begin() + hi);
+          thr_lo = work[lo];
+        } else {
+          thr_lo = thr_hi;
+        }
+        const Key thr_m = M == hi ? thr_hi : thr_lo, thr_d = D == hi ? thr_hi : thr_lo;
+        const bool all_m = M == L, all_d = D == L;
+        bool* mrow = mp + b * L;
+        bool* drow = dp + b * L;
+        int64_t* krow = kp + b * num_kept;
+        int64_t n = 0;
+        for (int64_t t = 0; t < L; ++t) {
+          mrow[t] = all_m || keys[t] < thr_m;
+          const bool d = all_d || keys[t] < thr_d;
+          drow[t] = d;
+          if (!d) krow[n++] = t;
+        }
+        std::fill(krow + n, krow + num_kept, int64_t(-1));
+      }
+    });
+  });
+  return {masked, dropped, keep_idx};
+}
+
+// -------------------------------------------------------------------------------- gather / scatter
+
+at::Tensor gather_keep_cpu(const at::Tensor& x_in, const at::Tensor& keep_in) {
+  check_rows_shape(x_in, "gather_keep", "x");
+  const int64_t B = x_in.size(0), L = x_in.size(1) - 1, C = x_in.size(2);
+  check_keep_idx_shape(keep_in, B, L, x_in.device(), "gather_keep");
+  const at::Tensor keep_idx = keep_in.contiguous();
+  const int64_t Lk = keep_idx.size(1);
+  const int64_t* keep = keep_idx.const_data_ptr<int64_t>();
+  check_keep_idx_values(keep, B, Lk, L, "gather_keep");
+  at::Tensor y = at::empty({B, 1 + Lk, C}, x_in.options());
+  if (y.numel() == 0) return y;
+  const at::Tensor x = unit_channel_stride(x_in);
+  copy_rows(y, rows_of(x), C, [&](int64_t b, int64_t s) -> int64_t {
+    if (s == 0) return 0;
+    const int64_t t = keep[b * Lk + s - 1];
+    return t >= 0 ? 1 + t : -1;
+  });
+  return y;
+}
+
+at::Tensor scatter_keep_cpu(const at::Tensor& y_in, const at::Tensor& keep_in, c10::SymInt L_s) {
+  const int64_t L = L_s.expect_int();
+  check_rows_shape(y_in, "scatter_keep", "grad");
+  const int64_t B = y_in.size(0), C = y_in.size(2);
+  check_keep_idx_shape(keep_in, B, L, y_in.device(), "scatter_keep");
+  TORCH_CHECK_VALUE(y_in.size(1) == 1 + keep_in.size(1), "scatter_keep: grad must be [B, 1+Lk, C] with Lk = ",
+                    "keep_idx.size(1) = ", keep_in.size(1), ", got shape ", y_in.sizes());
+  const at::Tensor keep_idx = keep_in.contiguous();
+  const int64_t Lk = keep_idx.size(1);
+  const int64_t* keep = keep_idx.const_data_ptr<int64_t>();
+  check_keep_idx_values(keep, B, Lk, L, "scatter_keep");
+  at::Tensor x = at::empty({B, 1 + L, C}, y_in.options());
+  if (x.numel() == 0) return x;
+  const std::vector<int64_t> src = slot_sources(keep, nullptr, B, Lk, L);
+  const at::Tensor y = unit_channel_stride(y_in);
+  copy_rows(x, rows_of(y), C, [&](int64_t b, int64_t s) -> int64_t {
+    if (s == 0) return 0;
+    const int64_t j = src[b * L + s - 1];
+    return j >= 0 ? 1 + j : -1;
+  });
+  return x;
+}
+
+// ------------------------------------------------------------------------------------ pad_with_cls
+
+at::Tensor pad_with_cls_cpu(const at::Tensor& y_in, const at::Tensor& keep_in, const at::Tensor& masked_in,
+                            const std::optional<at::Tensor>& pos_embed, const std::optional<at::Tensor>& pad) {
+  check_pad_with_cls_shapes(y_in, keep_in, masked_in, pos_embed, pad);
+  const int64_t B = y_in.size(0), C = y_in.size(2), L = masked_in.size(1);
+  const at::Tensor keep_idx = keep_in.contiguous(), masked = masked_in.contiguous();
+  const int64_t Lk = keep_idx.size(1);
+  const int64_t* keep = keep_idx.const_data_ptr<int64_t>();
+  check_keep_idx_values(keep, B, Lk, L, "pad_with_cls");
+  at::Tensor z = at::empty({B, 1 + L, C}, y_in.options());
+  if (z.numel() == 0) return z;
+  const std::vector<int64_t> src = slot_sources(keep, masked.const_data_ptr<bool>(), B, Lk, L);
+  const at::Tensor y = unit_channel_stride(y_in);
+  const Rows yr = rows_of(y);
+  const at::Tensor pe = pos_embed ? pos_embed->contiguous() : at::Tensor();
+  const at::Tensor pd = pad ? pad->contiguous() : at::Tensor();
+  const int64_t S = 1 + L, es = z.element_size();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, z.scalar_type(), "pad_with_cls_cpu", [&] {
+    scalar_t* zp = z.data_ptr<scalar_t>();
+    const scalar_t* pep = pe.defined() ? pe.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* pdp = pd.defined() ? pd.const_data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, B * S, row_grain(C * es), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t b = r / S, s = r % S;
+        const int64_t j = s == 0 ? -1 : src[b * L + s - 1];
+        const scalar_t* from = j >= 0     ? reinterpret_cast<const scalar_t*>(yr.row(b, 1 + j))
+                               : s > 0 && pdp ? pdp
+                                              : reinterpret_cast<const scalar_t*>(yr.row(b, 0));
+        scalar_t* out = zp + r * C;
+        if (pep) {
+          add_row(out, from, pep + s * C, C);
+        } else {
+          std::memcpy(out, from, C * es);
+        }
+      }
+    });
+  });
+  return z;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pad_with_cls_backward_cpu(const at::Tensor& gz_in,
+                                                                         const at::Tensor& keep_in,
+                                                                         const at::Tensor& masked_in, bool mae,
+                                                                         bool pos) {
+  check_pad_backward_shapes(gz_in, keep_in, masked_in);
+  const int64_t B = gz_in.size(0), C = gz_in.size(2), L = masked_in.size(1), S = 1 + L;
+  const at::Tensor keep_idx = keep_in.contiguous(), masked = masked_in.contiguous();
+  const int64_t Lk = keep_idx.size(1);
+  const int64_t* keep = keep_idx.const_data_ptr<int64_t>();
+  check_keep_idx_values(keep, B, Lk, L, "pad_with_cls_backward");
+  const auto acc_dtype = gz_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor grad_y = at::empty({B, 1 + Lk, C}, gz_in.options());
+  at::Tensor pad_sum = at::empty({mae ? B : 0, C}, gz_in.options().dtype(acc_dtype));
+  at::Tensor grad_pos = at::empty({pos ? S : 0, C}, gz_in.options());
+  if (C == 0) return {grad_y, pad_sum, grad_pos};
+  const bool* mk = masked.const_data_ptr<bool>();
+  const std::vector<int64_t> src = slot_sources(keep, mk, B, Lk, L);
+  const at::Tensor gz = unit_channel_stride(gz_in);
+  const Rows gr = rows_of(gz);
+  // Rows 1..Lk: a kept, unmasked token's gradient comes back from its slot; others get zero.
+  copy_rows(grad_y, gr, C, [&](int64_t b, int64_t s) -> int64_t {
+    if (s == 0) return 0;  // overwritten below in the [C] mode
+    const int64_t t = keep[b * Lk + s - 1];
+    return t >= 0 && !mk[b * L + t] ? 1 + t : -1;
+  });
+  // One parallel region for both column sums, per chunk of channels, accumulated in fp32 / fp64:
+  // tasks [0, B * chunks) sum a row's padded tokens (into grad_y[:, 0] or pad_sum), the next
+  // S * chunks tasks sum a slot over the batch (grad_pos).
+  constexpr int64_t kChunk = 512;
+  const int64_t chunks = (C + kChunk - 1) / kChunk;
+  const int64_t pad_tasks = B * chunks, pos_tasks = pos ? S * chunks : 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gz.scalar_type(), "pad_with_cls_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    scalar_t* gy = grad_y.data_ptr<scalar_t>();
+    scalar_t* gp = pos ? grad_pos.data_ptr<scalar_t>() : nullptr;
+    acc_t* ps = mae ? pad_sum.data_ptr<acc_t>() : nullptr;
+    auto row = [&](int64_t b, int64_t s, int64_t c0) { return reinterpret_cast<const scalar_t*>(gr.row(b, s)) + c0; };
+    at::parallel_for(0, pad_tasks + pos_tasks, 1, [&](int64_t begin, int64_t end) {
+      acc_t acc[kChunk];
+      for (int64_t task = begin; task < end; ++task) {
+        const bool is_pad = task < pad_tasks;
+        const int64_t k = is_pad ? task : task - pad_tasks;
+        const int64_t r = k / chunks, c0 = (k % chunks) * kChunk, n = std::min(kChunk, C - c0);
+        std::fill(acc, acc + n, acc_t(0));
+        if (!is_pad) {  // r = slot s
+          for (int64_t b = 0; b < B; ++b) accumulate_row(acc, row(b, r, c0), n);
+          store_row(gp + r * C + c0, acc, n);
+          continue;
+        }
+        for (int64_t t = 0; t < L; ++t) {  // r = batch row b
+          if (src[r * L + t] < 0) accumulate_row(acc, row(r, 1 + t, c0), n);
+        }
+        if (mae) {
+          std::copy(acc, acc + n, ps + r * C + c0);
+        } else {
+          accumulate_row(acc, row(r, 0, c0), n);
+          store_row(gy + r * (1 + Lk) * C + c0, acc, n);
+        }
+      }
+    });
+  });
+  return {grad_y, pad_sum, grad_pos};
+}
+
+TORCH_LIBRARY_IMPL(mage, CPU, m) {
+  m.impl("mask_plan", &mask_plan_cpu);
+  m.impl("gather_keep", &gather_keep_cpu);
+  m.impl("scatter_keep", &scatter_keep_cpu);
+  m.impl("pad_with_cls", &pad_with_cls_cpu);
+  m.impl("pad_with_cls_backward", &pad_with_cls_backward_cpu);
+}
+
+}  // namespace mage
