@@ -252,8 +252,8 @@ def load(path: str | os.PathLike, *, device="cpu") -> MAGE:
     return model
 
 
-def load_any(path: str | os.PathLike, **kwargs) -> MAGE:
+def load_any(path: str | os.PathLike, *, map_location="cpu", trusted: bool = False) -> MAGE:
     """Our safetensors files by suffix, anything else as an official .pth."""
     if os.fspath(path).endswith(".safetensors"):
-        return load(path, device=kwargs.get("map_location", "cpu"))
-    return load_official(path, **kwargs)
+        return load(path, device=map_location)
+    return load_official(path, map_location=map_location, trusted=trusted)

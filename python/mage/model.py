@@ -249,6 +249,10 @@ class MAGE(nn.Module):
     def tokenizer(self) -> VQGANTokenizer:
         return self.vqgan
 
+    @property
+    def device(self) -> torch.device:
+        return self.token_emb.word_embeddings.weight.device
+
     # ------------------------------------------------------------------------------------ checks
 
     def _check_inputs(self, ids: torch.Tensor, mask: torch.Tensor | None, name_ids: str = "ids") -> None:
