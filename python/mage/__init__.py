@@ -18,7 +18,7 @@ from .model import (
     mage_vit_small,
     mage_vit_tiny,
 )
-from .sampler import decode_tokens, generate, mask_schedule
+from .sampler import decode_tokens, generate, mask_schedule, sample_step
 from .tokenizer import TokenizerConfig, VQGANTokenizer
 
 __version__ = "0.1.0"
@@ -44,6 +44,7 @@ __all__ = [
     "mage_vit_small",
     "mage_vit_tiny",
     "mask_schedule",
+    "sample_step",
     "save",
     "token_mask_from_pixels",
 ]

@@ -53,6 +53,37 @@ def _check_model(model: MAGE) -> None:
         raise TypeError(f"expected a mage.MAGE model, got {type(model).__name__}")
 
 
+def sample_step(
+    model: MAGE,
+    ids: torch.Tensor,
+    num_initial: torch.Tensor,
+    step: int,
+    steps: int,
+    *,
+    choice_temperature: float = 6.0,
+    generator: torch.Generator | None = None,
+    fused_head: bool = True,
+    reference_ties: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoding step (section 5, 2.1-2.10) on ids [B, L]: returns (sampled, new_ids), both [B, L].
+
+    Static shapes and no host sync, so it compiles with fullgraph=True and can be captured in a CUDA graph.
+    """
+    c = model.config
+    K, mask_id = c.codebook_size, c.mask_id
+    num_masked = remask_counts(ids, num_initial, step, steps, mask_id)
+    kw = dict(mask_id=mask_id, choice_temperature=mage_kernels.annealed_choice_temperature(step, steps, choice_temperature),
+              generator=generator, reference_ties=reference_ties)
+    if fused_head:
+        hidden = model.head_hidden(ids, mask=ids == mask_id)[:, 1:]  # (B, L, D)
+        weight, bias = model.head_weight()
+        return mage_kernels.remask_step_from_hidden(
+            hidden, weight[:K].to(hidden.dtype), bias[:K].to(hidden.dtype), ids, num_masked, **kw
+        )
+    logits = model(ids, mask=ids == mask_id)[:, 1:, :K]  # (B, L, K), a strided view
+    return mage_kernels.remask_step(logits, ids, num_masked, **kw)
+
+
 def decode_tokens(
     model: MAGE,
     ids: torch.Tensor,
@@ -70,27 +101,15 @@ def decode_tokens(
     (still-masked tokens hold config.mask_id). Call under no_grad / autocast as wanted; no host sync.
     """
     _check_model(model)
-    c = model.config
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if choice_temperature < 0:
         raise ValueError(f"choice_temperature must be >= 0, got {choice_temperature}")
-    K, mask_id = c.codebook_size, c.mask_id
-    num_initial = (ids == mask_id).sum(1)
+    num_initial = (ids == model.config.mask_id).sum(1)
     sampled = ids
     for t in range(steps):
-        num_masked = remask_counts(ids, num_initial, t, steps, mask_id)
-        tau = mage_kernels.annealed_choice_temperature(t, steps, choice_temperature)
-        kw = dict(mask_id=mask_id, choice_temperature=tau, generator=generator, reference_ties=reference_ties)
-        if fused_head:
-            hidden = model.head_hidden(ids, mask=ids == mask_id)[:, 1:]  # (B, L, D)
-            weight, bias = model.head_weight()
-            sampled, ids = mage_kernels.remask_step_from_hidden(
-                hidden, weight[:K].to(hidden.dtype), bias[:K].to(hidden.dtype), ids, num_masked, **kw
-            )
-        else:
-            logits = model(ids, mask=ids == mask_id)[:, 1:, :K]  # (B, L, K), a strided view
-            sampled, ids = mage_kernels.remask_step(logits, ids, num_masked, **kw)
+        sampled, ids = sample_step(model, ids, num_initial, t, steps, choice_temperature=choice_temperature,
+                                   generator=generator, fused_head=fused_head, reference_ties=reference_ties)
         if on_step is not None:
             on_step(t, ids)
     return sampled
