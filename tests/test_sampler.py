@@ -7,6 +7,7 @@ from conftest import requires_cuda
 from test_model import L_TINY, randomized, tiny_config
 
 import mage
+import mage_kernels
 from mage import cli
 
 # Section 5: tokens still masked after each step from all-[MASK] over 256 tokens ("then all committed").
@@ -170,9 +171,12 @@ def test_one_step_compiles_whole(model):
     ids = torch.full((2, L_TINY), c.mask_id)
     ids[:, :5] = 3
     n0 = (ids == c.mask_id).sum(1)
+    seed = mage_kernels.draw_seed("cpu", torch.Generator().manual_seed(0))
     step = torch.compile(mage.sample_step, backend="aot_eager", fullgraph=True)
     with torch.no_grad():
-        sampled, new_ids = step(model, ids, n0, 1, 8, choice_temperature=0.0)
+        sampled, new_ids = step(model, ids, n0, 1, 8, seed=seed)
+        eager = mage.sample_step(model, ids, n0, 1, 8, seed=seed)
+    assert torch.equal(sampled, eager[0]) and torch.equal(new_ids, eager[1])
     assert torch.equal(sampled[:, :5], ids[:, :5])
     assert (new_ids == c.mask_id).sum(1).tolist() == [mage.sampler.remask_counts(ids, n0, 1, 8, c.mask_id)[0].item()] * 2
 

@@ -64,16 +64,19 @@ def sample_step(
     generator: torch.Generator | None = None,
     fused_head: bool = True,
     reference_ties: bool = False,
+    seed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One decoding step (section 5, 2.1-2.10) on ids [B, L]: returns (sampled, new_ids), both [B, L].
 
-    Static shapes and no host sync, so it compiles with fullgraph=True and can be captured in a CUDA graph.
+    Static shapes and no host sync, so it compiles with fullgraph=True and can be captured in a CUDA
+    graph. The step's randomness comes from `seed` ((2,) int64, see `mage_kernels.draw_seed`) when given,
+    else from `generator`; Dynamo cannot trace a torch.Generator, so compiled callers pass a seed.
     """
     c = model.config
     K, mask_id = c.codebook_size, c.mask_id
     num_masked = remask_counts(ids, num_initial, step, steps, mask_id)
     kw = dict(mask_id=mask_id, choice_temperature=mage_kernels.annealed_choice_temperature(step, steps, choice_temperature),
-              generator=generator, reference_ties=reference_ties)
+              generator=generator, reference_ties=reference_ties, seed=seed)
     if fused_head:
         hidden = model.head_hidden(ids, mask=ids == mask_id)[:, 1:]  # (B, L, D)
         weight, bias = model.head_weight()
