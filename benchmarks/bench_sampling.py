@@ -60,7 +60,8 @@ def eager_ref_generate(model: mage.MAGE, batch: int, steps: int, choice_temperat
             selected = torch.gather(probs, -1, sampled[..., None])[..., 0]
             selected = torch.where(unknown, selected.double(), torch.inf).float()
             mask_len = torch.tensor([math.floor(L * mask_ratio)], device=device)
-            mask_len = torch.maximum(torch.ones_like(mask_len), torch.minimum(unknown.sum(-1, keepdim=True) - 1, mask_len))
+            mask_len = torch.minimum(unknown.sum(-1, keepdim=True) - 1, mask_len)
+            mask_len = torch.maximum(torch.ones_like(mask_len), mask_len)
             gumbel = torch.from_numpy(np.random.gumbel(size=selected.shape)).float().to(device)
             confidence = torch.log(selected) + choice_temperature * (1 - ratio) * gumbel
             cut = torch.sort(confidence, dim=-1).values[:, mask_len[0].long() - 1 : mask_len[0].long()]

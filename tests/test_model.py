@@ -78,12 +78,14 @@ def _ln(x, P, name, eps):
 def _reference_block(x, P, p, heads):
     B, N, C = x.shape
     h = _ln(x, P, f"{p}.norm1", 1e-6)
-    q, k, v = F.linear(h, P[f"{p}.attn.qkv.weight"], P[f"{p}.attn.qkv.bias"]).reshape(B, N, 3, heads, C // heads).permute(2, 0, 3, 1, 4)
+    qkv = F.linear(h, P[f"{p}.attn.qkv.weight"], P[f"{p}.attn.qkv.bias"]).reshape(B, N, 3, heads, C // heads)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)
     attn = (q @ k.transpose(-2, -1)) * (C // heads) ** -0.5
     attn = (attn - attn.max(-1, keepdim=True).values).softmax(-1)
     x = x + F.linear((attn @ v).transpose(1, 2).reshape(B, N, C), P[f"{p}.attn.proj.weight"], P[f"{p}.attn.proj.bias"])
     h = _ln(x, P, f"{p}.norm2", 1e-6)
-    return x + F.linear(F.gelu(F.linear(h, P[f"{p}.mlp.fc1.weight"], P[f"{p}.mlp.fc1.bias"])), P[f"{p}.mlp.fc2.weight"], P[f"{p}.mlp.fc2.bias"])
+    h = F.gelu(F.linear(h, P[f"{p}.mlp.fc1.weight"], P[f"{p}.mlp.fc1.bias"]))
+    return x + F.linear(h, P[f"{p}.mlp.fc2.weight"], P[f"{p}.mlp.fc2.bias"])
 
 
 def reference_logits(model, ids, mask=None, drop=None):
@@ -97,7 +99,8 @@ def reference_logits(model, ids, mask=None, drop=None):
     zero = torch.zeros(B, 1, dtype=torch.bool)
     token_all_mask, token_drop_mask = torch.cat([zero, mask], 1), torch.cat([zero, drop], 1)
     x_ids = torch.cat([torch.full((B, 1), c.cls_id), torch.where(mask, c.mask_id, ids)], 1)
-    x = P["token_emb.word_embeddings.weight"][x_ids] + P["token_emb.position_embeddings.weight"][P["token_emb.position_ids"][0]]
+    positions = P["token_emb.position_ids"][0]
+    x = P["token_emb.word_embeddings.weight"][x_ids] + P["token_emb.position_embeddings.weight"][positions]
     x = _ln(x, P, "token_emb.LayerNorm", 1e-6)
     x = x[~token_drop_mask].reshape(B, -1, x.shape[-1])
     for i in range(c.depth):

@@ -94,8 +94,8 @@ def test_inpaint_keeps_every_unmasked_token(model):
     pm = torch.zeros(3, 32, 32)
     pm[0, 8:16, 8:20] = 1
     pm[1, :, :12] = 1  # a different hole size per row: each row follows its own schedule
-    out, tokens, token_mask = mage.inpaint(model, images, pm, ring=1, steps=6, generator=torch.Generator().manual_seed(0),
-                                           return_tokens=True)
+    out, tokens, token_mask = mage.inpaint(model, images, pm, ring=1, steps=6,
+                                           generator=torch.Generator().manual_seed(0), return_tokens=True)
     encoded = model.vqgan.encode(images)
     assert torch.equal(tokens[~token_mask], encoded[~token_mask])
     assert token_mask.sum(1).tolist()[2] == 0 and torch.equal(tokens[2], encoded[2])
@@ -178,7 +178,8 @@ def test_one_step_compiles_whole(model):
         eager = mage.sample_step(model, ids, n0, 1, 8, seed=seed)
     assert torch.equal(sampled, eager[0]) and torch.equal(new_ids, eager[1])
     assert torch.equal(sampled[:, :5], ids[:, :5])
-    assert (new_ids == c.mask_id).sum(1).tolist() == [mage.sampler.remask_counts(ids, n0, 1, 8, c.mask_id)[0].item()] * 2
+    expected = mage.sampler.remask_counts(ids, n0, 1, 8, c.mask_id)
+    assert torch.equal((new_ids == c.mask_id).sum(1), expected) and expected.min() > 0
 
 
 @requires_cuda

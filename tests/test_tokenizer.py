@@ -17,8 +17,10 @@ def official_tokenizer_shapes() -> dict:
 
     def block(prefix, cin, cout):
         shapes.update({
-            f"{prefix}.norm1.weight": (cin,), f"{prefix}.norm1.bias": (cin,), f"{prefix}.conv1.weight": (cout, cin, 3, 3),
-            f"{prefix}.norm2.weight": (cout,), f"{prefix}.norm2.bias": (cout,), f"{prefix}.conv2.weight": (cout, cout, 3, 3),
+            f"{prefix}.norm1.weight": (cin,), f"{prefix}.norm1.bias": (cin,),
+            f"{prefix}.conv1.weight": (cout, cin, 3, 3),
+            f"{prefix}.norm2.weight": (cout,), f"{prefix}.norm2.bias": (cout,),
+            f"{prefix}.conv2.weight": (cout, cout, 3, 3),
         })
         if cin != cout:
             shapes[f"{prefix}.nin_shortcut.weight"] = (cout, cout, 1, 1)  # the shortcut acts on the output

@@ -7,7 +7,16 @@
 
 import mage_kernels  # noqa: F401  (registers the ops the model calls)
 
-from .checkpoint import CheckpointError, LoadReport, infer_config, load, load_any, load_official, load_official_tokenizer, save
+from .checkpoint import (
+    CheckpointError,
+    LoadReport,
+    infer_config,
+    load,
+    load_any,
+    load_official,
+    load_official_tokenizer,
+    save,
+)
 from .inpaint import inpaint, token_mask_from_pixels
 from .model import (
     MAGE,

@@ -104,7 +104,8 @@ def add_sample(subparsers) -> None:
     _add_common(p)
     p.add_argument("--num", type=int, default=64, help="number of images")
     p.add_argument("--out", default="samples.png", help="grid PNG")
-    p.add_argument("--images-dir", default=None, help="directory for the individual PNGs (default: <out without .png>/)")
+    p.add_argument("--images-dir", default=None,
+                   help="directory for the individual PNGs (default: <out without .png>/)")
     p.add_argument("--nrow", type=int, default=8, help="images per grid row")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--cuda-graph", action="store_true", help="capture one batch as a CUDA graph and replay it")
@@ -139,7 +140,8 @@ def add_inpaint(subparsers) -> None:
     p.add_argument("--mask", required=True, help="greyscale image, nonzero = hole")
     p.add_argument("--out", required=True)
     p.add_argument("--ring", type=int, default=1, help="extra rings of tokens around the hole (default 1)")
-    p.add_argument("--outpaint", action="store_true", help="invert the mask: keep the white region, regenerate the rest")
+    p.add_argument("--outpaint", action="store_true",
+                   help="invert the mask: keep the white region, regenerate the rest")
     p.add_argument("--paste", action="store_true", help="copy the original pixels back outside the hole")
     p.set_defaults(func=run_inpaint)
 

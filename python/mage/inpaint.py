@@ -79,7 +79,9 @@ def inpaint(
     c = model.config
     check_images(images, c.tokenizer)
     if pixel_mask.shape[0] != images.shape[0] or pixel_mask.shape[-2:] != images.shape[-2:]:
-        raise ValueError(f"pixel_mask {tuple(pixel_mask.shape)} must match images {tuple(images.shape)} in batch and size")
+        raise ValueError(
+            f"pixel_mask {tuple(pixel_mask.shape)} must match images {tuple(images.shape)} in batch and size"
+        )
     pixel_mask = pixel_mask.to(images.device)
     token_mask = token_mask_from_pixels(pixel_mask, c.tokenizer.grid, ring)
     autocast = (torch.autocast(images.device.type, dtype=dtype) if dtype not in (None, torch.float32)
@@ -87,9 +89,9 @@ def inpaint(
     was_training = model.training
     model.eval()
     try:
+        ids = model.vqgan.encode(images, check_range=False)  # fp32: the kept tokens are exactly `encode`'s
+        ids = torch.where(token_mask, c.mask_id, ids)
         with autocast:
-            ids = model.vqgan.encode(images, check_range=False)
-            ids = torch.where(token_mask, c.mask_id, ids)
             tokens = decode_tokens(model, ids, steps=steps, choice_temperature=choice_temperature, generator=generator)
             out = model.vqgan.decode(tokens).float()
     finally:

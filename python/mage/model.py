@@ -66,7 +66,8 @@ class MAGEConfig:
             self.tokenizer = TokenizerConfig(**self.tokenizer)
         if self.vocab not in ("official", "compact"):
             raise ValueError(f"MAGEConfig.vocab must be 'official' or 'compact', got {self.vocab!r}")
-        for dim, heads, name in ((self.embed_dim, self.num_heads, ""), (self.decoder_embed_dim, self.decoder_num_heads, "decoder_")):
+        sizes = ((self.embed_dim, self.num_heads, ""), (self.decoder_embed_dim, self.decoder_num_heads, "decoder_"))
+        for dim, heads, name in sizes:
             if dim % heads != 0:
                 raise ValueError(f"MAGEConfig: {name}embed_dim={dim} is not divisible by {name}num_heads={heads}")
 
@@ -133,7 +134,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)  # (B, H, N, Dh) each
+        qkv = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, H, N, Dh) each
         p = self.attn_drop if self.training else 0.0
         if self.fp32:
             with torch.autocast(x.device.type, enabled=False):
@@ -261,7 +263,9 @@ class MAGE(nn.Module):
             got = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
             raise TypeError(f"MAGE: {name_ids} must be an int64 tensor [B, {L}], got {got}")
         if ids.dim() != 2 or ids.shape[1] != L:
-            raise ValueError(f"MAGE: {name_ids} must be [B, {L}] (one id per token of the {self.config.tokenizer.grid}^2 grid), got shape {tuple(ids.shape)}")
+            g = self.config.tokenizer.grid
+            raise ValueError(f"MAGE: {name_ids} must be [B, {L}] (one id per token of the {g}x{g} grid), "
+                             f"got shape {tuple(ids.shape)}")
         if mask is not None:
             if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
                 got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
@@ -288,7 +292,8 @@ class MAGE(nn.Module):
             raise ValueError(f"MAGE: drop must be a bool tensor [B, {L}], got {desc}")
         counts = drop.sum(1)
         if drop.shape[0] and not bool((counts == counts[0]).all()):
-            raise ValueError(f"MAGE: every row of drop must drop the same number of tokens (static encoder length), got counts {counts.tolist()}")
+            raise ValueError("MAGE: every row of drop must drop the same number of tokens (static encoder "
+                             f"length), got counts {counts.tolist()}")
         num_kept = L - (int(counts[0]) if drop.shape[0] else 0)
         # A stable sort of the 0/1 flags puts kept positions first, in ascending order.
         return torch.sort(drop.to(torch.uint8), dim=1, stable=True).indices[:, :num_kept]

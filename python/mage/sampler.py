@@ -31,8 +31,8 @@ def mask_schedule(num_tokens: int, steps: int) -> list[int]:
     inspection): 256 tokens in 20 steps -> 255, 252, 248, ..., 40, 20, 0 (section 5)."""
     out, unknown = [], num_tokens
     for t in range(steps):
-        n = 0 if t == steps - 1 else min(max(math.floor(num_tokens * mage_kernels.cosine_mask_ratio(t, steps)), 1), unknown - 1)
-        out.append(max(n, 0))
+        want = math.floor(num_tokens * mage_kernels.cosine_mask_ratio(t, steps))
+        out.append(0 if t == steps - 1 else max(min(max(want, 1), unknown - 1), 0))
         unknown = out[-1]
     return out
 
@@ -75,8 +75,8 @@ def sample_step(
     c = model.config
     K, mask_id = c.codebook_size, c.mask_id
     num_masked = remask_counts(ids, num_initial, step, steps, mask_id)
-    kw = dict(mask_id=mask_id, choice_temperature=mage_kernels.annealed_choice_temperature(step, steps, choice_temperature),
-              generator=generator, reference_ties=reference_ties, seed=seed)
+    tau = mage_kernels.annealed_choice_temperature(step, steps, choice_temperature)
+    kw = dict(mask_id=mask_id, choice_temperature=tau, generator=generator, reference_ties=reference_ties, seed=seed)
     if fused_head:
         hidden = model.head_hidden(ids, mask=ids == mask_id)[:, 1:]  # (B, L, D)
         weight, bias = model.head_weight()

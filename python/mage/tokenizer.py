@@ -44,7 +44,9 @@ class TokenizerConfig:
             )
         for c in {self.ch * m for m in self.ch_mult}:
             if c % self.norm_groups != 0:
-                raise ValueError(f"TokenizerConfig: channel count {c} is not divisible by norm_groups={self.norm_groups}")
+                raise ValueError(
+                    f"TokenizerConfig: channel count {c} is not divisible by norm_groups={self.norm_groups}"
+                )
 
     @property
     def downsample(self) -> int:
