@@ -78,10 +78,12 @@ def sample_step(
     tau = mage_kernels.annealed_choice_temperature(step, steps, choice_temperature)
     kw = dict(mask_id=mask_id, choice_temperature=tau, generator=generator, reference_ties=reference_ties, seed=seed)
     if fused_head:
-        hidden = model.head_hidden(ids, mask=ids == mask_id)[:, 1:]  # (B, L, D)
+        hidden = model.head_hidden(ids, mask=ids == mask_id)[:, 1:]  # (B, L, D), fp32 under autocast (LN)
         weight, bias = model.head_weight()
+        # The product with the table runs in the autocast dtype, as F.linear would under autocast.
+        dtype = torch.get_autocast_dtype(ids.device.type) if torch.is_autocast_enabled(ids.device.type) else hidden.dtype
         return mage_kernels.remask_step_from_hidden(
-            hidden, weight[:K].to(hidden.dtype), bias[:K].to(hidden.dtype), ids, num_masked, **kw
+            hidden.to(dtype), weight[:K].to(dtype), bias[:K].to(dtype), ids, num_masked, **kw
         )
     logits = model(ids, mask=ids == mask_id)[:, 1:, :K]  # (B, L, K), a strided view
     return mage_kernels.remask_step(logits, ids, num_masked, **kw)
