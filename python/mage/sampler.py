@@ -81,7 +81,8 @@ def sample_step(
         hidden = model.head_hidden(ids, mask=ids == mask_id)[:, 1:]  # (B, L, D), fp32 under autocast (LN)
         weight, bias = model.head_weight()
         # The product with the table runs in the autocast dtype, as F.linear would under autocast.
-        dtype = torch.get_autocast_dtype(ids.device.type) if torch.is_autocast_enabled(ids.device.type) else hidden.dtype
+        device = ids.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
         return mage_kernels.remask_step_from_hidden(
             hidden.to(dtype), weight[:K].to(dtype), bias[:K].to(dtype), ids, num_masked, **kw
         )
