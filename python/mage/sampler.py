@@ -121,10 +121,11 @@ def decode_tokens(
     return sampled
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None):
+def _autocast(device: torch.device, dtype: torch.dtype | None, cache_enabled: bool = True):
     if dtype is None or dtype == torch.float32:
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
+    # Autocast's weight-cast cache must be off inside a CUDA graph capture (PyTorch's CUDA graphs notes).
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=cache_enabled)
 
 
 class _GraphedBatch:
@@ -189,7 +190,7 @@ def generate(
 
     def one_batch() -> torch.Tensor:
         ids = torch.full((batch_size, c.num_tokens), c.mask_id, dtype=torch.long, device=device)
-        with _autocast(device, dtype):
+        with _autocast(device, dtype, cache_enabled=not cuda_graph):
             tokens = decode_tokens(model, ids, steps=steps, choice_temperature=choice_temperature,
                                    generator=generator, fused_head=fused_head, reference_ties=reference_ties)
             return model.vqgan.decode(tokens).float()
