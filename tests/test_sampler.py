@@ -48,6 +48,14 @@ def test_each_step_commits_the_scheduled_count_and_keeps_committed_tokens(model,
     assert torch.equal(final, history[-1])
 
 
+def test_256_tokens_in_20_steps_follow_the_published_table():
+    m = randomized(mage.MAGE(tiny_config(tokenizer=mage.TokenizerConfig.tiny(resolution=64))))  # 16x16 tokens
+    ids = torch.full((2, 256), m.config.mask_id)
+    final, history = _record(m, ids, 20, generator=torch.Generator().manual_seed(0))
+    assert [(x == m.config.mask_id).sum(1).tolist() for x in history] == [[n, n] for n in SCHEDULE_20]
+    assert not (final == m.config.mask_id).any()
+
+
 def test_reference_ties_mode_runs_to_completion(model):
     ids = torch.full((2, L_TINY), model.config.mask_id)
     final, _ = _record(model, ids, 4, generator=torch.Generator().manual_seed(0), reference_ties=True)
