@@ -375,13 +375,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mask_plan_cuda(const at::Tensor& 
   at::Tensor dropped = at::empty({B, L}, noise.options().dtype(at::kBool));
   at::Tensor keep_idx = at::empty({B, num_kept}, noise.options().dtype(at::kLong));
   if (B == 0) return {masked, dropped, keep_idx};
+  const at::Tensor m_counts = num_masked.contiguous(), d_counts = num_dropped.contiguous();
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const int threads = static_cast<int>(std::min<int64_t>(kThreads, std::max<int64_t>(32, (L + 31) / 32 * 32)));
   MAGE_DISPATCH_FLOATS(noise.scalar_type(), "mask_plan_cuda", [&] {
     const int64_t smem = L * static_cast<int64_t>(sizeof(key_t<scalar_t>));
     const auto args = std::make_tuple(noise.const_data_ptr<scalar_t>(), noise.stride(0), noise.stride(1),
-                                      num_masked.const_data_ptr<int64_t>(), int64_t(num_masked.dim() ? 1 : 0),
-                                      num_dropped.const_data_ptr<int64_t>(), int64_t(num_dropped.dim() ? 1 : 0),
+                                      m_counts.const_data_ptr<int64_t>(), int64_t(m_counts.dim() ? 1 : 0),
+                                      d_counts.const_data_ptr<int64_t>(), int64_t(d_counts.dim() ? 1 : 0),
                                       masked.data_ptr<bool>(), dropped.data_ptr<bool>(),
                                       keep_idx.data_ptr<int64_t>(), L, num_kept);
     if (smem <= kMaxSmemKeysBytes) {

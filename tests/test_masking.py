@@ -109,6 +109,10 @@ def test_mask_plan_per_row_counts_pad_with_minus_one(device):
         kept = (~dropped[b]).nonzero().flatten()
         assert torch.equal(keep[b, : kept.numel()], kept)
         assert (keep[b, kept.numel():] == -1).all()
+    # Counts may be strided views.
+    strided = mage_kernels.mask_plan(noise, torch.stack([m, m], 1)[:, 0], torch.stack([d, d], 1)[:, 1])
+    for a, e in zip(strided, (masked, dropped, keep)):
+        _equal(a, e)
     # A wider keep_idx than needed is padded too.
     wide = mage_kernels.mask_plan(noise, m, d, num_kept=L)[2]
     assert torch.equal(wide[:, : keep.shape[1]], keep) and (wide[:, keep.shape[1]:] == -1).all()

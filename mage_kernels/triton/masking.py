@@ -104,6 +104,7 @@ def mask_plan(noise, num_masked, num_dropped, num_kept):
     if B == 0:
         return masked, dropped, keep
     block = min(triton.next_power_of_2(max(L, 1)), 64)
+    num_masked, num_dropped = num_masked.contiguous(), num_dropped.contiguous()
     _mask_plan_kernel[(B,)](
         noise, noise.stride(0), noise.stride(1),
         num_masked, int(num_masked.dim() > 0), num_dropped, int(num_dropped.dim() > 0),
