@@ -24,3 +24,7 @@ if command -v compute-sanitizer >/dev/null; then
 fi
 
 timeout 240 "$PY" benchmarks/run.py --device cuda --out "$OUT/gpu.csv" 2>&1 | tee "$OUT/bench.log" | tail -40
+
+# End-to-end sampling, ViT-B at batch 32, 20 steps: eager-ref vs mage vs mage with a CUDA graph, fp32 and bf16.
+timeout 200 "$PY" benchmarks/bench_sampling.py --model base --batch 32 --steps 20 --repeat 2 2>&1 \
+  | tee "$OUT/sampling.log" | tail -8

@@ -1,0 +1,182 @@
+"""The `mage` command line: `mage sample` (unconditional images) and `mage inpaint` (fill a masked region).
+
+Subcommands are argparse subparsers. To add one, write `def add_NAME(subparsers)` that builds its
+parser and sets `func=` (a function taking the parsed args and returning an exit code), and append it
+to SUBCOMMANDS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ------------------------------------------------------------------------------------ image files
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[B, 3, H, W] in [0, 1] -> uint8 [B, H, W, 3] (x255, rounded, clipped as the reference sampler)."""
+    x = (images.detach().float().cpu().clamp(0, 1) * 255.0).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def make_grid(images: np.ndarray, nrow: int, pad: int = 2) -> np.ndarray:
+    """uint8 [B, H, W, 3] -> one uint8 image with nrow images per row and a `pad`-pixel black border."""
+    B, H, W, C = images.shape
+    cols = max(1, min(nrow, B))
+    rows = (B + cols - 1) // cols
+    grid = np.zeros((rows * (H + pad) + pad, cols * (W + pad) + pad, C), dtype=np.uint8)
+    for i in range(B):
+        r, c = divmod(i, cols)
+        y, x = pad + r * (H + pad), pad + c * (W + pad)
+        grid[y : y + H, x : x + W] = images[i]
+    return grid
+
+
+def save_png(array: np.ndarray, path: str) -> None:
+    from PIL import Image
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def load_image(path: str, size: int, *, mode: str = "RGB") -> torch.Tensor:
+    """An image file -> float [1, C, size, size] in [0, 1]: shorter side resized to `size`, centre crop
+    (the reference's evaluation preprocessing). Masks are read as "L" with nearest resampling."""
+    from PIL import Image
+
+    img = Image.open(path).convert(mode)
+    w, h = img.size
+    scale = size / min(w, h)
+    resample = Image.NEAREST if mode == "L" else Image.BICUBIC
+    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), resample)
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).float() / 255.0
+    return x[None, None] if x.dim() == 2 else x.permute(2, 0, 1)[None]
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def _device(name: str | None) -> torch.device:
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _load_model(args) -> "torch.nn.Module":
+    from .checkpoint import load_any
+
+    model = load_any(args.checkpoint, trusted=args.trust_checkpoint)
+    return model.to(_device(args.device)).eval()
+
+
+def _generator(seed: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="official .pth (e.g. mage-vitb-1600.pth) or our .safetensors")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow arbitrary pickled objects in a .pth (only for files whose origin you trust)")
+    p.add_argument("--steps", type=int, default=20, help="decoding steps (default 20, as the README)")
+    p.add_argument("--temperature", type=float, default=6.0, help="choice (Gumbel) temperature (default 6.0)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="fp32 (the reference) or autocast bf16/fp16")
+
+
+# ------------------------------------------------------------------------------------ mage sample
+
+
+def add_sample(subparsers) -> None:
+    p = subparsers.add_parser("sample", help="generate class-unconditional images",
+                              description="Iterative decoding from all-[MASK] (MAGE_REFERENCE.md 5); writes a PNG "
+                                          "grid and each image as its own PNG.")
+    _add_common(p)
+    p.add_argument("--num", type=int, default=64, help="number of images")
+    p.add_argument("--out", default="samples.png", help="grid PNG")
+    p.add_argument("--images-dir", default=None,
+                   help="directory for the individual PNGs (default: <out without .png>/)")
+    p.add_argument("--nrow", type=int, default=8, help="images per grid row")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--cuda-graph", action="store_true", help="capture one batch as a CUDA graph and replay it")
+    p.set_defaults(func=run_sample)
+
+
+def run_sample(args) -> int:
+    from .sampler import generate
+
+    model = _load_model(args)
+    images = generate(model, args.num, steps=args.steps, choice_temperature=args.temperature,
+                      generator=_generator(args.seed, model.device), batch_size=args.batch_size,
+                      dtype=DTYPES[args.dtype], cuda_graph=args.cuda_graph, progress=True)
+    arr = to_uint8(images)
+    save_png(make_grid(arr, args.nrow), args.out)
+    images_dir = args.images_dir or os.path.splitext(args.out)[0]
+    for i, img in enumerate(arr):
+        save_png(img, os.path.join(images_dir, f"{i:06d}.png"))
+    print(f"wrote {args.out} and {len(arr)} images in {images_dir}/")
+    return 0
+
+
+# ------------------------------------------------------------------------------------ mage inpaint
+
+
+def add_inpaint(subparsers) -> None:
+    p = subparsers.add_parser("inpaint", help="regenerate the masked region of an image (or outpaint)",
+                              description="White (nonzero) pixels of --mask are regenerated; every token whose "
+                                          "patch touches them, plus --ring neighbours, is decoded anew.")
+    _add_common(p)
+    p.add_argument("--image", required=True)
+    p.add_argument("--mask", required=True, help="greyscale image, nonzero = hole")
+    p.add_argument("--out", required=True)
+    p.add_argument("--ring", type=int, default=1, help="extra rings of tokens around the hole (default 1)")
+    p.add_argument("--outpaint", action="store_true",
+                   help="invert the mask: keep the white region, regenerate the rest")
+    p.add_argument("--paste", action="store_true", help="copy the original pixels back outside the hole")
+    p.set_defaults(func=run_inpaint)
+
+
+def run_inpaint(args) -> int:
+    from .inpaint import inpaint
+
+    model = _load_model(args)
+    size = model.config.tokenizer.resolution
+    image = load_image(args.image, size).to(model.device)
+    mask = load_image(args.mask, size, mode="L").to(model.device) > 0.5
+    if args.outpaint:
+        mask = ~mask
+    out = inpaint(model, image, mask, ring=args.ring, steps=args.steps, choice_temperature=args.temperature,
+                  generator=_generator(args.seed, model.device), dtype=DTYPES[args.dtype], paste=args.paste)
+    save_png(to_uint8(out)[0], args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+SUBCOMMANDS = [add_sample, add_inpaint]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mage", description="MAGE: masked generative encoder (mage-kernels)")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Inpainting and outpainting with MAGE: regenerate the tokens under a hole, conditioned on the rest.
+
+A pixel mask becomes a token mask: every token whose patch (the f x f pixels it stands for, f = 16 for
+the official tokenizer) touches the hole, plus an optional ring of neighbouring tokens, since a
+token's code also depends on pixels around its patch (the authors recommend such a margin).
+Those tokens start as [MASK] and are filled by the same iterative decoding as generation; every other
+token keeps the id the tokenizer gave it. Outpainting is the same call with the hole outside the region
+to keep.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from .model import MAGE
+from .sampler import decode_tokens
+from .tokenizer import check_images
+
+
+def token_mask_from_pixels(pixel_mask: torch.Tensor, grid: int, ring: int = 0) -> torch.Tensor:
+    """pixel_mask [B, H, W] or [B, 1, H, W] (bool, or numbers: nonzero = hole) -> bool [B, grid*grid],
+    row-major like the token ids: True for each token whose patch has a hole pixel, dilated by `ring`
+    tokens (a (2 ring + 1)^2 square neighbourhood)."""
+    if not isinstance(pixel_mask, torch.Tensor):
+        raise TypeError(f"pixel_mask must be a torch.Tensor, got {type(pixel_mask).__name__}")
+    m = pixel_mask
+    if m.dim() == 4 and m.shape[1] == 1:
+        m = m[:, 0]
+    if m.dim() != 3:
+        raise ValueError(f"pixel_mask must be [B, H, W] or [B, 1, H, W], got shape {tuple(pixel_mask.shape)}")
+    H, W = m.shape[1:]
+    if H != W or H % grid != 0:
+        raise ValueError(f"pixel_mask must be square with a side divisible by the token grid {grid}, got {H}x{W}")
+    if ring < 0:
+        raise ValueError(f"ring must be >= 0, got {ring}")
+    f = H // grid
+    hole = (m != 0).float()[:, None]  # (B, 1, H, W)
+    tokens = F.max_pool2d(hole, kernel_size=f, stride=f)  # (B, 1, grid, grid): any hole pixel in the patch
+    if ring:
+        tokens = F.max_pool2d(tokens, kernel_size=2 * ring + 1, stride=1, padding=ring)
+    return tokens.flatten(1) > 0
+
+
+@torch.no_grad()
+def inpaint(
+    model: MAGE,
+    images: torch.Tensor,
+    pixel_mask: torch.Tensor,
+    *,
+    ring: int = 1,
+    steps: int = 20,
+    choice_temperature: float = 6.0,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype | None = None,
+    paste: bool = False,
+    return_tokens: bool = False,
+):
+    """Fill the hole of each image.
+
+    Args:
+        images: [B, 3, H, W] in [0, 1] at the tokenizer's resolution.
+        pixel_mask: [B, H, W] or [B, 1, H, W]; nonzero / True = regenerate (the hole). For outpainting
+            pass the region outside what should be kept.
+        ring: extra tokens around the hole to regenerate too, so the seam is re-synthesised.
+        paste: copy the original pixels back outside the pixel hole (the tokens outside are kept
+            either way; their decoded pixels differ from the input only by the tokenizer's error).
+        dtype: None (fp32, as the reference) or a low-precision autocast dtype.
+        return_tokens: also return (tokens [B, L], token_mask [B, L]).
+
+    Returns:
+        images [B, 3, H, W] float32 in [0, 1] (and tokens, token_mask if asked). Tokens outside the
+        token mask are exactly those of `model.vqgan.encode(images)`.
+    """
+    if not isinstance(model, MAGE):
+        raise TypeError(f"expected a mage.MAGE model, got {type(model).__name__}")
+    c = model.config
+    check_images(images, c.tokenizer)
+    if pixel_mask.shape[0] != images.shape[0] or pixel_mask.shape[-2:] != images.shape[-2:]:
+        raise ValueError(
+            f"pixel_mask {tuple(pixel_mask.shape)} must match images {tuple(images.shape)} in batch and size"
+        )
+    pixel_mask = pixel_mask.to(images.device)
+    token_mask = token_mask_from_pixels(pixel_mask, c.tokenizer.grid, ring)
+    autocast = (torch.autocast(images.device.type, dtype=dtype) if dtype not in (None, torch.float32)
+                else contextlib.nullcontext())
+    was_training = model.training
+    model.eval()
+    try:
+        ids = model.vqgan.encode(images, check_range=False)  # fp32: the kept tokens are exactly `encode`'s
+        ids = torch.where(token_mask, c.mask_id, ids)
+        with autocast:
+            tokens = decode_tokens(model, ids, steps=steps, choice_temperature=choice_temperature, generator=generator)
+            out = model.vqgan.decode(tokens).float()
+    finally:
+        model.train(was_training)
+    if paste:
+        hole = (pixel_mask != 0).reshape(images.shape[0], 1, *images.shape[-2:])
+        out = torch.where(hole, out, images.float())
+    return (out, tokens, token_mask) if return_tokens else out

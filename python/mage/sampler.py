@@ -1,0 +1,214 @@
+"""Iterative decoding (MAGE_REFERENCE.md section 5): from all-[MASK] to an image in T steps.
+
+Each step runs the whole model on the current ids (nothing dropped; [MASK] tokens enter the encoder and
+become [C] in the decoder), samples every unknown token, keeps the most confident and re-masks the rest
+following a cosine schedule; the confidence noise is annealed to zero. `mage_kernels.remask_step`
+does the sampling and re-masking in one sync-free op, fused with the head's last matmul by default,
+so a whole generation can be captured in a CUDA graph.
+
+Differences from the published sampler, none of which changes unconditional results in distribution:
+the random streams (the op's counter-based Gumbel noise instead of torch categorical + numpy); the
+count per row (each row its own, as MaskGIT; the reference uses row 0's for the batch, which differs
+only for inpainting); ties re-mask exactly the count (`reference_ties=True` restores the reference's
+`<=` rule); the last step re-masks nothing instead of computing 1 and then decoding the sampled ids.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable
+
+import torch
+
+import mage_kernels
+
+from .model import MAGE
+
+
+def mask_schedule(num_tokens: int, steps: int) -> list[int]:
+    """Tokens still masked after each step when decoding `num_tokens` from all-[MASK] (host-side, for
+    inspection): 256 tokens in 20 steps -> 255, 252, 248, ..., 40, 20, 0 (section 5)."""
+    out, unknown = [], num_tokens
+    for t in range(steps):
+        want = math.floor(num_tokens * mage_kernels.cosine_mask_ratio(t, steps))
+        out.append(0 if t == steps - 1 else min(max(min(want, unknown - 1), 1), unknown))
+        unknown = out[-1]
+    return out
+
+
+def remask_counts(ids: torch.Tensor, num_initial: torch.Tensor, step: int, steps: int, mask_id: int) -> torch.Tensor:
+    """Per-row count to leave masked after `step`, on device (no host sync): floor(n0 * cos(pi/2 (t+1)/T))
+    clamped to [1, unknown - 1] as published (each step commits at least one token and leaves one; a single
+    unknown token stays masked until the last step), capped at the unknown count (0 for a row with none),
+    and 0 at the last step. num_initial: int64 [B], the unknown tokens at the start."""
+    if step == steps - 1:
+        return torch.zeros_like(num_initial)
+    unknown = (ids == mask_id).sum(1)
+    want = torch.floor(num_initial.double() * mage_kernels.cosine_mask_ratio(step, steps)).long()
+    return torch.minimum(torch.minimum(want, unknown - 1).clamp_min(1), unknown)
+
+
+def _check_model(model: MAGE) -> None:
+    if not isinstance(model, MAGE):
+        raise TypeError(f"expected a mage.MAGE model, got {type(model).__name__}")
+
+
+def sample_step(
+    model: MAGE,
+    ids: torch.Tensor,
+    num_initial: torch.Tensor,
+    step: int,
+    steps: int,
+    *,
+    choice_temperature: float = 6.0,
+    generator: torch.Generator | None = None,
+    fused_head: bool = True,
+    reference_ties: bool = False,
+    seed: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoding step (section 5, 2.1-2.10) on ids [B, L]: returns (sampled, new_ids), both [B, L].
+
+    Static shapes and no host sync, so it compiles with fullgraph=True and can be captured in a CUDA
+    graph. The step's randomness comes from `seed` ((2,) int64, see `mage_kernels.draw_seed`) when given,
+    else from `generator`; Dynamo cannot trace a torch.Generator, so compiled callers pass a seed.
+    """
+    c = model.config
+    K, mask_id = c.codebook_size, c.mask_id
+    num_masked = remask_counts(ids, num_initial, step, steps, mask_id)
+    tau = mage_kernels.annealed_choice_temperature(step, steps, choice_temperature)
+    kw = dict(mask_id=mask_id, choice_temperature=tau, generator=generator, reference_ties=reference_ties, seed=seed)
+    if fused_head:
+        hidden = model.head_hidden(ids, mask=ids == mask_id)[:, 1:]  # (B, L, D), fp32 under autocast (LN)
+        weight, bias = model.head_weight()
+        # The product with the table runs in the autocast dtype, as F.linear would under autocast.
+        device = ids.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        return mage_kernels.remask_step_from_hidden(
+            hidden.to(dtype), weight[:K].to(dtype), bias[:K].to(dtype), ids, num_masked, **kw
+        )
+    logits = model(ids, mask=ids == mask_id)[:, 1:, :K]  # (B, L, K), a strided view
+    return mage_kernels.remask_step(logits, ids, num_masked, **kw)
+
+
+def decode_tokens(
+    model: MAGE,
+    ids: torch.Tensor,
+    *,
+    steps: int = 20,
+    choice_temperature: float = 6.0,
+    generator: torch.Generator | None = None,
+    fused_head: bool = True,
+    reference_ties: bool = False,
+    on_step: Callable[[int, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """Fill every [MASK] of ids [B, L] (int64; other tokens are kept exactly) in `steps` steps.
+
+    Returns the final ids [B, L], all codebook indices. `on_step(t, ids)` sees the ids after step t
+    (still-masked tokens hold config.mask_id). Call under no_grad / autocast as wanted; no host sync.
+    """
+    _check_model(model)
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if choice_temperature < 0:
+        raise ValueError(f"choice_temperature must be >= 0, got {choice_temperature}")
+    num_initial = (ids == model.config.mask_id).sum(1)
+    sampled = ids
+    for t in range(steps):
+        sampled, ids = sample_step(model, ids, num_initial, t, steps, choice_temperature=choice_temperature,
+                                   generator=generator, fused_head=fused_head, reference_ties=reference_ties)
+        if on_step is not None:
+            on_step(t, ids)
+    return sampled
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None, cache_enabled: bool = True):
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    # Autocast's weight-cast cache must be off inside a CUDA graph capture (PyTorch's CUDA graphs notes).
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=cache_enabled)
+
+
+class _GraphedBatch:
+    """One batch of generation (decoding + VQGAN decode) captured once in a CUDA graph and replayed."""
+
+    def __init__(self, fn: Callable[[], torch.Tensor], generator: torch.Generator | None):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up: lazy init, kernel selection, Triton compilation
+            fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        if generator is not None:
+            if not hasattr(self.graph, "register_generator_state"):
+                raise RuntimeError("cuda_graph with an explicit generator needs torch>=2.5; pass generator=None "
+                                   "(the default CUDA generator, seeded by torch.manual_seed)")
+            self.graph.register_generator_state(generator)
+        with torch.cuda.graph(self.graph):
+            self.out = fn()
+
+    def __call__(self) -> torch.Tensor:
+        self.graph.replay()
+        return self.out.clone()
+
+
+@torch.no_grad()
+def generate(
+    model: MAGE,
+    num_images: int,
+    *,
+    steps: int = 20,
+    choice_temperature: float = 6.0,
+    generator: torch.Generator | None = None,
+    batch_size: int = 32,
+    dtype: torch.dtype | None = None,
+    cuda_graph: bool = False,
+    fused_head: bool = True,
+    reference_ties: bool = False,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Class-unconditional samples: images [num_images, 3, H, W] float32 in [0, 1], on the model's device.
+
+    Args:
+        steps, choice_temperature: the README's settings for the reported FIDs are 20 and 6.0.
+        generator: torch.Generator on the model's device (or CPU); the same seed gives the same images.
+        batch_size: images decoded together; the last batch is run at full size and cut.
+        dtype: None / torch.float32 (the reference) or torch.bfloat16 / torch.float16 (autocast).
+        cuda_graph: capture one batch (all steps and the VQGAN decode) as a CUDA graph, replayed per batch.
+        fused_head: sample from the head's hidden states (`remask_step_from_hidden`), never writing logits.
+    """
+    _check_model(model)
+    if num_images < 0 or batch_size < 1:
+        raise ValueError(f"need num_images >= 0 and batch_size >= 1, got {num_images} and {batch_size}")
+    device = model.device
+    if cuda_graph and device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {device}")
+    if cuda_graph and generator is not None and generator.device.type != "cuda":
+        # A CPU generator's draws would be baked into the graph: every replay would repeat them.
+        raise ValueError("cuda_graph=True needs generator=None or a CUDA torch.Generator")
+    c = model.config
+    batch_size = min(batch_size, max(num_images, 1))
+
+    def one_batch() -> torch.Tensor:
+        ids = torch.full((batch_size, c.num_tokens), c.mask_id, dtype=torch.long, device=device)
+        with _autocast(device, dtype, cache_enabled=not cuda_graph):
+            tokens = decode_tokens(model, ids, steps=steps, choice_temperature=choice_temperature,
+                                   generator=generator, fused_head=fused_head, reference_ties=reference_ties)
+            return model.vqgan.decode(tokens).float()
+
+    was_training = model.training
+    model.eval()
+    try:
+        run = _GraphedBatch(one_batch, generator) if cuda_graph and num_images else one_batch
+        batches = range(0, num_images, batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, desc="sampling", unit="batch")
+        out = [run()[: num_images - start] for start in batches]
+    finally:
+        model.train(was_training)
+    if not out:
+        r = c.tokenizer.resolution
+        return torch.empty(0, c.tokenizer.in_channels, r, r, device=device)
+    return torch.cat(out)
