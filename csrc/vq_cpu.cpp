@@ -245,19 +245,19 @@ Nearest nearest_row(float* dots, const double* z, const Codebook& cb, int64_t K,
   return rerank(z, cb, scratch.data(), K, D);
 }
 
-// Calls fn(b, r0, rows, nearest[rows], z64 rows) for every tile of rows, in parallel.
+// Calls fn(b, r0, rows, nearest[rows]) for every chunk of rows. The GEMM of a chunk runs on all
+// threads inside at::mm (oneDNN/MKL re-plan a GEMM called inside a parallel region on every call),
+// then the rows of the chunk are decided in parallel.
 template <typename Fn>
-void for_each_tile(const at::Tensor& zv, const Codebook& cb, Search search, Fn&& fn) {
+void for_each_chunk(const at::Tensor& zv, const Codebook& cb, Search search, Fn&& fn) {
   const int64_t B = zv.size(0), R = zv.size(1), D = zv.size(2), K = cb.f32.size(0);
-  const int64_t tiles_per_b = (R + kRowTile - 1) / kRowTile;
+  const int64_t chunk = std::clamp<int64_t>((int64_t{1} << 22) / K, kRowTile, 16 * kRowTile);
   const at::Tensor cbT = search == Search::kBf16Exact ? cb.bf16.t() : cb.f32.t();
-  at::parallel_for(0, B * tiles_per_b, 1, [&](int64_t begin, int64_t end) {
-    at::Tensor dots = at::empty({kRowTile, K}, cb.f32.options());
-    std::vector<Nearest> out(kRowTile);
-    std::vector<int64_t> scratch;
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / tiles_per_b, r0 = (t % tiles_per_b) * kRowTile;
-      const int64_t rows = std::min(kRowTile, R - r0);
+  at::Tensor dots = at::empty({std::min(chunk, R), K}, cb.f32.options());
+  std::vector<Nearest> out(std::min(chunk, R));
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t r0 = 0; r0 < R; r0 += chunk) {
+      const int64_t rows = std::min(chunk, R - r0);
       const at::Tensor tile = zv.select(0, b).narrow(0, r0, rows);
       const at::Tensor z64 = tile.to(at::kDouble).contiguous();
       at::Tensor d = dots.narrow(0, 0, rows);
@@ -268,10 +268,13 @@ void for_each_tile(const at::Tensor& zv, const Codebook& cb, Search search, Fn&&
       }
       float* dp = d.data_ptr<float>();
       const double* zp = z64.const_data_ptr<double>();
-      for (int64_t r = 0; r < rows; ++r) out[r] = nearest_row(dp + r * K, zp + r * D, cb, K, D, search, scratch);
-      fn(b, r0, rows, out.data(), zp);
+      at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+        std::vector<int64_t> scratch;
+        for (int64_t r = begin; r < end; ++r) out[r] = nearest_row(dp + r * K, zp + r * D, cb, K, D, search, scratch);
+      });
+      fn(b, r0, rows, out.data());
     }
-  });
+  }
 }
 
 // bf16 ranking pays off once the GEMM dominates; tiny D or K stay on the fp32 path.
@@ -317,7 +320,7 @@ std::tuple<at::Tensor, at::Tensor> vq_nearest_cpu(const at::Tensor& z, const at:
   int64_t* ip = indices.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES(sqdist.scalar_type(), "vq_nearest_cpu", [&] {
     scalar_t* sp = sqdist.data_ptr<scalar_t>();
-    for_each_tile(zv, cb, search, [&](int64_t b, int64_t r0, int64_t rows, const Nearest* nn, const double*) {
+    for_each_chunk(zv, cb, search, [&](int64_t b, int64_t r0, int64_t rows, const Nearest* nn) {
       for (int64_t r = 0; r < rows; ++r) {
         ip[b * R + r0 + r] = nn[r].index;
         sp[b * R + r0 + r] = static_cast<scalar_t>(nn[r].sqdist);
@@ -343,36 +346,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vq_quantize_cpu(const
   const Codebook cb = prepare_codebook(codebook, search == Search::kBf16Exact);
   const at::Tensor zqv = z.dim() == 2 ? z_q.unsqueeze(0) : z_q.flatten(2).transpose(1, 2);
   const int64_t qs0 = zqv.stride(0), qs1 = zqv.stride(1), qs2 = zqv.stride(2);
-  const int64_t nthreads = at::get_num_threads();
-  std::vector<std::vector<int64_t>> local_counts(nthreads, std::vector<int64_t>(K, 0));
-  std::vector<double> local_sums(nthreads, 0.0);
   int64_t* ip = indices.data_ptr<int64_t>();
+  int64_t* cp = counts.data_ptr<int64_t>();
   const double* e = cb.f64.const_data_ptr<double>();
+  double total = 0.0;  // summed in row order: the loss does not depend on the thread count
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, z.scalar_type(), "vq_quantize_cpu", [&] {
     scalar_t* qp = z_q.data_ptr<scalar_t>();
-    for_each_tile(zv, cb, search, [&](int64_t b, int64_t r0, int64_t rows, const Nearest* nn, const double*) {
-      const int tid = at::get_thread_num();
+    for_each_chunk(zv, cb, search, [&](int64_t b, int64_t r0, int64_t rows, const Nearest* nn) {
+      at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const int64_t i = nn[r].index;
+          scalar_t* q = qp + b * qs0 + (r0 + r) * qs1;
+          for (int64_t d = 0; d < D; ++d) {
+            q[d * qs2] = static_cast<scalar_t>(i < 0 ? std::numeric_limits<double>::quiet_NaN() : e[i * D + d]);
+          }
+        }
+      });
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t i = nn[r].index;
         ip[b * R + r0 + r] = i;
-        scalar_t* q = qp + b * qs0 + (r0 + r) * qs1;
-        if (i < 0) {
-          for (int64_t d = 0; d < D; ++d) q[d * qs2] = static_cast<scalar_t>(std::numeric_limits<float>::quiet_NaN());
-          local_sums[tid] += std::numeric_limits<double>::quiet_NaN();
-          continue;
-        }
-        for (int64_t d = 0; d < D; ++d) q[d * qs2] = static_cast<scalar_t>(e[i * D + d]);
-        local_counts[tid][i] += 1;
-        local_sums[tid] += nn[r].sqdist;
+        total += nn[r].sqdist;  // NaN for a row without a code
+        if (i >= 0) cp[i] += 1;
       }
     });
   });
-  int64_t* cp = counts.data_ptr<int64_t>();
-  double total = 0.0;
-  for (int64_t t = 0; t < nthreads; ++t) {
-    total += local_sums[t];
-    for (int64_t k = 0; k < K; ++k) cp[k] += local_counts[t][k];
-  }
   // Legacy taming VectorQuantizer2: mean((sg(z_q) - z)^2) + beta * mean((z_q - sg(z))^2); both means equal.
   const double loss = (1.0 + beta) * total / static_cast<double>(z.numel());
   at::Tensor loss_t = at::empty({}, z.options().dtype(loss_dtype));
