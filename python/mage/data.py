@@ -357,14 +357,19 @@ def build_token_cache(
 
 
 class TokenCacheDataset(Dataset):
-    """Items (ids int64 [L], label) from a cache [N, K, L]; the view k is drawn from (seed, epoch, index)."""
+    """Items (ids int64 [L], label) from a cache [N, K, L]; the view k is drawn from (seed, epoch, index).
 
-    def __init__(self, ids: torch.Tensor, labels: torch.Tensor, seed: int = 0):
+    views=2 gives two distinct views [2, L] per item (the MAGE-C positive pair; needs K >= 2)."""
+
+    def __init__(self, ids: torch.Tensor, labels: torch.Tensor, seed: int = 0, views: int = 1):
         if ids.dim() != 3:
             raise ValueError(f"ids must have shape [N, K, L], got {tuple(ids.shape)}")
         if labels.shape != ids.shape[:1]:
             raise ValueError(f"labels must have shape [{ids.shape[0]}], got {tuple(labels.shape)}")
-        self.ids, self.labels, self.seed, self.epoch = ids, labels, seed, 0
+        if views not in (1, 2) or views > ids.shape[1]:
+            raise ValueError(f"views must be 1, or 2 with at least 2 cached views per image; got views={views} "
+                             f"for a cache of {ids.shape[1]} view(s)")
+        self.ids, self.labels, self.seed, self.epoch, self.views = ids, labels, seed, 0, views
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -373,5 +378,9 @@ class TokenCacheDataset(Dataset):
         return self.ids.shape[0]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        k = int(torch.randint(self.ids.shape[1], (), generator=sample_generator(self.seed, self.epoch, index)))
-        return self.ids[index, k].long(), int(self.labels[index])
+        g = sample_generator(self.seed, self.epoch, index)
+        if self.views == 1:
+            k = int(torch.randint(self.ids.shape[1], (), generator=g))
+            return self.ids[index, k].long(), int(self.labels[index])
+        pair = torch.randperm(self.ids.shape[1], generator=g)[:2]
+        return self.ids[index, pair].long(), int(self.labels[index])
