@@ -112,7 +112,7 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
     p.add_argument("--providers", nargs="+", default=None)
-    p.add_argument("--repeat", type=int, default=1, help="timed runs after one warm-up (median reported)")
+    p.add_argument("--repeat", type=int, default=1, help="timed rounds after one warm-up (median reported)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-warmup", action="store_true", help="skip the warm-up run (slow CPU runs)")
     args = p.parse_args(argv)
@@ -121,23 +121,29 @@ def main(argv=None) -> None:
     print(f"device {args.device} ({torch.cuda.get_device_name() if args.device == 'cuda' else os.cpu_count()} "
           f"cpus, {torch.get_num_threads()} threads), torch {torch.__version__}, model {args.model}, "
           f"batch {args.batch}, steps {args.steps}", flush=True)
-    for dname in args.dtype:
-        for name, (fn, nb) in providers(model, args.batch, args.steps, DTYPES[dname], args.device).items():
-            if args.providers and name not in args.providers:
-                continue
-            if not args.no_warmup:
-                fn()
-            times = []
-            for _ in range(args.repeat):
-                sync()
-                t0 = time.perf_counter()
-                fn()
-                sync()
-                times.append((time.perf_counter() - t0) / nb)
-            t = float(np.median(times))
-            gflop = args.batch * (STEP_GFLOP.get(args.model, float("nan")) * args.steps + DECODE_GFLOP)
-            print(f"{name:10s} {dname:5s} {t:9.3f} s/batch  {args.batch / t:9.3f} images/s  "
-                  f"{gflop / t / 1e3:7.2f} TFLOP/s", flush=True)
+    runs = [(dname, name, fn, nb)
+            for dname in args.dtype
+            for name, (fn, nb) in providers(model, args.batch, args.steps, DTYPES[dname], args.device).items()
+            if not args.providers or name in args.providers]
+    if not args.no_warmup:
+        for _, _, fn, _ in runs:
+            fn()
+    # Round-robin over the providers, so that load from other processes on a shared machine hits all alike.
+    times = {(dname, name): [] for dname, name, _, _ in runs}
+    for _ in range(args.repeat):
+        for dname, name, fn, nb in runs:
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[(dname, name)].append((time.perf_counter() - t0) / nb)
+    for dname, name, _, _ in runs:
+        t = float(np.median(times[(dname, name)]))
+        line = f"{name:10s} {dname:5s} {t:9.3f} s/batch  {args.batch / t:9.3f} images/s"
+        if args.model in STEP_GFLOP:
+            gflop = args.batch * (STEP_GFLOP[args.model] * args.steps + DECODE_GFLOP)
+            line += f"  {gflop / t / 1e3:7.3f} TFLOP/s"
+        print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ def main() -> None:
             fn(z.flatten(2).transpose(1, 2).reshape(-1, 33), e, exact=False)
         torch.ops.mage.vq_quantize(z, e, 0.25)
         triton_vq.vq_quantize(z, e, 0.25)
-    masking(g)
     for dtype in (torch.float32, torch.bfloat16):
         logits = torch.randn(3, 18, 1100, device="cuda", generator=g).to(dtype)[:, 1:]
         ids = torch.where(torch.rand(3, 17, device="cuda", generator=g) < 0.3, 5, 2024)
@@ -32,6 +31,7 @@ def main() -> None:
             weight = torch.randn(1100, 40, device="cuda", generator=g).to(dtype)
             triton_remask.remask_step_from_hidden(hidden, weight, weight[:, 0].contiguous(), ids, k, seed, **kw,
                                                   reference_ties=ties)
+    masking(g)
     torch.cuda.synchronize()
     print("sanitize: all ops ran", mk.build_info()["ops"])
 
@@ -55,8 +55,8 @@ def masking(g: torch.Generator) -> None:
                 ops.scatter_keep(y, keep, L)
                 ops.pad_with_cls(y, keep, masked, pos, None)
                 ops.pad_with_cls(y, keep, masked, None, pad)
-                ops.pad_with_cls_backward(x, keep, masked, False)
-                ops.pad_with_cls_backward(x, keep, masked, True)
+                ops.pad_with_cls_backward(x, keep, masked, False, True)
+                ops.pad_with_cls_backward(x, keep, masked, True, False)
 
 
 if __name__ == "__main__":

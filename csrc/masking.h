@@ -6,8 +6,9 @@
 //   scatter_keep          y (B, 1+Lk, C), keep_idx (B, Lk), L              -> x (B, 1+L, C), zeros elsewhere
 //   pad_with_cls          y (B, 1+Lk, C), keep_idx, masked (B, L), pos_embed (1+L, C)?, pad (C)?
 //                         -> z (B, 1+L, C)
-//   pad_with_cls_backward grad_z (B, 1+L, C), keep_idx, masked, mae
-//                         -> grad_y (B, 1+Lk, C), pad_sum fp32/fp64 (B, C) if mae else (0, C)
+//   pad_with_cls_backward grad_z (B, 1+L, C), keep_idx, masked, mae, pos
+//                         -> grad_y (B, 1+Lk, C), pad_sum fp32/fp64 (B, C) if mae else (0, C),
+//                            grad_pos (1+L, C) = sum over the batch of grad_z if pos else (0, C)
 #pragma once
 #include <ATen/core/Tensor.h>
 
@@ -32,8 +33,9 @@ at::Tensor gather_keep_cpu(const at::Tensor& x, const at::Tensor& keep_idx);
 at::Tensor scatter_keep_cpu(const at::Tensor& y, const at::Tensor& keep_idx, c10::SymInt L);
 at::Tensor pad_with_cls_cpu(const at::Tensor& y, const at::Tensor& keep_idx, const at::Tensor& masked,
                             const std::optional<at::Tensor>& pos_embed, const std::optional<at::Tensor>& pad);
-std::tuple<at::Tensor, at::Tensor> pad_with_cls_backward_cpu(const at::Tensor& grad_z, const at::Tensor& keep_idx,
-                                                             const at::Tensor& masked, bool mae);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pad_with_cls_backward_cpu(const at::Tensor& grad_z,
+                                                                         const at::Tensor& keep_idx,
+                                                                         const at::Tensor& masked, bool mae, bool pos);
 #ifdef MAGE_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor, at::Tensor> mask_plan_cuda(const at::Tensor& noise, const at::Tensor& num_masked,
                                                               const at::Tensor& num_dropped, c10::SymInt num_kept);
@@ -41,8 +43,9 @@ at::Tensor gather_keep_cuda(const at::Tensor& x, const at::Tensor& keep_idx);
 at::Tensor scatter_keep_cuda(const at::Tensor& y, const at::Tensor& keep_idx, c10::SymInt L);
 at::Tensor pad_with_cls_cuda(const at::Tensor& y, const at::Tensor& keep_idx, const at::Tensor& masked,
                              const std::optional<at::Tensor>& pos_embed, const std::optional<at::Tensor>& pad);
-std::tuple<at::Tensor, at::Tensor> pad_with_cls_backward_cuda(const at::Tensor& grad_z, const at::Tensor& keep_idx,
-                                                              const at::Tensor& masked, bool mae);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pad_with_cls_backward_cuda(const at::Tensor& grad_z,
+                                                                          const at::Tensor& keep_idx,
+                                                                          const at::Tensor& masked, bool mae, bool pos);
 #endif
 
 }  // namespace mage

@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -112,40 +113,37 @@ void check_pad_backward_shapes(const at::Tensor& grad_z, const at::Tensor& keep_
 
 namespace {
 
-// keep_idx rows must be strictly increasing positions in [0, L), followed only by -1.
+// keep_idx rows must be strictly increasing positions in [0, L), followed only by -1. This and
+// slot_sources below are serial: B * Lk indices take microseconds, less than waking a thread pool.
 void check_keep_idx_values(const int64_t* keep, int64_t B, int64_t Lk, int64_t L, const char* op) {
-  at::parallel_for(0, B, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t* k = keep + b * Lk;
-      int64_t prev = -1;
-      bool padding = false;
-      for (int64_t j = 0; j < Lk; ++j) {
-        TORCH_CHECK_VALUE(k[j] >= -1 && k[j] < L, op, ": keep_idx must hold token positions in [0, L) = [0, ", L,
-                          ") or -1, got keep_idx[", b, ", ", j, "] = ", k[j]);
-        if (k[j] < 0) {
-          padding = true;
-          continue;
-        }
-        TORCH_CHECK_VALUE(!padding && k[j] > prev, op,
-                          ": keep_idx rows must be strictly increasing positions followed only by -1, got keep_idx[",
-                          b, ", ", j - 1, ":", j + 1, "] = [", k[j - 1], ", ", k[j], "]");
-        prev = k[j];
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t* k = keep + b * Lk;
+    int64_t prev = -1;
+    bool padding = false;
+    for (int64_t j = 0; j < Lk; ++j) {
+      TORCH_CHECK_VALUE(k[j] >= -1 && k[j] < L, op, ": keep_idx must hold token positions in [0, L) = [0, ", L,
+                        ") or -1, got keep_idx[", b, ", ", j, "] = ", k[j]);
+      if (k[j] < 0) {
+        padding = true;
+        continue;
       }
+      TORCH_CHECK_VALUE(!padding && k[j] > prev, op,
+                        ": keep_idx rows must be strictly increasing positions followed only by -1, got keep_idx[",
+                        b, ", ", j - 1, ":", j + 1, "] = [", k[j - 1], ", ", k[j], "]");
+      prev = k[j];
     }
-  });
+  }
 }
 
 // src (B, L): j when token t = keep_idx[b, j] takes its own row (and is not masked, if masked is given), else -1.
 std::vector<int64_t> slot_sources(const int64_t* keep, const bool* masked, int64_t B, int64_t Lk, int64_t L) {
   std::vector<int64_t> src(B * L, -1);
-  at::parallel_for(0, B, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      for (int64_t j = 0; j < Lk; ++j) {
-        const int64_t t = keep[b * Lk + j];
-        if (t >= 0 && !(masked && masked[b * L + t])) src[b * L + t] = j;
-      }
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t j = 0; j < Lk; ++j) {
+      const int64_t t = keep[b * Lk + j];
+      if (t >= 0 && !(masked && masked[b * L + t])) src[b * L + t] = j;
     }
-  });
+  }
   return src;
 }
 
@@ -165,6 +163,78 @@ at::Tensor unit_channel_stride(const at::Tensor& t) { return t.stride(2) == 1 ? 
 
 // Output rows per parallel task: about 32 KiB of data each.
 int64_t row_grain(int64_t row_bytes) { return std::max<int64_t>(1, (32 << 10) / std::max<int64_t>(row_bytes, 1)); }
+
+// Element-wise row loops, compiled once more for AVX2 and chosen at run time (no -march flags), so the
+// bf16 <-> fp32 conversions and fp32 adds vectorize. bf16 rounds to nearest-even like c10::BFloat16.
+#if defined(__x86_64__)
+#define MAGE_ROW_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define MAGE_ROW_CLONES
+#endif
+
+inline float bf16_to_float(uint16_t h) { return std::bit_cast<float>(static_cast<uint32_t>(h) << 16); }
+
+inline uint16_t float_to_bf16(float f) {
+  const uint32_t u = std::bit_cast<uint32_t>(f);
+  const uint16_t rounded = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  return f != f ? uint16_t(0x7FC0) : rounded;
+}
+
+MAGE_ROW_CLONES void add_rows_f32(float* out, const float* a, const float* b, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = a[i] + b[i];
+}
+
+MAGE_ROW_CLONES void add_rows_bf16(uint16_t* out, const uint16_t* a, const uint16_t* b, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = float_to_bf16(bf16_to_float(a[i]) + bf16_to_float(b[i]));
+}
+
+MAGE_ROW_CLONES void accumulate_f32(float* acc, const float* g, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) acc[i] += g[i];
+}
+
+MAGE_ROW_CLONES void accumulate_bf16(float* acc, const uint16_t* g, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) acc[i] += bf16_to_float(g[i]);
+}
+
+MAGE_ROW_CLONES void round_to_bf16(uint16_t* out, const float* acc, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = float_to_bf16(acc[i]);
+}
+
+// out = a + b, rounded once to T (the sum is exact in opmath before rounding, as torch's add).
+template <typename T>
+void add_row(T* out, const T* a, const T* b, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    add_rows_f32(out, a, b, n);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    add_rows_bf16(reinterpret_cast<uint16_t*>(out), reinterpret_cast<const uint16_t*>(a),
+                  reinterpret_cast<const uint16_t*>(b), n);
+  } else {
+    using acc_t = at::opmath_type<T>;
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(acc_t(a[i]) + acc_t(b[i]));
+  }
+}
+
+// acc += g, in opmath.
+template <typename T>
+void accumulate_row(at::opmath_type<T>* acc, const T* g, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    accumulate_f32(acc, g, n);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    accumulate_bf16(acc, reinterpret_cast<const uint16_t*>(g), n);
+  } else {
+    for (int64_t i = 0; i < n; ++i) acc[i] += at::opmath_type<T>(g[i]);
+  }
+}
+
+// out = acc rounded once to T.
+template <typename T>
+void store_row(T* out, const at::opmath_type<T>* acc, int64_t n) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    round_to_bf16(reinterpret_cast<uint16_t*>(out), acc, n);
+  } else {
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(acc[i]);
+  }
+}
 
 // Copies (B, S_out) rows: out[b, s] = in[b, source(b, s)], or zeros for source -1.
 template <typename Source>
@@ -344,7 +414,6 @@ at::Tensor pad_with_cls_cpu(const at::Tensor& y_in, const at::Tensor& keep_in, c
   const at::Tensor pd = pad ? pad->contiguous() : at::Tensor();
   const int64_t S = 1 + L, es = z.element_size();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, z.scalar_type(), "pad_with_cls_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
     scalar_t* zp = z.data_ptr<scalar_t>();
     const scalar_t* pep = pe.defined() ? pe.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* pdp = pd.defined() ? pd.const_data_ptr<scalar_t>() : nullptr;
@@ -357,8 +426,7 @@ at::Tensor pad_with_cls_cpu(const at::Tensor& y_in, const at::Tensor& keep_in, c
                                               : reinterpret_cast<const scalar_t*>(yr.row(b, 0));
         scalar_t* out = zp + r * C;
         if (pep) {
-          const scalar_t* p = pep + s * C;
-          for (int64_t c = 0; c < C; ++c) out[c] = static_cast<scalar_t>(acc_t(from[c]) + acc_t(p[c]));
+          add_row(out, from, pep + s * C, C);
         } else {
           std::memcpy(out, from, C * es);
         }
@@ -368,10 +436,12 @@ at::Tensor pad_with_cls_cpu(const at::Tensor& y_in, const at::Tensor& keep_in, c
   return z;
 }
 
-std::tuple<at::Tensor, at::Tensor> pad_with_cls_backward_cpu(const at::Tensor& gz_in, const at::Tensor& keep_in,
-                                                             const at::Tensor& masked_in, bool mae) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pad_with_cls_backward_cpu(const at::Tensor& gz_in,
+                                                                         const at::Tensor& keep_in,
+                                                                         const at::Tensor& masked_in, bool mae,
+                                                                         bool pos) {
   check_pad_backward_shapes(gz_in, keep_in, masked_in);
-  const int64_t B = gz_in.size(0), C = gz_in.size(2), L = masked_in.size(1);
+  const int64_t B = gz_in.size(0), C = gz_in.size(2), L = masked_in.size(1), S = 1 + L;
   const at::Tensor keep_idx = keep_in.contiguous(), masked = masked_in.contiguous();
   const int64_t Lk = keep_idx.size(1);
   const int64_t* keep = keep_idx.const_data_ptr<int64_t>();
@@ -379,7 +449,8 @@ std::tuple<at::Tensor, at::Tensor> pad_with_cls_backward_cpu(const at::Tensor& g
   const auto acc_dtype = gz_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor grad_y = at::empty({B, 1 + Lk, C}, gz_in.options());
   at::Tensor pad_sum = at::empty({mae ? B : 0, C}, gz_in.options().dtype(acc_dtype));
-  if (grad_y.numel() == 0) return {grad_y, pad_sum};
+  at::Tensor grad_pos = at::empty({pos ? S : 0, C}, gz_in.options());
+  if (C == 0) return {grad_y, pad_sum, grad_pos};
   const bool* mk = masked.const_data_ptr<bool>();
   const std::vector<int64_t> src = slot_sources(keep, mk, B, Lk, L);
   const at::Tensor gz = unit_channel_stride(gz_in);
@@ -390,34 +461,43 @@ std::tuple<at::Tensor, at::Tensor> pad_with_cls_backward_cpu(const at::Tensor& g
     const int64_t t = keep[b * Lk + s - 1];
     return t >= 0 && !mk[b * L + t] ? 1 + t : -1;
   });
-  // Row 0 / pad_sum: the sum over padded tokens, per (row, chunk of channels), accumulated in fp32/fp64.
+  // One parallel region for both column sums, per chunk of channels, accumulated in fp32 / fp64:
+  // tasks [0, B * chunks) sum a row's padded tokens (into grad_y[:, 0] or pad_sum), the next
+  // S * chunks tasks sum a slot over the batch (grad_pos).
   constexpr int64_t kChunk = 512;
   const int64_t chunks = (C + kChunk - 1) / kChunk;
+  const int64_t pad_tasks = B * chunks, pos_tasks = pos ? S * chunks : 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gz.scalar_type(), "pad_with_cls_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     scalar_t* gy = grad_y.data_ptr<scalar_t>();
+    scalar_t* gp = pos ? grad_pos.data_ptr<scalar_t>() : nullptr;
     acc_t* ps = mae ? pad_sum.data_ptr<acc_t>() : nullptr;
-    at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
+    auto row = [&](int64_t b, int64_t s, int64_t c0) { return reinterpret_cast<const scalar_t*>(gr.row(b, s)) + c0; };
+    at::parallel_for(0, pad_tasks + pos_tasks, 1, [&](int64_t begin, int64_t end) {
       acc_t acc[kChunk];
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / chunks, c0 = (task % chunks) * kChunk, n = std::min(kChunk, C - c0);
+        const bool is_pad = task < pad_tasks;
+        const int64_t k = is_pad ? task : task - pad_tasks;
+        const int64_t r = k / chunks, c0 = (k % chunks) * kChunk, n = std::min(kChunk, C - c0);
         std::fill(acc, acc + n, acc_t(0));
-        for (int64_t t = 0; t < L; ++t) {
-          if (src[b * L + t] >= 0) continue;
-          const scalar_t* g = reinterpret_cast<const scalar_t*>(gr.row(b, 1 + t)) + c0;
-          for (int64_t c = 0; c < n; ++c) acc[c] += acc_t(g[c]);
+        if (!is_pad) {  // r = slot s
+          for (int64_t b = 0; b < B; ++b) accumulate_row(acc, row(b, r, c0), n);
+          store_row(gp + r * C + c0, acc, n);
+          continue;
+        }
+        for (int64_t t = 0; t < L; ++t) {  // r = batch row b
+          if (src[r * L + t] < 0) accumulate_row(acc, row(r, 1 + t, c0), n);
         }
         if (mae) {
-          std::copy(acc, acc + n, ps + b * C + c0);
+          std::copy(acc, acc + n, ps + r * C + c0);
         } else {
-          const scalar_t* g0 = reinterpret_cast<const scalar_t*>(gr.row(b, 0)) + c0;
-          scalar_t* out = gy + b * (1 + Lk) * C + c0;
-          for (int64_t c = 0; c < n; ++c) out[c] = static_cast<scalar_t>(acc_t(g0[c]) + acc[c]);
+          accumulate_row(acc, row(r, 0, c0), n);
+          store_row(gy + r * (1 + Lk) * C + c0, acc, n);
         }
       }
     });
   });
-  return {grad_y, pad_sum};
+  return {grad_y, pad_sum, grad_pos};
 }
 
 TORCH_LIBRARY_IMPL(mage, CPU, m) {

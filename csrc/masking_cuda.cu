@@ -11,8 +11,10 @@
 //   ballot/popc block scan.
 // - Row copies (gather_keep, scatter_keep, pad_with_cls and the gathered part of its backward): one
 //   warp per output row, 16-byte loads and stores over C when rows are 16-byte aligned.
-// - pad_with_cls backward: one block per (channel tile, row); its warps split the padded tokens and
-//   their fp32 (fp64) partial sums meet in shared memory.
+// - pad_with_cls backward: column sums, one block per (row, channel tile) over the row's padded tokens
+//   and one per (slot, channel tile) over the batch for pos_embed; warps split the rows and their fp32
+//   (fp64) partial sums meet in shared memory. (grad_z is read about twice: once for grad_y and the
+//   padded sums, once for the pos_embed sum.)
 #include "masking.h"
 
 #include <ATen/Dispatch.h>
@@ -219,51 +221,72 @@ __global__ void slot_source_kernel(
   }
 }
 
-// Sum of the padded tokens' gradients per (row, channel): warps split the tokens, N channels per lane.
-template <typename T, int N>
-__global__ void __launch_bounds__(kThreads) pad_sum_kernel(
-    RowsView<T> gz,                   // (B, 1+L, C)
-    const int64_t* __restrict__ src,  // (B, L), -1 = padded
-    T* __restrict__ grad_y,           // (B, 1+Lk, C): row 0 = gz[:, 0] + sum, unless mae
-    at::opmath_type<T>* __restrict__ pad_sum,  // (B, C) when mae
-    int64_t L,
-    int64_t Lk,
-    int64_t C,
-    bool mae) {
+// Column sums: block (group g, channel tile); its warps split the group's rows, N channels per lane,
+// and their fp32 (fp64) partial sums meet in shared memory. Task gives the rows and the epilogue.
+template <typename T, int N, typename Task>
+__global__ void __launch_bounds__(kThreads) column_sum_kernel(Task task, int64_t C) {
   using acc_t = at::opmath_type<T>;
   using P = Pack<T, N>;
   __shared__ acc_t partial[kWarps][32 * N];
-  const int64_t b = blockIdx.y;
+  const int64_t g = blockIdx.x;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * 32 * N;  // first channel of this tile
+  const int64_t c0 = static_cast<int64_t>(blockIdx.y) * 32 * N;  // first channel of this tile
   const int64_t pc = c0 / N + lane;                                // this lane's pack
-  const bool active = pc < C / N;
   acc_t acc[N];
 #pragma unroll
   for (int i = 0; i < N; ++i) acc[i] = acc_t(0);
-  if (active) {
-    for (int64_t t = warp; t < L; t += kWarps) {
-      if (src[b * L + t] >= 0) continue;
-      const P v = reinterpret_cast<const P*>(gz.row(b, 1 + t))[pc];
+  if (pc < C / N) {
+    for (int64_t i = warp; i < task.count(); i += kWarps) {
+      const T* row = task.row(g, i);
+      if (!row) continue;
+      const P v = reinterpret_cast<const P*>(row)[pc];
 #pragma unroll
-      for (int i = 0; i < N; ++i) acc[i] += static_cast<acc_t>(v.v[i]);
+      for (int k = 0; k < N; ++k) acc[k] += static_cast<acc_t>(v.v[k]);
     }
   }
 #pragma unroll
   for (int i = 0; i < N; ++i) partial[warp][lane * N + i] = acc[i];
   __syncthreads();
   for (int64_t k = threadIdx.x; k < 32 * N; k += blockDim.x) {
-    const int64_t c = c0 + k;
-    if (c >= C) continue;
+    if (c0 + k >= C) continue;
     acc_t total = acc_t(0);
     for (int w = 0; w < kWarps; ++w) total += partial[w][k];
+    task.finish(g, c0 + k, total);
+  }
+}
+
+// Group b: the padded tokens of row b; into grad_y[b, 0] (+ grad_z[b, 0]) or pad_sum[b].
+template <typename T>
+struct PadSumTask {
+  RowsView<T> gz;      // (B, 1+L, C)
+  const int64_t* src;  // (B, L), -1 = padded
+  T* grad_y;           // (B, 1+Lk, C)
+  at::opmath_type<T>* pad_sum;  // (B, C) when mae
+  int64_t L, Lk, C;
+  bool mae;
+  __device__ int64_t count() const { return L; }
+  __device__ const T* row(int64_t b, int64_t t) const { return src[b * L + t] < 0 ? gz.row(b, 1 + t) : nullptr; }
+  __device__ void finish(int64_t b, int64_t c, at::opmath_type<T> total) const {
     if (mae) {
       pad_sum[b * C + c] = total;
     } else {
-      grad_y[b * (1 + Lk) * C + c] = static_cast<T>(static_cast<acc_t>(gz.row(b, 0)[c]) + total);
+      grad_y[b * (1 + Lk) * C + c] = static_cast<T>(static_cast<at::opmath_type<T>>(gz.row(b, 0)[c]) + total);
     }
   }
-}
+};
+
+// Group s: slot s of every row; into grad_pos[s] (the positional embedding's gradient).
+template <typename T>
+struct PosSumTask {
+  RowsView<T> gz;  // (B, 1+L, C)
+  T* grad_pos;     // (1+L, C)
+  int64_t B, C;
+  __device__ int64_t count() const { return B; }
+  __device__ const T* row(int64_t s, int64_t b) const { return gz.row(b, s); }
+  __device__ void finish(int64_t s, int64_t c, at::opmath_type<T> total) const {
+    grad_pos[s * C + c] = static_cast<T>(total);
+  }
+};
 
 // ------------------------------------------------------------------------------------------ launchers
 
@@ -304,6 +327,21 @@ void launch_rows(at::Tensor& out, int pack, const T* pos, const Source& source) 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+template <typename T, typename Task>
+void launch_column_sums(const Task& task, int64_t groups, int64_t C, int pack) {
+  if (groups == 0 || C == 0) return;
+  constexpr int kPack = 16 / sizeof(T);
+  const int n = pack == kPack ? kPack : 1;
+  const dim3 grid(static_cast<unsigned>(groups), static_cast<unsigned>((C + 32 * n - 1) / (32 * n)));
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  if (n == kPack) {
+    column_sum_kernel<T, kPack><<<grid, kThreads, 0, stream>>>(task, C);
+  } else {
+    column_sum_kernel<T, 1><<<grid, kThreads, 0, stream>>>(task, C);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 at::Tensor slot_sources(const at::Tensor& keep_idx, const at::Tensor& masked, int64_t L) {
   const int64_t B = keep_idx.size(0), Lk = keep_idx.size(1);
   at::Tensor src = at::empty({B, L}, keep_idx.options());
@@ -337,13 +375,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mask_plan_cuda(const at::Tensor& 
   at::Tensor dropped = at::empty({B, L}, noise.options().dtype(at::kBool));
   at::Tensor keep_idx = at::empty({B, num_kept}, noise.options().dtype(at::kLong));
   if (B == 0) return {masked, dropped, keep_idx};
+  const at::Tensor m_counts = num_masked.contiguous(), d_counts = num_dropped.contiguous();
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const int threads = static_cast<int>(std::min<int64_t>(kThreads, std::max<int64_t>(32, (L + 31) / 32 * 32)));
   MAGE_DISPATCH_FLOATS(noise.scalar_type(), "mask_plan_cuda", [&] {
     const int64_t smem = L * static_cast<int64_t>(sizeof(key_t<scalar_t>));
     const auto args = std::make_tuple(noise.const_data_ptr<scalar_t>(), noise.stride(0), noise.stride(1),
-                                      num_masked.const_data_ptr<int64_t>(), int64_t(num_masked.dim() ? 1 : 0),
-                                      num_dropped.const_data_ptr<int64_t>(), int64_t(num_dropped.dim() ? 1 : 0),
+                                      m_counts.const_data_ptr<int64_t>(), int64_t(m_counts.dim() ? 1 : 0),
+                                      d_counts.const_data_ptr<int64_t>(), int64_t(d_counts.dim() ? 1 : 0),
                                       masked.data_ptr<bool>(), dropped.data_ptr<bool>(),
                                       keep_idx.data_ptr<int64_t>(), L, num_kept);
     if (smem <= kMaxSmemKeysBytes) {
@@ -421,8 +460,10 @@ at::Tensor pad_with_cls_cuda(const at::Tensor& y_in, const at::Tensor& keep_in, 
   return z;
 }
 
-std::tuple<at::Tensor, at::Tensor> pad_with_cls_backward_cuda(const at::Tensor& gz_in, const at::Tensor& keep_in,
-                                                              const at::Tensor& masked_in, bool mae) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pad_with_cls_backward_cuda(const at::Tensor& gz_in,
+                                                                          const at::Tensor& keep_in,
+                                                                          const at::Tensor& masked_in, bool mae,
+                                                                          bool pos) {
   check_pad_backward_shapes(gz_in, keep_in, masked_in);
   const int64_t B = gz_in.size(0), C = gz_in.size(2), L = masked_in.size(1);
   check_cuda(gz_in, "pad_with_cls_backward", "grad_z");
@@ -432,29 +473,24 @@ std::tuple<at::Tensor, at::Tensor> pad_with_cls_backward_cuda(const at::Tensor& 
   const auto acc_dtype = gz.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor grad_y = at::empty({B, 1 + Lk, C}, gz.options());
   at::Tensor pad_sum = at::empty({mae ? B : 0, C}, gz.options().dtype(acc_dtype));
-  if (B == 0 || C == 0) return {grad_y, pad_sum};
+  at::Tensor grad_pos = at::empty({pos ? 1 + L : 0, C}, gz.options());
+  if (C == 0) return {grad_y, pad_sum, grad_pos};
   const at::Tensor src = slot_sources(keep_idx, masked, L);
   const int pack = pack_width(C, gz.element_size(), {&gz});
-  const auto stream = c10::cuda::getCurrentCUDAStream();
   MAGE_DISPATCH_FLOATS(gz.scalar_type(), "pad_with_cls_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const RowsView<scalar_t> rows = rows_view<scalar_t>(gz);
     const GatherSource<scalar_t> source{rows, keep_idx.const_data_ptr<int64_t>(), masked.const_data_ptr<bool>(), L, Lk};
     launch_rows<scalar_t, false>(grad_y, pack, nullptr, source);
-    acc_t* ps = mae ? pad_sum.data_ptr<acc_t>() : nullptr;
-    constexpr int kPack = 16 / sizeof(scalar_t);
-    const int n = pack == kPack ? kPack : 1;
-    const dim3 grid(static_cast<unsigned>((C + 32 * n - 1) / (32 * n)), static_cast<unsigned>(B));
-    if (n == kPack) {
-      pad_sum_kernel<scalar_t, kPack><<<grid, kThreads, 0, stream>>>(rows, src.const_data_ptr<int64_t>(),
-                                                                    grad_y.data_ptr<scalar_t>(), ps, L, Lk, C, mae);
-    } else {
-      pad_sum_kernel<scalar_t, 1><<<grid, kThreads, 0, stream>>>(rows, src.const_data_ptr<int64_t>(),
-                                                                grad_y.data_ptr<scalar_t>(), ps, L, Lk, C, mae);
+    const PadSumTask<scalar_t> pad_task{rows, src.const_data_ptr<int64_t>(), grad_y.data_ptr<scalar_t>(),
+                                        mae ? pad_sum.data_ptr<acc_t>() : nullptr, L, Lk, C, mae};
+    launch_column_sums<scalar_t>(pad_task, B, C, pack);
+    if (pos) {
+      const PosSumTask<scalar_t> pos_task{rows, grad_pos.data_ptr<scalar_t>(), B, C};
+      launch_column_sums<scalar_t>(pos_task, 1 + L, C, pack);
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {grad_y, pad_sum};
+  return {grad_y, pad_sum, grad_pos};
 }
 
 }  // namespace mage

@@ -3,7 +3,7 @@
 // Kernel 1, one warp per token: an unknown token's candidate logits are read once, coalesced (up to
 // 32 per lane kept in registers: the whole row for a 1024-code vocabulary), for the max; then exp-sum
 // and the Gumbel-max argmax (exponential-race form: argmax exp(d) / E, sharing the exp) run over the
-// registers. Hardware exp and division (2 ulp) keep it near the bandwidth bound; the noise's log is the
+// registers. expf and the hardware division keep it near the bandwidth bound; the noise's log is the
 // shared Cephes one, accurate near 1 where an approximate log would distort small E. Known tokens read nothing. The noise is the
 // counter-based hash of remask_rng.h, keyed by the (seed, offset) pair read from device memory, so a
 // step has no host sync and can be captured in a CUDA graph.
@@ -79,7 +79,7 @@ __global__ void __launch_bounds__(kWarps * 32) sample_kernel(
   int64_t best_v = vocab;
   auto visit = [&](float s, int64_t v) {
     const float d = s == m ? 0.f : s - m;
-    const float e = __expf(d);
+    const float e = expf(d);  // the accurate exp: __expf's error grows with |d| (2 + 1.2|d| ulp)
     sum += e;
     const float key = __fdividef(e, exponential(token_word(h, g, static_cast<uint32_t>(v))));
     if (key > best) {  // lanes visit v in increasing order: the first maximum is kept
@@ -190,6 +190,8 @@ std::tuple<at::Tensor, at::Tensor> remask_step_cuda(const at::Tensor& logits, co
   at::Tensor sampled = at::empty({B, L}, ids.options());
   at::Tensor new_ids = at::empty({B, L}, ids.options());
   if (N == 0) return {sampled, new_ids};
+  TORCH_CHECK_VALUE((N + kWarps - 1) / kWarps <= INT32_MAX && B <= INT32_MAX,
+                    "remask_step: too many tokens for one launch, got B=", B, ", L=", L);
   at::Tensor conf = at::empty({B, L}, ids.options().dtype(at::kFloat));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const float inv_t = static_cast<float>(1.0 / temperature);

@@ -25,4 +25,18 @@ MAGE_HD double vq_gap_bound(long long D, double unit_roundoff, double z_norm, do
   return 4.0 * gamma * (max_code_norm * max_code_norm + 2.0 * z_norm * max_code_norm);
 }
 
+// The CPU's bf16 search: z and e rounded to bf16 (unit round-off 2^-8 each; their products are exact in
+// fp32), fp32 accumulation (gamma_n at 2^-24), the GEMM output rounded to bf16 once more, and
+// d' = |e|^2 - 2 z.e formed in fp32. Every code whose d' is within this bound of the smallest d' is a
+// candidate for the exact minimum; all others are certainly farther.
+MAGE_HD double vq_bf16_candidate_bound(long long D, double z_norm, double max_code_norm) {
+  const double u16 = 0x1p-8, u32 = 0x1p-24, n = static_cast<double>(D + 5);
+  const double gamma = n * u32 / (1.0 - n * u32);
+  const double zn_en = z_norm * max_code_norm;
+  const double dot_err = (3.0 * u16 + u16 * u16 + gamma) * (1.0 + u16) * (1.0 + u16) * zn_en;
+  const double form_err = u32 * (max_code_norm * max_code_norm + 2.0 * zn_en);
+  // The best and the candidate may each be off by (2 dot_err + form_err); a factor 1.25 more for safety.
+  return 2.5 * (2.0 * dot_err + form_err);
+}
+
 }  // namespace mage

@@ -1,9 +1,14 @@
 // Nearest-code quantization on CPU (DESIGN.md op 1; the tokenizer's quantizer, MAGE_REFERENCE.md 3.3).
 //
-// Rows of z are processed in tiles: one fp32 GEMM tile (rows x K, MKL via at::mm) gives the expanded
-// distance d'(k) = |e_k|^2 - 2 z.e_k; the two smallest d' per row decide whether the fp32 winner is
-// certainly the exact winner (vq_bound.h); if not, that row is re-ranked in fp64. The [N, K] distance
-// matrix never exists: extra memory is one (tile x K) buffer per thread plus fp32/fp64 codebook copies.
+// Rows of z are processed in tiles: one GEMM tile (rows x K, oneDNN/MKL via at::mm) gives the expanded
+// distance d'(k) = |e_k|^2 - 2 z.e_k, then each row is decided exactly (vq_bound.h):
+//  - exact, on CPUs with native bf16 dot products: a bf16 GEMM (2x the fp32 rate) ranks the codes; every
+//    code within the bf16 rounding bound of the best is a candidate, and the candidates are compared in
+//    fp64. The true nearest code is always among them.
+//  - otherwise an fp32 GEMM; the two smallest d' decide whether the fp32 winner is certainly the exact
+//    winner; if not (exact mode), the row is re-ranked in fp64.
+// The [N, K] distance matrix never exists: extra memory is one (tile x K) buffer per thread plus
+// copies of the codebook.
 #include "checks.h"
 #include "vq.h"
 #include "vq_bound.h"
@@ -25,21 +30,23 @@
 namespace mage {
 namespace {
 
-constexpr int64_t kRowTile = 64;
+constexpr int64_t kRowTile = 256;
 constexpr double kFp32Roundoff = 0x1p-24;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 struct Codebook {
-  at::Tensor f32;          // (K, D) fp32, feeds the GEMM
+  at::Tensor f32;          // (K, D) fp32, feeds the fp32 GEMM
+  at::Tensor bf16;         // (K, D) bf16, feeds the bf16 GEMM (defined only when that search is used)
   at::Tensor f64;          // (K, D) fp64, for exact distances
   std::vector<float> e2;   // |e_k|^2, NaN for codes with non-finite entries (never chosen)
   double max_norm = 0.0;   // max |e_k| over finite codes
 };
 
-Codebook prepare_codebook(const at::Tensor& codebook) {
+Codebook prepare_codebook(const at::Tensor& codebook, bool with_bf16) {
   Codebook cb;
   cb.f64 = codebook.to(at::kDouble).contiguous();
   cb.f32 = codebook.to(at::kFloat).contiguous();
+  if (with_bf16) cb.bf16 = codebook.to(at::kBFloat16).contiguous();
   const int64_t K = codebook.size(0), D = codebook.size(1);
   const double* e = cb.f64.const_data_ptr<double>();
   cb.e2.resize(K);
@@ -141,6 +148,37 @@ __attribute__((target("avx2,fma"))) Scan locate_avx2(const float* d, int64_t K, 
 }
 
 const bool kHasAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+// Without native bf16 dot products a bf16 GEMM is emulated and slower than fp32.
+const bool kHasBf16 = __builtin_cpu_supports("avx512bf16");
+
+// Indices of every d[k] <= threshold, ascending.
+void collect_scalar(const float* d, int64_t K, float threshold, std::vector<int64_t>& out) {
+  out.clear();
+  for (int64_t k = 0; k < K; ++k) {
+    if (d[k] <= threshold) out.push_back(k);
+  }
+}
+
+__attribute__((target("avx2,fma"))) void collect_avx2(const float* d, int64_t K, float threshold,
+                                                        std::vector<int64_t>& out) {
+  out.clear();
+  const __m256 t = _mm256_set1_ps(threshold);
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    int mask = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(d + k), t, _CMP_LE_OQ));
+    while (mask) {
+      out.push_back(k + __builtin_ctz(mask));
+      mask &= mask - 1;
+    }
+  }
+  for (; k < K; ++k) {
+    if (d[k] <= threshold) out.push_back(k);
+  }
+}
+
+void collect_candidates(const float* d, int64_t K, float threshold, std::vector<int64_t>& out) {
+  kHasAvx2 ? collect_avx2(d, K, threshold, out) : collect_scalar(d, K, threshold, out);
+}
 
 Scan scan_row(float* dots, const float* e2, int64_t K) {
   const float best = kHasAvx2 ? expanded_min_avx2(dots, e2, K) : expanded_min_scalar(dots, e2, K);
@@ -162,57 +200,86 @@ struct Nearest {
   double sqdist;
 };
 
-// One row: `dots` holds z.e_k (fp32, overwritten), `z` the row in fp64.
-Nearest nearest_row(float* dots, const double* z, const Codebook& cb, int64_t K, int64_t D, bool exact) {
+// The exact nearest among `candidates` (ascending), ties to the lowest index.
+Nearest rerank(const double* z, const Codebook& cb, const int64_t* candidates, int64_t count, int64_t D) {
+  const double* e = cb.f64.const_data_ptr<double>();
+  Nearest best{-1, std::numeric_limits<double>::infinity()};
+  for (int64_t j = 0; j < count; ++j) {
+    const int64_t k = candidates[j];
+    if (std::isnan(cb.e2[k])) continue;
+    const double s = exact_sqdist(z, e + k * D, D);
+    if (s < best.sqdist) best = {k, s};
+  }
+  return best;
+}
+
+enum class Search { kFp32, kFp32Exact, kBf16Exact };
+
+// One row: `dots` holds z.e_k (overwritten with d'), `z` the row in fp64, `scratch` a candidate buffer.
+Nearest nearest_row(float* dots, const double* z, const Codebook& cb, int64_t K, int64_t D, Search search,
+                    std::vector<int64_t>& scratch) {
   constexpr Nearest kInvalid{-1, std::numeric_limits<double>::quiet_NaN()};
   double z2 = 0.0;
   for (int64_t d = 0; d < D; ++d) z2 += z[d] * z[d];
   if (!std::isfinite(z2)) return kInvalid;
+  const double* e = cb.f64.const_data_ptr<double>();
+  if (search == Search::kBf16Exact) {
+    const float best = kHasAvx2 ? expanded_min_avx2(dots, cb.e2.data(), K) : expanded_min_scalar(dots, cb.e2.data(), K);
+    if (!(best < kInf)) return kInvalid;  // no finite code
+    const double bound = vq_bf16_candidate_bound(D, std::sqrt(z2), cb.max_norm);
+    collect_candidates(dots, K, static_cast<float>(static_cast<double>(best) + bound), scratch);
+    if (scratch.size() == 1) return {scratch[0], exact_sqdist(z, e + scratch[0] * D, D)};
+    return rerank(z, cb, scratch.data(), static_cast<int64_t>(scratch.size()), D);
+  }
   const Scan scan = scan_row(dots, cb.e2.data(), K);
   if (scan.index < 0) return kInvalid;  // no finite code
   const int64_t i = scan.index;
-  if (!exact) return {i, std::max(0.0, static_cast<double>(scan.best) + z2)};
-  const double* e = cb.f64.const_data_ptr<double>();
+  if (search == Search::kFp32) return {i, std::max(0.0, static_cast<double>(scan.best) + z2)};
   const double gap = static_cast<double>(scan.second) - static_cast<double>(scan.best);
   if (gap > vq_gap_bound(D, kFp32Roundoff, std::sqrt(z2), cb.max_norm)) {
     return {i, exact_sqdist(z, e + i * D, D)};
   }
-  // Near-tie in fp32: re-rank every finite code exactly.
-  double best64 = std::numeric_limits<double>::infinity();
-  int64_t best_k = -1;
-  for (int64_t k = 0; k < K; ++k) {
-    if (std::isnan(cb.e2[k])) continue;
-    const double s = exact_sqdist(z, e + k * D, D);
-    if (s < best64) {
-      best64 = s;
-      best_k = k;
-    }
-  }
-  return {best_k, best64};
+  // Near-tie in fp32: re-rank every code exactly.
+  scratch.resize(K);
+  for (int64_t k = 0; k < K; ++k) scratch[k] = k;
+  return rerank(z, cb, scratch.data(), K, D);
 }
 
-// Calls fn(b, r0, rows, nearest[rows], z64 rows) for every tile of rows, in parallel.
+// Calls fn(b, r0, rows, nearest[rows]) for every chunk of rows. The GEMM of a chunk runs on all
+// threads inside at::mm (oneDNN/MKL re-plan a GEMM called inside a parallel region on every call),
+// then the rows of the chunk are decided in parallel.
 template <typename Fn>
-void for_each_tile(const at::Tensor& zv, const Codebook& cb, bool exact, Fn&& fn) {
+void for_each_chunk(const at::Tensor& zv, const Codebook& cb, Search search, Fn&& fn) {
   const int64_t B = zv.size(0), R = zv.size(1), D = zv.size(2), K = cb.f32.size(0);
-  const int64_t tiles_per_b = (R + kRowTile - 1) / kRowTile;
-  const at::Tensor cbT = cb.f32.t();
-  at::parallel_for(0, B * tiles_per_b, 1, [&](int64_t begin, int64_t end) {
-    at::Tensor dots = at::empty({kRowTile, K}, cb.f32.options());
-    std::vector<Nearest> out(kRowTile);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / tiles_per_b, r0 = (t % tiles_per_b) * kRowTile;
-      const int64_t rows = std::min(kRowTile, R - r0);
+  const int64_t chunk = std::clamp<int64_t>((int64_t{1} << 22) / K, kRowTile, 16 * kRowTile);
+  const at::Tensor cbT = search == Search::kBf16Exact ? cb.bf16.t() : cb.f32.t();
+  at::Tensor dots = at::empty({std::min(chunk, R), K}, cb.f32.options());
+  std::vector<Nearest> out(std::min(chunk, R));
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t r0 = 0; r0 < R; r0 += chunk) {
+      const int64_t rows = std::min(chunk, R - r0);
       const at::Tensor tile = zv.select(0, b).narrow(0, r0, rows);
       const at::Tensor z64 = tile.to(at::kDouble).contiguous();
       at::Tensor d = dots.narrow(0, 0, rows);
-      at::mm_out(d, tile.to(at::kFloat), cbT);
+      if (search == Search::kBf16Exact) {
+        d.copy_(at::mm(tile.to(at::kBFloat16), cbT));
+      } else {
+        at::mm_out(d, tile.to(at::kFloat), cbT);
+      }
       float* dp = d.data_ptr<float>();
       const double* zp = z64.const_data_ptr<double>();
-      for (int64_t r = 0; r < rows; ++r) out[r] = nearest_row(dp + r * K, zp + r * D, cb, K, D, exact);
-      fn(b, r0, rows, out.data(), zp);
+      at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+        std::vector<int64_t> scratch;
+        for (int64_t r = begin; r < end; ++r) out[r] = nearest_row(dp + r * K, zp + r * D, cb, K, D, search, scratch);
+      });
+      fn(b, r0, rows, out.data());
     }
-  });
+  }
+}
+
+// bf16 ranking pays off once the GEMM dominates; tiny D or K stay on the fp32 path.
+Search exact_search(int64_t K, int64_t D) {
+  return kHasBf16 && D >= 32 && K >= 64 ? Search::kBf16Exact : Search::kFp32Exact;
 }
 
 at::Tensor index_shape_empty(const at::Tensor& z, at::ScalarType dtype) {
@@ -247,12 +314,13 @@ std::tuple<at::Tensor, at::Tensor> vq_nearest_cpu(const at::Tensor& z, const at:
   at::Tensor indices = index_shape_empty(z, at::kLong);
   at::Tensor sqdist = index_shape_empty(z, sqdist_dtype(z));
   if (z.numel() == 0) return {indices, sqdist};
-  const Codebook cb = prepare_codebook(codebook);
+  const Search search = exact ? exact_search(codebook.size(0), codebook.size(1)) : Search::kFp32;
+  const Codebook cb = prepare_codebook(codebook, search == Search::kBf16Exact);
   const int64_t R = zv.size(1);
   int64_t* ip = indices.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES(sqdist.scalar_type(), "vq_nearest_cpu", [&] {
     scalar_t* sp = sqdist.data_ptr<scalar_t>();
-    for_each_tile(zv, cb, exact, [&](int64_t b, int64_t r0, int64_t rows, const Nearest* nn, const double*) {
+    for_each_chunk(zv, cb, search, [&](int64_t b, int64_t r0, int64_t rows, const Nearest* nn) {
       for (int64_t r = 0; r < rows; ++r) {
         ip[b * R + r0 + r] = nn[r].index;
         sp[b * R + r0 + r] = static_cast<scalar_t>(nn[r].sqdist);
@@ -274,39 +342,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vq_quantize_cpu(const
   if (z.numel() == 0) {
     return {z_q, indices, at::zeros({}, z.options().dtype(loss_dtype)), counts};
   }
-  const Codebook cb = prepare_codebook(codebook);
+  const Search search = exact_search(K, D);
+  const Codebook cb = prepare_codebook(codebook, search == Search::kBf16Exact);
   const at::Tensor zqv = z.dim() == 2 ? z_q.unsqueeze(0) : z_q.flatten(2).transpose(1, 2);
   const int64_t qs0 = zqv.stride(0), qs1 = zqv.stride(1), qs2 = zqv.stride(2);
-  const int64_t nthreads = at::get_num_threads();
-  std::vector<std::vector<int64_t>> local_counts(nthreads, std::vector<int64_t>(K, 0));
-  std::vector<double> local_sums(nthreads, 0.0);
   int64_t* ip = indices.data_ptr<int64_t>();
+  int64_t* cp = counts.data_ptr<int64_t>();
   const double* e = cb.f64.const_data_ptr<double>();
+  double total = 0.0;  // summed in row order: the loss does not depend on the thread count
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, z.scalar_type(), "vq_quantize_cpu", [&] {
     scalar_t* qp = z_q.data_ptr<scalar_t>();
-    for_each_tile(zv, cb, /*exact=*/true, [&](int64_t b, int64_t r0, int64_t rows, const Nearest* nn, const double*) {
-      const int tid = at::get_thread_num();
+    for_each_chunk(zv, cb, search, [&](int64_t b, int64_t r0, int64_t rows, const Nearest* nn) {
+      at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const int64_t i = nn[r].index;
+          scalar_t* q = qp + b * qs0 + (r0 + r) * qs1;
+          for (int64_t d = 0; d < D; ++d) {
+            q[d * qs2] = static_cast<scalar_t>(i < 0 ? std::numeric_limits<double>::quiet_NaN() : e[i * D + d]);
+          }
+        }
+      });
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t i = nn[r].index;
         ip[b * R + r0 + r] = i;
-        scalar_t* q = qp + b * qs0 + (r0 + r) * qs1;
-        if (i < 0) {
-          for (int64_t d = 0; d < D; ++d) q[d * qs2] = static_cast<scalar_t>(std::numeric_limits<float>::quiet_NaN());
-          local_sums[tid] += std::numeric_limits<double>::quiet_NaN();
-          continue;
-        }
-        for (int64_t d = 0; d < D; ++d) q[d * qs2] = static_cast<scalar_t>(e[i * D + d]);
-        local_counts[tid][i] += 1;
-        local_sums[tid] += nn[r].sqdist;
+        total += nn[r].sqdist;  // NaN for a row without a code
+        if (i >= 0) cp[i] += 1;
       }
     });
   });
-  int64_t* cp = counts.data_ptr<int64_t>();
-  double total = 0.0;
-  for (int64_t t = 0; t < nthreads; ++t) {
-    total += local_sums[t];
-    for (int64_t k = 0; k < K; ++k) cp[k] += local_counts[t][k];
-  }
   // Legacy taming VectorQuantizer2: mean((sg(z_q) - z)^2) + beta * mean((z_q - sg(z))^2); both means equal.
   const double loss = (1.0 + beta) * total / static_cast<double>(z.numel());
   at::Tensor loss_t = at::empty({}, z.options().dtype(loss_dtype));

@@ -40,6 +40,79 @@ def check_vq_args(op: str, z: torch.Tensor, codebook: torch.Tensor) -> None:
         )
 
 
+REMASK_LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_remask_args(
+    op: str,
+    vocab_rows: int,
+    ids: torch.Tensor,
+    num_masked: torch.Tensor,
+    seed: torch.Tensor,
+    vocab_size: int,
+    temperature: float,
+    choice_temperature: float,
+) -> None:
+    """Checks shared by `remask_step` and `remask_step_from_hidden` once the [B, L] token grid is known.
+    `vocab_rows` is V' (logits' last dim, or the embedding's row count)."""
+    if ids.dtype != torch.int64:
+        raise TypeError(f"{op}: ids must be int64, got {ids.dtype}")
+    check_same_device(op, ("ids", "num_masked", "seed"), ids, num_masked, seed)
+    if num_masked.dtype != torch.int64:
+        raise TypeError(f"{op}: num_masked must be int64, got {num_masked.dtype}")
+    if seed.dtype != torch.int64:
+        raise TypeError(f"{op}: seed must be int64, got {seed.dtype}")
+    if ids.dim() != 2:
+        raise ValueError(f"{op}: ids must be [B, L], got shape {tuple(ids.shape)}")
+    if num_masked.shape != (ids.shape[0],):
+        raise ValueError(f"{op}: num_masked must be [B] = [{ids.shape[0]}], got shape {tuple(num_masked.shape)}")
+    if seed.shape != (2,):
+        raise ValueError(f"{op}: seed must be [2] (seed, offset), got shape {tuple(seed.shape)}")
+    if not 1 <= vocab_size <= vocab_rows:
+        raise ValueError(f"{op}: vocab_size must be in [1, {vocab_rows}] (the logits' last dim), got {vocab_size}")
+    if vocab_size >= 2**31 - 64:
+        raise ValueError(f"{op}: vocab_size must be < 2^31 - 64, got {vocab_size}")
+    if not (temperature > 0.0 and temperature < float("inf")):
+        raise ValueError(f"{op}: temperature must be finite and > 0, got {temperature}")
+    if not (choice_temperature >= 0.0 and choice_temperature < float("inf")):
+        raise ValueError(f"{op}: choice_temperature must be finite and >= 0, got {choice_temperature}")
+
+
+def check_remask_logits(op: str, logits: torch.Tensor, ids: torch.Tensor) -> None:
+    if logits.dtype not in REMASK_LOGIT_DTYPES:
+        raise TypeError(f"{op}: logits must be float32, bfloat16 or float16, got {logits.dtype}")
+    if logits.dim() != 3:
+        raise ValueError(f"{op}: logits must be [B, L, V], got shape {tuple(logits.shape)}")
+    check_same_device(op, ("logits", "ids"), logits, ids)
+    if ids.dim() == 2 and logits.shape[:2] != ids.shape:
+        raise ValueError(
+            f"{op}: logits [B, L, V] and ids [B, L] disagree: logits {tuple(logits.shape)}, ids {tuple(ids.shape)}"
+        )
+
+
+def check_remask_hidden(
+    op: str, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor
+) -> None:
+    for name, t in (("hidden", hidden), ("weight", weight)) + ((("bias", bias),) if bias is not None else ()):
+        if t.dtype not in REMASK_LOGIT_DTYPES:
+            raise TypeError(f"{op}: {name} must be float32, bfloat16 or float16, got {t.dtype}")
+    check_same_device(op, ("hidden", "weight", "ids"), hidden, weight, ids)
+    if bias is not None:
+        check_same_device(op, ("weight", "bias"), weight, bias)
+    if hidden.dim() != 3:
+        raise ValueError(f"{op}: hidden must be [B, L, C], got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
+        raise ValueError(
+            f"{op}: weight must be [V, C] with C = hidden.size(2) = {hidden.shape[2]}, got shape {tuple(weight.shape)}"
+        )
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"{op}: bias must be [V] = [{weight.shape[0]}], got shape {tuple(bias.shape)}")
+    if ids.dim() == 2 and hidden.shape[:2] != ids.shape:
+        raise ValueError(
+            f"{op}: hidden [B, L, C] and ids [B, L] disagree: hidden {tuple(hidden.shape)}, ids {tuple(ids.shape)}"
+        )
+
+
 def _shape(t: torch.Tensor) -> tuple:
     return tuple(t.shape)
 
@@ -47,7 +120,8 @@ def _shape(t: torch.Tensor) -> tuple:
 def _values_checkable(t: torch.Tensor) -> bool:
     """Value checks (ranges, order) read the data: free on CPU, a host sync on GPU, impossible on fake
     tensors. So they run on real CPU tensors only; GPU kernels document what they assume instead."""
-    return t.device.type == "cpu" and not isinstance(t, torch._subclasses.FakeTensor) and not torch.compiler.is_compiling()
+    fake = isinstance(t, torch._subclasses.FakeTensor)
+    return t.device.type == "cpu" and not fake and not torch.compiler.is_compiling()
 
 
 def check_counts(op: str, name: str, counts: torch.Tensor, B: int, L: int, device: torch.device) -> None:
@@ -149,74 +223,3 @@ def check_pad_with_cls_args(
             raise ValueError(f"{op}: {name} must be {list(shape)} (L = {L}, C = {C}), got shape {_shape(t)}")
         if t.device != y.device:
             raise ValueError(f"{op}: {name} must be on {y.device}, got {t.device}")
-REMASK_LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def check_remask_args(
-    op: str,
-    vocab_rows: int,
-    ids: torch.Tensor,
-    num_masked: torch.Tensor,
-    seed: torch.Tensor,
-    vocab_size: int,
-    temperature: float,
-    choice_temperature: float,
-) -> None:
-    """Checks shared by `remask_step` and `remask_step_from_hidden` once the [B, L] token grid is known.
-    `vocab_rows` is V' (logits' last dim, or the embedding's row count)."""
-    if ids.dtype != torch.int64:
-        raise TypeError(f"{op}: ids must be int64, got {ids.dtype}")
-    check_same_device(op, ("ids", "num_masked", "seed"), ids, num_masked, seed)
-    if num_masked.dtype != torch.int64:
-        raise TypeError(f"{op}: num_masked must be int64, got {num_masked.dtype}")
-    if seed.dtype != torch.int64:
-        raise TypeError(f"{op}: seed must be int64, got {seed.dtype}")
-    if ids.dim() != 2:
-        raise ValueError(f"{op}: ids must be [B, L], got shape {tuple(ids.shape)}")
-    if num_masked.shape != (ids.shape[0],):
-        raise ValueError(f"{op}: num_masked must be [B] = [{ids.shape[0]}], got shape {tuple(num_masked.shape)}")
-    if seed.shape != (2,):
-        raise ValueError(f"{op}: seed must be [2] (seed, offset), got shape {tuple(seed.shape)}")
-    if not 1 <= vocab_size <= vocab_rows:
-        raise ValueError(f"{op}: vocab_size must be in [1, {vocab_rows}] (the logits' last dim), got {vocab_size}")
-    if vocab_size >= 2**31 - 64:
-        raise ValueError(f"{op}: vocab_size must be < 2^31 - 64, got {vocab_size}")
-    if not (temperature > 0.0 and temperature < float("inf")):
-        raise ValueError(f"{op}: temperature must be finite and > 0, got {temperature}")
-    if not (choice_temperature >= 0.0 and choice_temperature < float("inf")):
-        raise ValueError(f"{op}: choice_temperature must be finite and >= 0, got {choice_temperature}")
-
-
-def check_remask_logits(op: str, logits: torch.Tensor, ids: torch.Tensor) -> None:
-    if logits.dtype not in REMASK_LOGIT_DTYPES:
-        raise TypeError(f"{op}: logits must be float32, bfloat16 or float16, got {logits.dtype}")
-    if logits.dim() != 3:
-        raise ValueError(f"{op}: logits must be [B, L, V], got shape {tuple(logits.shape)}")
-    check_same_device(op, ("logits", "ids"), logits, ids)
-    if ids.dim() == 2 and logits.shape[:2] != ids.shape:
-        raise ValueError(
-            f"{op}: logits [B, L, V] and ids [B, L] disagree: logits {tuple(logits.shape)}, ids {tuple(ids.shape)}"
-        )
-
-
-def check_remask_hidden(
-    op: str, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor
-) -> None:
-    for name, t in (("hidden", hidden), ("weight", weight)) + ((("bias", bias),) if bias is not None else ()):
-        if t.dtype not in REMASK_LOGIT_DTYPES:
-            raise TypeError(f"{op}: {name} must be float32, bfloat16 or float16, got {t.dtype}")
-    check_same_device(op, ("hidden", "weight", "ids"), hidden, weight, ids)
-    if bias is not None:
-        check_same_device(op, ("weight", "bias"), weight, bias)
-    if hidden.dim() != 3:
-        raise ValueError(f"{op}: hidden must be [B, L, C], got shape {tuple(hidden.shape)}")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
-        raise ValueError(
-            f"{op}: weight must be [V, C] with C = hidden.size(2) = {hidden.shape[2]}, got shape {tuple(weight.shape)}"
-        )
-    if bias is not None and bias.shape != (weight.shape[0],):
-        raise ValueError(f"{op}: bias must be [V] = [{weight.shape[0]}], got shape {tuple(bias.shape)}")
-    if ids.dim() == 2 and hidden.shape[:2] != ids.shape:
-        raise ValueError(
-            f"{op}: hidden [B, L, C] and ids [B, L] disagree: hidden {tuple(hidden.shape)}, ids {tuple(ids.shape)}"
-        )

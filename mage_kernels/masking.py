@@ -32,23 +32,10 @@ define(
 define("gather_keep(Tensor x, Tensor keep_idx) -> Tensor")
 define("scatter_keep(Tensor y, Tensor keep_idx, SymInt L) -> Tensor")
 define("pad_with_cls(Tensor y, Tensor keep_idx, Tensor masked, Tensor? pos_embed=None, Tensor? pad=None) -> Tensor")
-define("pad_with_cls_backward(Tensor grad_z, Tensor keep_idx, Tensor masked, bool mae) -> (Tensor grad_y, Tensor pad_sum)")
-
-
-def _pad_with_cls_backward_reference(grad_z, keep_idx, masked, mae):
-    """grad_y (B, 1+Lk, C) in grad_z's dtype and pad_sum: the per-row sum of the padded tokens' gradients
-    (B, C) in fp32 (fp64 for fp64) when `mae`, else (0, C) and that sum goes into grad_y[:, 0]."""
-    B, L = masked.shape
-    acc = torch.float64 if grad_z.dtype == torch.float64 else torch.float32
-    own = (keep_idx >= 0) & ~masked.gather(1, keep_idx.clamp_min(0))
-    src = reference._slot_source(keep_idx, L, own)
-    padded = (src < 0)[..., None]
-    pad_sum = torch.where(padded, grad_z[:, 1:].to(acc), 0).sum(1)
-    rows = reference.gather_slots(grad_z, torch.where(own, keep_idx, -1))
-    if mae:
-        return rows, pad_sum
-    rows[:, 0] = (grad_z[:, 0].to(acc) + pad_sum).to(grad_z.dtype)
-    return rows, pad_sum.new_empty((0, grad_z.shape[2]))
+define(
+    "pad_with_cls_backward(Tensor grad_z, Tensor keep_idx, Tensor masked, bool mae, bool pos)"
+    " -> (Tensor grad_y, Tensor pad_sum, Tensor grad_pos)"
+)
 
 
 register_kernels("mask_plan", reference=reference.mask_plan, triton="mage_kernels.triton.masking:mask_plan")
@@ -57,7 +44,7 @@ register_kernels("scatter_keep", reference=reference.scatter_keep, triton="mage_
 register_kernels("pad_with_cls", reference=reference.pad_with_cls, triton="mage_kernels.triton.masking:pad_with_cls")
 register_kernels(
     "pad_with_cls_backward",
-    reference=_pad_with_cls_backward_reference,
+    reference=reference.pad_with_cls_backward,
     triton="mage_kernels.triton.masking:pad_with_cls_backward",
 )
 
@@ -95,12 +82,13 @@ def _(y, keep_idx, masked, pos_embed=None, pad=None):
 
 
 @torch.library.register_fake("mage::pad_with_cls_backward")
-def _(grad_z, keep_idx, masked, mae):
+def _(grad_z, keep_idx, masked, mae, pos):
     B, C = grad_z.shape[0], grad_z.shape[2]
     acc = torch.float64 if grad_z.dtype == torch.float64 else torch.float32
     return (
         grad_z.new_empty((B, 1 + keep_idx.shape[1], C)),
         grad_z.new_empty((B if mae else 0, C), dtype=acc),
+        grad_z.new_empty((grad_z.shape[1] if pos else 0, C)),
     )
 
 
@@ -139,10 +127,10 @@ def _pad_setup(ctx, inputs, output):
 
 def _pad_backward(ctx, grad_z):
     keep_idx, masked = ctx.saved_tensors
-    grad_y, pad_sum = torch.ops.mage.pad_with_cls_backward(grad_z, keep_idx, masked, ctx.mae)
-    grad_pos = grad_z.sum(0) if ctx.has_pos and ctx.needs_input_grad[3] else None
+    want_pos = ctx.has_pos and ctx.needs_input_grad[3]
+    grad_y, pad_sum, grad_pos = torch.ops.mage.pad_with_cls_backward(grad_z, keep_idx, masked, ctx.mae, want_pos)
     grad_pad = pad_sum.sum(0).to(grad_z.dtype) if ctx.mae and ctx.needs_input_grad[4] else None
-    return grad_y if ctx.needs_input_grad[0] else None, None, None, grad_pos, grad_pad
+    return grad_y if ctx.needs_input_grad[0] else None, None, None, grad_pos if want_pos else None, grad_pad
 
 
 torch.library.register_autograd("mage::pad_with_cls", _pad_backward, setup_context=_pad_setup)

@@ -97,125 +97,6 @@ def vq_nearest_expanded(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor
 
 
 # --------------------------------------------------------------------------------------------------
-# Masked tokens: mask plan, gather-drop and [C] padding (DESIGN.md ops 2-4, MAGE_REFERENCE.md 4.4-4.5)
-#
-# Conventions: L token positions t in [0, L); sequence slot 0 is the class slot, token t sits at slot
-# t + 1. keep_idx holds token positions (not slots) in ascending order; -1 pads rows that keep fewer
-# tokens than the width of keep_idx.
-# --------------------------------------------------------------------------------------------------
-
-
-def noise_rank(noise: torch.Tensor) -> torch.Tensor:
-    """Rank of every token in its row by (noise, position): ties go to the lower position; NaN ranks
-    above everything (as `torch.sort`); -0.0 equals 0.0. int64 (B, L)."""
-    order = torch.argsort(noise, dim=1, stable=True)
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(noise.shape[1], device=noise.device).expand_as(order))
-    return rank
-
-
-def mask_plan(
-    noise: torch.Tensor, num_masked: torch.Tensor, num_dropped: torch.Tensor, num_kept: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The num_masked lowest-noise tokens of a row are masked, the num_dropped lowest dropped.
-
-    noise (B, L) float; num_masked, num_dropped int64 of shape () or (B,); num_kept >= L - num_dropped
-    of every row. Returns masked, dropped bool (B, L) and keep_idx int64 (B, num_kept): the positions
-    that are not dropped, ascending, then -1.
-    """
-    check_mask_plan_args("mask_plan", noise, num_masked, num_dropped, num_kept)
-    B, L = noise.shape
-    rank = noise_rank(noise)
-    masked = rank < num_masked.reshape(-1, 1)
-    dropped = rank < num_dropped.reshape(-1, 1)
-    pos = torch.arange(L, device=noise.device).expand(B, L)
-    # Stable sort by "dropped" moves the kept positions to the front in ascending order.
-    kept_first = torch.sort(dropped.to(torch.uint8), dim=1, stable=True).indices
-    n_kept = (~dropped).sum(1, keepdim=True)
-    keep_idx = torch.where(pos < n_kept, kept_first, -1)[:, :num_kept]
-    return masked, dropped, keep_idx
-
-
-def _slot_source(keep_idx: torch.Tensor, L: int, use: torch.Tensor) -> torch.Tensor:
-    """src (B, L): index j into the kept rows for token t when t = keep_idx[b, j] and use[b, j], else -1."""
-    B, Lk = keep_idx.shape
-    target = torch.where(use, keep_idx, L)  # unused entries go to a spare column, cut off below
-    src = torch.full((B, L + 1), -1, dtype=torch.long, device=keep_idx.device)
-    src.scatter_(1, target, torch.arange(Lk, device=keep_idx.device).expand(B, Lk))
-    return src[:, :L]
-
-
-def gather_keep(x: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
-    """x (B, 1+L, C) -> (B, 1+Lk, C): the class slot, then token keep_idx[b, j] at slot 1+j (zeros for -1)."""
-    check_gather_keep_args("gather_keep", x, keep_idx)
-    return gather_slots(x, keep_idx)
-
-
-def gather_slots(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """(B, 1+L, C) -> (B, 1+J, C): slot 0, then token idx[b, j] (a zero row where idx < 0); unchecked."""
-    gather_idx = (idx + 1).clamp_min(0)[..., None].expand(-1, -1, x.shape[2])
-    tokens = torch.where((idx >= 0)[..., None], x.gather(1, gather_idx), torch.zeros((), dtype=x.dtype, device=x.device))
-    return torch.cat([x[:, :1], tokens], 1)
-
-
-def scatter_keep(y: torch.Tensor, keep_idx: torch.Tensor, L: int) -> torch.Tensor:
-    """Adjoint of `gather_keep`: y (B, 1+Lk, C) -> (B, 1+L, C) with zeros at the tokens not kept."""
-    check_gather_keep_args("scatter_keep", y, keep_idx, L)
-    src = _slot_source(keep_idx, L, keep_idx >= 0)
-    idx = (src + 1)[..., None].expand(-1, -1, y.shape[2])  # -1 reads slot 0, always present
-    tokens = torch.where((src >= 0)[..., None], y.gather(1, idx), torch.zeros((), dtype=y.dtype, device=y.device))
-    return torch.cat([y[:, :1], tokens], 1)
-
-
-def pad_with_cls(
-    y: torch.Tensor,
-    keep_idx: torch.Tensor,
-    masked: torch.Tensor,
-    pos_embed: torch.Tensor | None = None,
-    pad: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """y (B, 1+Lk, C) -> z (B, 1+L, C), MAGE_REFERENCE.md 4.5.
-
-    z[:, 0] = y[:, 0]; a kept token that is not masked gets its own row of y; every other token gets
-    the fill: the row's class feature y[:, 0] or, when given, the shared vector pad (C,). pos_embed
-    (1+L, C) is added last, in y's dtype (pos_embed and pad must have y's dtype).
-    """
-    check_pad_with_cls_args("pad_with_cls", y, keep_idx, masked, pos_embed, pad)
-    B, L = masked.shape
-    valid = keep_idx >= 0
-    own = valid & ~masked.gather(1, keep_idx.clamp_min(0))
-    src = _slot_source(keep_idx, L, own)
-    idx = (src + 1)[..., None].expand(-1, -1, y.shape[2])  # -1 reads slot 0, always present
-    fill = y[:, :1] if pad is None else pad.reshape(1, 1, -1).expand(B, 1, -1)
-    tokens = torch.where((src >= 0)[..., None], y.gather(1, idx), fill)
-    z = torch.cat([y[:, :1], tokens], 1)
-    return z if pos_embed is None else z + pos_embed.reshape(1, L + 1, -1)
-
-
-def published_mask_plan(noise: torch.Tensor, num_masked: int, num_dropped: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The published `forward_encoder` masks (the `eager-ref` baseline): sort, cut-off, `<=`. Float masks
-    (B, 1+L) with the class column prepended as 0, as the reference passes them on."""
-    sorted_noise = torch.sort(noise, dim=1).values
-    drop = (noise <= sorted_noise[:, num_dropped - 1 : num_dropped]).float()
-    mask = (noise <= sorted_noise[:, num_masked - 1 : num_masked]).float()
-    zero = torch.zeros(noise.shape[0], 1, device=noise.device)
-    return torch.cat([zero, mask], 1), torch.cat([zero, drop], 1)
-
-
-def published_gather_keep(x: torch.Tensor, token_drop_mask: torch.Tensor) -> torch.Tensor:
-    """The published drop (`eager-ref`): boolean index through nonzero (a host sync), then reshape."""
-    return x[(1 - token_drop_mask).nonzero(as_tuple=True)].reshape(x.shape[0], -1, x.shape[2])
-
-
-def published_pad_with_cls(
-    y: torch.Tensor, token_drop_mask: torch.Tensor, token_all_mask: torch.Tensor, pos_embed: torch.Tensor
-) -> torch.Tensor:
-    """The published `forward_decoder` padding (`eager-ref`): repeat [C], nonzero scatter, where, add."""
-    mask_tokens = y[:, 0:1].repeat(1, token_all_mask.shape[1], 1)
-    x_after_pad = mask_tokens.clone()
-    x_after_pad[(1 - token_drop_mask).nonzero(as_tuple=True)] = y.reshape(y.shape[0] * y.shape[1], y.shape[2])
-    x_after_pad = torch.where(token_all_mask.unsqueeze(-1).bool(), mask_tokens, x_after_pad)
-    return x_after_pad + pos_embed
 # Confidence re-masking (DESIGN.md op 5, MAGE_REFERENCE.md 5 and 8)
 #
 # Randomness is counter-based so that every backend draws the same numbers without state or host syncs:
@@ -277,17 +158,22 @@ def log_pos(x: torch.Tensor) -> torch.Tensor:
     return m + y + ef * 0.693359375
 
 
-def hash_to_gumbel(x: torch.Tensor) -> torch.Tensor:
-    """Gumbel(0, 1) noise from 32-bit hashes: u = (top 23 bits + 1/2) / 2^23 is exact in float32 and lies in
-    [2^-24, 1 - 2^-24], so -log(-log(u)) is always finite."""
+def hash_to_exponential(x: torch.Tensor) -> torch.Tensor:
+    """Exp(1) noise from 32-bit hashes: E = -log(u) with u = (top 23 bits + 1/2) / 2^23, exact in float32
+    and in [2^-24, 1 - 2^-24], so E is positive and finite."""
     u = ((x >> 9).to(torch.float32) + 0.5) * 2.0**-23
-    return -log_pos(-log_pos(u))
+    return -log_pos(u)
 
 
-def remask_token_gumbel(h: torch.Tensor, g: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Sampling noise of every (token, v): float32 [B, L, vocab_size]."""
+def hash_to_gumbel(x: torch.Tensor) -> torch.Tensor:
+    """Gumbel(0, 1) noise from 32-bit hashes: -log(E) of `hash_to_exponential`."""
+    return -log_pos(hash_to_exponential(x))
+
+
+def remask_token_exponential(h: torch.Tensor, g: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Sampling noise of every (token, v): Exp(1), float32 [B, L, vocab_size]."""
     v = _mul32(torch.arange(vocab_size, device=h.device, dtype=torch.int64), GOLDEN)
-    return hash_to_gumbel(mix32(((h[..., None] + v) & MASK32) ^ g[..., None]))
+    return hash_to_exponential(mix32(((h[..., None] + v) & MASK32) ^ g[..., None]))
 
 
 def remask_choice_gumbel(g: torch.Tensor) -> torch.Tensor:
@@ -331,8 +217,9 @@ def remask_sample(
 
     Per unknown token, s = logits[:vocab_size] * float32(1 / temperature) with NaN read as -inf,
     m = max s, d = s - m (0 where s == m, so rows whose max is +-inf stay defined: +inf entries share the
-    mass, an all -inf row is uniform), sampled = argmax(d + Gumbel) (Gumbel-max, ties to the lowest v),
-    log p = d[sampled] - log(sum exp d). Known tokens keep their id; their log p is returned as +inf.
+    mass, an all -inf row is uniform), sampled = argmax(exp(d) / E) with E ~ Exp(1) per candidate (the
+    Gumbel-max trick in its exponential-race form: the same argmax as d - log E = d + Gumbel, one log
+    cheaper; ties to the lowest v), log p = d[sampled] - log(sum exp d). Known tokens keep their id; their log p is returned as +inf.
     """
     B, L = ids.shape
     s = logits[..., :vocab_size].float() * torch.tensor(1.0 / temperature, dtype=torch.float32)
@@ -340,8 +227,9 @@ def remask_sample(
     m = s.amax(-1, keepdim=True)
     d = torch.where(s == m, 0.0, s - m)
     h, g = remask_token_keys(seed, B, L)
-    sampled = (d + remask_token_gumbel(h, g, vocab_size)).argmax(-1)
-    logp = d.gather(-1, sampled[..., None]).squeeze(-1) - torch.log(torch.exp(d).sum(-1))
+    e = torch.exp(d)
+    sampled = (e / remask_token_exponential(h, g, vocab_size)).argmax(-1)
+    logp = d.gather(-1, sampled[..., None]).squeeze(-1) - torch.log(e.sum(-1))
     unknown = ids == mask_id
     return torch.where(unknown, sampled, ids), torch.where(unknown, logp, float("inf"))
 
@@ -431,3 +319,149 @@ def remask_step_published(
     cutoff = sorted_confidence.gather(1, (num_masked - 1).clamp_min(0)[:, None])
     masking = confidence <= cutoff
     return sampled, torch.where(masking, mask_id, sampled)
+
+
+# --------------------------------------------------------------------------------------------------
+# Masked tokens: mask plan, gather-drop and [C] padding (DESIGN.md ops 2-4, MAGE_REFERENCE.md 4.4-4.5)
+#
+# Conventions: L token positions t in [0, L); sequence slot 0 is the class slot, token t sits at slot
+# t + 1. keep_idx holds token positions (not slots) in ascending order; -1 pads rows that keep fewer
+# tokens than the width of keep_idx.
+# --------------------------------------------------------------------------------------------------
+
+
+def noise_rank(noise: torch.Tensor) -> torch.Tensor:
+    """Rank of every token in its row by (noise, position): ties go to the lower position; NaN ranks
+    above everything (as `torch.sort`); -0.0 equals 0.0. int64 (B, L)."""
+    order = torch.argsort(noise, dim=1, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(noise.shape[1], device=noise.device).expand_as(order))
+    return rank
+
+
+def mask_plan(
+    noise: torch.Tensor, num_masked: torch.Tensor, num_dropped: torch.Tensor, num_kept: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The num_masked lowest-noise tokens of a row are masked, the num_dropped lowest dropped.
+
+    noise (B, L) float; num_masked, num_dropped int64 of shape () or (B,); num_kept >= L - num_dropped
+    of every row. Returns masked, dropped bool (B, L) and keep_idx int64 (B, num_kept): the positions
+    that are not dropped, ascending, then -1.
+    """
+    check_mask_plan_args("mask_plan", noise, num_masked, num_dropped, num_kept)
+    B, L = noise.shape
+    rank = noise_rank(noise)
+    masked = rank < num_masked.reshape(-1, 1)
+    dropped = rank < num_dropped.reshape(-1, 1)
+    pos = torch.arange(L, device=noise.device).expand(B, L)
+    # Stable sort by "dropped" moves the kept positions to the front in ascending order.
+    kept_first = torch.sort(dropped.to(torch.uint8), dim=1, stable=True).indices
+    n_kept = (~dropped).sum(1, keepdim=True)
+    keep_idx = torch.where(pos < n_kept, kept_first, -1)[:, :num_kept]
+    return masked, dropped, keep_idx
+
+
+def _slot_source(keep_idx: torch.Tensor, L: int, use: torch.Tensor) -> torch.Tensor:
+    """src (B, L): index j into the kept rows for token t when t = keep_idx[b, j] and use[b, j], else -1."""
+    B, Lk = keep_idx.shape
+    target = torch.where(use, keep_idx, L)  # unused entries go to a spare column, cut off below
+    src = torch.full((B, L + 1), -1, dtype=torch.long, device=keep_idx.device)
+    src.scatter_(1, target, torch.arange(Lk, device=keep_idx.device).expand(B, Lk))
+    return src[:, :L]
+
+
+def gather_keep(x: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
+    """x (B, 1+L, C) -> (B, 1+Lk, C): the class slot, then token keep_idx[b, j] at slot 1+j (zeros for -1)."""
+    check_gather_keep_args("gather_keep", x, keep_idx)
+    return gather_slots(x, keep_idx)
+
+
+def gather_slots(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """(B, 1+L, C) -> (B, 1+J, C): slot 0, then token idx[b, j] (a zero row where idx < 0); unchecked."""
+    gather_idx = (idx + 1).clamp_min(0)[..., None].expand(-1, -1, x.shape[2])
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    tokens = torch.where((idx >= 0)[..., None], x.gather(1, gather_idx), zero)
+    return torch.cat([x[:, :1], tokens], 1)
+
+
+def scatter_keep(y: torch.Tensor, keep_idx: torch.Tensor, L: int) -> torch.Tensor:
+    """Adjoint of `gather_keep`: y (B, 1+Lk, C) -> (B, 1+L, C) with zeros at the tokens not kept."""
+    check_gather_keep_args("scatter_keep", y, keep_idx, L)
+    src = _slot_source(keep_idx, L, keep_idx >= 0)
+    idx = (src + 1)[..., None].expand(-1, -1, y.shape[2])  # -1 reads slot 0, always present
+    tokens = torch.where((src >= 0)[..., None], y.gather(1, idx), torch.zeros((), dtype=y.dtype, device=y.device))
+    return torch.cat([y[:, :1], tokens], 1)
+
+
+def pad_with_cls(
+    y: torch.Tensor,
+    keep_idx: torch.Tensor,
+    masked: torch.Tensor,
+    pos_embed: torch.Tensor | None = None,
+    pad: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y (B, 1+Lk, C) -> z (B, 1+L, C), MAGE_REFERENCE.md 4.5.
+
+    z[:, 0] = y[:, 0]; a kept token that is not masked gets its own row of y; every other token gets
+    the fill: the row's class feature y[:, 0] or, when given, the shared vector pad (C,). pos_embed
+    (1+L, C) is added last, in y's dtype (pos_embed and pad must have y's dtype).
+    """
+    check_pad_with_cls_args("pad_with_cls", y, keep_idx, masked, pos_embed, pad)
+    B, L = masked.shape
+    valid = keep_idx >= 0
+    own = valid & ~masked.gather(1, keep_idx.clamp_min(0))
+    src = _slot_source(keep_idx, L, own)
+    idx = (src + 1)[..., None].expand(-1, -1, y.shape[2])  # -1 reads slot 0, always present
+    fill = y[:, :1] if pad is None else pad.reshape(1, 1, -1).expand(B, 1, -1)
+    tokens = torch.where((src >= 0)[..., None], y.gather(1, idx), fill)
+    z = torch.cat([y[:, :1], tokens], 1)
+    return z if pos_embed is None else z + pos_embed.reshape(1, L + 1, -1)
+
+
+def pad_with_cls_backward(
+    grad_z: torch.Tensor, keep_idx: torch.Tensor, masked: torch.Tensor, mae: bool, pos: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of `pad_with_cls`: (grad_y, pad_sum, grad_pos), sums accumulated in fp32 (fp64 for fp64).
+
+    grad_y (B, 1+Lk, C) in grad_z's dtype. pad_sum: the per-row sum of the padded tokens' gradients,
+    (B, C) in the accumulation dtype when `mae`; otherwise (0, C) and that sum goes into grad_y[:, 0].
+    grad_pos: grad_z summed over the batch, (1+L, C) in grad_z's dtype when `pos`, else (0, C).
+    """
+    L, C = masked.shape[1], grad_z.shape[2]
+    acc = torch.float64 if grad_z.dtype == torch.float64 else torch.float32
+    own = (keep_idx >= 0) & ~masked.gather(1, keep_idx.clamp_min(0))
+    src = _slot_source(keep_idx, L, own)
+    padded = (src < 0)[..., None]
+    pad_sum = torch.where(padded, grad_z[:, 1:].to(acc), 0).sum(1)
+    rows = gather_slots(grad_z, torch.where(own, keep_idx, -1))
+    grad_pos = grad_z.to(acc).sum(0).to(grad_z.dtype) if pos else grad_z.new_empty((0, C))
+    if mae:
+        return rows, pad_sum, grad_pos
+    rows[:, 0] = (grad_z[:, 0].to(acc) + pad_sum).to(grad_z.dtype)
+    return rows, pad_sum.new_empty((0, C)), grad_pos
+
+
+def published_mask_plan(noise: torch.Tensor, num_masked: int, num_dropped: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The published `forward_encoder` masks (the `eager-ref` baseline): sort, cut-off, `<=`. Float masks
+    (B, 1+L) with the class column prepended as 0, as the reference passes them on."""
+    sorted_noise = torch.sort(noise, dim=1).values
+    drop = (noise <= sorted_noise[:, num_dropped - 1 : num_dropped]).float()
+    mask = (noise <= sorted_noise[:, num_masked - 1 : num_masked]).float()
+    zero = torch.zeros(noise.shape[0], 1, device=noise.device)
+    return torch.cat([zero, mask], 1), torch.cat([zero, drop], 1)
+
+
+def published_gather_keep(x: torch.Tensor, token_drop_mask: torch.Tensor) -> torch.Tensor:
+    """The published drop (`eager-ref`): boolean index through nonzero (a host sync), then reshape."""
+    return x[(1 - token_drop_mask).nonzero(as_tuple=True)].reshape(x.shape[0], -1, x.shape[2])
+
+
+def published_pad_with_cls(
+    y: torch.Tensor, token_drop_mask: torch.Tensor, token_all_mask: torch.Tensor, pos_embed: torch.Tensor
+) -> torch.Tensor:
+    """The published `forward_decoder` padding (`eager-ref`): repeat [C], nonzero scatter, where, add."""
+    mask_tokens = y[:, 0:1].repeat(1, token_all_mask.shape[1], 1)
+    x_after_pad = mask_tokens.clone()
+    x_after_pad[(1 - token_drop_mask).nonzero(as_tuple=True)] = y.reshape(y.shape[0] * y.shape[1], y.shape[2])
+    x_after_pad = torch.where(token_all_mask.unsqueeze(-1).bool(), mask_tokens, x_after_pad)
+    return x_after_pad + pos_embed

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The README's main job: set up (scripts/setup.sh), then run the op benchmarks on this machine's CPU
-# and write benchmarks/results/cpu-<host>.csv. Extra arguments go to benchmarks/run.py.
+# The README's main job: set up (scripts/setup.sh), then `mage demo` on the embedded default data
+# (Fashion-MNIST from Debian): tokenizer + small MAGE trained on the CPU, then a report folder.
+# Extra arguments go to `mage demo` (e.g. --quick, --out DIR).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 VENV=${MAGE_VENV:-.venv}
-"$VENV/bin/python" benchmarks/run.py --device cpu --threads 2 --out "benchmarks/results/cpu-$(hostname).csv" "$@"
+"$VENV/bin/mage" demo "$@"

@@ -11,11 +11,13 @@ import torch.nn.functional as F
 
 import mage_kernels
 from mage_kernels import reference as ref
-from mage_kernels.masking import _pad_with_cls_backward_reference
+_pad_with_cls_backward_reference = ref.pad_with_cls_backward
 
-from conftest import DEVICES, FLOAT_DTYPES, assert_close, requires_cuda, requires_triton
+from conftest import DEVICES, FLOAT_DTYPES, has_triton, requires_cuda, requires_triton
 
 ALL_DTYPES = FLOAT_DTYPES + [torch.float64]
+# Triton launchers run on CUDA tensors, or on CPU tensors under the interpreter (no GPU).
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (B, L, C): 1s, primes, non-powers of two, MAGE's L = 256 and an odd, large C.
 SHAPES = [(1, 1, 1), (3, 7, 5), (2, 13, 33), (5, 256, 12), (2, 31, 1027)]
 
@@ -107,6 +109,10 @@ def test_mask_plan_per_row_counts_pad_with_minus_one(device):
         kept = (~dropped[b]).nonzero().flatten()
         assert torch.equal(keep[b, : kept.numel()], kept)
         assert (keep[b, kept.numel():] == -1).all()
+    # Counts may be strided views.
+    strided = mage_kernels.mask_plan(noise, torch.stack([m, m], 1)[:, 0], torch.stack([d, d], 1)[:, 1])
+    for a, e in zip(strided, (masked, dropped, keep)):
+        _equal(a, e)
     # A wider keep_idx than needed is padded too.
     wide = mage_kernels.mask_plan(noise, m, d, num_kept=L)[2]
     assert torch.equal(wide[:, : keep.shape[1]], keep) and (wide[:, keep.shape[1]:] == -1).all()
@@ -206,6 +212,28 @@ def test_pad_with_cls_matches_reference(device, dtype, B, L, C):
         _equal(z, ref.pad_with_cls(y, keep, masked, kwargs.get("pos_embed"), kwargs.get("pad")))
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # numpy, in the Triton interpreter
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_pad_with_cls_special_values(device, dtype):
+    """The fused pos_embed add rounds like torch's add: NaN, inf, overflow and ties to even."""
+    B, L, C = 2, 9, 40
+    y, keep, masked, pos, _ = _pad_inputs(B, L, C, dtype, device)
+    eps, big = torch.finfo(dtype).eps, torch.finfo(dtype).max
+    # Everywhere else: 1 + eps/2 and (1 + eps) + eps/2, exact ties that round to even.
+    y = (1.0 + eps * (torch.arange(y.numel(), device=device) % 2)).to(dtype).reshape(y.shape)
+    pos = torch.full_like(pos, eps / 2)
+    specials = torch.tensor([float("nan"), float("inf"), -float("inf"), big, -big, 0.0, -0.0, 1.0], dtype=dtype)
+    y.view(-1)[: 8 * 5] = specials.to(device).repeat(5)
+    pos.view(-1)[: 8 * 5] = specials.to(device).repeat_interleave(5)
+    expected = ref.pad_with_cls(y, keep, masked, pos)
+    _equal(mage_kernels.pad_with_cls(y, keep, masked, pos_embed=pos), expected)
+    if has_triton() and device == TRITON_DEVICE:
+        from mage_kernels.triton import masking as tri
+
+        _equal(tri.pad_with_cls(y, keep, masked, pos, None), expected)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_pad_with_cls_non_contiguous(device):
     B, L, C = 3, 21, 6
@@ -218,11 +246,9 @@ def test_pad_with_cls_non_contiguous(device):
         expected = ref.pad_with_cls(y, keep, masked, kwargs.get("pos_embed"), kwargs.get("pad"))
         _equal(mage_kernels.pad_with_cls(y, keep, masked, **kwargs), expected)
     gz = _rand((B, 1 + L, 2 * C), torch.float32, device, seed=3)[..., ::2]
-    for mae in (False, True):
-        actual = torch.ops.mage.pad_with_cls_backward(gz, keep, masked, mae)
-        expected = _pad_with_cls_backward_reference(gz, keep, masked, mae)
-        _equal(actual[0][:, 1:], expected[0][:, 1:])
-        _close_sums(actual[0][:, 0], expected[0][:, 0], L)
+    for mae, pos in BACKWARD_FLAGS:
+        actual = torch.ops.mage.pad_with_cls_backward(gz, keep, masked, mae, pos)
+        _check_pad_backward(actual, _pad_with_cls_backward_reference(gz, keep, masked, mae, pos), L)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -234,7 +260,8 @@ def test_pad_with_cls_matches_published_padding(device):
     masked, _, keep = mage_kernels.mask_plan(noise, 45, 32)
     y = _rand((B, 1 + L - 32, C), torch.float32, device)
     pos = _rand((1, 1 + L, C), torch.float32, device)
-    _equal(mage_kernels.pad_with_cls(y, keep, masked, pos_embed=pos), ref.published_pad_with_cls(y, pub_drop, pub_mask, pos))
+    expected = ref.published_pad_with_cls(y, pub_drop, pub_mask, pos)
+    _equal(mage_kernels.pad_with_cls(y, keep, masked, pos_embed=pos), expected)
     x = _rand((B, 1 + L, C), torch.float32, device)
     _equal(mage_kernels.gather_keep(x, keep), ref.published_gather_keep(x, pub_drop))
 
@@ -289,6 +316,20 @@ def _close_sums(actual, expected, n_terms):
     torch.testing.assert_close(actual, expected, rtol=tol, atol=tol * math.sqrt(n_terms))
 
 
+# (mae, pos) flag pairs of pad_with_cls_backward: [C] padding with pos_embed, MAE padding without.
+BACKWARD_FLAGS = [(False, True), (True, False)]
+
+
+def _check_pad_backward(actual, expected, L):
+    """Gathered rows bit for bit; the sums (row 0 and pad_sum over L tokens, grad_pos over B rows) closely."""
+    (gy, ps, gp), (ey, es, ep) = [[t.cpu() for t in r] for r in (actual, expected)]
+    assert ps.shape == es.shape and gp.shape == ep.shape
+    _equal(gy[:, 1:], ey[:, 1:])
+    _close_sums(gy[:, 0], ey[:, 0], L)
+    _close_sums(ps, es, L)
+    _close_sums(gp, ep, max(gy.shape[0], 1))
+
+
 @pytest.mark.parametrize("mode", ["cls", "mae"])
 def test_pad_with_cls_gradcheck(mode):
     B, L, C = 2, 11, 3
@@ -320,17 +361,14 @@ def test_pad_with_cls_accumulates_into_class_slot():
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("mae", [False, True])
-def test_pad_with_cls_backward_op_matches_reference(device, dtype, mae):
+@pytest.mark.parametrize("mae,pos", BACKWARD_FLAGS + [(False, False), (True, True)])
+def test_pad_with_cls_backward_op_matches_reference(device, dtype, mae, pos):
     B, L, C = 4, 37, 70
     m, d = _counts(B, L, seed=7)
     masked, _, keep = mage_kernels.mask_plan(_noise(B, L, device), m.to(device), d.to(device))
     gz = _rand((B, 1 + L, C), dtype, device)
-    actual = torch.ops.mage.pad_with_cls_backward(gz, keep, masked, mae)
-    expected = _pad_with_cls_backward_reference(gz, keep, masked, mae)
-    _equal(actual[0][:, 1:], expected[0][:, 1:])
-    _close_sums(actual[0][:, 0], expected[0][:, 0], L)
-    _close_sums(actual[1], expected[1], L)
+    actual = torch.ops.mage.pad_with_cls_backward(gz, keep, masked, mae, pos)
+    _check_pad_backward(actual, _pad_with_cls_backward_reference(gz, keep, masked, mae, pos), L)
 
 
 # ---------------------------------------------------------------------------------------- bad inputs
@@ -354,7 +392,7 @@ def test_bad_inputs_raise_clear_errors():
         (lambda: mage_kernels.pad_with_cls(x, good, masked), ValueError, "Lk = keep_idx.size"),
         (lambda: mage_kernels.pad_with_cls(x[:, :4], good, masked.int()), TypeError, "bool"),
         (lambda: mage_kernels.pad_with_cls(x[:, :4], good, masked[:, :5]), ValueError, r"\[0, L\) = \[0, 5\)"),
-        (lambda: mage_kernels.pad_with_cls(x[:, :4], good, masked, pos_embed=torch.randn(L, C)), ValueError, "pos_embed"),
+        (lambda: mage_kernels.pad_with_cls(x[:, :4], good, masked, pos_embed=torch.randn(L, C)), ValueError, "pos_emb"),
         (lambda: mage_kernels.pad_with_cls(x[:, :4], good, masked, pad=torch.randn(C + 1)), ValueError, "pad must be"),
         (lambda: mage_kernels.mask_plan(torch.rand(B, L), L + 1, 0), ValueError, "num_masked"),
         (lambda: mage_kernels.mask_plan(torch.rand(B, L), 3, torch.tensor([1, 7])), ValueError, "num_dropped"),
@@ -388,31 +426,33 @@ def test_reference_and_native_reject_the_same_keep_idx(op):
 # ------------------------------------------------------------------------------------ opcheck/compile
 
 
-def _opcheck_samples():
+def _opcheck_samples(device):
     B, L, C = 3, 10, 5
-    m, d = _counts(B, L, seed=8)
-    noise = _noise(B, L)
+    m, d = (t.to(device) for t in _counts(B, L, seed=8))
+    noise = _noise(B, L, device)
     masked, _, keep = mage_kernels.mask_plan(noise, m, d)
-    x = _rand((B, 1 + L, C), torch.float32, seed=1).requires_grad_()
-    y = _rand((B, 1 + keep.shape[1], C), torch.float32, seed=2).requires_grad_()
-    pos = _rand((1 + L, C), torch.float32, seed=3).requires_grad_()
-    pad = _rand((C,), torch.float32, seed=4).requires_grad_()
-    gz = _rand((B, 1 + L, C), torch.float32, seed=5)
+    x = _rand((B, 1 + L, C), torch.float32, device, seed=1).requires_grad_()
+    y = _rand((B, 1 + keep.shape[1], C), torch.float32, device, seed=2).requires_grad_()
+    pos = _rand((1 + L, C), torch.float32, device, seed=3).requires_grad_()
+    pad = _rand((C,), torch.float32, device, seed=4).requires_grad_()
+    gz = _rand((B, 1 + L, C), torch.float32, device, seed=5)
+    count = lambda n: torch.tensor(n, device=device)  # noqa: E731
     return [
-        (torch.ops.mage.mask_plan.default, (noise, m, d, L - int(d.min()))),
-        (torch.ops.mage.mask_plan.default, (noise, torch.tensor(7), torch.tensor(4), 6)),
+        (torch.ops.mage.mask_plan.default, (noise, m, d, keep.shape[1])),
+        (torch.ops.mage.mask_plan.default, (noise, count(7), count(4), 6)),
         (torch.ops.mage.gather_keep.default, (x, keep)),
         (torch.ops.mage.scatter_keep.default, (y, keep, L)),
         (torch.ops.mage.pad_with_cls.default, (y, keep, masked, pos, None)),
         (torch.ops.mage.pad_with_cls.default, (y, keep, masked, None, pad)),
-        (torch.ops.mage.pad_with_cls_backward.default, (gz, keep, masked, False)),
-        (torch.ops.mage.pad_with_cls_backward.default, (gz, keep, masked, True)),
+        (torch.ops.mage.pad_with_cls_backward.default, (gz, keep, masked, False, True)),
+        (torch.ops.mage.pad_with_cls_backward.default, (gz, keep, masked, True, False)),
     ]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("index", range(8))
-def test_opcheck(index):
-    op, args = _opcheck_samples()[index]
+def test_opcheck(device, index):
+    op, args = _opcheck_samples(device)[index]
     torch.library.opcheck(op, args)
 
 
@@ -501,25 +541,23 @@ def test_triton_kernels_match_reference(dtype):
     from mage_kernels.triton import masking as tri
 
     B, L, C = 3, 37, 70
-    noise = _tied_noise(B, L).to(dtype)
-    m, d = _counts(B, L, seed=9)
+    dev = TRITON_DEVICE
+    noise = _tied_noise(B, L).to(device=dev, dtype=dtype)
+    m, d = (t.to(dev) for t in _counts(B, L, seed=9))
     for a, e in zip(tri.mask_plan(noise, m, d, L), ref.mask_plan(noise, m, d, L)):
         _equal(a, e)
-    masked, _, keep = ref.mask_plan(_noise(B, L, dtype=dtype), m, d, L - int(d.min()))
-    x = _rand((B, C, 1 + L), dtype).transpose(1, 2)
+    masked, _, keep = ref.mask_plan(_noise(B, L, dev, dtype), m, d, L - int(d.min()))
+    x = _rand((B, C, 1 + L), dtype, dev).transpose(1, 2)
     _equal(tri.gather_keep(x, keep), ref.gather_keep(x, keep))
-    y = _rand((B, 1 + keep.shape[1], C), dtype)
-    pos, pad = _rand((1 + L, C), dtype, seed=1), _rand((C,), dtype, seed=2)
+    y = _rand((B, 1 + keep.shape[1], C), dtype, dev)
+    pos, pad = _rand((1 + L, C), dtype, dev, seed=1), _rand((C,), dtype, dev, seed=2)
     _equal(tri.scatter_keep(y, keep, L), ref.scatter_keep(y, keep, L))
     _equal(tri.pad_with_cls(y, keep, masked, pos, None), ref.pad_with_cls(y, keep, masked, pos))
     _equal(tri.pad_with_cls(y, keep, masked, None, pad), ref.pad_with_cls(y, keep, masked, None, pad))
-    gz = _rand((B, 1 + L, C), dtype, seed=3)
-    for mae in (False, True):
-        actual = tri.pad_with_cls_backward(gz, keep, masked, mae)
-        expected = _pad_with_cls_backward_reference(gz, keep, masked, mae)
-        _equal(actual[0][:, 1:], expected[0][:, 1:])
-        _close_sums(actual[0][:, 0], expected[0][:, 0], L)
-        _close_sums(actual[1], expected[1], L)
+    gz = _rand((B, 1 + L, C), dtype, dev, seed=3)
+    for mae, pos in BACKWARD_FLAGS:
+        actual = tri.pad_with_cls_backward(gz, keep, masked, mae, pos)
+        _check_pad_backward(actual, _pad_with_cls_backward_reference(gz, keep, masked, mae, pos), L)
 
 
 # --------------------------------------------------------------------------------------------- CUDA
@@ -546,12 +584,9 @@ def test_cuda_matches_cpu_kernels(dtype):
         gpu_z = mage_kernels.pad_with_cls(cu(y), cu(keep), cu(masked), **{k: cu(v) for k, v in kw.items()})
         _equal(gpu_z.cpu(), mage_kernels.pad_with_cls(y, keep, masked, **kw))
     gz = _rand((B, 1 + L, C), dtype, seed=4)
-    for mae in (False, True):
-        a = torch.ops.mage.pad_with_cls_backward(cu(gz), cu(keep), cu(masked), mae)
-        e = torch.ops.mage.pad_with_cls_backward(gz, keep, masked, mae)
-        _equal(a[0][:, 1:].cpu(), e[0][:, 1:])
-        _close_sums(a[0][:, 0].cpu(), e[0][:, 0], L)
-        _close_sums(a[1].cpu(), e[1], L)
+    for mae, pos in BACKWARD_FLAGS:
+        a = torch.ops.mage.pad_with_cls_backward(cu(gz), cu(keep), cu(masked), mae, pos)
+        _check_pad_backward(a, torch.ops.mage.pad_with_cls_backward(gz, keep, masked, mae, pos), L)
 
 
 @requires_cuda
@@ -594,6 +629,8 @@ for dtype, acc in (("*bf16", tl.float32), ("*fp64", tl.float64)):
     compile(tri._pad_sum_kernel, ["gz", "sgb", "sgs", "sgc", "src", "grad_y", "pad_sum", "L", "Lk", "C"],
             [dtype, *rows, "*i64", dtype, "*fp32", "i32", "i32", "i32"],
             {"MAE": False, "ACC": acc, "BLOCK_T": 32, "BLOCK_C": 128})
+    compile(tri._pos_sum_kernel, ["gz", "sgb", "sgs", "sgc", "grad_pos", "B", "C"],
+            [dtype, *rows, dtype, "i32", "i32"], {"ACC": acc, "BLOCK_B": 32, "BLOCK_C": 128})
 compile(tri._slot_source_kernel, ["keep", "masked", "src", "L", "Lk"], ["*i64", "*i1", "*i64", "i32", "i32"],
         {"USE_MASK": True, "BLOCK": 128})
 """

@@ -115,12 +115,14 @@ def test_inpaint_keeps_every_unmasked_token(model):
 
 def test_inpaint_per_row_counts(model):
     c = model.config
-    ids = torch.randint(0, 64, (2, L_TINY))
-    token_mask = torch.zeros(2, L_TINY, dtype=torch.bool)
+    ids = torch.randint(0, 64, (3, L_TINY))
+    token_mask = torch.zeros(3, L_TINY, dtype=torch.bool)
     token_mask[0, :40] = True
     token_mask[1, 10:20] = True
+    token_mask[2, 60:63] = True  # fewer tokens than steps: the last one stays masked until the last step
     _, history = _record(model, torch.where(token_mask, c.mask_id, ids), 5, generator=torch.Generator().manual_seed(3))
-    for row, n0 in enumerate((40, 10)):
+    assert mage.mask_schedule(3, 5) == [2, 1, 1, 1, 0]
+    for row, n0 in enumerate((40, 10, 3)):
         assert [(x[row] == c.mask_id).sum().item() for x in history] == mage.mask_schedule(n0, 5)
         assert torch.equal(history[-1][row][~token_mask[row]], ids[row][~token_mask[row]])
 

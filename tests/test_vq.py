@@ -88,18 +88,31 @@ def test_planted_ties_pick_lowest_index():
     assert idx[1] == int(torch.argmin((e.double() ** 2).sum(1)))
 
 
-def test_near_ties_are_reranked_exactly():
-    # Two codes whose distances to z differ far below fp32 resolution of the expanded form:
-    # the fp32 search cannot order them, the fp64 re-rank must.
+@pytest.mark.parametrize("k", [6, 100])  # below and above the size where the CPU ranks codes in bf16
+def test_near_ties_are_reranked_exactly(k):
+    # Codes whose distances to z differ far below the resolution of the fp32 (or bf16) expanded form:
+    # the fast search cannot order them, the fp64 re-rank must.
     g = torch.Generator().manual_seed(3)
     base = torch.randn(1, 256, generator=g) * 30
-    e = base.repeat(6, 1)
-    for j in range(6):
-        e[j, j] += 2.0**-10 * (6 - j)  # code 5 is nearest to base, by a hair
+    e = base.repeat(k, 1)
+    for j in range(k):
+        e[j, j] += 2.0**-10 * (k - j)  # the last code is nearest to base, by a hair
     z = base.repeat(4, 1)
     idx, sq = mk.vq_nearest(z, e)
     ref_idx, ref_sq = reference.vq_nearest(z, e)
-    assert torch.equal(idx, ref_idx) and (idx == 5).all()
+    assert torch.equal(idx, ref_idx) and (idx == k - 1).all()
+    assert_close(sq, ref_sq)
+
+
+def test_clustered_codebook_matches_reference():
+    # A trained codebook is clustered: many codes fall within the search's rounding bound of the best.
+    g = torch.Generator().manual_seed(8)
+    centers = torch.randn(8, 64, generator=g) * 4
+    e = (centers.repeat_interleave(64, 0) + 0.01 * torch.randn(512, 64, generator=g))
+    z = centers.repeat(40, 1) + 0.01 * torch.randn(320, 64, generator=g)
+    idx, sq = mk.vq_nearest(z, e)
+    ref_idx, ref_sq = reference.vq_nearest(z, e)
+    assert torch.equal(idx, ref_idx)
     assert_close(sq, ref_sq)
 
 

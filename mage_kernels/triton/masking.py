@@ -9,8 +9,8 @@ entries outside [0, L) count as "no token" and the counts are clamped to [0, L].
   compacted with a running prefix sum.
 - gather / scatter / pad: one program per (output row, channel block); a (B, L) slot-source map
   (which kept row feeds each token, -1 = fill) is built first for the scatter and pad directions.
-- pad backward: the same gather for the kept rows and one reduction program per (row, channel block)
-  over the padded tokens, in fp32 (fp64 for fp64).
+- pad backward: the same gather for the kept rows, one reduction program per (row, channel block) over
+  the padded tokens and one per (slot, channel block) over the batch (pos_embed), in fp32 (fp64).
 """
 
 from __future__ import annotations
@@ -104,6 +104,7 @@ def mask_plan(noise, num_masked, num_dropped, num_kept):
     if B == 0:
         return masked, dropped, keep
     block = min(triton.next_power_of_2(max(L, 1)), 64)
+    num_masked, num_dropped = num_masked.contiguous(), num_dropped.contiguous()
     _mask_plan_kernel[(B,)](
         noise, noise.stride(0), noise.stride(1),
         num_masked, int(num_masked.dim() > 0), num_dropped, int(num_dropped.dim() > 0),
@@ -288,18 +289,50 @@ def _pad_sum_kernel(
         tl.store(grad_y + b * (1 + Lk) * C + c, _round(g0 + acc, grad_y.dtype.element_ty), mask=c_in)
 
 
-def pad_with_cls_backward(grad_z, keep_idx, masked, mae):
+@triton.jit
+def _pos_sum_kernel(
+    gz,  # (B, 1+L, C) gradient of z
+    sgb,
+    sgs,
+    sgc,
+    grad_pos,  # (1+L, C) contiguous
+    B,
+    C,
+    ACC: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    s = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_in = c < C
+    acc = tl.zeros([BLOCK_C], dtype=ACC)
+    for b0 in range(0, B, BLOCK_B):
+        b = b0 + tl.arange(0, BLOCK_B)
+        g = tl.load(gz + b[:, None].to(tl.int64) * sgb + s * sgs + c[None, :] * sgc,
+                    mask=(b < B)[:, None] & c_in[None, :], other=0.0)
+        acc += tl.sum(g.to(ACC), axis=0)
+    tl.store(grad_pos + s * C + c, _round(acc, grad_pos.dtype.element_ty), mask=c_in)
+
+
+def pad_with_cls_backward(grad_z, keep_idx, masked, mae, pos):
     B, L = masked.shape
     C = grad_z.shape[2]
     grad_y = _gather_rows(grad_z, keep_idx, masked)
     acc = torch.float64 if grad_z.dtype == torch.float64 else torch.float32
     pad_sum = torch.empty((B if mae else 0, C), dtype=acc, device=grad_z.device)
-    if B and C:
-        block_c = min(_block_c(C), 128)
-        block_t = 32
+    grad_pos = torch.empty((1 + L if pos else 0, C), dtype=grad_z.dtype, device=grad_z.device)
+    if C == 0:
+        return grad_y, pad_sum, grad_pos
+    block_c = min(_block_c(C), 128)
+    strides = (grad_z.stride(0), grad_z.stride(1), grad_z.stride(2))
+    if B:
         _pad_sum_kernel[(B, triton.cdiv(C, block_c))](
-            grad_z, grad_z.stride(0), grad_z.stride(1), grad_z.stride(2), _slot_source(keep_idx, masked, L),
+            grad_z, *strides, _slot_source(keep_idx, masked, L),
             grad_y, pad_sum if mae else grad_y, L, keep_idx.shape[1], C,
-            MAE=mae, ACC=_acc_dtype(grad_z.dtype), BLOCK_T=block_t, BLOCK_C=block_c,
+            MAE=mae, ACC=_acc_dtype(grad_z.dtype), BLOCK_T=32, BLOCK_C=block_c,
         )
-    return grad_y, pad_sum
+    if pos:
+        _pos_sum_kernel[(1 + L, triton.cdiv(C, block_c))](
+            grad_z, *strides, grad_pos, B, C, ACC=_acc_dtype(grad_z.dtype), BLOCK_B=32, BLOCK_C=block_c,
+        )
+    return grad_y, pad_sum, grad_pos

@@ -220,7 +220,7 @@ def remask_step(logits, ids, num_masked, seed, *, mask_id, choice_temperature, v
         _sample_kernel[(B * L,)](
             logits, *logits.stride(), ids_c, seed, sampled, conf, L, vocab_size, mask_id,
             float(torch.tensor(1.0 / temperature, dtype=torch.float32)), choice_temperature,
-            BLOCK_V=block_v, num_warps=4,
+            BLOCK_V=block_v, num_warps=4, enable_fp_fusion=False,  # bit-identical noise: no FMA contraction
         )
     return sampled, _select(conf, ids_c, sampled, num_masked, mask_id, reference_ties)
 
@@ -318,6 +318,6 @@ def remask_step_from_hidden(hidden, weight, bias, ids, num_masked, seed, *, mask
             hidden, *hidden.stride(), weight, *weight.stride(), bias if bias is not None else weight, ids_c, seed,
             sampled, conf, B * L, L, C, vocab_size, mask_id, float(torch.tensor(1.0 / temperature, dtype=torch.float32)),
             choice_temperature, HAS_BIAS=bias is not None, UPCAST=upcast, PRECISION="tf32" if tf32 else "ieee",
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_stages=1 if _INTERPRET else 3,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_stages=1 if _INTERPRET else 3, enable_fp_fusion=False,
         )
     return sampled, _select(conf, ids_c, sampled, num_masked, mask_id, reference_ties)

@@ -15,6 +15,7 @@ import collections
 import dataclasses
 import json
 import os
+import pickle
 import re
 import warnings
 
@@ -121,8 +122,8 @@ def read_torch_file(path: str, *, map_location="cpu", trusted: bool = False) -> 
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # torch raises UnpicklingError (or RuntimeError on older versions)
-        if "weights_only" not in str(err) and "Unsupported global" not in str(err):
+    except (pickle.UnpicklingError, RuntimeError) as err:  # "Weights only load failed ... Unsupported global"
+        if "weights_only" not in str(err).lower().replace(" ", "_"):
             raise
         raise CheckpointError(
             f"{path}: refusing to unpickle objects other than tensors and plain containers ({err}).\n"

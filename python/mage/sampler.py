@@ -32,20 +32,21 @@ def mask_schedule(num_tokens: int, steps: int) -> list[int]:
     out, unknown = [], num_tokens
     for t in range(steps):
         want = math.floor(num_tokens * mage_kernels.cosine_mask_ratio(t, steps))
-        out.append(0 if t == steps - 1 else max(min(max(want, 1), unknown - 1), 0))
+        out.append(0 if t == steps - 1 else min(max(min(want, unknown - 1), 1), unknown))
         unknown = out[-1]
     return out
 
 
 def remask_counts(ids: torch.Tensor, num_initial: torch.Tensor, step: int, steps: int, mask_id: int) -> torch.Tensor:
     """Per-row count to leave masked after `step`, on device (no host sync): floor(n0 * cos(pi/2 (t+1)/T))
-    clamped to [1, unknown - 1] as published (at least one token committed per step), 0 at the last step
-    and for rows with nothing unknown. num_initial: int64 [B], the unknown tokens at the start."""
+    clamped to [1, unknown - 1] as published (each step commits at least one token and leaves one; a single
+    unknown token stays masked until the last step), capped at the unknown count (0 for a row with none),
+    and 0 at the last step. num_initial: int64 [B], the unknown tokens at the start."""
     if step == steps - 1:
         return torch.zeros_like(num_initial)
     unknown = (ids == mask_id).sum(1)
     want = torch.floor(num_initial.double() * mage_kernels.cosine_mask_ratio(step, steps)).long()
-    return torch.minimum(want.clamp_min(1), unknown - 1).clamp_min(0)
+    return torch.minimum(torch.minimum(want, unknown - 1).clamp_min(1), unknown)
 
 
 def _check_model(model: MAGE) -> None:
