@@ -18,36 +18,12 @@ import sys
 import numpy as np
 import torch
 
+from .report import save_image, save_image_grid
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # ------------------------------------------------------------------------------------ image files
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """[B, 3, H, W] in [0, 1] -> uint8 [B, H, W, 3] (x255, rounded, clipped as the reference sampler)."""
-    x = (images.detach().float().cpu().clamp(0, 1) * 255.0).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).numpy()
-
-
-def make_grid(images: np.ndarray, nrow: int, pad: int = 2) -> np.ndarray:
-    """uint8 [B, H, W, 3] -> one uint8 image with nrow images per row and a `pad`-pixel black border."""
-    B, H, W, C = images.shape
-    cols = max(1, min(nrow, B))
-    rows = (B + cols - 1) // cols
-    grid = np.zeros((rows * (H + pad) + pad, cols * (W + pad) + pad, C), dtype=np.uint8)
-    for i in range(B):
-        r, c = divmod(i, cols)
-        y, x = pad + r * (H + pad), pad + c * (W + pad)
-        grid[y : y + H, x : x + W] = images[i]
-    return grid
-
-
-def save_png(array: np.ndarray, path: str) -> None:
-    from PIL import Image
-
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(array).save(path)
 
 
 def load_image(path: str, size: int, *, mode: str = "RGB") -> torch.Tensor:
@@ -123,12 +99,11 @@ def run_sample(args) -> int:
     images = generate(model, args.num, steps=args.steps, choice_temperature=args.temperature,
                       generator=_generator(args.seed, model.device), batch_size=args.batch_size,
                       dtype=DTYPES[args.dtype], cuda_graph=args.cuda_graph, progress=True)
-    arr = to_uint8(images)
-    save_png(make_grid(arr, args.nrow), args.out)
+    save_image_grid(images, args.out, nrow=args.nrow)
     images_dir = args.images_dir or os.path.splitext(args.out)[0]
-    for i, img in enumerate(arr):
-        save_png(img, os.path.join(images_dir, f"{i:06d}.png"))
-    print(f"wrote {args.out} and {len(arr)} images in {images_dir}/")
+    for i, img in enumerate(images):
+        save_image(img, os.path.join(images_dir, f"{i:06d}.png"))
+    print(f"wrote {args.out} and {len(images)} images in {images_dir}/")
     return 0
 
 
@@ -161,7 +136,7 @@ def run_inpaint(args) -> int:
         mask = ~mask
     out = inpaint(model, image, mask, ring=args.ring, steps=args.steps, choice_temperature=args.temperature,
                   generator=_generator(args.seed, model.device), dtype=DTYPES[args.dtype], paste=args.paste)
-    save_png(to_uint8(out)[0], args.out)
+    save_image(out[0], args.out)
     print(f"wrote {args.out}")
     return 0
 
