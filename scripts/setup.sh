@@ -12,6 +12,7 @@ PY=${PYTHON:-python3}
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
+VENV=$(cd "$VENV" && pwd)
 PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
 "${PIP[@]}" torch==2.13.0
 "${PIP[@]}" triton==3.8.0 "scikit-build-core>=0.11" ninja numpy pytest pytest-benchmark hypothesis \
