@@ -1,7 +1,7 @@
 """End-to-end sampling throughput (images/s): `mage.generate` against the published sampler's loop.
 
 Providers:
-    eager-ref   gen_img_uncond.py restated (MAGE_REFERENCE.md 5): full logits, softmax, categorical sample,
+    eager-ref   gen_img_uncond.py restated (docs/REFERENCE.md 5): full logits, softmax, categorical sample,
                 numpy Gumbel noise on the host, sort and `<=` cut-off read back per step.
     mage        `mage.generate`: `remask_step_from_hidden` (no logits tensor), no host sync.
     mage-graph  the same, one batch captured as a CUDA graph (CUDA only).
@@ -29,7 +29,7 @@ from common import Case  # noqa: E402
 import mage  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-# GFLOP per image (MAGE_REFERENCE.md 4.12, 3.4): one sampling step of ViT-B, and the VQGAN decode.
+# GFLOP per image (docs/REFERENCE.md 4.12, 3.4): one sampling step of ViT-B, and the VQGAN decode.
 STEP_GFLOP = {"base": 78.0}
 DECODE_GFLOP = 187.0
 

@@ -1,4 +1,4 @@
-"""Benchmark plumbing shared by every op family (BENCHMARKING.md).
+"""Benchmark plumbing shared by every op family.
 
 A family module `benchmarks/bench_<family>.py` exposes `cases(device) -> list[Case]`; `run.py` times
 them and writes long-format CSV rows (Liger-Kernel style). The same modules hold pytest-benchmark
@@ -77,7 +77,7 @@ def triton_version() -> str:
         return "-"
 
 
-# Peak memory bandwidth used for the roofline column (BENCHMARKING.md); CPU rows leave it empty.
+# Peak memory bandwidth used for the roofline column; CPU rows leave it empty.
 HBM_GBPS = {"H100": 3350.0, "H200": 4800.0}
 
 

@@ -1,6 +1,6 @@
 # Locate the torch that the build interpreter imports and expose it as the INTERFACE target
 # `mage_torch`. We ask Python instead of find_package(Torch): the latter needs several hand-set hints
-# for pip-installed CUDA builds (see ../shared/notes/BUILD_NOTES.md, section 3.3).
+# for pip-installed CUDA builds.
 execute_process(
   COMMAND "${Python_EXECUTABLE}" -c "
 import glob, os, torch

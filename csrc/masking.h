@@ -1,4 +1,4 @@
-// Masked-token ops (DESIGN.md ops 2-4; MAGE_REFERENCE.md 4.4-4.5). Token t sits at slot t + 1, slot 0
+// Masked-token ops (docs/OPS.md ops 2-4; docs/REFERENCE.md 4.4-4.5). Token t sits at slot t + 1, slot 0
 // is the class slot; keep_idx holds ascending token positions, then -1 ("no token") as padding.
 //   mask_plan             noise (B, L), num_masked / num_dropped int64 () or (B), num_kept
 //                         -> masked bool (B, L), dropped bool (B, L), keep_idx int64 (B, num_kept)

@@ -1,4 +1,4 @@
-// Masked-token ops on CPU (DESIGN.md ops 2-4; MAGE_REFERENCE.md 4.4-4.5). See masking.h for shapes.
+// Masked-token ops on CPU (docs/OPS.md ops 2-4; docs/REFERENCE.md 4.4-4.5). See masking.h for shapes.
 //
 // The ops are data movement: every output row is a copy of one input row, a zero row, or (pad_with_cls
 // with pos_embed) a row plus the positional row. Work is split over output rows (b, slot) with

@@ -1,4 +1,4 @@
-// Masked-token ops on CUDA (DESIGN.md ops 2-4; MAGE_REFERENCE.md 4.4-4.5). See masking.h for shapes.
+// Masked-token ops on CUDA (docs/OPS.md ops 2-4; docs/REFERENCE.md 4.4-4.5). See masking.h for shapes.
 //
 // Nothing here reads a value on the host, so every launcher is sync-free and CUDA-graph capturable.
 // The price: keep_idx values and per-row counts are not validated (the CPU kernels and the Python

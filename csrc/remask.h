@@ -1,4 +1,4 @@
-// Confidence re-masking for iterative decoding (DESIGN.md op 5, MAGE_REFERENCE.md 5). Shapes:
+// Confidence re-masking for iterative decoding (docs/OPS.md op 5, docs/REFERENCE.md 5). Shapes:
 //   logits     (B, L, V') float32/bfloat16/float16, any strides; the first vocab_size columns are candidates
 //   hidden     (B, L, C), weight (V', C), bias (V') or none   (the fused-head variant)
 //   ids        (B, L) int64, mask_id marks unknown tokens

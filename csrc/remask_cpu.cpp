@@ -1,4 +1,4 @@
-// Confidence re-masking on CPU (DESIGN.md op 5; one step of MAGE's iterative decoding, MAGE_REFERENCE.md 5).
+// Confidence re-masking on CPU (docs/OPS.md op 5; one step of MAGE's iterative decoding, docs/REFERENCE.md 5).
 //
 // Phase 1, parallel over tokens: an unknown token's candidate logits are read once into a per-thread
 // fp32 row (L1-resident: 4 KB for 1024 codes), then one vectorized loop computes exp for the

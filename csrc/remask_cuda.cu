@@ -1,4 +1,4 @@
-// Confidence re-masking on CUDA (DESIGN.md op 5; one step of MAGE's iterative decoding, MAGE_REFERENCE.md 5).
+// Confidence re-masking on CUDA (docs/OPS.md op 5; one step of MAGE's iterative decoding, docs/REFERENCE.md 5).
 //
 // Kernel 1, one warp per token: an unknown token's candidate logits are read once, coalesced (up to
 // 32 per lane kept in registers: the whole row for a 1024-code vocabulary), for the max; then exp-sum

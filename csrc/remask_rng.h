@@ -1,4 +1,4 @@
-// Counter-based noise of the re-masking op (DESIGN.md op 5), shared by the C++ and CUDA kernels and
+// Counter-based noise of the re-masking op (docs/OPS.md op 5), shared by the C++ and CUDA kernels and
 // mirrored bit for bit by mage_kernels/reference.py (remask_token_keys, ...) and the Triton kernel:
 // every 32-bit word is a lowbias32 hash of (seed, offset, row b, position l, vocab index v), so a
 // (seed, offset) pair gives the same tokens on every backend, with no state and no host sync.

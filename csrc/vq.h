@@ -1,4 +1,4 @@
-// Nearest-code quantization (DESIGN.md op 1). Shapes:
+// Nearest-code quantization (docs/OPS.md op 1). Shapes:
 //   z        (N, D) or (B, D, H, W)   read in place, any strides
 //   codebook (K, D)
 // Outputs: indices int64 (N) or (B, H*W), sqdist float32 of the same shape,

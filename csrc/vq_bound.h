@@ -1,4 +1,4 @@
-// Rounding bound for the candidate search of nearest-code quantization (DESIGN.md op 1).
+// Rounding bound for the candidate search of nearest-code quantization (docs/OPS.md op 1).
 //
 // The fast search ranks codes by d'(k) = |e_k|^2 - 2 z.e_k computed in fp32 (GEMM / tensor cores).
 // Standard dot-product error analysis (Higham, "Accuracy and Stability", eq. 3.5) bounds its error by

@@ -1,4 +1,4 @@
-// Nearest-code quantization on CPU (DESIGN.md op 1; the tokenizer's quantizer, MAGE_REFERENCE.md 3.3).
+// Nearest-code quantization on CPU (docs/OPS.md op 1; the tokenizer's quantizer, docs/REFERENCE.md 3.3).
 //
 // Rows of z are processed in tiles: one GEMM tile (rows x K, oneDNN/MKL via at::mm) gives the expanded
 // distance d'(k) = |e_k|^2 - 2 z.e_k, then each row is decided exactly (vq_bound.h):

@@ -1,4 +1,4 @@
-// Nearest-code quantization on CUDA (DESIGN.md op 1; the tokenizer's quantizer, MAGE_REFERENCE.md 3.3).
+// Nearest-code quantization on CUDA (docs/OPS.md op 1; the tokenizer's quantizer, docs/REFERENCE.md 3.3).
 //
 // Same algorithm and contract as csrc/vq_cpu.cpp, in three launches and without a host sync:
 //   1. prepare:  the codebook once per call -> a zero-padded copy for the search (fp32 transposed, or the

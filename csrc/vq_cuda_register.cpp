@@ -1,5 +1,5 @@
 // CUDA registrations of the nearest-code ops, kept out of vq_cuda.cu so nvcc never parses torch/library.h
-// (BUILD_NOTES 3.2). Compiled only when the CUDA kernels are built.
+//. Compiled only when the CUDA kernels are built.
 #include "vq.h"
 
 #include <torch/library.h>

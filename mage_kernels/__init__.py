@@ -1,7 +1,7 @@
 """mage-kernels: the fused ops of MAGE (Li et al., CVPR 2023) as drop-in torch ops in namespace `mage`.
 
 Every op is callable as `torch.ops.mage.<name>` and, with argument checks and docs, as
-`mage_kernels.<name>`. See DESIGN.md for the op contracts and backend rules.
+`mage_kernels.<name>`. See docs/OPS.md for the op contracts and backend rules.
 """
 
 import torch  # noqa: F401  (libtorch must be loaded before our native library)

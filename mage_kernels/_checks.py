@@ -1,6 +1,6 @@
 """Input checks shared by the reference, Triton and fake kernels; the C++ kernels mirror them.
 
-Every message names the op, the argument, what was expected and what came (STYLE.md, gsplat habit).
+Every message names the op, the argument, what was expected and what came.
 """
 
 from __future__ import annotations

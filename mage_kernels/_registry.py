@@ -2,7 +2,7 @@
 
 Schemas are defined here in Python (once per op, in the op family's module); the C++ library only
 registers implementations (`TORCH_LIBRARY_IMPL(mage, CPU/CUDA, ...)`), which the dispatcher accepts
-before the schema exists. Backend choice (DESIGN.md): CUDA kernel on CUDA tensors when built, else
+before the schema exists. Backend choice (docs/OPS.md): CUDA kernel on CUDA tensors when built, else
 Triton, else the pure-PyTorch reference; C++ on CPU. `MAGE_KERNELS_BACKEND=cuda|triton|cpu|reference`
 forces one; it is read once, at import.
 """
@@ -33,7 +33,7 @@ REQUESTED = _requested_backend()
 def _load_native() -> tuple[str | None, str | None]:
     if REQUESTED == "reference":
         return None, "disabled by MAGE_KERNELS_BACKEND=reference"
-    # find_spec also resolves the library in scikit-build-core editable installs (BUILD_NOTES 2.4).
+    # find_spec also resolves the library in scikit-build-core editable installs.
     spec = importlib.util.find_spec("mage_kernels._C")
     if spec is None or spec.origin is None:
         return None, "mage_kernels/_C.so was not found; build with `pip install . --no-build-isolation`"

@@ -1,8 +1,8 @@
-"""Masked-token ops (DESIGN.md ops 2-4): the mask plan, gather-drop and [C] padding of MAGE training.
+"""Masked-token ops (docs/OPS.md ops 2-4): the mask plan, gather-drop and [C] padding of MAGE training.
 
 MAGE masks a variable share of the L tokens, drops the lowest-noise half before the encoder and pads
 the encoder output back to full length with the image's own class feature [C] before the decoder
-(MAGE_REFERENCE.md 4.4, 4.5). The published code does this with sort, boolean indexing and `nonzero`
+(docs/REFERENCE.md 4.4, 4.5). The published code does this with sort, boolean indexing and `nonzero`
 (host syncs, no fullgraph compile); these ops do it sync-free with static shapes.
 
 Conventions: L token positions t in [0, L); sequence slot 0 is the class slot and token t sits at slot
@@ -155,7 +155,7 @@ def mask_plan(
     *,
     num_kept: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Masks and kept positions of MAGE training (MAGE_REFERENCE.md 4.4, steps 3-4), without a sort.
+    """Masks and kept positions of MAGE training (docs/REFERENCE.md 4.4, steps 3-4), without a sort.
 
     Per row, tokens are ranked by (noise, position): the num_dropped lowest are dropped and the
     num_masked lowest masked (so dropped is a subset of masked when num_masked >= num_dropped). Ties
@@ -187,7 +187,7 @@ def mask_plan(
 
 
 def gather_keep(x: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
-    """Drop tokens before the encoder (MAGE_REFERENCE.md 4.4 step 7): keep the class slot and the kept tokens.
+    """Drop tokens before the encoder (docs/REFERENCE.md 4.4 step 7): keep the class slot and the kept tokens.
 
     Args:
         x: (B, 1+L, C) embeddings, slot 0 = class; any strides (a non-unit channel stride costs a copy).
@@ -208,7 +208,7 @@ def pad_with_cls(
     pos_embed: torch.Tensor | None = None,
     pad: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Pad the encoder output back to full length with [C] (MAGE_REFERENCE.md 4.5 steps 2-5), in one pass.
+    """Pad the encoder output back to full length with [C] (docs/REFERENCE.md 4.5 steps 2-5), in one pass.
 
     Args:
         y: (B, 1+Lk, C) encoder output after the decoder projection; y[:, 0] is the class feature [C].
@@ -246,7 +246,7 @@ def sample_mask_counts(
     mask_ratio_mu: float = 0.55,
     mask_ratio_std: float = 0.25,
 ) -> tuple[int | torch.Tensor, int]:
-    """The reference masking policy (MAGE_REFERENCE.md 4.4 steps 2-3) as counts for `mask_plan`.
+    """The reference masking policy (docs/REFERENCE.md 4.4 steps 2-3) as counts for `mask_plan`.
 
     The mask ratio r is drawn from a normal(mu, std) truncated to [min, max] (by inverse CDF, in float64),
     masked = ceil(L * r) and dropped = ceil(L * min). With batch=None one r is drawn for the whole batch,

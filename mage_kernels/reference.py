@@ -22,7 +22,7 @@ from ._checks import (
 )
 
 # --------------------------------------------------------------------------------------------------
-# Nearest-code quantization (DESIGN.md op 1, MAGE_REFERENCE.md 3.3)
+# Nearest-code quantization (docs/OPS.md op 1, docs/REFERENCE.md 3.3)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -97,7 +97,7 @@ def vq_nearest_expanded(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor
 
 
 # --------------------------------------------------------------------------------------------------
-# Confidence re-masking (DESIGN.md op 5, MAGE_REFERENCE.md 5 and 8)
+# Confidence re-masking (docs/OPS.md op 5, docs/REFERENCE.md 5 and 8)
 #
 # Randomness is counter-based so that every backend draws the same numbers without state or host syncs:
 # 32-bit words from a hash of (seed, offset, row b, position l, vocab index v), written here with int64
@@ -198,7 +198,7 @@ def _check_counts(op: str, num_masked: torch.Tensor, unknown: torch.Tensor) -> t
 def remask_select(confidence: torch.Tensor, k: torch.Tensor, reference_ties: bool) -> torch.Tensor:
     """Boolean [B, L]: the k[b] lowest confidences of each row, ties to the lower position (a stable
     ascending sort); with `reference_ties`, every position with confidence <= the k-th smallest (the
-    published rule, MAGE_REFERENCE.md 5.2.10), nothing when k = 0."""
+    published rule, docs/REFERENCE.md 5.2.10), nothing when k = 0."""
     L = confidence.shape[1]
     if L == 0:
         return torch.zeros_like(confidence, dtype=torch.bool)
@@ -246,7 +246,7 @@ def remask_step(
     temperature: float,
     reference_ties: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One step of MAGE's iterative decoding (MAGE_REFERENCE.md 5.2.5-5.2.10): (sampled, new_ids).
+    """One step of MAGE's iterative decoding (docs/REFERENCE.md 5.2.5-5.2.10): (sampled, new_ids).
 
     logits (B, L, V') float32/bfloat16/float16, any strides; ids (B, L) int64, `mask_id` marks unknown
     tokens; num_masked (B,) int64; seed (2,) int64 = (seed, offset). Every unknown token is sampled (see
@@ -269,7 +269,7 @@ def remask_step(
 def remask_head_logits(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, vocab_size: int
 ) -> torch.Tensor:
-    """The prediction head's logits over the first vocab_size rows (MAGE_REFERENCE.md 4.6), float32 [B, L, vocab_size]."""
+    """The prediction head's logits over the first vocab_size rows (docs/REFERENCE.md 4.6), float32 [B, L, vocab_size]."""
     logits = hidden.float() @ weight[:vocab_size].float().T
     return logits + bias[:vocab_size].float() if bias is not None else logits
 
@@ -303,7 +303,7 @@ def remask_step_published(
     logits: torch.Tensor, ids: torch.Tensor, num_masked: torch.Tensor, *, mask_id: int, choice_temperature: float,
     vocab_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The published sampler's step, written as it does it (the `eager-ref` baseline, MAGE_REFERENCE.md 5):
+    """The published sampler's step, written as it does it (the `eager-ref` baseline, docs/REFERENCE.md 5):
     softmax, categorical sampling, Gumbel noise drawn by numpy on the host and copied over, a full sort and
     the "<= k-th value" cut-off. Its randomness is torch's and numpy's global RNGs, not the op's."""
     logits = logits[..., :vocab_size]
@@ -322,7 +322,7 @@ def remask_step_published(
 
 
 # --------------------------------------------------------------------------------------------------
-# Masked tokens: mask plan, gather-drop and [C] padding (DESIGN.md ops 2-4, MAGE_REFERENCE.md 4.4-4.5)
+# Masked tokens: mask plan, gather-drop and [C] padding (docs/OPS.md ops 2-4, docs/REFERENCE.md 4.4-4.5)
 #
 # Conventions: L token positions t in [0, L); sequence slot 0 is the class slot, token t sits at slot
 # t + 1. keep_idx holds token positions (not slots) in ascending order; -1 pads rows that keep fewer
@@ -400,7 +400,7 @@ def pad_with_cls(
     pos_embed: torch.Tensor | None = None,
     pad: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """y (B, 1+Lk, C) -> z (B, 1+L, C), MAGE_REFERENCE.md 4.5.
+    """y (B, 1+Lk, C) -> z (B, 1+L, C), docs/REFERENCE.md 4.5.
 
     z[:, 0] = y[:, 0]; a kept token that is not masked gets its own row of y; every other token gets
     the fill: the row's class feature y[:, 0] or, when given, the shared vector pad (C,). pos_embed

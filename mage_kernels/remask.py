@@ -1,5 +1,5 @@
-"""Confidence re-masking for iterative decoding (DESIGN.md op 5): schemas, fake kernels, the public API and
-the schedule helpers of the paper's sampler (MAGE_REFERENCE.md 5).
+"""Confidence re-masking for iterative decoding (docs/OPS.md op 5): schemas, fake kernels, the public API and
+the schedule helpers of the paper's sampler (docs/REFERENCE.md 5).
 
 One decoding step samples every unknown token, scores each sample by its log-probability plus annealed
 Gumbel noise, keeps the most confident and re-masks exactly `num_masked[b]` of each row. The published
@@ -81,7 +81,7 @@ def remask_step(
     reference_ties: bool = False,
     seed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One step of MAGE's iterative decoding (MAGE_REFERENCE.md 5, steps 2.5-2.10), fused and sync-free.
+    """One step of MAGE's iterative decoding (docs/REFERENCE.md 5, steps 2.5-2.10), fused and sync-free.
 
     Args:
         logits: (B, L, V') float32 / bfloat16 / float16, any strides (e.g. `logits[:, 1:]` of the model's
@@ -112,7 +112,7 @@ def remask_step(
 
     Returns:
         sampled: (B, L) int64, every position's token (known ones unchanged): the image decoded after the
-            last step comes from these (MAGE_REFERENCE.md 5.3).
+            last step comes from these (docs/REFERENCE.md 5.3).
         new_ids: (B, L) int64, `sampled` with the re-masked positions set back to mask_id.
     """
     if seed is None:
@@ -139,7 +139,7 @@ def remask_step_from_hidden(
     reference_ties: bool = False,
     seed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`remask_step` with the prediction head's last matmul fused in (MAGE_REFERENCE.md 4.6): the logits
+    """`remask_step` with the prediction head's last matmul fused in (docs/REFERENCE.md 4.6): the logits
     hidden @ weight[:vocab_size].T + bias[:vocab_size] are computed tile by tile (fp32 accumulation) and
     never written to memory as a (B, L, V) tensor.
 
@@ -163,7 +163,7 @@ def remask_step_from_hidden(
 
 
 # --------------------------------------------------------------------------------------------------
-# Schedule of the published sampler (MAGE_REFERENCE.md 5, steps 2.7-2.9)
+# Schedule of the published sampler (docs/REFERENCE.md 5, steps 2.7-2.9)
 # --------------------------------------------------------------------------------------------------
 
 

@@ -1,6 +1,6 @@
-"""Nearest-code quantization ops (DESIGN.md op 1): schema, fake kernel, autograd and the public API.
+"""Nearest-code quantization ops (docs/OPS.md op 1): schema, fake kernel, autograd and the public API.
 
-The VQGAN tokenizer of MAGE (MAGE_REFERENCE.md 3.3) quantizes every encoder output vector to its
+The VQGAN tokenizer of MAGE (docs/REFERENCE.md 3.3) quantizes every encoder output vector to its
 nearest codebook entry in squared L2 distance. Kernels: csrc/vq_cpu.cpp, csrc/vq_cuda.cu,
 mage_kernels/triton/vq.py; reference: mage_kernels/reference.py.
 """
@@ -114,7 +114,7 @@ def _raise_on_invalid(op: str, indices: torch.Tensor, check_finite: bool | None)
 def vq_nearest(
     z: torch.Tensor, codebook: torch.Tensor, *, exact: bool = True, check_finite: bool | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest codebook entry of every vector of z (MAGE_REFERENCE.md 3.3), without the [N, K] distances.
+    """Nearest codebook entry of every vector of z (docs/REFERENCE.md 3.3), without the [N, K] distances.
 
     Args:
         z: (N, D) vectors, or a channels-first map (B, D, H, W) read in place (no permute copy).
@@ -146,7 +146,7 @@ def vq_quantize(
             gradient to z.
         indices: int64 (N,) or (B, H*W).
         loss: the legacy taming VQ loss mean((sg(z_q) - z)^2) + beta * mean((z_q - sg(z))^2) (beta
-            multiplies the codebook term, MAGE_REFERENCE.md 3.3); float32 (float64 for float64 z).
+            multiplies the codebook term, docs/REFERENCE.md 3.3); float32 (float64 for float64 z).
         counts: int64 (K,) usage of each code in this batch (for dead-code restarts and perplexity).
     """
     z_q, indices, loss, counts = torch.ops.mage.vq_quantize(z, codebook, float(beta))

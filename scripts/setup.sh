@@ -3,7 +3,7 @@
 #   MAGE_VENV   where the venv lives (default: .venv); reused when present
 #   MAGE_EDITABLE=1   install in editable mode (for development)
 # torch is installed first and the package is built with --no-build-isolation: a bare `torch`
-# requirement or build isolation would pull a multi-GB CUDA build (BUILD_NOTES 2.2).
+# requirement or build isolation would pull a multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${MAGE_VENV:-.venv}

@@ -1,5 +1,5 @@
-"""Shared test settings: Triton runs under its interpreter when there is no GPU (BUILD_NOTES 4),
-devices always include CPU, and tolerances live in one table keyed by dtype (STYLE.md)."""
+"""Shared test settings: Triton runs under its interpreter when there is no GPU,
+devices always include CPU, and tolerances live in one table keyed by dtype."""
 
 import os
 

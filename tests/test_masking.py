@@ -119,7 +119,7 @@ def test_mask_plan_per_row_counts_pad_with_minus_one(device):
 
 
 def test_mask_plan_matches_published_procedure():
-    """Without ties the plan is the published sort + cut-off (MAGE_REFERENCE.md 4.4 step 4)."""
+    """Without ties the plan is the published sort + cut-off (docs/REFERENCE.md 4.4 step 4)."""
     noise = _noise(8, 256)
     masked, dropped, _ = mage_kernels.mask_plan(noise, 180, 128)
     pub_mask, pub_drop = ref.published_mask_plan(noise, 180, 128)
@@ -253,7 +253,7 @@ def test_pad_with_cls_non_contiguous(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_pad_with_cls_matches_published_padding(device):
-    """The published decoder padding (MAGE_REFERENCE.md 4.5) on the published masks."""
+    """The published decoder padding (docs/REFERENCE.md 4.5) on the published masks."""
     B, L, C = 4, 64, 16
     noise = _noise(B, L, device)
     pub_mask, pub_drop = ref.published_mask_plan(noise, 45, 32)
@@ -457,7 +457,7 @@ def test_opcheck(device, index):
 
 
 class _TinyMAGE(torch.nn.Module):
-    """A masked encoder-decoder step with MAGE's data flow (MAGE_REFERENCE.md 4.4-4.5)."""
+    """A masked encoder-decoder step with MAGE's data flow (docs/REFERENCE.md 4.4-4.5)."""
 
     def __init__(self, vocab=11, L=16, C=8):
         super().__init__()
@@ -518,7 +518,7 @@ def test_sample_mask_counts_reference_policy():
     assert rows.dtype == torch.int64 and rows.shape == (40000,) and D == 128
     assert rows.min() >= 128 and rows.max() <= 256
     r = rows.double() / L
-    # Truncated normal(0.55, 0.25) on [0.5, 1]: mean 0.694, std 0.129 (MAGE_REFERENCE.md 4.4); the
+    # Truncated normal(0.55, 0.25) on [0.5, 1]: mean 0.694, std 0.129 (docs/REFERENCE.md 4.4); the
     # ceil adds at most 1/L to the ratio. Bounds are 5 standard errors wide.
     assert abs(r.mean().item() - 0.694 - 0.5 / L) < 5 * 0.129 / math.sqrt(40000) + 1e-3
     assert abs(r.std().item() - 0.129) < 0.005

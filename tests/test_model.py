@@ -1,4 +1,4 @@
-"""MAGE encoder-decoder: official layout (MAGE_REFERENCE.md 4.11), checkpoints, and the forward against a
+"""MAGE encoder-decoder: official layout (docs/REFERENCE.md 4.11), checkpoints, and the forward against a
 plain-PyTorch restatement of the published model (4.3-4.6, 4.9)."""
 
 import argparse

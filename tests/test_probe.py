@@ -100,7 +100,7 @@ def test_cosine_lr_shape():
     assert math.isclose(cosine_lr(150, total, warm, lr, min_lr=0.1), 0.1)
     values = [cosine_lr(s, total, warm, lr) for s in range(warm, total + 1)]
     assert all(a >= b for a, b in zip(values, values[1:]))
-    assert math.isclose(scaled_lr(1.5e-4, 4096), 2.4e-3)  # MAGE_REFERENCE.md 4.10
+    assert math.isclose(scaled_lr(1.5e-4, 4096), 2.4e-3)  # docs/REFERENCE.md 4.10
 
 
 def test_weight_decay_groups_follow_timm_rule():

@@ -1,6 +1,6 @@
-"""Confidence re-masking (DESIGN.md op 5): kernels against the reference, the sampler's statistics, the
+"""Confidence re-masking (docs/OPS.md op 5): kernels against the reference, the sampler's statistics, the
 exactly-k selection, the published "<=" rule, the fused head, non-finite logits, bad input, opcheck,
-compile, the Triton kernels under the interpreter, and the schedule helpers (MAGE_REFERENCE.md 5)."""
+compile, the Triton kernels under the interpreter, and the schedule helpers (docs/REFERENCE.md 5)."""
 
 import math
 
@@ -322,7 +322,7 @@ def test_triton_fused_head_and_non_finite():
 
 
 def test_schedule_matches_published_table():
-    """Tokens still masked after each step from 256 [MASK] (MAGE_REFERENCE.md 5, the T = 12 and 20 tables)."""
+    """Tokens still masked after each step from 256 [MASK] (docs/REFERENCE.md 5, the T = 12 and 20 tables)."""
     table = {
         12: [253, 247, 236, 221, 203, 181, 155, 128, 97, 66, 33],
         20: [255, 252, 248, 243, 236, 228, 218, 207, 194, 181, 166, 150, 133, 116, 97, 79, 59, 40, 20],

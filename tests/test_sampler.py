@@ -1,4 +1,4 @@
-"""Sampler (MAGE_REFERENCE.md 5), inpainting and the CLI, on a tiny random model."""
+"""Sampler (docs/REFERENCE.md 5), inpainting and the CLI, on a tiny random model."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""The VQGAN tokenizer: official layout and quirks (MAGE_REFERENCE.md 3.2, 3.5), encode/decode, checks."""
+"""The VQGAN tokenizer: official layout and quirks (docs/REFERENCE.md 3.2, 3.5), encode/decode, checks."""
 
 import pytest
 import torch

@@ -201,7 +201,7 @@ def test_ddp_two_processes_match_one(tmp_path):
 
 
 def test_training_masks_follow_the_truncated_normal():
-    """Ratio ~ N(0.55, 0.25) truncated to [0.5, 1]: mean 0.694, std 0.129 (MAGE_REFERENCE.md 4.4); one ratio
+    """Ratio ~ N(0.55, 0.25) truncated to [0.5, 1]: mean 0.694, std 0.129 (docs/REFERENCE.md 4.4); one ratio
     per step for the global batch; dropped = ceil(0.5 L) always; steps and seeds give different masks."""
     cfg, L, steps = TrainConfig(batch_size=4), 256, 4000
     plans = [plan_masks(cfg, s, L, torch.arange(4), "cpu") for s in range(steps)]

@@ -168,7 +168,7 @@ def test_quantize_matches_reference(dtype, nchw):
     assert z_q.dtype == dtype and z_q.shape == z.shape and z_q.is_contiguous()
     assert counts.sum() == idx.numel()
     assert_close(loss, r_loss)
-    # The legacy taming loss, spelled out (MAGE_REFERENCE.md 3.3).
+    # The legacy taming loss, spelled out (docs/REFERENCE.md 3.3).
     zf, qf = z.double(), z_q.double()
     legacy = ((qf - zf) ** 2).mean() + 0.25 * ((qf - zf) ** 2).mean()
     assert_close(loss.double(), legacy, dtype=torch.float32)

@@ -1,4 +1,4 @@
-"""Triton kernels of the masked-token ops (mage_kernels/masking.py; DESIGN.md ops 2-4).
+"""Triton kernels of the masked-token ops (mage_kernels/masking.py; docs/OPS.md ops 2-4).
 
 Launchers take the op's arguments and are registered as the ops' CUDA kernels; under TRITON_INTERPRET=1
 they also run on CPU tensors (tests). Like the CUDA kernels they read no values on the host: keep_idx

@@ -1,4 +1,4 @@
-"""Triton kernels of confidence re-masking (DESIGN.md op 5; MAGE_REFERENCE.md 5).
+"""Triton kernels of confidence re-masking (docs/OPS.md op 5; docs/REFERENCE.md 5).
 
 `remask_step`: one program per token samples it (two passes over its candidate logits: the max, then
 exp-sum and Gumbel-max in exponential-race form together; known tokens read nothing), then one program per row re-masks exactly
@@ -307,7 +307,7 @@ def remask_step_from_hidden(hidden, weight, bias, ids, num_masked, seed, *, mask
     conf = torch.empty((B, L), dtype=torch.float32, device=ids.device)
     if B * L:
         wide = hidden.dtype == torch.float32 or weight.dtype == torch.float32 or hidden.dtype != weight.dtype
-        # The interpreter computes bf16 tl.dot wrongly (BUILD_NOTES 4): upcast there.
+        # The interpreter computes bf16 tl.dot wrongly: upcast there.
         upcast = wide or _INTERPRET
         tf32 = not _INTERPRET and hidden.is_cuda and torch.backends.cuda.matmul.allow_tf32
         if _INTERPRET:

@@ -1,4 +1,4 @@
-"""Nearest-code quantization in Triton (DESIGN.md op 1): a tiled fp32 (or tf32) search that keeps the
+"""Nearest-code quantization in Triton (docs/OPS.md op 1): a tiled fp32 (or tf32) search that keeps the
 two best expanded distances per row, then an fp64 re-rank of rows whose gap is within the rounding
 bound (csrc/vq_bound.h), launched for every row but returning at once for unflagged ones: no host sync.
 """
@@ -160,7 +160,7 @@ def _search(z: torch.Tensor, codebook: torch.Tensor, exact: bool) -> tuple[torch
     best = torch.empty(n, dtype=torch.float32, device=z.device)
     second = torch.empty_like(best)
     interpret = z.device.type == "cpu"
-    # The interpreter's cost grows with the number of programs, so it gets big tiles (BUILD_NOTES 4).
+    # The interpreter's cost grows with the number of programs, so it gets big tiles.
     block_r, block_k = (64, 128) if interpret else (64, 64)
     block_d = max(16, min(128 if interpret else 32, triton.next_power_of_2(D)))
     tf32 = not exact and z.device.type == "cuda"

@@ -1,4 +1,4 @@
-"""mage: the MAGE model layer built on mage_kernels (MAGE_REFERENCE.md sections 3-5).
+"""mage: the MAGE model layer built on mage_kernels (docs/REFERENCE.md sections 3-5).
 
     model = mage.load_official("mage-vitb-1600.pth")        # or mage.load("model.safetensors")
     images = mage.generate(model, 16, steps=20, choice_temperature=6.0)

@@ -1,4 +1,4 @@
-"""Checkpoints: the released MAGE `.pth` files (MAGE_REFERENCE.md 4.11) and our own safetensors format.
+"""Checkpoints: the released MAGE `.pth` files (docs/REFERENCE.md 4.11) and our own safetensors format.
 
 Official files are read with `torch.load(weights_only=True)`: tensors and plain containers only (plus
 `argparse.Namespace`, which training checkpoints carry under `args`), never arbitrary pickled objects.

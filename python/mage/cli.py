@@ -79,7 +79,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def add_sample(subparsers) -> None:
     p = subparsers.add_parser("sample", help="generate class-unconditional images",
-                              description="Iterative decoding from all-[MASK] (MAGE_REFERENCE.md 5); writes a PNG "
+                              description="Iterative decoding from all-[MASK] (docs/REFERENCE.md 5); writes a PNG "
                                           "grid and each image as its own PNG.")
     _add_common(p)
     p.add_argument("--num", type=int, default=64, help="number of images")

@@ -4,7 +4,7 @@
 - scikit-learn's bundled 8x8 digits: smoke tests.
 - ImageNet-style folders `root/<class>/*.{jpg,jpeg,png}`: real users' data.
 
-Images are float [C, H, W] tensors in [0, 1], the range the tokenizer expects (MAGE_REFERENCE.md 4.10: no
+Images are float [C, H, W] tensors in [0, 1], the range the tokenizer expects (docs/REFERENCE.md 4.10: no
 normalisation). Random transforms get a `torch.Generator` seeded from (seed, epoch, index), so a sample's
 augmentation does not depend on the worker that loads it, the number of workers or the order of loading:
 a resumed run sees exactly the crops the uninterrupted one would have.

@@ -1,4 +1,4 @@
-"""Training losses of MAGE (MAGE_REFERENCE.md 4.7), MAGE-C (section 7) and the MAE baseline."""
+"""Training losses of MAGE (docs/REFERENCE.md 4.7), MAGE-C (section 7) and the MAE baseline."""
 
 from __future__ import annotations
 

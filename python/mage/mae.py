@@ -1,4 +1,4 @@
-"""The MAE baseline (He et al., 2022; MAGE_REFERENCE.md appendix): the same ViT encoder-decoder on pixel
+"""The MAE baseline (He et al., 2022; docs/REFERENCE.md appendix): the same ViT encoder-decoder on pixel
 patches, masked patches removed before the encoder and padded back with one shared learned mask token,
 trained to reconstruct the pixels of the removed patches. It lets the paper's MAGE-vs-MAE comparison
 run on the same data with the same kernels (`gather_keep`, `pad_with_cls(pad=...)`).

@@ -1,4 +1,4 @@
-"""MAGE: a masked generative encoder over VQGAN tokens (Li et al., CVPR 2023; MAGE_REFERENCE.md section 4).
+"""MAGE: a masked generative encoder over VQGAN tokens (Li et al., CVPR 2023; docs/REFERENCE.md section 4).
 
 One ViT encoder-decoder does both jobs. An image becomes L = 256 tokens; some are replaced by [MASK],
 some of those are dropped; the encoder sees the class slot [C0] and the kept tokens; the decoder sees

@@ -1,4 +1,4 @@
-"""Linear probe on frozen features, as the reference's `main_linprobe.py` (MAGE_REFERENCE.md 6).
+"""Linear probe on frozen features, as the reference's `main_linprobe.py` (docs/REFERENCE.md 6).
 
 head = BatchNorm1d(D, affine=False, eps=1e-6) -> Linear(D, K) with trunc-normal(std 0.01) weights and zero bias,
 trained with LARS (lr = blr * batch / 256, blr 0.1, no weight decay) under a cosine schedule with warm-up.

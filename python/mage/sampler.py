@@ -1,4 +1,4 @@
-"""Iterative decoding (MAGE_REFERENCE.md section 5): from all-[MASK] to an image in T steps.
+"""Iterative decoding (docs/REFERENCE.md section 5): from all-[MASK] to an image in T steps.
 
 Each step runs the whole model on the current ids (nothing dropped; [MASK] tokens enter the encoder and
 become [C] in the decoder), samples every unknown token, keeps the most confident and re-masks the rest

@@ -1,4 +1,4 @@
-"""Learning-rate schedule and optimizer parameter groups of the reference recipe (MAGE_REFERENCE.md 4.10, 6).
+"""Learning-rate schedule and optimizer parameter groups of the reference recipe (docs/REFERENCE.md 4.10, 6).
 
 The schedule is a pure function of the iteration, so a checkpoint only needs the step counter to resume it.
 """

@@ -1,4 +1,4 @@
-"""The VQGAN tokenizer of MAGE: MaskGIT's convolutional VQGAN (MAGE_REFERENCE.md section 3).
+"""The VQGAN tokenizer of MAGE: MaskGIT's convolutional VQGAN (docs/REFERENCE.md section 3).
 
 An image in [0, 1] goes through a conv encoder (residual blocks, 2x2 average-pool downsampling, no
 attention) to a grid of D-dim vectors; each vector becomes the index of its nearest codebook entry
@@ -184,7 +184,7 @@ def check_images(images: torch.Tensor, cfg: TokenizerConfig, name: str = "images
         lo, hi = float(images.min()), float(images.max())
         if lo < 0.0 or hi > 1.0:
             raise ValueError(
-                f"{name} must hold values in [0, 1] (no mean/std normalisation, MAGE_REFERENCE.md 3.2), "
+                f"{name} must hold values in [0, 1] (no mean/std normalisation, docs/REFERENCE.md 3.2), "
                 f"got min {lo:.4g}, max {hi:.4g}"
             )
 

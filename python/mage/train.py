@@ -1,4 +1,4 @@
-"""One training loop for the tokenizer, MAGE, MAGE-C and the MAE baseline (MAGE_REFERENCE.md 4.4-4.10, 7).
+"""One training loop for the tokenizer, MAGE, MAGE-C and the MAE baseline (docs/REFERENCE.md 4.4-4.10, 7).
 
     from mage.train import TrainConfig, train
     train(TrainConfig(objective="mage", data="fashion-mnist", steps=2000, out_dir="runs/mage"))
@@ -187,7 +187,7 @@ class TrainModule(nn.Module):
 
 
 def tokenizer_loss(tok: VQGANTokenizer, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """Reconstruction (L1 + L2) plus the VQ losses of `vq_quantize` (MAGE_REFERENCE.md 3.3)."""
+    """Reconstruction (L1 + L2) plus the VQ losses of `vq_quantize` (docs/REFERENCE.md 3.3)."""
     recon, vq_loss, _, counts = tok(images, check_range=False)
     err = recon.float() - images.float()
     rec = err.abs().mean() + (err * err).mean()
@@ -284,7 +284,7 @@ def make_dataset(cfg: TrainConfig, channels: int, size: int, split: str = "train
 @torch.no_grad()
 def build_token_cache(tokenizer: VQGANTokenizer, dataset, path: str, crops: int = 1, batch_size: int = 256) -> None:
     """Tokenize `crops` augmented crops of every image once and save {ids [N, crops, L], labels} to `path`
-    (the online tokenizer is ~40% of MAGE's training compute, MAGE_REFERENCE.md 4.12)."""
+    (the online tokenizer is ~40% of MAGE's training compute, docs/REFERENCE.md 4.12)."""
     tokenizer.eval()
     device = tokenizer.codebook.device
     ids = data_lib.build_token_cache(lambda x: tokenizer.encode(x, check_range=False), dataset, crops, batch_size,

@@ -2,12 +2,12 @@
 
 Every random transform takes a `torch.Generator` (None: the global one), so a seeded generator gives the same
 output on every run. Resampling is `F.interpolate` with antialiasing, close to the PIL resize the reference's
-torchvision pipeline used (MAGE_REFERENCE.md 4.10, 6).
+torchvision pipeline used (docs/REFERENCE.md 4.10, 6).
 
 - Pre-training (4.10): `RandomResizedCrop(size, scale=(0.2, 1.0))` + `RandomHorizontalFlip()`.
 - Linear-probe evaluation (6): resize the shorter side to size * 292/256, bicubic, then center crop.
 - MAGE-C views (7): the reference has no MAGE-C code and the paper's augmentation list was not verified here
-  (MAGE_REFERENCE.md 7 says "SimCLR-style: crop, colour jitter, grayscale, blur", believed, not checked). We
+  (docs/REFERENCE.md 7 says "SimCLR-style: crop, colour jitter, grayscale, blur", believed, not checked). We
   assume SimCLR's ImageNet recipe (Chen et al. 2020, Appendix A): colour jitter with strength 1 (brightness,
   contrast, saturation 0.8, hue 0.2) with probability 0.8, grayscale with probability 0.2, Gaussian blur with
   sigma in [0.1, 2.0] and a kernel of 10% of the image side with probability 0.5; but MAGE's crop scale
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, as PIL's convert("L")
-EVAL_CROP_FRACTION = 256 / 292  # MAGE_REFERENCE.md 6: Resize(292) + CenterCrop(256)
+EVAL_CROP_FRACTION = 256 / 292  # docs/REFERENCE.md 6: Resize(292) + CenterCrop(256)
 
 
 def _check_image(img: torch.Tensor) -> None:
@@ -334,7 +334,7 @@ class TwoViews:
 
 
 def pretrain_transform(size: int, scale: tuple[float, float] = (0.2, 1.0)) -> Compose:
-    """MAGE pre-training augmentation (MAGE_REFERENCE.md 4.10): random resized crop + horizontal flip."""
+    """MAGE pre-training augmentation (docs/REFERENCE.md 4.10): random resized crop + horizontal flip."""
     return Compose([RandomResizedCrop(size, scale), RandomHorizontalFlip()])
 
 
