@@ -157,6 +157,25 @@ _HELP = {
     "lr": "absolute learning rate (default: blr * batch_size / 256)",
     "amp": "autocast dtype; fp16 adds a GradScaler",
     "resume": "continue from out_dir/checkpoint.pt when it exists",
+    "warmup_steps": "linear warm-up steps, capped by --max-warmup-fraction",
+    "max_warmup_fraction": "the warm-up lasts at most this fraction of --steps (1: no cap)",
+    "accum_steps": "gradient accumulation: micro-batches per optimizer step (the same step as the large batch)",
+    "grad_checkpointing": "recompute activations of the transformer blocks (tokenizer: residual blocks) in backward",
+    "compile": "torch.compile the training forward and backward",
+    "compile_backend": "torch.compile backend (aot_eager traces without generating code)",
+    "disc_weight": "VQGAN: weight of the adversarial term times the adaptive weight (0: no discriminator; "
+                   "taming uses 0.8)",
+    "disc_start": "VQGAN: step at which the discriminator starts training and contributing",
+    "disc_loss": "VQGAN: hinge or non-saturating",
+    "disc_lr": "VQGAN: discriminator learning rate (default: the generator's)",
+    "disc_betas": "VQGAN: the discriminator's Adam betas",
+    "disc_layers": "VQGAN: strided layers of the PatchGAN discriminator",
+    "disc_channels": "VQGAN: channels of the discriminator's first layer",
+    "disc_norm": "VQGAN: discriminator norm (group keeps N processes = 1; batch is taming's)",
+    "perceptual_weight": "VQGAN: weight of the LPIPS term (used with --perceptual-weights)",
+    "perceptual_weights": "VQGAN: LPIPS-VGG16 weights file (see python -m mage.perceptual); no perceptual term without",
+    "ema_decay": "keep an EMA of the weights for evaluation, sampling and the final weights file (0: off)",
+    "tensorboard": "also log to out_dir/tensorboard (needs the tensorboard package)",
 }
 
 
@@ -172,6 +191,7 @@ def _train_field_type(field, default):
 
 
 def add_train(subparsers) -> None:
+    from .discriminator import DISC_LOSSES, DISC_NORMS
     from .model import CONSTRUCTORS
     from .train import OBJECTIVES, TrainConfig
 
@@ -191,7 +211,8 @@ def add_train(subparsers) -> None:
             p.add_argument(flag, type=type(default[0]), nargs=len(default), default=None,
                            help=f"{help_text} (default {' '.join(map(str, default))})".strip())
         else:
-            choices = {"objective": OBJECTIVES, "amp": ("none", "bf16", "fp16"), "model": sorted(CONSTRUCTORS)}
+            choices = {"objective": OBJECTIVES, "amp": ("none", "bf16", "fp16"), "model": sorted(CONSTRUCTORS),
+                       "disc_loss": DISC_LOSSES, "disc_norm": DISC_NORMS}
             shown = json.dumps(default) if f.name in _JSON_FIELDS else default
             p.add_argument(flag, type=_train_field_type(f, default), default=None, choices=choices.get(f.name),
                            help=f"{help_text} (default {shown})".strip())
