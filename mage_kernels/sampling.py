@@ -19,7 +19,7 @@ from .remask import annealed_choice_temperature, cosine_mask_ratio, remask_count
 Schedule = Union[str, Callable[[float], float]]
 
 # Fraction of the initially unknown tokens still masked after a step, as a function of r = (t+1)/T
-# (MaskGIT, Chang et al. 2022, sec. 3.3 and fig. 8: "cosine" is its choice and MAGE's).
+# (MaskGIT, Chang et al. 2022, sec. 3.3: "cosine" is its choice and MAGE's).
 SCHEDULES: dict[str, Callable[[float], float]] = {
     "linear": lambda r: 1.0 - r,
     "square": lambda r: 1.0 - r**2,
@@ -112,7 +112,7 @@ def maskgit_sample(
     on_step: Callable[[int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Fill every `mask_id` of ids [B, L] by iterative decoding (MaskGIT, Chang et al. 2022, sec. 3.2;
-    MAGE, Li et al. 2023, sec. 3.3): at each of `steps` steps, sample every unknown token, keep the most
+    MAGE, Li et al. 2023, sec. 3): at each of `steps` steps, sample every unknown token, keep the most
     confident and re-mask the rest so that floor(n0 * mask_ratio) stay masked (n0 the row's unknown count
     at the start); the confidence is log p(sample) + Gumbel noise scaled by choice_temperature * (1 - r),
     annealed to 0. Known tokens are never changed. Returns the final ids [B, L] (no `mask_id` left).

@@ -26,9 +26,10 @@ from .tokenizer import TokenizerConfig, VQGANTokenizer
 
 FORMAT = "mage-kernels/1"
 
-# Attention heads are not visible in a state dict; these are the published sizes (section 4.1).
+# Attention heads are not visible in a state dict; these are the published sizes (section 4.1) and those
+# of our small constructors (mage_vit_tiny / mage_vit_small).
 _ENCODER_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
-_DECODER_HEADS = {768: 16, 1024: 16, 1280: 16}
+_DECODER_HEADS = {192: 3, 384: 6, 768: 16, 1024: 16, 1280: 16}
 
 
 class CheckpointError(ValueError):
