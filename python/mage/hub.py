@@ -85,7 +85,6 @@ else:
         _Folder,
         PyTorchModelHubMixin,
         library_name="mage-kernels",
-        paper_url="https://arxiv.org/abs/2211.09117",
         tags=["mage", "masked-generative-encoder", "vqgan"],
     ):
         """huggingface_hub's PyTorchModelHubMixin with our folder writer and strict loader."""
