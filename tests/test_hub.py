@@ -74,9 +74,17 @@ else:
 """
 
 
+@pytest.mark.skipif(hub.HAS_HUB, reason="huggingface_hub is installed (the next test covers this path)")
+def test_without_huggingface_hub_folders_are_local():
+    assert mage.MAGE.__mro__[2] is hub.LocalHubMixin and not hasattr(mage.MAGE, "push_to_hub")
+    with pytest.raises(FileNotFoundError, match="huggingface_hub"):
+        mage.MAGE.from_pretrained("user/some-repo")
+
+
+@requires_hub
 def test_folders_are_the_same_without_huggingface_hub(model, tmp_path):
-    """The folder written here (with or without the hub mixin) loads without huggingface_hub, and what that
-    process writes loads here: one layout either way."""
+    """A folder the hub mixin writes loads in a process without huggingface_hub, and what that process
+    writes loads here: one layout either way."""
     model.save_pretrained(tmp_path / "here")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "python")])}
     subprocess.run([sys.executable, "-c", _WITHOUT_HUB, str(tmp_path / "here"), str(tmp_path / "there")],
