@@ -1,5 +1,5 @@
 """Evaluation metrics: Frechet distance / FID (also streaming, with .npz statistics), Inception Score, classifier
-score (the Inception Score formula), PSNR, SSIM and codebook usage. Everything runs offline; no scipy.
+score (the Inception Score formula), PSNR, SSIM and codebook usage. Everything runs offline (no downloads); no scipy.
 
 FID and IS use the TF-Inception network of the common FID tools (`mage.inception`): with the user's
 `pt_inception-2015-12-05` weights file both, without it FID from the same weights bundled in the
