@@ -5,9 +5,67 @@ Every message names the op, the argument, what was expected and what came.
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+# ---------------------------------------------------------------------------- Python arguments
+
+
+def _type_name(v) -> str:
+    return type(v).__name__
+
+
+def check_tensor(op: str, name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {_type_name(t)}")
+
+
+def _range_text(lo, hi, lo_open: bool = False) -> str:
+    if lo is not None and lo != -math.inf and hi is not None and hi != math.inf:
+        return f"in {'(' if lo_open else '['}{lo}, {hi}]"
+    if lo is not None and lo != -math.inf:
+        return f"{'>' if lo_open else '>='} {lo}"
+    if hi is not None and hi != math.inf:
+        return f"<= {hi}"
+    return ""
+
+
+def check_int(op: str, name: str, v, lo: int | None = None, hi: int | None = None) -> int:
+    """`v` must be an integer (not a bool, not a float such as 3.7 or 3.0) in [lo, hi]; returns it as int."""
+    if isinstance(v, bool) or not isinstance(v, (numbers.Integral, torch.SymInt)):
+        raise TypeError(f"{op}: {name} must be an int, got {_type_name(v)} {v!r}")
+    if isinstance(v, numbers.Integral):
+        v = int(v)
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise ValueError(f"{op}: {name} must be {_range_text(lo, hi)}, got {v}")
+    return v
+
+
+def check_real(op: str, name: str, v, lo: float = -math.inf, hi: float = math.inf, *, lo_open: bool = False) -> float:
+    """`v` must be a finite real number in [lo, hi] (or (lo, hi] with lo_open); returns it as float."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{op}: {name} must be a real number, got {_type_name(v)} {v!r}")
+    v = float(v)
+    if not math.isfinite(v) or v < lo or v > hi or (lo_open and v == lo):
+        raise ValueError(f"{op}: {name} must be a finite number {_range_text(lo, hi, lo_open)}, got {v}".replace(
+            " , got", ", got"))
+    return v
+
+
+def check_generator(op: str, name: str, g) -> None:
+    if g is not None and not isinstance(g, torch.Generator):
+        raise TypeError(f"{op}: {name} must be a torch.Generator or None, got {_type_name(g)} {g!r}"
+                        + (" (seed a generator: torch.Generator().manual_seed(seed))" if isinstance(g, int) else ""))
+
+
+def check_bool(op: str, name: str, v) -> None:
+    if not isinstance(v, bool):
+        raise TypeError(f"{op}: {name} must be True or False, got {_type_name(v)} {v!r}")
 
 
 def check_float(op: str, name: str, t: torch.Tensor) -> None:
@@ -49,6 +107,7 @@ def check_remask_args(
     ids: torch.Tensor,
     num_masked: torch.Tensor,
     seed: torch.Tensor,
+    mask_id: int,
     vocab_size: int,
     temperature: float,
     choice_temperature: float,
@@ -70,6 +129,11 @@ def check_remask_args(
         raise ValueError(f"{op}: seed must be [2] (seed, offset), got shape {tuple(seed.shape)}")
     if not 1 <= vocab_size <= vocab_rows:
         raise ValueError(f"{op}: vocab_size must be in [1, {vocab_rows}] (the logits' last dim), got {vocab_size}")
+    if 0 <= mask_id < vocab_size:
+        # A sampled token equal to mask_id would read as still masked: rows would end with extra masks.
+        raise ValueError(f"{op}: mask_id must not be a token that can be sampled, i.e. outside [0, vocab_size) = "
+                         f"[0, {vocab_size}), got mask_id = {mask_id}; pass vocab_size <= mask_id (the codebook "
+                         f"size, e.g. model.config.codebook_size)")
     if vocab_size >= 2**31 - 64:
         raise ValueError(f"{op}: vocab_size must be < 2^31 - 64, got {vocab_size}")
     if not (temperature > 0.0 and temperature < float("inf")):

@@ -324,7 +324,7 @@ def remask_step(
     exactly num_masked[b] unknown tokens per row are set back to mask_id (`remask_select`).
     """
     check_remask_logits("remask_step", logits, ids)
-    check_remask_args("remask_step", logits.shape[2], ids, num_masked, seed, vocab_size, temperature,
+    check_remask_args("remask_step", logits.shape[2], ids, num_masked, seed, mask_id, vocab_size, temperature,
                       choice_temperature)
     unknown = ids == mask_id
     k = _check_counts("remask_step", num_masked, unknown.sum(1))
@@ -360,8 +360,8 @@ def remask_step_from_hidden(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`remask_step` on logits = hidden @ weight[:vocab_size].T + bias[:vocab_size], computed in float32."""
     check_remask_hidden("remask_step_from_hidden", hidden, weight, bias, ids)
-    check_remask_args("remask_step_from_hidden", weight.shape[0], ids, num_masked, seed, vocab_size, temperature,
-                      choice_temperature)
+    check_remask_args("remask_step_from_hidden", weight.shape[0], ids, num_masked, seed, mask_id, vocab_size,
+                      temperature, choice_temperature)
     return remask_step(
         remask_head_logits(hidden, weight, bias, vocab_size), ids, num_masked, seed, mask_id=mask_id,
         choice_temperature=choice_temperature, vocab_size=vocab_size, temperature=temperature,
