@@ -28,7 +28,19 @@ import mage_kernels
 
 from . import data as data_lib
 from . import transforms as T
-from .checkpoint_io import load_checkpoint, load_training_state, save_checkpoint, save_training_state
+from .checkpoint_io import (
+    CheckpointError,
+    check_training_state,
+    clean_stale_files,
+    config_changes,
+    damaged_checkpoint_error,
+    load_checkpoint,
+    previous_path,
+    restore_training_state,
+    resume_source,
+    save_checkpoint,
+    save_training_state,
+)
 from .losses import info_nce, masked_positions, masked_token_loss, patch_pixel_loss
 from .mae import MAE, MAEConfig, mae_masked_count
 from .model import CONSTRUCTORS, MAGE
@@ -83,6 +95,8 @@ class TrainConfig:
     ckpt_every: int = 200
     sample_every: int = 0
     resume: bool = False
+    resume_with_changes: bool = False  # resume although settings that change the run's math differ
+    overwrite: bool = False  # start afresh in an out_dir that holds another run's checkpoint
     progress: bool = True
 
     def __post_init__(self):
@@ -96,6 +110,11 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# Fields that never change what a run computes: a resume may change them freely.
+RUN_ONLY_FIELDS = frozenset({"out_dir", "resume", "resume_with_changes", "overwrite", "progress", "log_every",
+                             "ckpt_every", "sample_every", "num_workers"})
 
 
 # ------------------------------------------------------------------------------------------ setup
@@ -369,17 +388,41 @@ def restart_dead_codes(
     return int(dead.numel())
 
 
-def _resume(path: Path, module: nn.Module, optimizer, scaler) -> dict:
-    """Load the training state, turning a damaged file into an error that says how to continue."""
-    from .checkpoint_io import CheckpointError, previous_path
-
+def _resume_state(cfg: TrainConfig, ckpt_path: Path, main: bool) -> tuple[dict | None, Path | None]:
+    """The training state a run continues from and its file ((None, None): a fresh start), after the checks
+    that keep an earlier run's checkpoint and log from being overwritten (docs/TRAINING.md)."""
+    if not cfg.resume:
+        existing = [p for p in (ckpt_path, previous_path(ckpt_path)) if p.exists()]
+        if existing and not cfg.overwrite:
+            raise CheckpointError(
+                f"{cfg.out_dir} holds the checkpoint of an earlier run ({existing[0].name}): continue it with "
+                "--resume (TrainConfig.resume=True), or start afresh over it with --overwrite "
+                "(TrainConfig.overwrite=True) or in another --out-dir")
+        return None, None
+    source, note = resume_source(ckpt_path)
+    if source is None:
+        if main:
+            warnings.warn(f"--resume: no checkpoint in {cfg.out_dir}, starting at step 0", RuntimeWarning, stacklevel=3)
+        return None, None
+    if note and main:
+        warnings.warn(note, RuntimeWarning, stacklevel=3)
     try:
-        return load_training_state(path, module, optimizer, scaler)
+        state = load_checkpoint(source)
     except CheckpointError as err:
-        prev = previous_path(path)
-        hint = (f"; the checkpoint before it is intact at {prev}: move it to {path} to resume from there"
-                if prev.is_file() else "")
-        raise CheckpointError(f"cannot resume: {err}{hint}") from None
+        raise damaged_checkpoint_error(err, ckpt_path) from None
+    check_training_state(state, source)
+    saved = state.get("extra", {}).get("config")
+    if isinstance(saved, dict):
+        changes = config_changes(saved, cfg.to_dict(), RUN_ONLY_FIELDS, TrainConfig().to_dict())
+        if changes and not cfg.resume_with_changes:
+            raise CheckpointError(
+                f"cannot resume from {source}: these settings differ from the run's and change what it computes: "
+                f"{'; '.join(changes)}. Resume with the run's settings (e.g. --config {Path(cfg.out_dir) / 'config.json'})"
+                ", or pass --resume-with-changes (TrainConfig.resume_with_changes=True) to continue with the new ones")
+        if changes and main:
+            warnings.warn(f"resuming {source} with changed settings: {'; '.join(changes)}", RuntimeWarning,
+                          stacklevel=3)
+    return state, source
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -388,8 +431,11 @@ def train(cfg: TrainConfig) -> dict:
     (model.safetensors for MAGE, tokenizer.safetensors for the tokenizer, mae.pt for MAE)."""
     d = init_distributed()
     out = Path(cfg.out_dir)
+    ckpt_path = out / "checkpoint.pt"
+    resumed, resumed_from = _resume_state(cfg, ckpt_path, d.main)  # before anything in out_dir changes
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
+        clean_stale_files(ckpt_path)  # temp files of a write that was killed
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
     torch.manual_seed(cfg.seed)
     model = build_model(cfg).to(d.device)
@@ -397,14 +443,13 @@ def train(cfg: TrainConfig) -> dict:
     lr = cfg.lr if cfg.lr is not None else scaled_lr(cfg.blr, cfg.batch_size)
     optimizer = build_adamw(module, lr, cfg.weight_decay, cfg.betas)
     scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.amp == "fp16")
-    ckpt_path = out / "checkpoint.pt"
     # Codebook usage since the last dead-code restart (tokenizer): part of the state a resume needs.
     usage = torch.zeros(model.config.n_embed if cfg.objective == "tokenizer" else 1, dtype=torch.long, device=d.device)
     start = 0
-    if cfg.resume and ckpt_path.exists():
-        state = _resume(ckpt_path, module, optimizer, scaler)
-        start = int(state["step"])
-        usage.copy_(state["extra"].get("codebook_usage", usage))
+    if resumed is not None:
+        restore_training_state(resumed, resumed_from, module, optimizer, scaler)
+        start = resumed["step"]
+        usage.copy_(resumed["extra"].get("codebook_usage", usage))
     trained = nn.parallel.DistributedDataParallel(module) if d.world > 1 else module
     batches = Batches(make_dataset(cfg, *input_shape(model)), cfg, d)
     log_path = out / "metrics.jsonl"
@@ -468,7 +513,8 @@ def train(cfg: TrainConfig) -> dict:
                     model.vqgan.eval()
             if done % cfg.ckpt_every == 0 or done == cfg.steps:
                 if d.main:
-                    extra = {"config": cfg.to_dict(), "codebook_usage": usage.cpu()}
+                    extra = {"config": cfg.to_dict(), "codebook_usage": usage.cpu(),
+                             "model_config": dataclasses.asdict(model.config)}  # lets `mage sample` read it
                     save_training_state(ckpt_path, module, optimizer, scaler, done, extra)
                 if d.world > 1:
                     dist.barrier()
