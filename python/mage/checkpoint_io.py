@@ -27,13 +27,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._checks import all_finite
+
 MAGIC = b"MAGECKPT"
 FORMAT_VERSION = 1
+# The `format` metadata of our safetensors files (a MAGE model; a standalone tokenizer).
+MODEL_FORMAT = "mage-kernels/1"
+TOKENIZER_FORMAT = "mage-kernels/tokenizer-v1"
 _HEADER = struct.Struct("<8sQQ32s")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, truncated, corrupted or not in this format; the message says which."""
+class CheckpointError(ValueError):
+    """A checkpoint or weights file that cannot be read (missing, truncated, corrupted, not in a format we
+    read, unsafe to unpickle) or does not match the model; the message says which and what to do."""
 
 
 def previous_path(path: str | os.PathLike) -> Path:
@@ -71,22 +77,18 @@ def _keep_previous(path: Path) -> None:
         os.unlink(staging)
 
 
-def save_checkpoint(obj: Any, path: str | os.PathLike, keep_previous: bool = True) -> Path:
-    """Atomically write `obj` (anything `torch.save` takes) to `path`; the replaced file becomes `<path>.prev`.
-
-    Returns the path written. Tensors should be on CPU or will be saved with their device as torch.save does.
-    """
-    path = Path(path)
+def _atomic_write(path: Path, chunks: list, keep_previous: bool, write_file=None) -> Path:
+    """Write `chunks` (bytes-like), or call `write_file(temp_path)`, into a temp file next to `path`, fsync it,
+    keep the old file as `<path>.prev` if asked, and rename the temp file over `path`: a crash at any moment
+    leaves the old file or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    payload = buffer.getbuffer()
-    header = _HEADER.pack(MAGIC, FORMAT_VERSION, len(payload), hashlib.sha256(payload).digest())
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(header)
-            f.write(payload)
+        with os.fdopen(fd, "r+b") as f:
+            if write_file is not None:
+                write_file(tmp)
+            for chunk in chunks:
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         if keep_previous and path.exists():
@@ -98,6 +100,27 @@ def save_checkpoint(obj: Any, path: str | os.PathLike, keep_previous: bool = Tru
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def save_checkpoint(obj: Any, path: str | os.PathLike, keep_previous: bool = True) -> Path:
+    """Atomically write `obj` (anything `torch.save` takes) to `path`; the replaced file becomes `<path>.prev`.
+
+    Returns the path written. Tensors should be on CPU or will be saved with their device as torch.save does.
+    """
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    payload = buffer.getbuffer()
+    header = _HEADER.pack(MAGIC, FORMAT_VERSION, len(payload), hashlib.sha256(payload).digest())
+    return _atomic_write(Path(path), [header, payload], keep_previous)
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str | os.PathLike) -> Path:
+    """A safetensors file written atomically (as `save_checkpoint`, without `.prev`): a crash mid-write leaves
+    the old file, never half a model."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    return _atomic_write(Path(path), [], False, write_file=lambda tmp: save_file(state, tmp, metadata=metadata))
 
 
 def _read_verified(path: Path) -> bytes:
@@ -294,7 +317,7 @@ def check_training_state(state: Any, path: str | os.PathLike) -> None:
     for key, value in state["model"].items():
         if not isinstance(value, torch.Tensor):
             raise CheckpointError(f"{path}: model entry {key!r} is a {type(value).__name__}, not a tensor")
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        if not all_finite(value):
             raise CheckpointError(f"{path}: model weight {key!r} has NaN or inf values: the run diverged before "
                                   "this checkpoint; resume from an earlier one")
 

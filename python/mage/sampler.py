@@ -23,6 +23,7 @@ import torch
 
 import mage_kernels
 
+from ._checks import check_generation, check_int, check_model
 from .model import MAGE
 
 
@@ -47,11 +48,6 @@ def remask_counts(ids: torch.Tensor, num_initial: torch.Tensor, step: int, steps
     unknown = (ids == mask_id).sum(1)
     want = torch.floor(num_initial.double() * mage_kernels.cosine_mask_ratio(step, steps)).long()
     return torch.minimum(torch.minimum(want, unknown - 1).clamp_min(1), unknown)
-
-
-def _check_model(model: MAGE) -> None:
-    if not isinstance(model, MAGE):
-        raise TypeError(f"expected a mage.MAGE model, got {type(model).__name__}")
 
 
 def sample_step(
@@ -107,11 +103,10 @@ def decode_tokens(
     Returns the final ids [B, L], all codebook indices. `on_step(t, ids)` sees the ids after step t
     (still-masked tokens hold config.mask_id). Call under no_grad / autocast as wanted; no host sync.
     """
-    _check_model(model)
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if choice_temperature < 0:
-        raise ValueError(f"choice_temperature must be >= 0, got {choice_temperature}")
+    check_model("decode_tokens", model, MAGE)
+    check_generation("decode_tokens", steps=steps, choice_temperature=choice_temperature, generator=generator,
+                     dtype=None, device=model.device)
+    model._check_inputs(ids, None)
     num_initial = (ids == model.config.mask_id).sum(1)
     sampled = ids
     for t in range(steps):
@@ -177,10 +172,12 @@ def generate(
         cuda_graph: capture one batch (all steps and the VQGAN decode) as a CUDA graph, replayed per batch.
         fused_head: sample from the head's hidden states (`remask_step_from_hidden`), never writing logits.
     """
-    _check_model(model)
-    if num_images < 0 or batch_size < 1:
-        raise ValueError(f"need num_images >= 0 and batch_size >= 1, got {num_images} and {batch_size}")
+    check_model("generate", model, MAGE)
     device = model.device
+    num_images = check_int("generate", "num_images", num_images, 0)
+    batch_size = check_int("generate", "batch_size", batch_size, 1)
+    check_generation("generate", steps=steps, choice_temperature=choice_temperature, generator=generator,
+                     dtype=dtype, device=device)
     if cuda_graph and device.type != "cuda":
         raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {device}")
     if cuda_graph and generator is not None and generator.device.type != "cuda":

@@ -1,35 +1,34 @@
-"""Save and load a standalone VQGAN tokenizer: one safetensors file with its config as metadata."""
+"""Save and load a standalone VQGAN tokenizer: one safetensors file with its config as metadata, read with
+the same checks as a MAGE model file (mage/checkpoint.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
 import torch
 
+from .checkpoint import load_checked, read_our_file
+from .checkpoint_io import TOKENIZER_FORMAT, save_safetensors
 from .tokenizer import TokenizerConfig, VQGANTokenizer
 
-FORMAT = "mage-kernels/tokenizer-v1"
+FORMAT = TOKENIZER_FORMAT
 
 
 def save_tokenizer(tokenizer: VQGANTokenizer, path: str | os.PathLike) -> None:
-    from safetensors.torch import save_file
-
-    config = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(tokenizer.config).items()}
-    state = {k: v.detach().contiguous() for k, v in tokenizer.state_dict().items()}
-    save_file(state, os.fspath(path), metadata={"format": FORMAT, "config": json.dumps(config)})
+    """Weights and config in one safetensors file, written atomically."""
+    config = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(tokenizer.config).items()}
+    save_safetensors(tokenizer.state_dict(), {"format": TOKENIZER_FORMAT, "config": json.dumps(config)}, path)
 
 
-def load_tokenizer(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> VQGANTokenizer:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
+def load_tokenizer(path: str | os.PathLike, *, device: str | torch.device = "cpu",
+                   check_finite: bool = True) -> VQGANTokenizer:
+    """Read a file written by `save_tokenizer`: the config is validated against the file before anything is
+    built; float tensors take float32; NaN/inf weights are refused unless check_finite=False."""
     path = os.fspath(path)
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata() or {}
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a mage-kernels tokenizer file (metadata format {meta.get('format')!r}, "
-                         f"expected {FORMAT!r}); official VQGAN weights load with mage.load_official_tokenizer")
-    tokenizer = VQGANTokenizer(TokenizerConfig(**json.loads(meta["config"])))
-    tokenizer.load_state_dict(load_file(path, device=str(device)))
-    return tokenizer.to(device)
+    config, tensors = read_our_file(path, TOKENIZER_FORMAT, TokenizerConfig, device)
+    with torch.device("meta"):
+        tokenizer = VQGANTokenizer(config)
+    load_checked(tokenizer, tensors, what=path, check_finite=check_finite)
+    return tokenizer

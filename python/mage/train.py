@@ -284,9 +284,8 @@ def input_shape(model: nn.Module) -> tuple[int, int]:
 
 def make_dataset(cfg: TrainConfig, channels: int, size: int, split: str = "train") -> torch.utils.data.Dataset:
     if cfg.token_cache:
-        blob = load_checkpoint(cfg.token_cache)
-        return data_lib.TokenCacheDataset(blob["ids"], blob["labels"], seed=cfg.seed,
-                                          views=2 if cfg.objective == "mage-c" else 1)
+        ids, labels = data_lib.load_token_cache(cfg.token_cache)
+        return data_lib.TokenCacheDataset(ids, labels, seed=cfg.seed, views=2 if cfg.objective == "mage-c" else 1)
     if cfg.objective == "mage-c":
         views = T.TwoViews(T.contrastive_transform(size))
     else:
@@ -452,6 +451,9 @@ def train(cfg: TrainConfig) -> dict:
         usage.copy_(resumed["extra"].get("codebook_usage", usage))
     trained = nn.parallel.DistributedDataParallel(module) if d.world > 1 else module
     batches = Batches(make_dataset(cfg, *input_shape(model)), cfg, d)
+    if cfg.token_cache:
+        data_lib.check_token_cache(cfg.token_cache, batches.dataset.ids, model.config.num_tokens,
+                                   model.config.codebook_size)
     log_path = out / "metrics.jsonl"
     logger = JsonlLogger(log_path, resume_step=start if start else None) if d.main else None
     bar = None
