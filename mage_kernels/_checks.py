@@ -287,3 +287,18 @@ def check_pad_with_cls_args(
             raise ValueError(f"{op}: {name} must be {list(shape)} (L = {L}, C = {C}), got shape {_shape(t)}")
         if t.device != y.device:
             raise ValueError(f"{op}: {name} must be on {y.device}, got {t.device}")
+
+
+def check_pad_with_cls_backward_args(op: str, grad_z: torch.Tensor, keep_idx: torch.Tensor, masked: torch.Tensor) -> None:
+    check_float(op, "grad_z", grad_z)
+    if grad_z.dim() != 3:
+        raise ValueError(f"{op}: grad_z must be [B, 1+L, C], got shape {_shape(grad_z)}")
+    B = grad_z.shape[0]
+    if masked.dtype != torch.bool:
+        raise TypeError(f"{op}: masked must be bool, got {masked.dtype}")
+    if masked.dim() != 2 or masked.shape[0] != B or grad_z.shape[1] != 1 + masked.shape[1]:
+        raise ValueError(f"{op}: masked must be [B, L] with grad_z [B, 1+L, C] = {_shape(grad_z)}, "
+                         f"got shape {_shape(masked)}")
+    if masked.device != grad_z.device:
+        raise ValueError(f"{op}: masked must be on {grad_z.device}, got {masked.device}")
+    check_keep_idx(op, keep_idx, B, masked.shape[1], grad_z.device)

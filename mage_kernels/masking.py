@@ -23,7 +23,7 @@ import math
 import torch
 
 from . import reference
-from ._checks import check_generator, check_int, check_real, check_tensor
+from ._checks import check_generator, check_int, check_pad_with_cls_backward_args, check_real, check_tensor
 from ._registry import define, register_kernels
 
 define(
@@ -84,6 +84,7 @@ def _(y, keep_idx, masked, pos_embed=None, pad=None):
 
 @torch.library.register_fake("mage::pad_with_cls_backward")
 def _(grad_z, keep_idx, masked, mae, pos):
+    check_pad_with_cls_backward_args("pad_with_cls_backward", grad_z, keep_idx, masked)
     B, C = grad_z.shape[0], grad_z.shape[2]
     acc = torch.float64 if grad_z.dtype == torch.float64 else torch.float32
     return (

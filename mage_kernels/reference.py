@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from ._checks import (
     check_gather_keep_args,
     check_mask_plan_args,
+    check_pad_with_cls_backward_args,
     check_pad_with_cls_args,
     check_remask_args,
     check_remask_hidden,
@@ -80,12 +81,13 @@ def vq_exact_argmin(z: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
     K = e.shape[0]
     indices = torch.full((N,), -1, dtype=torch.long, device=z.device)
     valid = torch.isfinite(e).all(1)
-    if valid.any():
-        # First occurrence of every distinct code; -0.0 equals 0.0, as it does in every distance.
-        _, inverse = torch.unique(torch.where(valid[:, None], e, 0.0) + 0.0, dim=0, return_inverse=True)
+    finite = valid.nonzero().flatten()
+    if finite.numel():
+        # First occurrence of every distinct finite code; -0.0 equals 0.0, as it does in every distance.
+        _, inverse = torch.unique(e[finite] + 0.0, dim=0, return_inverse=True)
         first = torch.full((int(inverse.max()) + 1,), K, dtype=torch.long, device=e.device)
-        first.scatter_reduce_(0, inverse, torch.arange(K, device=e.device), "amin")
-        valid &= first[inverse] == torch.arange(K, device=e.device)
+        first.scatter_reduce_(0, inverse, finite, "amin")
+        valid[finite[first[inverse] != finite]] = False
     row_ok = torch.isfinite(z).all(1)
     if N == 0 or not valid.any() or not row_ok.any():
         return indices
@@ -497,6 +499,7 @@ def pad_with_cls_backward(
     (B, C) in the accumulation dtype when `mae`; otherwise (0, C) and that sum goes into grad_y[:, 0].
     grad_pos: grad_z summed over the batch, (1+L, C) in grad_z's dtype when `pos`, else (0, C).
     """
+    check_pad_with_cls_backward_args("pad_with_cls_backward", grad_z, keep_idx, masked)
     L, C = masked.shape[1], grad_z.shape[2]
     acc = torch.float64 if grad_z.dtype == torch.float64 else torch.float32
     own = (keep_idx >= 0) & ~masked.gather(1, keep_idx.clamp_min(0))

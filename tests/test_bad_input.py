@@ -21,7 +21,7 @@ def raises_naming(err, arg: str, call) -> str:
     with pytest.raises(err) as info:
         call()
     message = str(info.value)
-    assert re.search(rf"(?<![\w.]){re.escape(arg)}(?!\w)", message), f"{arg!r} not named in: {message}"
+    assert re.search(rf"(?<!\w){re.escape(arg)}(?!\w)", message), f"{arg!r} not named in: {message}"
     return message
 
 
@@ -189,3 +189,222 @@ def test_every_public_op_function_has_bad_input_cases():
     functions = {n for n in mk.__all__ if callable(getattr(mk, n)) and n not in ("build_info",)}
     covered = {c[0] for c in OP_CASES}
     assert functions <= covered, f"no bad-input case for {sorted(functions - covered)}"
+
+
+# ------------------------------------------------------------------------------------- model layer
+
+import mage  # noqa: E402
+from mage.tokenizer import TokenizerConfig  # noqa: E402
+
+TOK = TokenizerConfig.tiny(resolution=16, n_embed=32)
+SMALL = dict(tokenizer=TOK, depth=1, decoder_depth=1, embed_dim=32, num_heads=2, decoder_embed_dim=32,
+             decoder_num_heads=2)
+MODEL = mage.mage_vit_tiny(**SMALL).eval()
+IMAGES = torch.rand(2, 3, 16, 16)
+HOLE = torch.zeros(2, 16, 16, dtype=torch.bool)
+MASK_ID = MODEL.config.mask_id
+ALL_MASKED = torch.full((1, 16), MASK_ID)
+
+
+def meta_model():
+    with torch.device("meta"):
+        return mage.mage_vit_tiny(**SMALL)
+
+
+# (function name, call, error type, argument the message must name)
+MODEL_CASES = [
+    ("generate", lambda: mage.generate(MODEL, 2.5, steps=2), TypeError, "num_images"),
+    ("generate", lambda: mage.generate(MODEL, -1, steps=2), ValueError, "num_images"),
+    ("generate", lambda: mage.generate(MODEL, 2, steps=2, generator=0), TypeError, "generator"),
+    ("generate", lambda: mage.generate(MODEL, 2, steps=0), ValueError, "steps"),
+    ("generate", lambda: mage.generate(MODEL, 2, steps=2, batch_size=0), ValueError, "batch_size"),
+    ("generate", lambda: mage.generate(MODEL, 2, steps=2, choice_temperature=NAN), ValueError, "choice_temperature"),
+    ("generate", lambda: mage.generate(MODEL, 2, steps=2, dtype=torch.int8), ValueError, "dtype"),
+    ("generate", lambda: mage.generate(meta_model(), 2, steps=2), ValueError, "model"),
+    ("generate", lambda: mage.generate(torch.nn.Linear(2, 2), 1), TypeError, "model"),
+    ("decode_tokens", lambda: mage.decode_tokens(MODEL, ALL_MASKED[:, :5]), ValueError, "ids"),
+    ("decode_tokens", lambda: mage.decode_tokens(MODEL, ALL_MASKED.float()), TypeError, "ids"),
+    ("decode_tokens", lambda: mage.decode_tokens(MODEL, ALL_MASKED, steps=1.5), TypeError, "steps"),
+    ("sample_step", lambda: mage.sample_step(MODEL, ALL_MASKED, torch.tensor([16]), 5, 4), ValueError, "step"),
+    ("mask_schedule", lambda: mage.mask_schedule(256, 0), ValueError, "steps"),
+    ("mask_schedule", lambda: mage.mask_schedule(25.6, 4), TypeError, "num_tokens"),
+    ("inpaint", lambda: mage.inpaint(MODEL, IMAGES, [[0]]), TypeError, "pixel_mask"),
+    ("inpaint", lambda: mage.inpaint(MODEL, IMAGES, HOLE[:1]), ValueError, "pixel_mask"),
+    ("inpaint", lambda: mage.inpaint(MODEL, IMAGES * 255, HOLE), ValueError, "images"),
+    ("inpaint", lambda: mage.inpaint(MODEL, IMAGES * NAN, HOLE), ValueError, "images"),
+    ("inpaint", lambda: mage.inpaint(MODEL, IMAGES.to("meta"), HOLE), ValueError, "images"),
+    ("inpaint", lambda: mage.inpaint(MODEL, IMAGES, HOLE, ring=-1), ValueError, "ring"),
+    ("inpaint", lambda: mage.inpaint(MODEL, IMAGES, HOLE, steps=0), ValueError, "steps"),
+    ("inpaint", lambda: mage.inpaint(MODEL, IMAGES, HOLE, generator="seed"), TypeError, "generator"),
+    ("token_mask_from_pixels", lambda: mage.token_mask_from_pixels(HOLE, 0), ValueError, "grid"),
+    ("token_mask_from_pixels", lambda: mage.token_mask_from_pixels(HOLE.tolist(), 4), TypeError, "pixel_mask"),
+    ("token_mask_from_pixels", lambda: mage.token_mask_from_pixels(HOLE, 5), ValueError, "pixel_mask"),
+    ("MAGE", lambda: MODEL(ALL_MASKED.tolist()), TypeError, "ids"),
+    ("MAGE", lambda: MODEL(torch.full((1, 16), 99)), ValueError, "ids"),
+    ("MAGE", lambda: MODEL(ALL_MASKED, mask=torch.zeros(1, 16)), TypeError, "mask"),
+    ("VQGANTokenizer", lambda: MODEL.vqgan.encode(IMAGES[:, :1]), ValueError, "images"),
+    ("VQGANTokenizer", lambda: MODEL.vqgan.encode(IMAGES.to(torch.uint8)), TypeError, "images"),
+    ("VQGANTokenizer", lambda: MODEL.vqgan.decode(torch.zeros(1, 16)), TypeError, "ids"),
+    ("VQGANTokenizer", lambda: MODEL.vqgan.decode(torch.full((1, 16), 32)), ValueError, "ids"),
+    ("MAGEConfig", lambda: mage.MAGEConfig(depth=0), ValueError, "depth"),
+    ("MAGEConfig", lambda: mage.MAGEConfig(embed_dim="32"), TypeError, "embed_dim"),
+    ("MAGEConfig", lambda: mage.MAGEConfig(dropout=1.5), ValueError, "dropout"),
+    ("MAGEConfig", lambda: mage.MAGEConfig(vocab="big"), ValueError, "vocab"),
+    ("MAGEConfig", lambda: mage.MAGEConfig(tokenizer=3), TypeError, "tokenizer"),
+    ("TokenizerConfig", lambda: TokenizerConfig(ch_mult=(1, 2.5)), TypeError, "ch_mult"),
+    ("TokenizerConfig", lambda: TokenizerConfig(n_embed=0), ValueError, "n_embed"),
+    ("TokenizerConfig", lambda: TokenizerConfig(resolution=100), ValueError, "resolution"),
+    ("MAEConfig", lambda: mage.MAEConfig(patch_size=0), ValueError, "patch_size"),
+    ("MAE", lambda: mage.MAE(mage.MAEConfig(image_size=30)), ValueError, "image_size"),
+    ("TrainConfig", lambda: mage.TrainConfig(batch_size=0), ValueError, "batch_size"),
+    ("TrainConfig", lambda: mage.TrainConfig(lr=NAN), ValueError, "lr"),
+    ("TrainConfig", lambda: mage.TrainConfig(betas=(0.9, 1.5)), ValueError, "betas"),
+    ("TrainConfig", lambda: mage.TrainConfig(objective="bert"), ValueError, "objective"),
+    ("TrainConfig", lambda: mage.TrainConfig(data=3), TypeError, "data"),
+    ("ProbeConfig", lambda: mage.ProbeConfig(epochs=0), ValueError, "epochs"),
+    ("ProbeConfig", lambda: mage.ProbeConfig(base_lr=-1.0), ValueError, "base_lr"),
+    ("mage_vit_tiny", lambda: mage.mage_vit_tiny(embed_dim=100), ValueError, "embed_dim"),
+    ("mage_vit_small", lambda: mage.mage_vit_small(depth=-1), ValueError, "depth"),
+    ("mage_vit_base_patch16", lambda: mage.mage_vit_base_patch16(mlp_ratio=0.0), ValueError, "mlp_ratio"),
+    ("mage_vit_large_patch16", lambda: mage.mage_vit_large_patch16(num_heads=7), ValueError, "num_heads"),
+    ("mage_vit_huge_patch16", lambda: mage.mage_vit_huge_patch16(norm_eps=0.0), ValueError, "norm_eps"),
+    ("load", lambda: mage.load("/nonexistent/model.safetensors"), FileNotFoundError, "/nonexistent/model.safetensors"),
+    ("load", lambda: mage.load(__file__), mage.CheckpointError, "test_bad_input.py"),
+    ("load_any", lambda: mage.load_any(__file__), mage.CheckpointError, "test_bad_input.py"),
+    ("load_tokenizer", lambda: mage.load_tokenizer(__file__), mage.CheckpointError, "test_bad_input.py"),
+    ("load_official", lambda: mage.load_official({"model": {"x": torch.zeros(1)}}), mage.CheckpointError,
+     "token_emb.word_embeddings.weight"),
+    ("load_official_tokenizer", lambda: mage.load_official_tokenizer({"x": torch.zeros(1)}), mage.CheckpointError,
+     "encoder.conv_in.weight"),
+    ("infer_config", lambda: mage.infer_config({"token_emb.word_embeddings.weight": torch.zeros(3)}),
+     mage.CheckpointError, "word_embeddings"),
+    ("save", lambda: mage.save(MODEL, "/"), IsADirectoryError, "/"),
+    ("save_tokenizer", lambda: mage.save_tokenizer(MODEL.vqgan, "/"), IsADirectoryError, "/"),
+    ("build_token_cache", lambda: mage.build_token_cache(MODEL.vqgan, None, "/tmp/x.ckpt", crops=0), ValueError,
+     "crops"),
+    ("psnr", lambda: mage.psnr(IMAGES.tolist(), IMAGES), TypeError, "x"),
+    ("psnr", lambda: mage.psnr(IMAGES, IMAGES, data_range=0.0), ValueError, "data_range"),
+    ("ssim", lambda: mage.ssim(IMAGES, IMAGES, window_size=0), ValueError, "window_size"),
+    ("fid", lambda: mage.fid(IMAGES.tolist(), IMAGES), TypeError, "images1"),
+    ("fid", lambda: mage.fid(IMAGES * 2 - 1, IMAGES), ValueError, "images"),
+    ("frechet_distance", lambda: mage.frechet_distance(torch.zeros(3), torch.eye(3), torch.zeros(4), torch.eye(4)),
+     ValueError, "mu2"),
+    ("classifier_score", lambda: mage.classifier_score(torch.randn(10, 5)), ValueError, "probs"),
+    ("classifier_score", lambda: mage.classifier_score(torch.ones(10, 1), splits=0), ValueError, "splits"),
+    ("codebook_usage", lambda: mage.codebook_usage(torch.rand(5)), ValueError, "counts"),
+    ("linear_probe", lambda: mage.linear_probe(torch.randn(8, 4), torch.rand(8), torch.randn(4, 4),
+                                               torch.zeros(4, dtype=torch.long)), ValueError, "train_labels"),
+    ("linear_probe", lambda: mage.linear_probe(torch.full((8, 4), NAN), torch.zeros(8, dtype=torch.long),
+                                               torch.randn(4, 4), torch.zeros(4, dtype=torch.long)), ValueError,
+     "train_features"),
+    ("extract_features", lambda: mage.extract_features(lambda x: x, (torch.zeros(2, 3), torch.zeros(2)),
+                                                       batch_size=0), ValueError, "batch_size"),
+    ("load_digits", lambda: mage.load_digits(torch.int64), TypeError, "dtype"),
+    ("load_fashion_mnist", lambda: mage.load_fashion_mnist("val"), ValueError, "split"),
+    ("ImageFolder", lambda: mage.ImageFolder("/nonexistent"), FileNotFoundError, "/nonexistent"),
+    ("TensorImageDataset", lambda: mage.TensorImageDataset(torch.zeros(2, 8, 8), torch.zeros(2)), ValueError,
+     "images"),
+    ("TokenCacheDataset", lambda: mage.TokenCacheDataset(torch.zeros(2, 1, 4), torch.zeros(2)), TypeError, "ids"),
+]
+# Names of mage.__all__ that take no user input worth a row (results, errors, the demo as a whole).
+NOT_INPUT = {"CheckpointError", "LoadReport", "ProbeResult", "DemoConfig", "run_demo"}
+
+
+@pytest.mark.parametrize("name,call,err,arg", MODEL_CASES,
+                         ids=[f"{c[0]}-{c[3]}-{i}" for i, c in enumerate(MODEL_CASES)])
+def test_model_layer_bad_input(name, call, err, arg):
+    raises_naming(err, arg, call)
+
+
+def test_every_public_model_function_has_bad_input_cases():
+    public = {n for n in mage.__all__ if callable(getattr(mage, n))} - NOT_INPUT
+    covered = {c[0] for c in MODEL_CASES}
+    assert public <= covered, f"no bad-input case for {sorted(public - covered)}"
+
+
+def test_sensible_behaviour_instead_of_errors():
+    # Empty batches give empty results; fp64 / fp16 / bf16 images are converted to the model's dtype.
+    assert MODEL.vqgan.decode(torch.zeros(0, 16, dtype=torch.long)).shape == (0, 3, 16, 16)
+    assert mage.inpaint(MODEL, IMAGES[:0], HOLE[:0], steps=2).shape == (0, 3, 16, 16)
+    assert mage.generate(MODEL, 0, steps=2).shape == (0, 3, 16, 16)
+    ids = MODEL.vqgan.encode(IMAGES)
+    for dtype in (torch.float64, torch.float16, torch.bfloat16):
+        assert MODEL.vqgan.encode(IMAGES.to(dtype)).shape == ids.shape
+    assert mage.inpaint(MODEL, IMAGES.double(), HOLE, steps=2).dtype == torch.float32
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture(scope="module")
+def cli_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    MODEL.save(root / "model.safetensors")
+    from PIL import Image
+
+    Image.new("RGB", (20, 20)).save(root / "image.png")
+    Image.new("L", (20, 20)).save(root / "mask.png")
+    (root / "notes.txt").write_text("not an image")
+    (root / "bad.json").write_text("{steps: 3")
+    (root / "list.json").write_text("[1, 2]")
+    (root / "unknown.json").write_text('{"stepz": 3}')
+    return root
+
+
+# (command line with {root} for the fixture folder, exit status, what stderr must name)
+CLI_CASES = [
+    ("sample --checkpoint {root}/missing.safetensors", 1, "missing.safetensors"),
+    ("sample --checkpoint {root}/notes.txt", 1, "notes.txt"),
+    ("sample --checkpoint {root}/model.safetensors --num -1", 1, "num_images"),
+    ("sample --checkpoint {root}/model.safetensors --num 2.5", 2, "--num"),
+    ("sample --checkpoint {root}/model.safetensors --steps 0", 1, "steps"),
+    ("sample --checkpoint {root}/model.safetensors --temperature nan", 1, "choice_temperature"),
+    ("sample --checkpoint {root}/model.safetensors --batch-size 0", 1, "batch_size"),
+    ("sample --checkpoint {root}/model.safetensors --dtype fp8", 2, "--dtype"),
+    ("sample --checkpoint {root}/model.safetensors --cuda-graph --device cpu", 1, "cuda_graph"),
+    ("sample --checkpoint {root}/model.safetensors --device cpu --num 1 --steps 1 --out {root}", 1, "directory"),
+    ("inpaint --checkpoint {root}/model.safetensors --image {root}/missing.png --mask {root}/mask.png --out x.png",
+     1, "--image"),
+    ("inpaint --checkpoint {root}/model.safetensors --image {root}/notes.txt --mask {root}/mask.png --out x.png",
+     1, "--image"),
+    ("inpaint --checkpoint {root}/model.safetensors --image {root}/image.png --mask {root}/notes.txt --out x.png",
+     1, "--mask"),
+    ("inpaint --checkpoint {root}/model.safetensors --image {root}/image.png --mask {root}/mask.png --out x.png "
+     "--ring -1 --device cpu", 1, "ring"),
+    ("inpaint --checkpoint {root}/model.safetensors --image {root}/image.png --mask {root}/mask.png", 2, "--out"),
+    ("train --batch-size 0 --out-dir {root}/run", 1, "batch_size"),
+    ("train --steps -5 --out-dir {root}/run", 1, "steps"),
+    ("train --lr nan --out-dir {root}/run", 1, "lr"),
+    ("train --model-overrides '{{\"depth\": 0}}' --data digits --out-dir {root}/run", 1, "depth"),
+    ("train --model-overrides '{{depth: 0}}' --out-dir {root}/run", 2, "--model-overrides"),
+    ("train --config {root}/missing.json", 1, "missing.json"),
+    ("train --config {root}/bad.json", 1, "bad.json"),
+    ("train --config {root}/list.json", 1, "list.json"),
+    ("train --config {root}/unknown.json", 1, "stepz"),
+    ("train --objective bert", 2, "--objective"),
+    ("train --data /nonexistent/images --objective tokenizer --out-dir {root}/run", 1, "/nonexistent/images"),
+    ("train --tokenizer-checkpoint {root}/notes.txt --data digits --out-dir {root}/run", 1, "notes.txt"),
+    ("demo --threads zero", 2, "--threads"),
+]
+
+
+@pytest.mark.parametrize("line,status,word", CLI_CASES, ids=[f"{c[0].split()[0]}-{i}" for i, c in enumerate(CLI_CASES)])
+def test_cli_bad_input(cli_files, capsys, line, status, word, monkeypatch, tmp_path):
+    import shlex
+
+    from mage import cli
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        cli.main(shlex.split(line.format(root=cli_files)))
+    err = capsys.readouterr().err
+    assert info.value.code == status, err
+    assert word in err, err
+    assert "Traceback" not in err
+
+
+def test_every_cli_command_has_bad_input_cases():
+    from mage import cli
+
+    commands = set(cli.build_parser()._subparsers._group_actions[0].choices)
+    assert commands <= {c[0].split()[0] for c in CLI_CASES}

@@ -17,37 +17,57 @@ from mage_kernels._checks import check_generator, check_int, check_real, check_t
 __all__ = ["all_finite", "check_config", "check_generation", "check_ids", "check_images", "check_model", "check_pixel_mask",
            "check_generator", "check_int", "check_real", "check_tensor", "to_model_dtype"]
 
-# Bounds of config fields by name: (low, high, low excluded). Every int field not listed must be >= 1.
-_BOUNDS = {
-    "dropout": (0.0, 1.0, False),
-    "mlp_ratio": (0.0, math.inf, True),
-    "norm_eps": (0.0, 1.0, True),
+INF = math.inf
+# Bounds of config fields: (low, high, low excluded). Model configs: every int not listed is >= 1. Run configs
+# (TrainConfig, ProbeConfig): every int not listed is >= 0.
+_MODEL_BOUNDS = {
+    "dropout": (0.0, 1.0, False), "mlp_ratio": (0.0, INF, True), "norm_eps": (0.0, 1.0, True),
     "head_norm_eps": (0.0, 1.0, True),
 }
+_RUN_BOUNDS = {
+    "steps": (1, None, False), "batch_size": (1, None, False), "log_every": (1, None, False),
+    "ckpt_every": (1, None, False), "image_size": (1, None, False), "projector_hidden": (1, None, False),
+    "projector_dim": (1, None, False), "epochs": (1, None, False),
+    "blr": (0.0, INF, True), "lr": (0.0, INF, True), "base_lr": (0.0, INF, True), "min_lr": (0.0, INF, False),
+    "weight_decay": (0.0, INF, False), "clip_grad": (0.0, INF, False), "momentum": (0.0, 1.0, False),
+    "mask_ratio_min": (0.0, 1.0, False), "mask_ratio_max": (0.0, 1.0, False), "mask_ratio_mu": (-INF, INF, False),
+    "mask_ratio_std": (0.0, INF, True), "label_smoothing": (0.0, 1.0, False), "mae_mask_ratio": (0.0, 1.0, True),
+    "contrastive_weight": (0.0, INF, False), "contrastive_temperature": (0.0, INF, True),
+    "betas": (0.0, 1.0, False),
+}
+_RUN_CONFIGS = ("TrainConfig", "ProbeConfig")
 
 
 def check_config(config) -> None:
-    """Types and ranges of every field of a config dataclass (MAGEConfig, TokenizerConfig, MAEConfig), from
-    its annotations: int fields are ints >= 1 (not 3.0, not "32"), float fields finite numbers, bool fields
-    bools, `tuple[int, ...]` fields non-empty sequences of ints >= 1. Nested configs check themselves."""
+    """Types and ranges of every field of a config dataclass (MAGEConfig, TokenizerConfig, MAEConfig,
+    TrainConfig, ProbeConfig), from its annotations: ints are ints (not 3.0, not "32") within bounds, floats
+    finite numbers within bounds, bools bools, strs strs, dicts dicts, tuples sequences of such numbers;
+    `X | None` also takes None. Nested configs check themselves."""
     what = type(config).__name__
+    run = what in _RUN_CONFIGS
+    bounds = _RUN_BOUNDS if run else _MODEL_BOUNDS
     for f in dataclasses.fields(config):
-        value, kind = getattr(config, f.name), str(f.type)
-        name = f.name
+        value, kind = getattr(config, f.name), str(f.type).replace(" ", "")
+        if kind.endswith("|None"):
+            if value is None:
+                continue
+            kind = kind[: -len("|None")]
+        lo, hi, lo_open = bounds.get(f.name, (0 if run else 1, None, False))
         if kind == "int":
-            check_int(what, name, value, 1)
+            check_int(what, f.name, value, lo, hi)
         elif kind == "float":
-            lo, hi, lo_open = _BOUNDS.get(f.name, (-math.inf, math.inf, False))
-            check_real(what, name, value, lo, hi, lo_open=lo_open)
-        elif kind == "bool" and not isinstance(value, bool):
-            raise TypeError(f"{what}: {name} must be True or False, got {type(value).__name__} {value!r}")
-        elif kind == "str" and not isinstance(value, str):
-            raise TypeError(f"{what}: {name} must be a str, got {type(value).__name__} {value!r}")
-        elif kind.startswith("tuple[int"):
+            lo, hi = (-INF if lo is None else lo), (INF if hi is None else hi)
+            check_real(what, f.name, value, lo, hi, lo_open=lo_open)
+        elif kind in ("bool", "str", "dict") and not isinstance(value, {"bool": bool, "str": str, "dict": dict}[kind]):
+            raise TypeError(f"{what}: {f.name} must be a {kind}, got {type(value).__name__} {value!r}")
+        elif kind.startswith("tuple"):
             if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) == 0:
-                raise TypeError(f"{what}: {name} must be a non-empty sequence of ints, got {value!r}")
+                raise TypeError(f"{what}: {f.name} must be a non-empty sequence, got {value!r}")
             for v in value:
-                check_int(what, name, v, 1)
+                if kind.startswith("tuple[int"):
+                    check_int(what, f.name, v, lo, hi)
+                else:
+                    check_real(what, f.name, v, -INF if lo is None else lo, INF if hi is None else hi)
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -81,16 +101,23 @@ def check_images(images, cfg, name: str = "images", check_range: bool = True,
         raise ValueError(f"{name} must be [B, {cfg.in_channels}, {r}, {r}], got shape {tuple(images.shape)}")
     if device is not None and images.device != device:
         raise ValueError(f"{name} must be on the model's device {device}, got {images.device}")
-    if check_range and images.numel() > 0 and _values_readable(images):
-        outside = ~((images >= 0.0) & (images <= 1.0))  # NaN is outside too
-        if bool(outside.any()):
-            nan = int(torch.isnan(images).sum())
-            finite = images[torch.isfinite(images)]
-            span = f"min {float(finite.min()):.4g}, max {float(finite.max()):.4g}" if finite.numel() else "no finite value"
-            raise ValueError(
-                f"{name} must hold values in [0, 1] (no mean/std normalisation, docs/REFERENCE.md 3.2), got "
-                f"{span}" + (f" and {nan} NaN value(s)" if nan else "")
-            )
+    if check_range:
+        check_unit_range(name, images)
+
+
+def check_unit_range(name: str, images: torch.Tensor) -> None:
+    """Float images hold values in [0, 1], no NaN (read on real tensors only: a host sync on GPU)."""
+    if images.numel() == 0 or not images.is_floating_point() or not _values_readable(images):
+        return
+    outside = ~((images >= 0.0) & (images <= 1.0))  # NaN is outside too
+    if bool(outside.any()):
+        nan = int(torch.isnan(images).sum())
+        finite = images[torch.isfinite(images)]
+        span = f"min {float(finite.min()):.4g}, max {float(finite.max()):.4g}" if finite.numel() else "no finite value"
+        raise ValueError(
+            f"{name} must hold values in [0, 1] (no mean/std normalisation, docs/REFERENCE.md 3.2), got "
+            f"{span}" + (f" and {nan} NaN value(s)" if nan else "")
+        )
 
 
 def check_ids(config, ids, mask=None, name: str = "ids") -> None:

@@ -209,8 +209,10 @@ def infer_config(sd: dict) -> MAGEConfig:
         Dd = sd["decoder_embed.weight"].shape[0]
     except KeyError as err:
         raise CheckpointError(f"not a MAGE state dict: key {err} is missing") from None
-    except (ValueError, IndexError) as err:
-        raise CheckpointError(f"not a MAGE state dict: an embedding has an unexpected shape ({err})") from None
+    except (ValueError, IndexError):
+        shapes = {k: list(sd[k].shape) for k in ("token_emb.word_embeddings.weight", "token_emb.position_embeddings."
+                                                  "weight", "decoder_embed.weight") if k in sd}
+        raise CheckpointError(f"not a MAGE state dict: its embeddings must be 2-D, got {shapes}") from None
     if D not in _ENCODER_HEADS or Dd not in _DECODER_HEADS:
         raise CheckpointError(f"unknown model width (encoder {D}, decoder {Dd}): attention heads cannot be read from "
                               "weights; in Python pass config=MAGEConfig(...), or keep models in mage's own format "
@@ -284,6 +286,8 @@ def read_our_file(path: str, fmt: str, config_cls: type, device) -> tuple:
     from safetensors.torch import load_file
 
     kind = file_kind(path)
+    if kind == "missing":
+        raise FileNotFoundError(f"{path}: no such file")
     if kind not in ("model", "tokenizer"):
         raise CheckpointError(f"{path}: not a mage-kernels safetensors file ({_KIND_TEXT.get(kind, kind)}); "
                               "official .pth files are read by mage.load_official")
@@ -398,6 +402,8 @@ def load_any(path: str | os.PathLike, *, map_location="cpu", trusted: bool = Fal
     `mage train` checkpoint (mage / mage-c), or a released .pth (`load_official`, weights-only unless
     `trusted`). Anything else raises CheckpointError saying what the file is."""
     kind = file_kind(path)
+    if kind == "missing":
+        raise FileNotFoundError(f"{os.fspath(path)}: no such file")
     if kind == "model":
         return load(path, device=map_location)
     if kind == "mage-training-state":

@@ -81,6 +81,8 @@ def _atomic_write(path: Path, chunks: list, keep_previous: bool, write_file=None
     """Write `chunks` (bytes-like), or call `write_file(temp_path)`, into a temp file next to `path`, fsync it,
     keep the old file as `<path>.prev` if asked, and rename the temp file over `path`: a crash at any moment
     leaves the old file or the new one."""
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory: give the path of a file to write")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

@@ -75,6 +75,17 @@ def _load_model(args) -> "torch.nn.Module":
     return model.to(_device(args.device)).eval()
 
 
+def _check_output(flag: str, path: str) -> None:
+    """An output image path must be writable as an image, checked before minutes of sampling, not after."""
+    from PIL import Image
+
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a directory: give an image file name, e.g. {os.path.join(path, 'out.png')}")
+    Image.init()
+    if os.path.splitext(path)[1].lower() not in Image.registered_extensions():
+        raise ValueError(f"{flag} {path}: unknown image file extension (use .png)")
+
+
 def _generator(seed: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
@@ -111,6 +122,7 @@ def add_sample(subparsers) -> None:
 def run_sample(args) -> int:
     from .sampler import generate
 
+    _check_output("--out", args.out)
     model = _load_model(args)
     images = generate(model, args.num, steps=args.steps, choice_temperature=args.temperature,
                       generator=_generator(args.seed, model.device), batch_size=args.batch_size,
@@ -144,6 +156,7 @@ def add_inpaint(subparsers) -> None:
 def run_inpaint(args) -> int:
     from .inpaint import inpaint
 
+    _check_output("--out", args.out)
     model = _load_model(args)
     size = model.config.tokenizer.resolution
     mode = {1: "L", 3: "RGB"}.get(model.config.tokenizer.in_channels)
@@ -233,7 +246,7 @@ def run_train(args) -> int:
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise SystemExit(f"mage train: {args.config} has unknown fields {unknown}")
+        raise ValueError(f"--config {args.config} has unknown fields {unknown}")
     values.update({k: v for k, v in vars(args).items() if k in names and v is not None})
     last = train(TrainConfig(**values))
     if last and int(os.environ.get("RANK", "0")) == 0:

@@ -96,6 +96,8 @@ def load_digits(dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch
     """scikit-learn's 1797 8x8 digits as images [1797, 1, 8, 8] in [0, 1] (raw values 0..16) and labels [1797]."""
     from sklearn.datasets import load_digits as _sk_load_digits
 
+    if not dtype.is_floating_point:
+        raise TypeError(f"load_digits: dtype must be a float dtype (images in [0, 1]), got {dtype}")
     bunch = _sk_load_digits()
     x = torch.from_numpy(bunch.images).to(dtype).div_(16).unsqueeze(1)
     return x, torch.from_numpy(bunch.target.astype(np.int64))

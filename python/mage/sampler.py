@@ -30,6 +30,8 @@ from .model import MAGE
 def mask_schedule(num_tokens: int, steps: int) -> list[int]:
     """Tokens still masked after each step when decoding `num_tokens` from all-[MASK] (host-side, for
     inspection): 256 tokens in 20 steps -> 255, 252, 248, ..., 40, 20, 0 (section 5)."""
+    check_int("mask_schedule", "num_tokens", num_tokens, 0)
+    check_int("mask_schedule", "steps", steps, 1)
     out, unknown = [], num_tokens
     for t in range(steps):
         want = math.floor(num_tokens * mage_kernels.cosine_mask_ratio(t, steps))

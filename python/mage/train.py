@@ -28,6 +28,7 @@ import mage_kernels
 
 from . import data as data_lib
 from . import transforms as T
+from ._checks import check_config, check_int
 from .checkpoint_io import (
     CheckpointError,
     check_training_state,
@@ -100,6 +101,7 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
+        check_config(self)
         if self.objective not in OBJECTIVES:
             raise ValueError(f"TrainConfig.objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.amp not in ("none", "bf16", "fp16"):
@@ -303,6 +305,8 @@ def make_dataset(cfg: TrainConfig, channels: int, size: int, split: str = "train
 def build_token_cache(tokenizer: VQGANTokenizer, dataset, path: str, crops: int = 1, batch_size: int = 256) -> None:
     """Tokenize `crops` augmented crops of every image once and save {ids [N, crops, L], labels} to `path`
     (the online tokenizer is ~40% of MAGE's training compute, docs/REFERENCE.md 4.12)."""
+    check_int("build_token_cache", "crops", crops, 1)
+    check_int("build_token_cache", "batch_size", batch_size, 1)
     tokenizer.eval()
     device = tokenizer.codebook.device
     ids = data_lib.build_token_cache(lambda x: tokenizer.encode(x, check_range=False), dataset, crops, batch_size,
