@@ -185,10 +185,13 @@ def fashion_mnist_dataset(
 def _load_image(path: Path) -> torch.Tensor:
     from PIL import Image
 
-    with Image.open(path) as im:
-        # Grey, palette, CMYK and RGBA all become 3-channel RGB, as the tokenizer expects.
-        rgb = im.convert("RGB")
-        array = np.asarray(rgb, dtype=np.uint8).copy()
+    try:
+        with Image.open(path) as im:
+            # Grey, palette, CMYK and RGBA all become 3-channel RGB, as the tokenizer expects.
+            rgb = im.convert("RGB")
+            array = np.asarray(rgb, dtype=np.uint8).copy()
+    except (OSError, ValueError, Image.DecompressionBombError) as err:  # a damaged or hostile file in the folder
+        raise ValueError(f"{path}: cannot read it as an image ({err}); remove or replace it") from None
     return torch.from_numpy(array).permute(2, 0, 1)  # (3, H, W)
 
 
