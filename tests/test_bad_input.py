@@ -4,6 +4,7 @@ and of its "errors a user cannot act on"; the model layer and the CLI have their
 
 from __future__ import annotations
 
+import json
 import math
 import re
 
@@ -108,6 +109,7 @@ Y = torch.randn(2, 5, 3)
 LOGITS, IDS, K = torch.randn(2, 8, 16), torch.full((2, 8), 20), torch.tensor([3, 4])
 HIDDEN, WEIGHT = torch.randn(2, 8, 3), torch.randn(16, 3)
 REMASK_KW = dict(mask_id=20, choice_temperature=1.0)
+FN, SAMPLE_KW = (lambda ids: LOGITS), dict(mask_id=20, vocab_size=16)
 
 # (function name, call, error type, argument the message must name)
 OP_CASES = [
@@ -177,6 +179,34 @@ OP_CASES = [
      "ids"),
     ("remask_count", lambda: mk.remask_count(torch.tensor([[5, 1]]), mask_id=5, mask_ratio=0.5, num_initial=-2),
      ValueError, "num_initial"),
+    ("remask_count", lambda: mk.remask_count(torch.tensor([[5, 1]]), mask_id=5, mask_ratio=0.5,
+                                             num_initial=torch.tensor([1.0])), TypeError, "num_initial"),
+    ("remask_count", lambda: mk.remask_count(torch.tensor([[5, 1]]), mask_id=5, mask_ratio=0.5,
+                                             num_initial=torch.tensor([1, 1])), ValueError, "num_initial"),
+    ("maskgit_sample", lambda: mk.maskgit_sample(FN, IDS, steps=2, mask_id=20.0, vocab_size=16), TypeError,
+     "mask_id"),
+    ("maskgit_sample", lambda: mk.maskgit_sample("model", IDS, steps=2, **SAMPLE_KW), TypeError, "logits_fn"),
+    ("maskgit_sample", lambda: mk.maskgit_sample(FN, IDS, steps=2.0, **SAMPLE_KW), TypeError, "steps"),
+    ("maskgit_sample", lambda: mk.maskgit_sample(FN, IDS, steps=True, **SAMPLE_KW), TypeError, "steps"),
+    ("maskgit_sample", lambda: mk.maskgit_sample(FN, IDS.tolist(), steps=2, **SAMPLE_KW), TypeError, "ids"),
+    ("maskgit_sample", lambda: mk.maskgit_sample(FN, IDS, steps=2, **SAMPLE_KW, choice_temperature=NAN),
+     ValueError, "choice_temperature"),
+    ("maskgit_sample", lambda: mk.maskgit_sample(FN, IDS, steps=2, **SAMPLE_KW, temperature=0.0), ValueError,
+     "temperature"),
+    ("maskgit_sample", lambda: mk.maskgit_sample(FN, IDS, steps=2, **SAMPLE_KW, generator=0), TypeError, "generator"),
+    ("maskgit_sample", lambda: mk.maskgit_sample(FN, IDS, steps=2, **SAMPLE_KW, on_step=1), TypeError, "on_step"),
+    ("maskgit_sample", lambda: mk.maskgit_sample(FN, IDS, steps=2, **SAMPLE_KW, reference_ties=1), TypeError,
+     "reference_ties"),
+    ("maskgit_sample", lambda: mk.maskgit_sample(FN, IDS, steps=2, **SAMPLE_KW, schedule=lambda r: 2.0),
+     ValueError, "schedule"),
+    ("maskgit_sample", lambda: mk.maskgit_sample(FN, IDS, steps=2, mask_id=20, vocab_size=21), ValueError,
+     "mask_id"),
+    ("maskgit_sample", lambda: mk.maskgit_sample(None, IDS, steps=2, mask_id=20, hidden_fn=lambda x: HIDDEN,
+                                                 head_weight=WEIGHT.tolist()), TypeError, "head_weight"),
+    ("maskgit_step", lambda: mk.maskgit_step(FN, IDS, torch.tensor([8, 8]), 2, 2, **SAMPLE_KW), ValueError, "step"),
+    ("maskgit_step", lambda: mk.maskgit_step(FN, IDS, [8, 8], 0, 2, **SAMPLE_KW), TypeError, "num_initial"),
+    ("maskgit_step", lambda: mk.maskgit_step(FN, IDS, torch.tensor([8, 9]), 0, 2, **SAMPLE_KW), ValueError,
+     "num_initial"),
 ]
 
 
@@ -291,7 +321,8 @@ MODEL_CASES = [
      ValueError, "mu2"),
     ("classifier_score", lambda: mage.classifier_score(torch.randn(10, 5)), ValueError, "probs"),
     ("classifier_score", lambda: mage.classifier_score(torch.ones(10, 1), splits=0), ValueError, "splits"),
-    ("codebook_usage", lambda: mage.codebook_usage(torch.rand(5)), ValueError, "counts"),
+    ("codebook_usage", lambda: mage.codebook_usage(torch.rand(5, 2)), ValueError, "counts"),
+    ("codebook_usage", lambda: mage.codebook_usage(torch.tensor([3.0, -1.0])), ValueError, "counts"),
     ("linear_probe", lambda: mage.linear_probe(torch.randn(8, 4), torch.rand(8), torch.randn(4, 4),
                                                torch.zeros(4, dtype=torch.long)), ValueError, "train_labels"),
     ("linear_probe", lambda: mage.linear_probe(torch.full((8, 4), NAN), torch.zeros(8, dtype=torch.long),
@@ -305,6 +336,18 @@ MODEL_CASES = [
     ("TensorImageDataset", lambda: mage.TensorImageDataset(torch.zeros(2, 8, 8), torch.zeros(2)), ValueError,
      "images"),
     ("TokenCacheDataset", lambda: mage.TokenCacheDataset(torch.zeros(2, 1, 4), torch.zeros(2)), TypeError, "ids"),
+    ("list_models", lambda: mage.list_models(3), TypeError, "pattern"),
+    ("create_model", lambda: mage.create_model("mage_vit_giant"), ValueError, "mage_vit_giant"),
+    ("create_model", lambda: mage.create_model(None), ValueError, "name"),
+    ("create_model", lambda: mage.create_model("mage_vit_tiny", depth=0), ValueError, "depth"),
+    ("create_model", lambda: mage.create_model("mage_vit_tiny", dtype=torch.int8), TypeError, "dtype"),
+    ("create_model", lambda: mage.create_model("mage_vit_tiny", checkpoint_path="/nonexistent/m.pth"),
+     FileNotFoundError, "/nonexistent/m.pth"),
+    ("create_model", lambda: mage.create_model("mage_vit_tiny", checkpoint_path=__file__), mage.CheckpointError,
+     "test_bad_input.py"),
+    ("MAGE.from_pretrained", lambda: mage.MAGE.from_pretrained("/nonexistent/folder"), FileNotFoundError,
+     "/nonexistent/folder"),
+    ("load", lambda: mage.load(__file__, dtype="bf16"), TypeError, "dtype"),
 ]
 # Names of mage.__all__ that take no user input worth a row (results, errors, the demo as a whole).
 NOT_INPUT = {"CheckpointError", "LoadReport", "ProbeResult", "DemoConfig", "run_demo"}
@@ -320,6 +363,65 @@ def test_every_public_model_function_has_bad_input_cases():
     public = {n for n in mage.__all__ if callable(getattr(mage, n))} - NOT_INPUT
     covered = {c[0] for c in MODEL_CASES}
     assert public <= covered, f"no bad-input case for {sorted(public - covered)}"
+
+
+def test_hostile_pretrained_folders(tmp_path):
+    # A folder's config.json is validated like our files' metadata, before anything is built.
+    MODEL.save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    for change, word in ((dict(depth=10**6), "depth"), (dict(embed_dim="32"), "embed_dim"), ([1, 2], "JSON object")):
+        (tmp_path / "m" / "config.json").write_text(json.dumps(change if isinstance(change, list) else
+                                                               {**config, **change}))
+        raises_naming(mage.CheckpointError, word, lambda: mage.MAGE.from_pretrained(tmp_path / "m"))
+    (tmp_path / "m" / "config.json").write_text("{depth: 1")
+    raises_naming(mage.CheckpointError, "config.json", lambda: mage.load(tmp_path / "m"))
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(tmp_path / "m" / "model.safetensors")
+    state["norm.weight"] = state["norm.weight"] * NAN
+    save_file(state, tmp_path / "m" / "model.safetensors")
+    raises_naming(mage.CheckpointError, "norm.weight", lambda: mage.MAGE.from_pretrained(tmp_path / "m"))
+    raises_naming(mage.CheckpointError, "norm.weight",
+                  lambda: mage.create_model("mage_vit_tiny", checkpoint_path=tmp_path / "m", **SMALL))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_loaders_cast_to_the_asked_dtype_not_back_to_float32(tmp_path, dtype):
+    # load_checked casts floating tensors to the model's dtype unless a dtype is asked for.
+    MODEL.save(tmp_path / "m.safetensors")
+    MODEL.save_pretrained(tmp_path / "f")
+    for model in (mage.load(tmp_path / "m.safetensors", dtype=dtype), mage.load_any(tmp_path / "f", dtype=dtype),
+                  mage.create_model("mage_vit_tiny", checkpoint_path=tmp_path / "f", dtype=dtype, **SMALL)):
+        assert model.norm.weight.dtype == dtype and model.token_emb.position_ids.dtype == torch.int64
+
+
+VQ = mk.nn.VectorQuantize
+# (call, error type, argument the message must name)
+NN_CASES = [
+    (lambda: VQ(0, 8), ValueError, "dim"),
+    (lambda: VQ(True, 8), TypeError, "dim"),
+    (lambda: VQ(4, 8.0), TypeError, "codebook_size"),
+    (lambda: VQ(4, 8, codebook_dim=0), ValueError, "codebook_dim"),
+    (lambda: VQ(4, 8, decay=1.0), ValueError, "decay"),
+    (lambda: VQ(4, 8, decay=NAN), ValueError, "decay"),
+    (lambda: VQ(4, 8, decay="0.8"), TypeError, "decay"),
+    (lambda: VQ(4, 8, commitment_weight=INF), ValueError, "commitment_weight"),
+    (lambda: VQ(4, 8, eps=-1.0), ValueError, "eps"),
+    (lambda: VQ(4, 8, kmeans_iters=0), ValueError, "kmeans_iters"),
+    (lambda: VQ(4, 8, channel_last="yes"), TypeError, "channel_last"),
+    (lambda: VQ(4, 8, sync_codebook=1), TypeError, "sync_codebook"),
+    (lambda: VQ(4, 8)(torch.randn(2, 5, 3)), ValueError, "x"),
+    (lambda: VQ(4, 8)(torch.randint(0, 3, (2, 5, 4))), TypeError, "x"),
+    (lambda: VQ(4, 8)([[0.0] * 4]), TypeError, "x"),
+    (lambda: VQ(4, 8).get_codes_from_indices(torch.tensor([8])), ValueError, "indices"),
+    (lambda: VQ(4, 8).get_output_from_indices(torch.tensor([0.0])), TypeError, "indices"),
+]
+
+
+@pytest.mark.parametrize("call,err,arg", NN_CASES, ids=[f"{c[2]}-{i}" for i, c in enumerate(NN_CASES)])
+def test_vector_quantize_bad_input(call, err, arg):
+    assert raises_naming(err, arg, call).startswith("VectorQuantize")
 
 
 def test_sensible_behaviour_instead_of_errors():

@@ -14,7 +14,7 @@ import torch
 
 from mage_kernels._checks import check_generator, check_int, check_real, check_tensor
 
-__all__ = ["all_finite", "check_config", "check_generation", "check_ids", "check_images", "check_model", "check_pixel_mask",
+__all__ = ["all_finite", "check_config", "check_dtype", "check_generation", "check_ids", "check_images", "check_model", "check_pixel_mask",
            "check_generator", "check_int", "check_real", "check_tensor", "to_model_dtype"]
 
 INF = math.inf
@@ -77,6 +77,13 @@ def all_finite(t: torch.Tensor) -> bool:
         return True
     lo, hi = torch.aminmax(t.detach().reshape(-1))
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
+def check_dtype(op: str, dtype, name: str = "dtype") -> None:
+    """None or a floating-point torch.dtype (what the model's weights are cast to)."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"{op}: {name} must be None or a floating-point torch.dtype (torch.float32, torch.bfloat16, "
+                        f"torch.float16, torch.float64), got {dtype!r}")
 
 
 def to_model_dtype(x: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:

@@ -24,14 +24,15 @@ import warnings
 
 import torch
 
-from ._checks import all_finite
+from ._checks import all_finite, check_dtype
 from .checkpoint_io import MAGIC, MODEL_FORMAT, TOKENIZER_FORMAT, CheckpointError, load_checkpoint
 from .model import MAGE, MAGEConfig
 from .tokenizer import TokenizerConfig, VQGANTokenizer
 
-# Attention heads are not visible in a state dict; these are the published sizes (section 4.1).
+# Attention heads are not visible in a state dict; these are the published sizes (section 4.1) and those
+# of our small constructors (mage_vit_tiny / mage_vit_small).
 _ENCODER_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
-_DECODER_HEADS = {768: 16, 1024: 16, 1280: 16}
+_DECODER_HEADS = {192: 3, 384: 6, 768: 16, 1024: 16, 1280: 16}
 
 
 class UntrustedCheckpointError(CheckpointError):
@@ -124,11 +125,13 @@ def check_state_dict(model: torch.nn.Module, state_dict: dict, *, check_finite: 
 
 
 def load_checked(model: torch.nn.Module, state_dict: dict, *, what: str = "checkpoint",
-                 check_finite: bool = True) -> LoadReport:
+                 dtype: torch.dtype | None = None, check_finite: bool = True) -> LoadReport:
     """Strict load with a readable report: raises CheckpointError on missing, unexpected, mis-shaped or
     wrongly typed keys and (with `check_finite`) NaN/inf weights; skips (and warns about) extra top-level
-    modules. Float tensors take the model's dtype. Tensors are assigned, not copied, so a model built on the
+    modules. Floating-point tensors are cast to `dtype`, or to the model's own dtype when None (integer
+    buffers such as position_ids must match). Tensors are assigned, not copied, so a model built on the
     meta device is materialised by the load."""
+    check_dtype("load", dtype)
     report = check_state_dict(model, state_dict, check_finite=check_finite)
     if not report.ok:
         hint = ("\nIf the file is a different size or vocabulary, build the matching model or pass config=..."
@@ -138,8 +141,9 @@ def load_checked(model: torch.nn.Module, state_dict: dict, *, what: str = "check
         warnings.warn(f"{what}: skipped {len(report.extra)} key(s) of modules MAGE does not have:\n"
                       + "\n".join(f"  {k}" for k in _group_keys(report.extra)), stacklevel=3)
     own = model.state_dict()
-    converted = {k: v if v.dtype == own[k].dtype else v.to(own[k].dtype)
-                 for k, v in state_dict.items() if k not in report.extra}
+    target = {k: dtype if dtype is not None and v.is_floating_point() else own[k].dtype
+              for k, v in state_dict.items() if k not in report.extra}
+    converted = {k: state_dict[k].to(t) for k, t in target.items()}  # .to is a no-op at the same dtype
     model.load_state_dict(converted, strict=True, assign=True)
     return report
 
@@ -227,7 +231,9 @@ def infer_config(sd: dict) -> MAGEConfig:
                       vocab=vocab, legacy_params="cls_token" in sd, tokenizer=tok)
 
 
-def _official_state(path_or_state_dict, map_location, trusted: bool) -> tuple[str, dict]:
+def read_official_state(path_or_state_dict, *, map_location="cpu", trusted: bool = False) -> tuple[str, dict]:
+    """(description, state dict) of a released file or an already loaded dict ('model' / 'state_dict'
+    unwrapped, DDP's 'module.' prefix removed, non-tensor entries dropped)."""
     if isinstance(path_or_state_dict, dict):
         return "state dict", _model_state(path_or_state_dict, "state dict")
     what = os.fspath(path_or_state_dict)
@@ -239,29 +245,35 @@ def load_official(
     *,
     config: MAGEConfig | None = None,
     map_location="cpu",
+    dtype: torch.dtype | None = None,
     trusted: bool = False,
     check_finite: bool = True,
 ) -> MAGE:
     """Build a MAGE model from a released checkpoint (e.g. mage-vitb-1600.pth; model under 'model').
 
     The size is inferred from the weights unless `config` is given. The load is strict; a MAGE-C file's
-    extra modules are skipped with a warning. The report is kept as `model.load_report`. `check_finite`
-    refuses weights with NaN/inf (reads every value once: ~0.3 s per 100M parameters on one CPU core).
+    extra modules are skipped with a warning. The report is kept as `model.load_report`. Tensors are
+    loaded onto `map_location` and floating-point ones cast to `dtype` when given. `check_finite` refuses
+    weights with NaN/inf (reads every value once: ~0.3 s per 100M parameters on one CPU core).
     """
-    what, sd = _official_state(path_or_state_dict, map_location, trusted)
+    check_dtype("load_official", dtype)
+    what, sd = read_official_state(path_or_state_dict, map_location=map_location, trusted=trusted)
     with torch.device("meta"):
         model = MAGE(config or infer_config(sd))
-    model.load_report = load_checked(model, sd, what=what, check_finite=check_finite)
+    model.load_report = load_checked(model, sd, what=what, dtype=dtype, check_finite=check_finite)
     return model
 
 
 def load_official_tokenizer(path_or_state_dict, *, config: TokenizerConfig | None = None, map_location="cpu",
-                            trusted: bool = False, check_finite: bool = True) -> VQGANTokenizer:
-    """The standalone tokenizer file (keys without the `vqgan.` prefix, possibly under 'state_dict')."""
-    what, sd = _official_state(path_or_state_dict, map_location, trusted)
+                            dtype: torch.dtype | None = None, trusted: bool = False,
+                            check_finite: bool = True) -> VQGANTokenizer:
+    """The released VQGAN tokenizer file (`vqgan_jax_strongaug.ckpt`: keys without the `vqgan.` prefix,
+    possibly under 'state_dict'), loaded strictly; sizes inferred from the weights unless `config` is given."""
+    check_dtype("load_official_tokenizer", dtype)
+    what, sd = read_official_state(path_or_state_dict, map_location=map_location, trusted=trusted)
     with torch.device("meta"):
         tok = VQGANTokenizer(config or infer_tokenizer_config(sd))
-    load_checked(tok, sd, what=what, check_finite=check_finite)
+    load_checked(tok, sd, what=what, dtype=dtype, check_finite=check_finite)
     return tok
 
 
@@ -279,37 +291,34 @@ def _file_sizes(keys: set[str]) -> dict[str, int]:
             "levels": _count(keys, "encoder.down.") or _count(keys, "vqgan.encoder.down.")}
 
 
-def read_our_file(path: str, fmt: str, config_cls: type, device) -> tuple:
-    """(config, tensors) of one of our safetensors files, checked before any module is built: the format,
-    the config (JSON, field types and ranges, block counts against the tensors in the file)."""
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
+def _parse_config(where: str, text: str | None, build, what: str) -> object:
+    """A `what` config from JSON text, checked (field types and ranges) by `build`; CheckpointError naming
+    `where`."""
+    try:
+        fields = json.loads(text or "")
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{where} is not valid JSON ({err})") from None
+    if not isinstance(fields, dict):
+        raise CheckpointError(f"{where} must be a JSON object, got {type(fields).__name__}")
+    try:
+        return build(fields)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{where}: not a {what} config ({err})") from None
 
-    kind = file_kind(path)
-    if kind == "missing":
-        raise FileNotFoundError(f"{path}: no such file")
-    if kind not in ("model", "tokenizer"):
-        raise CheckpointError(f"{path}: not a mage-kernels safetensors file ({_KIND_TEXT.get(kind, kind)}); "
-                              "official .pth files are read by mage.load_official")
+
+def _open_safetensors(path: str) -> tuple[dict, set[str]]:
+    from safetensors import SafetensorError, safe_open
+
     try:
         with safe_open(path, framework="pt") as f:
-            meta, keys = f.metadata() or {}, set(f.keys())
+            return f.metadata() or {}, set(f.keys())
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{path}: unreadable safetensors file ({err})") from None
-    if meta.get("format") != fmt:
-        other = {MODEL_FORMAT: "a MAGE model (mage.load)", TOKENIZER_FORMAT: "a tokenizer (mage.load_tokenizer)"}
-        raise CheckpointError(f"{path} holds {other.get(meta.get('format'), repr(meta.get('format')))}, "
-                              f"not {other[fmt]}")
-    try:
-        fields = json.loads(meta.get("config", ""))
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path}: its 'config' metadata is not valid JSON ({err})") from None
-    if not isinstance(fields, dict):
-        raise CheckpointError(f"{path}: its 'config' metadata must be a JSON object, got {type(fields).__name__}")
-    try:
-        config = config_cls.from_dict(fields) if hasattr(config_cls, "from_dict") else config_cls(**fields)
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{path}: invalid config in its metadata: {err}") from None
+
+
+def _check_sizes(path: str, config, keys: set[str]) -> None:
+    """The config's block counts against the tensors in the file, before anything is built (a tampered
+    `depth: 10**6` would otherwise spend minutes building modules)."""
     sizes, tok = _file_sizes(keys), config.tokenizer if isinstance(config, MAGEConfig) else config
     expected = {"levels": len(tok.ch_mult)}
     if isinstance(config, MAGEConfig):
@@ -318,22 +327,75 @@ def read_our_file(path: str, fmt: str, config_cls: type, device) -> tuple:
         if sizes[name] != want:
             raise CheckpointError(f"{path}: its config says {name} = {want} but the file holds weights for "
                                   f"{sizes[name]}; the file was modified or damaged")
+
+
+def _read_tensors(path: str, device) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     try:
-        tensors = load_file(path, device=str(device))
+        return load_file(path, device=str(device))
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{path}: unreadable tensors ({err})") from None
-    return config, tensors
 
 
-def load(path: str | os.PathLike, *, device="cpu", check_finite: bool = True) -> MAGE:
+def _config_builder(config_cls: type):
+    return config_cls.from_dict if hasattr(config_cls, "from_dict") else lambda d: config_cls(**d)
+
+
+def read_our_file(path: str, fmt: str, config_cls: type, device) -> tuple:
+    """(config, tensors) of one of our safetensors files, checked before any module is built: the format,
+    the config (JSON, field types and ranges, block counts against the tensors in the file)."""
+    kind = file_kind(path)
+    if kind == "missing":
+        raise FileNotFoundError(f"{path}: no such file")
+    if kind not in ("model", "tokenizer"):
+        raise CheckpointError(f"{path}: not a mage-kernels safetensors file ({_KIND_TEXT.get(kind, kind)}); "
+                              "official .pth files are read by mage.load_official")
+    meta, keys = _open_safetensors(path)
+    if meta.get("format") != fmt:
+        other = {MODEL_FORMAT: "a MAGE model (mage.load)", TOKENIZER_FORMAT: "a tokenizer (mage.load_tokenizer)"}
+        raise CheckpointError(f"{path} holds {other.get(meta.get('format'), repr(meta.get('format')))}, "
+                              f"not {other[fmt]}")
+    config = _parse_config(f"{path}: its 'config' metadata", meta.get("config"), _config_builder(config_cls),
+                           {MODEL_FORMAT: "MAGE", TOKENIZER_FORMAT: "VQGANTokenizer"}[fmt])
+    _check_sizes(path, config, keys)
+    return config, _read_tensors(path, device)
+
+
+def read_folder(folder: str | os.PathLike, config_name: str, weights_name: str, build, what: str, device) -> tuple:
+    """(config, tensors, weights path) of a pretrained folder (`save_pretrained`), with the same checks as
+    `read_our_file`; the config comes from its JSON file and is built by `build(dict)`."""
+    folder = os.fspath(folder)
+    config_path, weights = os.path.join(folder, config_name), os.path.join(folder, weights_name)
+    for name in (config_path, weights):
+        if not os.path.isfile(name):
+            raise CheckpointError(f"{folder}: no {os.path.basename(name)}; a pretrained folder holds {config_name} "
+                                  f"and {weights_name} (written by save_pretrained)")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            text = f.read(1_000_000)
+    except (OSError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{config_path}: unreadable ({err})") from None
+    config = _parse_config(config_path, text, build, what)
+    _check_sizes(weights, config, _open_safetensors(weights)[1])
+    return config, _read_tensors(weights, device), weights
+
+
+def load(path: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None = None,
+         check_finite: bool = True) -> MAGE:
     """Read a file written by `MAGE.save`, strictly: the config is validated against the file before the
-    model is built, float tensors take the model's dtype (float32), NaN/inf weights are refused unless
-    `check_finite=False` (which skips reading every value once, ~0.3 s per 100M parameters)."""
+    model is built; tensors go onto `device`, floating-point ones in `dtype` (the model's float32 when None);
+    NaN/inf weights are refused unless `check_finite=False` (which skips reading every value once, ~0.3 s
+    per 100M parameters). A folder written by `save_pretrained` is read as `MAGE.from_pretrained`."""
+    check_dtype("load", dtype)
     path = os.fspath(path)
+    if os.path.isdir(path):
+        return MAGE.from_pretrained(path, device=device, dtype=dtype)
     config, tensors = read_our_file(path, MODEL_FORMAT, MAGEConfig, device)
     with torch.device("meta"):
         model = MAGE(config)
-    load_checked(model, tensors, what=path, check_finite=check_finite)
+    load_checked(model, tensors, what=path, dtype=dtype, check_finite=check_finite)
     return model
 
 
@@ -374,8 +436,8 @@ def file_kind(path: str | os.PathLike) -> str:
     return "unknown"
 
 
-def load_training_state_model(path: str | os.PathLike, *, map_location="cpu", check_finite: bool = True) -> MAGE:
-    """The MAGE model inside a `mage train` checkpoint (objective mage or mage-c)."""
+def _training_state_model(path: str | os.PathLike, map_location) -> tuple[dict | None, dict]:
+    """(model config dict or None for older files, MAGE weights) of a `mage train` checkpoint (mage / mage-c)."""
     state = load_checkpoint(path, map_location=map_location)
     extra = state.get("extra", {}) if isinstance(state, dict) else {}
     config = extra.get("model_config") if isinstance(extra, dict) else None
@@ -383,32 +445,67 @@ def load_training_state_model(path: str | os.PathLike, *, map_location="cpu", ch
     if objective not in (None, "mage", "mage-c") or not isinstance(state.get("model"), dict):
         what = "a token cache" if "ids" in state else f"the training state of a {objective} run"
         raise CheckpointError(f"{path} is {what}, not a MAGE model")
-    if not isinstance(config, dict):
+    weights = {k[len("model."):]: v for k, v in state["model"].items() if k.startswith("model.")}
+    return (config if isinstance(config, dict) else None), weights
+
+
+def load_training_state_model(path: str | os.PathLike, *, map_location="cpu", dtype: torch.dtype | None = None,
+                              check_finite: bool = True) -> MAGE:
+    """The MAGE model inside a `mage train` checkpoint (objective mage or mage-c)."""
+    config, weights = _training_state_model(path, map_location)
+    if config is None:
         raise CheckpointError(f"{path} is a MAGE training state from an older version that does not record the "
                               "model's config: use the model.safetensors its run wrote at the end")
     try:
         config = MAGEConfig.from_dict(config)
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: invalid model config in the training state: {err}") from None
-    weights = {k[len("model."):]: v for k, v in state["model"].items() if k.startswith("model.")}
+    _check_sizes(os.fspath(path), config, set(weights))
     with torch.device("meta"):
         model = MAGE(config)
-    load_checked(model, weights, what=os.fspath(path), check_finite=check_finite)
+    load_checked(model, weights, what=os.fspath(path), dtype=dtype, check_finite=check_finite)
     return model
 
 
-def load_any(path: str | os.PathLike, *, map_location="cpu", trusted: bool = False) -> MAGE:
-    """A MAGE model from any file that holds one, recognised by its header: our safetensors (`load`), a
-    `mage train` checkpoint (mage / mage-c), or a released .pth (`load_official`, weights-only unless
-    `trusted`). Anything else raises CheckpointError saying what the file is."""
+def read_state_dict(path: str | os.PathLike, *, map_location="cpu", trusted: bool = False) -> tuple[str, dict]:
+    """(description, MAGE state dict) of any file that holds one, recognised by its header: a pretrained
+    folder, our or anyone's safetensors file, a `mage train` checkpoint, a released .pth (weights-only
+    unless `trusted`). For callers that build the architecture themselves (`create_model`)."""
+    from .hub import WEIGHTS_NAME
+
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, WEIGHTS_NAME)
+    kind = file_kind(path)
+    if kind == "missing":
+        raise FileNotFoundError(f"{path}: no such file")
+    if kind in ("model", "tokenizer", "safetensors"):
+        return path, _read_tensors(path, map_location)
+    if kind == "mage-training-state":
+        return path, _training_state_model(path, map_location)[1]
+    if kind == "torch":
+        return read_official_state(path, map_location=map_location, trusted=trusted)
+    raise CheckpointError(f"{path} is {_KIND_TEXT[kind]}: expected a pretrained folder, a safetensors file, a "
+                          "mage train checkpoint or a released .pth")
+
+
+def load_any(path: str | os.PathLike, *, map_location="cpu", dtype: torch.dtype | None = None,
+             trusted: bool = False) -> MAGE:
+    """A MAGE model from any file that holds one, recognised by its header (not its name): our safetensors
+    (`load`) or a pretrained folder (`MAGE.from_pretrained`), a `mage train` checkpoint (mage / mage-c), or a
+    released .pth (`load_official`, weights-only unless `trusted`). Anything else raises CheckpointError
+    saying what the file is. `dtype` casts the floating-point weights."""
+    check_dtype("load_any", dtype)
+    if os.path.isdir(path):
+        return load(path, device=map_location, dtype=dtype)
     kind = file_kind(path)
     if kind == "missing":
         raise FileNotFoundError(f"{os.fspath(path)}: no such file")
     if kind == "model":
-        return load(path, device=map_location)
+        return load(path, device=map_location, dtype=dtype)
     if kind == "mage-training-state":
-        return load_training_state_model(path, map_location=map_location)
+        return load_training_state_model(path, map_location=map_location, dtype=dtype)
     if kind == "torch":
-        return load_official(path, map_location=map_location, trusted=trusted)
+        return load_official(path, map_location=map_location, dtype=dtype, trusted=trusted)
     advice = {"tokenizer": "; a MAGE model is the model.safetensors that `mage train --objective mage` writes"}
     raise CheckpointError(f"{os.fspath(path)} is {_KIND_TEXT[kind]}, not a MAGE model{advice.get(kind, '')}")

