@@ -23,6 +23,21 @@ _TRITON_MODULE = {
 }
 BACKENDS = ("cpu", "triton", "reference")
 
+# Backends whose vq_nearest / vq_quantize kernel does not yet keep the exact=True contract for every finite
+# input (issue 11 item 1: magnitudes whose squares overflow, distances that tie in fp64). Every strict xfail
+# of that contract (test_vq_exact.py, test_fuzz.py) is keyed on this dict alone: when a backend's fix lands,
+# delete its entry and nothing else.
+VQ_EXACT_PENDING = {
+    "cpu": "issue 11 item 1: exact vq for every finite input, C++ kernel (fix on branch cpuperf)",
+    "triton": "issue 11 item 1: exact vq for every finite input, Triton kernel (fix on branch gpu)",
+}
+
+
+def vq_exact_marks(backend: str) -> list:
+    """The strict xfail of a backend listed in VQ_EXACT_PENDING, else nothing."""
+    reason = VQ_EXACT_PENDING.get(backend)
+    return [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+
 
 def _has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None and mk.build_info()["triton_interpret"]

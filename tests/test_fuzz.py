@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from backends import kernel
+from backends import kernel, vq_exact_marks
 from conftest import TOLERANCES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -136,12 +136,8 @@ def test_vq_nearest(backend, budget):
     check()
 
 
-NATIVE_VQ_FIX = "issue 11 item 1: large magnitudes / ties below fp64 resolution in the {} kernel (fix pending)"
-
-
 @pytest.mark.parametrize("backend,budget", [
-    pytest.param(b, "sweep", id=b, marks=[pytest.mark.slow,
-                                          pytest.mark.xfail(strict=True, reason=NATIVE_VQ_FIX.format(b))])
+    pytest.param(b, "sweep", id=b, marks=[pytest.mark.slow, *vq_exact_marks(b)])
     for b in ("cpu", "triton")])
 def test_vq_nearest_extremes(backend, budget):
     # Values over the whole range of each dtype next to small integers: the exact=True contract for every

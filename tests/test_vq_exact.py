@@ -8,7 +8,7 @@ from fractions import Fraction
 
 import pytest
 import torch
-from backends import BACKENDS, backend_params, kernel
+from backends import BACKENDS, VQ_EXACT_PENDING, backend_params, kernel, vq_exact_marks
 
 import mage_kernels as mk
 from mage_kernels import reference
@@ -71,19 +71,14 @@ PLANTED = {
     # sees a tie and picks code 0; the exact answer is code 1.
     "below-fp64-resolution": ([[0.0, 0.0]], [[1.0, 2.0**-30], [1.0, 0.0]], torch.float32),
 }
-# Cases the native kernels get wrong until their large-magnitude fix lands (issue 11 item 1).
-KERNEL_FIX = "issue 11 item 1: large magnitudes / exact ties in the {} kernel (fix pending in its branch)"
-NATIVE_FAILS = {b: set(PLANTED) - {"subnormal", "nan-code-then-repeats"} for b in ("cpu", "triton")}
+# Cases a kernel listed in VQ_EXACT_PENDING gets wrong (the others it already gets right).
+PENDING_CASES = set(PLANTED) - {"subnormal", "nan-code-then-repeats"}
 
 
 def planted_params():
-    params = []
-    for backend in BACKENDS:
-        for name in sorted(PLANTED):
-            marks = ([pytest.mark.xfail(strict=True, reason=KERNEL_FIX.format(backend))]
-                     if name in NATIVE_FAILS.get(backend, ()) else [])
-            params.append(pytest.param(backend, name, marks=marks, id=f"{backend}-{name}"))
-    return params
+    return [pytest.param(backend, name, marks=vq_exact_marks(backend) if name in PENDING_CASES else [],
+                         id=f"{backend}-{name}")
+            for backend in BACKENDS for name in sorted(PLANTED)]
 
 
 @pytest.mark.parametrize("backend,name", planted_params())
@@ -96,11 +91,8 @@ def test_planted_exact_argmin(backend, name):
     torch.testing.assert_close(sqdist, expected, rtol=1e-6, atol=0.0)
 
 
-NATIVE_XFAIL = {"cpu": KERNEL_FIX.format("cpu"), "triton": KERNEL_FIX.format("triton")}
-
-
 @pytest.mark.parametrize("dtype,lo,hi", [(torch.float32, 19, 38), (torch.float64, 38, 307)])
-@pytest.mark.parametrize("backend", backend_params(NATIVE_XFAIL))
+@pytest.mark.parametrize("backend", backend_params(VQ_EXACT_PENDING))
 def test_large_magnitudes_random(backend, dtype, lo, hi):
     g = torch.Generator().manual_seed(5)
     exps = torch.randint(lo, hi, (1,), generator=g).item()
@@ -125,7 +117,7 @@ def test_repeated_codebook_picks_first_copy(backend):
     assert torch.equal(indices, single)
 
 
-@pytest.mark.parametrize("backend", backend_params(NATIVE_XFAIL))
+@pytest.mark.parametrize("backend", backend_params(VQ_EXACT_PENDING))
 def test_quantize_large_magnitudes(backend):
     z, e = _case([[1e20], [0.5]], [[1e20], [0.0]], torch.float32)
     fn = kernel("vq_quantize", backend)
@@ -135,8 +127,9 @@ def test_quantize_large_magnitudes(backend):
     torch.testing.assert_close(loss, torch.tensor(1.25 * 0.25 / 2))
 
 
-@pytest.mark.xfail(strict=True, reason=KERNEL_FIX.format("cpu"))
-def test_public_op_issue_example():
+@pytest.mark.parametrize("backend", [pytest.param("cpu", marks=vq_exact_marks("cpu"))])
+def test_public_op_issue_example(backend):
+    kernel("vq_nearest", backend)  # the public op on CPU tensors runs this kernel; skips where it is not built
     indices, sqdist = mk.vq_nearest(torch.tensor([[1e20]]), torch.tensor([[1e20], [0.0]]))
     assert indices.tolist() == [0] and sqdist.tolist() == [0.0]
 
