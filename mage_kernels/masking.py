@@ -39,15 +39,8 @@ define(
 )
 
 
-register_kernels("mask_plan", reference=reference.mask_plan, triton="mage_kernels.triton.masking:mask_plan")
-register_kernels("gather_keep", reference=reference.gather_keep, triton="mage_kernels.triton.masking:gather_keep")
-register_kernels("scatter_keep", reference=reference.scatter_keep, triton="mage_kernels.triton.masking:scatter_keep")
-register_kernels("pad_with_cls", reference=reference.pad_with_cls, triton="mage_kernels.triton.masking:pad_with_cls")
-register_kernels(
-    "pad_with_cls_backward",
-    reference=reference.pad_with_cls_backward,
-    triton="mage_kernels.triton.masking:pad_with_cls_backward",
-)
+for _op in ("mask_plan", "gather_keep", "scatter_keep", "pad_with_cls", "pad_with_cls_backward"):
+    register_kernels(_op, reference=getattr(reference, _op), triton=f"mage_kernels.triton.masking:{_op}")
 
 
 # ------------------------------------------------------------------------------------------- fakes

@@ -40,12 +40,8 @@ define(
     "remask_step_from_hidden(Tensor hidden, Tensor weight, Tensor? bias, Tensor ids, Tensor num_masked, "
     f"{_COMMON}) -> (Tensor sampled, Tensor new_ids)"
 )
-register_kernels("remask_step", reference=reference.remask_step, triton="mage_kernels.triton.remask:remask_step")
-register_kernels(
-    "remask_step_from_hidden",
-    reference=reference.remask_step_from_hidden,
-    triton="mage_kernels.triton.remask:remask_step_from_hidden",
-)
+for _op in ("remask_step", "remask_step_from_hidden"):
+    register_kernels(_op, reference=getattr(reference, _op), triton=f"mage_kernels.triton.remask:{_op}")
 
 
 @torch.library.register_fake("mage::remask_step")

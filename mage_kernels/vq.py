@@ -16,8 +16,8 @@ from ._registry import define, register_kernels
 
 define("vq_nearest(Tensor z, Tensor codebook, *, bool exact=True) -> (Tensor indices, Tensor sqdist)")
 define("vq_quantize(Tensor z, Tensor codebook, float beta) -> (Tensor z_q, Tensor indices, Tensor loss, Tensor counts)")
-register_kernels("vq_nearest", reference=reference.vq_nearest, triton="mage_kernels.triton.vq:vq_nearest")
-register_kernels("vq_quantize", reference=reference.vq_quantize, triton="mage_kernels.triton.vq:vq_quantize")
+for _op in ("vq_nearest", "vq_quantize"):
+    register_kernels(_op, reference=getattr(reference, _op), triton=f"mage_kernels.triton.vq:{_op}")
 
 
 def _index_shape(z: torch.Tensor) -> tuple:

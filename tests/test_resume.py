@@ -22,12 +22,7 @@ MAE = dict(patch_size=2, in_channels=1, embed_dim=16, depth=1, num_heads=2, deco
            decoder_num_heads=2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_config(out_dir, **overrides) -> TrainConfig:
