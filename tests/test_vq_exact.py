@@ -49,6 +49,8 @@ def nearest(backend: str, z, e):
 
 
 def _case(z, e, dtype):
+    if dtype == "mixed":  # fp32 vectors, fp64 codebook
+        return torch.tensor(z, dtype=torch.float32), torch.tensor(e, dtype=torch.float64)
     return torch.tensor(z, dtype=dtype), torch.tensor(e, dtype=dtype)
 
 
@@ -64,6 +66,10 @@ PLANTED = {
     "fp64-squares-overflow": ([[1.7e308, -1.7e308]], [[-1.7e308, 1.7e308], [0.0, 0.0], [1.7e308, -1.6e308]],
                               torch.float64),
     "fp64-huge-and-tiny": ([[1e300, 1e-300]], [[1e300, 0.0], [1e300, 1e-300]], torch.float64),
+    # A huge code next to a small winner: its distance must survive whatever scaling the huge one needs
+    # (found by test_fuzz.py's extremes sweep on the C++ kernel of branch cpuperf: distance 0, index right).
+    "fp64-huge-code-small-winner": ([[0.5, 4.875]], [[1.625, -5.0], [-4.625, 1e300]], torch.float64),
+    "mixed-fp32-z-huge-fp64-code": ([[0.5, 4.875]], [[1.625, -5.0], [-4.625, 1e200]], "mixed"),
     "subnormal": ([[1e-45, 0.0]], [[0.0, 0.0], [1e-45, 1e-45], [1.4e-45, 0.0]], torch.float32),
     # A non-finite code before equal finite ones must not hide them (found by tests/test_fuzz.py).
     "nan-code-then-repeats": ([[0.0], [0.4]], [[float("nan")], [0.5], [0.0], [0.0], [0.5]], torch.float32),
@@ -72,7 +78,8 @@ PLANTED = {
     "below-fp64-resolution": ([[0.0, 0.0]], [[1.0, 2.0**-30], [1.0, 0.0]], torch.float32),
 }
 # Cases a kernel listed in VQ_EXACT_PENDING gets wrong (the others it already gets right).
-PENDING_CASES = set(PLANTED) - {"subnormal", "nan-code-then-repeats"}
+PENDING_CASES = set(PLANTED) - {"subnormal", "nan-code-then-repeats", "fp64-huge-code-small-winner",
+                                 "mixed-fp32-z-huge-fp64-code"}
 
 
 def planted_params():
