@@ -347,6 +347,7 @@ MODEL_CASES = [
      "test_bad_input.py"),
     ("MAGE.from_pretrained", lambda: mage.MAGE.from_pretrained("/nonexistent/folder"), FileNotFoundError,
      "/nonexistent/folder"),
+    ("MAGE.from_pretrained", lambda: mage.MAGE.from_pretrained(__file__), FileNotFoundError, "mage.load"),
     ("load", lambda: mage.load(__file__, dtype="bf16"), TypeError, "dtype"),
 ]
 # Names of mage.__all__ that take no user input worth a row (results, errors, the demo as a whole).

@@ -60,6 +60,9 @@ class LocalHubMixin(_Folder):
         """Load a folder written by `save_pretrained` (in eval mode, as the Hub mixin does); `device`
         and `dtype` place and cast the weights. Hub repository ids need huggingface_hub installed."""
         path = os.fspath(pretrained_model_name_or_path)
+        if os.path.isfile(path):
+            raise FileNotFoundError(f"{path} is a file, not a folder written by save_pretrained; a single file "
+                                    "written by save() loads with mage.load / mage.load_tokenizer")
         if not os.path.isdir(path):
             raise FileNotFoundError(f"{path}: no such folder; to download a Hub repository install huggingface_hub "
                                     "(pip install huggingface_hub)")
