@@ -69,3 +69,67 @@ def test_token_cache_of_another_tokenizer_is_refused(tmp_path):
     save_checkpoint({"ids": ids.float(), "labels": torch.zeros(4)}, tmp_path / "f.ckpt")
     with pytest.raises(CheckpointError, match="f.ckpt: token ids must be integers"):
         load_token_cache(tmp_path / "f.ckpt")
+
+
+# ------------------------------------------------------------------ issue 11 item 10: tampered model files
+
+def _tiny_model():
+    import mage
+
+    tok = mage.TokenizerConfig.tiny(resolution=16, n_embed=32)
+    return mage.mage_vit_tiny(tokenizer=tok, depth=1, decoder_depth=1, embed_dim=32, num_heads=2,
+                              decoder_embed_dim=32, decoder_num_heads=2)
+
+
+def _tamper(path, out, *, tensors=None, config=None, raw_config=None):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+    state = load_file(str(path))
+    if tensors:
+        state = tensors(state)
+    if config:
+        meta["config"] = json.dumps({**json.loads(meta["config"]), **config})
+    if raw_config is not None:
+        meta["config"] = raw_config
+    save_file(state, str(out), metadata=meta)
+    return out
+
+
+TAMPERED = {
+    # (change, what the error must name); None: the file loads, as float32
+    "fp16 file": (dict(tensors=lambda s: {k: v.half() if v.is_floating_point() else v for k, v in s.items()}), None),
+    "one fp64 weight": (dict(tensors=lambda s: {**s, "norm.weight": s["norm.weight"].double()}), None),
+    "float position_ids": (dict(tensors=lambda s: {**s, "token_emb.position_ids": s["token_emb.position_ids"].float()}),
+                           "token_emb.position_ids"),
+    "nan weight": (dict(tensors=lambda s: {**s, "norm.weight": s["norm.weight"] * float("nan")}), "norm.weight"),
+    "depth 0": (dict(config={"depth": 0}), "depth"),
+    "depth 10**6": (dict(config={"depth": 10**6}), "depth"),
+    "embed_dim '32'": (dict(config={"embed_dim": "32"}), "embed_dim"),
+    "config not JSON": (dict(raw_config="{depth: 1"), "JSON"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TAMPERED))
+def test_tampered_model_file(tmp_path, case):
+    import time
+
+    import mage
+
+    change, named = TAMPERED[case]
+    model = _tiny_model()
+    model.save(tmp_path / "m.safetensors")
+    path = _tamper(tmp_path / "m.safetensors", tmp_path / "t.safetensors", **change)
+    start = time.perf_counter()
+    if named is None:
+        loaded = mage.load(path)
+        assert all(p.dtype == torch.float32 for p in loaded.parameters())
+        assert loaded.token_emb.position_ids.dtype == torch.int64
+        return
+    with pytest.raises(mage.CheckpointError) as info:
+        mage.load(path)
+    assert named in str(info.value) and "t.safetensors" in str(info.value), str(info.value)
+    if case == "depth 10**6":  # refused before building anything: a million blocks take minutes
+        assert time.perf_counter() - start < 60
