@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
+from .._checks import check_pad_with_cls_backward_args
 
 _FILL_ZERO, _FILL_CLS, _FILL_PAD = 0, 1, 2
 
@@ -315,6 +316,7 @@ def _pos_sum_kernel(
 
 
 def pad_with_cls_backward(grad_z, keep_idx, masked, mae, pos):
+    check_pad_with_cls_backward_args("pad_with_cls_backward", grad_z, keep_idx, masked)
     B, L = masked.shape
     C = grad_z.shape[2]
     grad_y = _gather_rows(grad_z, keep_idx, masked)

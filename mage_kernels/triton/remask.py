@@ -208,7 +208,7 @@ def _check_counts(op, ids, num_masked, mask_id):
 def remask_step(logits, ids, num_masked, seed, *, mask_id, choice_temperature, vocab_size, temperature,
                 reference_ties):
     check_remask_logits("remask_step", logits, ids)
-    check_remask_args("remask_step", logits.shape[2], ids, num_masked, seed, vocab_size, temperature,
+    check_remask_args("remask_step", logits.shape[2], ids, num_masked, seed, mask_id, vocab_size, temperature,
                       choice_temperature)
     _check_counts("remask_step", ids, num_masked, mask_id)
     ids_c = ids.contiguous()
@@ -297,8 +297,8 @@ def _fused_kernel(
 def remask_step_from_hidden(hidden, weight, bias, ids, num_masked, seed, *, mask_id, choice_temperature, vocab_size,
                             temperature, reference_ties):
     check_remask_hidden("remask_step_from_hidden", hidden, weight, bias, ids)
-    check_remask_args("remask_step_from_hidden", weight.shape[0], ids, num_masked, seed, vocab_size, temperature,
-                      choice_temperature)
+    check_remask_args("remask_step_from_hidden", weight.shape[0], ids, num_masked, seed, mask_id, vocab_size,
+                      temperature, choice_temperature)
     _check_counts("remask_step_from_hidden", ids, num_masked, mask_id)
     ids_c = ids.contiguous()
     B, L = ids.shape
