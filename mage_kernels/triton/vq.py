@@ -320,8 +320,7 @@ def _rerank_kernel(
         # Every term of sum (z - e)^2 is >= 0, so the computed sums are within gamma_{D+3} of the exact ones,
         # plus underflow of the scaled values and squares (absolute, per term); codes closer than that are
         # not told apart by fp64: the row is marked -2 - index for the exact decision (_decide_exactly).
-        nn = D + 3.0
-        gamma = nn * 2.0**-53 / (1.0 - nn * 2.0**-53)
+        gamma = 1.01 * (D + 3.0) * 2.0**-53  # >= gamma_{D+3} for any D below 10^13; no fp64 division (a call)
         tiny = 8.0 * (D + 2.0) * 2.0**-1074 * (1.0 + 2.0 * big * s)
         tied = (second < float("inf")) & (second - m <= gamma * (m + second) + 2.0 * tiny)
         tl.store(index_ptr + row, tl.where(index < K, tl.where(tied, -2 - index, index), -1))
@@ -388,7 +387,7 @@ def _nearest(z: torch.Tensor, codebook: torch.Tensor, exact: bool) -> tuple[torc
                    BLOCK_R=block_r, BLOCK_D=min(128, max(16, triton.next_power_of_2(D))))
     _launch.launch(_rerank_kernel, (min(n, 8 if _launch.INTERPRET else 1024),), zv, cb64, use, amax, rerank, index, sq,
                    n, R, K, D, *strides, BLOCK_K=128 if _launch.INTERPRET else 32,
-                   BLOCK_D=min(128 if _launch.INTERPRET else 32, max(16, triton.next_power_of_2(D))))
+                   BLOCK_D=min(128 if _launch.INTERPRET else 32, triton.next_power_of_2(D)))
     _decide_exactly(zv, codebook, index, sq)
     return index.reshape(shape), sq.to(reference.sqdist_dtype(z)).reshape(shape)
 
@@ -399,6 +398,8 @@ def _decide_exactly(zv: torch.Tensor, codebook: torch.Tensor, index: torch.Tenso
     them) and take the reference's exact decision instead. Such rows are rare (an exact tie between distinct
     codes, or magnitudes ~2^1000 apart within one row), but finding out whether there are any costs one host
     sync per call. While a CUDA graph is being captured there is no sync: such a row keeps k."""
+    if zv.is_meta:  # no values (static checks)
+        return
     tied_rows = index <= -2
     if zv.is_cuda and torch.cuda.is_current_stream_capturing():
         index.copy_(torch.where(tied_rows, -2 - index, index))
