@@ -356,8 +356,11 @@ def _fused_config(hidden_dtype: torch.dtype, weight_dtype: torch.dtype, C: int, 
                     UPCAST=upcast, PRECISION="ieee", num_stages=1)
     # 8 warps, tiles that fit in registers for every dtype pair (4 warps, or 128-wide fp32 tiles, spill).
     if upcast:
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, BLOCK_L=block_l, UPCAST=True,
-                    PRECISION="tf32" if tf32 else "ieee", num_warps=8, num_stages=3)
+        # Exact fp32 products of a 16-bit hidden and an fp32 weight: ptxas stops at 128 registers and spills
+        # with 64 codes per tile; 32 codes in two stages fit (128 registers, two blocks per SM).
+        narrow = not tf32 and hidden_dtype != weight_dtype and hidden_dtype != torch.float32
+        return dict(BLOCK_M=64, BLOCK_N=32 if narrow else 64, BLOCK_K=16, BLOCK_L=block_l, UPCAST=True,
+                    PRECISION="tf32" if tf32 else "ieee", num_warps=8, num_stages=2 if narrow else 3)
     return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, BLOCK_L=block_l, UPCAST=False, PRECISION="ieee", num_warps=8,
                 num_stages=3)
 
