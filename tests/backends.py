@@ -29,7 +29,6 @@ BACKENDS = ("cpu", "triton", "reference")
 # delete its entry and nothing else.
 VQ_EXACT_PENDING = {
     "cpu": "issue 11 item 1: exact vq for every finite input, C++ kernel (fix on branch cpuperf)",
-    "triton": "issue 11 item 1: exact vq for every finite input, Triton kernel (fix on branch gpu)",
 }
 
 
