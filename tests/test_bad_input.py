@@ -488,6 +488,17 @@ CLI_CASES = [
     ("train --data /nonexistent/images --objective tokenizer --out-dir {root}/run", 1, "/nonexistent/images"),
     ("train --tokenizer-checkpoint {root}/notes.txt --data digits --out-dir {root}/run", 1, "notes.txt"),
     ("demo --threads zero", 2, "--threads"),
+    ("probe --checkpoint {root}/missing.safetensors --data digits", 1, "missing.safetensors"),
+    ("probe --checkpoint {root}/model.safetensors --data digits --optimizer adam", 2, "--optimizer"),
+    ("probe --checkpoint {root}/model.safetensors --data {root}/nowhere", 1, "nowhere"),
+    ("probe --checkpoint {root}/model.safetensors --data digits --epochs 0", 1, "epochs"),
+    ("eval --checkpoint {root}/notes.txt", 1, "notes.txt"),
+    ("eval --checkpoint {root}/model.safetensors --num 0", 1, "--num"),
+    ("cache --tokenizer-checkpoint {root}/missing.safetensors --data digits --out c.pt", 1, "missing.safetensors"),
+    ("cache --tokenizer-checkpoint {root}/notes.txt --data digits --out c.pt --crops 0", 1, "--crops"),
+    ("fid {root}/missing digits", 1, "missing"),
+    ("fid digits", 1, "second source"),
+    ("fid digits digits --max-images 2 --weights {root}/missing.pth --device cpu", 1, "missing.pth"),
 ]
 
 

@@ -301,7 +301,7 @@ def run_cache(args) -> int:
     from .train import TrainConfig, build_token_cache, make_dataset
 
     if args.crops < 1:
-        raise SystemExit(f"mage cache: --crops must be >= 1, got {args.crops}")
+        raise ValueError(f"--crops must be >= 1, got {args.crops}")
     tokenizer = load_tokenizer(args.tokenizer_checkpoint).to(_device(args.device)).eval()
     c = tokenizer.config
     dataset = make_dataset(TrainConfig(objective="mage", data=args.data, seed=args.seed), c.in_channels, c.resolution)
@@ -350,7 +350,7 @@ def run_fid(args) -> int:
     from .metrics import InceptionMetric
 
     if args.b is None and not args.save_stats:
-        raise SystemExit("mage fid: give a second source to compare with, or --save-stats to store the first's statistics")
+        raise ValueError("give a second source to compare with, or --save-stats to store the first's statistics")
 
     def factory(total: int) -> InceptionMetric:
         return InceptionMetric(args.weights, _device(args.device), args.inception_batch_size, total=total)
@@ -409,7 +409,7 @@ def run_eval(args) -> int:
     from .train import init_distributed
 
     if args.num < 1 or args.batch_size < 1:
-        raise SystemExit(f"mage eval: --num and --batch-size must be >= 1, got {args.num} and {args.batch_size}")
+        raise ValueError(f"--num and --batch-size must be >= 1, got {args.num} and {args.batch_size}")
     d = init_distributed()
     device = torch.device(args.device) if args.device else d.device
     model = load_any(args.checkpoint, trusted=args.trust_checkpoint).to(device).eval()
