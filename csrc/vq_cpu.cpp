@@ -207,6 +207,7 @@ struct Codebook {
   std::vector<float> e2s;   // sigma |e_k|^2 in fp32; +inf for codes with a non-finite entry (never chosen)
   int log2_sigma = 0, log2_se = 0;
   double max_e2s = 0.0;     // max_k sigma |e_k|^2, < 1
+  double amax = 0.0;        // max |e_ki| over finite codes
   bool any_finite = false;
   // int16 ranking: codes in panels of kNR, [Kp / kNR][Dp / 2][kNR][2], zero for padding and excluded codes.
   int64_t Kp = 0, Dp = 0;
@@ -254,6 +255,7 @@ Codebook prepare_codebook(const at::Tensor& codebook, Ranking ranking) {
     }
   }
   cb.log2_sigma = top < 0 ? 0 : -top_exp;
+  cb.amax = amax;
   const int64_t Kpad = (K + kNR - 1) / kNR * kNR;
   cb.e2s.assign(Kpad, kInf);
   for (int64_t k = 0; k < K; ++k) {
@@ -363,6 +365,7 @@ struct RowInfo {
   bool extreme = false;  // f outside the fp32 range: compare with every code in fp64
   float f = 0.0f;
   double bound = 0.0;    // sigma E
+  double amax = 0.0;     // max |z_i|
 };
 
 // f = 2^log2_f, when it is a usable fp32 factor (exact products, no overflow of f dot).
@@ -381,9 +384,10 @@ double formation_bound(const Codebook& cb, double f_dot_max) {
 
 // The int16 row's factor and bound, from t and the exact l1 / l2^2 of its zq: the quantization
 // (|z' - zq| <= 1/2 per entry, |e' - eq| likewise), the int32 -> fp32 conversion and the formation.
-RowInfo int16_row_info(const Codebook& cb, int t, double l1, double l2sq) {
+RowInfo int16_row_info(const Codebook& cb, int t, double l1, double l2sq, double amax) {
   RowInfo info;
   info.valid = true;
+  info.amax = amax;
   if (!ranking_factor(1 + cb.log2_sigma - t - cb.log2_se, info.f)) {
     info.extreme = true;
     info.f = 0.0f;
@@ -406,7 +410,7 @@ RowInfo prepare_row_int16(const Buf* z, const Codebook& cb, int16_t* zq) {
   std::fill(zq, zq + cb.Dp, int16_t{0});
   const Norm n = robust_norm(z, D);
   if (!n.finite) return RowInfo{};
-  if (n.amax == 0.0) return int16_row_info(cb, 0, 0.0, 0.0);
+  if (n.amax == 0.0) return int16_row_info(cb, 0, 0.0, 0.0, 0.0);
   for (int t = fit_exponent(n, kInt16Norm, 32767.0);; --t) {  // t drops only if the sum could overflow
     const Pow2 scale(t);
     double l1 = 0.0, l2 = 0.0;
@@ -416,7 +420,7 @@ RowInfo prepare_row_int16(const Buf* z, const Codebook& cb, int16_t* zq) {
       l1 += std::fabs(q);
       l2 += q * q;  // exact: integers below 2^53
     }
-    if (int16_fits(cb, l2)) return int16_row_info(cb, t, l1, l2);
+    if (int16_fits(cb, l2)) return int16_row_info(cb, t, l1, l2, n.amax);
   }
 }
 
@@ -431,6 +435,7 @@ RowInfo prepare_row_gemm(const Buf* z, const Codebook& cb, bool bf16, float* zs)
     return info;
   }
   info.valid = true;
+  info.amax = n.amax;
   const int t = n.amax > 0.0 ? fit_exponent(n, 1.0, 1.0) : 0;
   double sq = 0.0;
   for (int64_t d = 0; d < D; ++d) {
@@ -515,6 +520,193 @@ template <typename Buf>
   return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7])) + tail;
 }
 
+// sqdist_body on z 2^-c and e 2^-c (exact scalings), for fp64 inputs whose squares would overflow or
+// underflow: the result is |z - e|^2 4^-c.
+template <typename Buf>
+double sqdist_scaled(const Buf* z, const double* e, int64_t D, int c) {
+  const Pow2 p(-c);
+  double s = 0.0;
+  for (int64_t d = 0; d < D; ++d) {
+    const double t = p(static_cast<double>(z[d])) - p(e[d]);
+    s += t * t;
+  }
+  return s;
+}
+
+// The exponent c for sqdist_scaled: 0 (no scaling) unless an entry is beyond 2^+-300.
+int distance_exponent(double row_amax, double cb_amax) {
+  const double m = std::max(row_amax, cb_amax);
+  if (m == 0.0 || (m <= 0x1p300 && m >= 0x1p-300)) return 0;
+  return exponent_of(m);
+}
+
+// Exact comparison, for the rare rows where fp64 cannot order two candidates (their distances agree to
+// within fp64 rounding, e.g. they differ by 2^-60 at 1, or only in entries 10^-600 times the others).
+// Every finite double is an integer times a power of two, so on the scale of the smallest such power
+// each |z - e|^2 is an integer; it is summed exactly in multi-limb arithmetic (at most ~70 limbs).
+namespace exact {
+
+using Limbs = std::vector<uint64_t>;  // unsigned, little-endian 64-bit limbs
+
+void trim(Limbs& x) {
+  while (!x.empty() && x.back() == 0) x.pop_back();
+}
+
+int compare(const Limbs& a, const Limbs& b) {  // trimmed inputs
+  if (a.size() != b.size()) return a.size() < b.size() ? -1 : 1;
+  for (size_t i = a.size(); i-- > 0;)
+    if (a[i] != b[i]) return a[i] < b[i] ? -1 : 1;
+  return 0;
+}
+
+// m 2^shift for m < 2^53.
+Limbs shifted(uint64_t m, int64_t shift) {
+  Limbs x(static_cast<size_t>(shift / 64 + 2), 0);
+  const int64_t w = shift / 64, b = shift % 64;
+  x[w] = m << b;
+  if (b > 0) x[w + 1] = m >> (64 - b);
+  trim(x);
+  return x;
+}
+
+void add(Limbs& acc, const Limbs& x) {
+  if (acc.size() < x.size()) acc.resize(x.size(), 0);
+  unsigned __int128 carry = 0;
+  for (size_t i = 0; i < acc.size(); ++i) {
+    carry += static_cast<unsigned __int128>(acc[i]) + (i < x.size() ? x[i] : 0);
+    acc[i] = static_cast<uint64_t>(carry);
+    carry >>= 64;
+  }
+  if (carry) acc.push_back(static_cast<uint64_t>(carry));
+}
+
+Limbs subtract(const Limbs& a, const Limbs& b) {  // a >= b
+  Limbs r(a.size(), 0);
+  uint64_t borrow = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    const uint64_t bi = i < b.size() ? b[i] : 0;
+    const unsigned __int128 t = static_cast<unsigned __int128>(a[i]) - bi - borrow;
+    r[i] = static_cast<uint64_t>(t);
+    borrow = static_cast<uint64_t>(t >> 64) ? 1 : 0;
+  }
+  trim(r);
+  return r;
+}
+
+Limbs square(const Limbs& a) {
+  Limbs r(2 * a.size() + 1, 0);
+  for (size_t i = 0; i < a.size(); ++i) {
+    unsigned __int128 carry = 0;
+    for (size_t j = 0; j < a.size(); ++j) {
+      carry += static_cast<unsigned __int128>(a[i]) * a[j] + r[i + j];
+      r[i + j] = static_cast<uint64_t>(carry);
+      carry >>= 64;
+    }
+    for (size_t k = i + a.size(); carry; ++k) {
+      carry += r[k];
+      r[k] = static_cast<uint64_t>(carry);
+      carry >>= 64;
+    }
+  }
+  trim(r);
+  return r;
+}
+
+// v = m 2^q with an integer m, |m| < 2^53 (v != 0, finite).
+void decompose(double v, uint64_t& m, int& q) {
+  int e;
+  const double f = std::frexp(std::fabs(v), &e);
+  m = static_cast<uint64_t>(std::ldexp(f, 53));
+  q = e - 53;
+}
+
+// |z - e|^2 in units of 4^base (base <= every q of z and e).
+template <typename Buf>
+Limbs sqdist(const Buf* z, const double* e, int64_t D, int base) {
+  Limbs sum;
+  for (int64_t d = 0; d < D; ++d) {
+    const double a = static_cast<double>(z[d]), b = e[d];
+    Limbs x, y;  // |a|, |b| in units of 2^base
+    uint64_t m;
+    int q;
+    if (a != 0.0) decompose(a, m, q), x = shifted(m, q - base);
+    if (b != 0.0) decompose(b, m, q), y = shifted(m, q - base);
+    Limbs diff = x;  // |a - b|
+    if (a != 0.0 && b != 0.0 && (a < 0) == (b < 0)) {
+      diff = compare(x, y) >= 0 ? subtract(x, y) : subtract(y, x);
+    } else {
+      add(diff, y);
+      trim(diff);
+    }
+    add(sum, square(diff));
+  }
+  trim(sum);
+  return sum;
+}
+
+// The smallest q over the nonzero entries of z, a and b.
+template <typename Buf>
+int common_base(const Buf* z, const double* a, const double* b, int64_t D) {
+  int base = 0;
+  bool any = false;
+  auto see = [&](double v) {
+    if (v == 0.0) return;
+    uint64_t m;
+    int q;
+    decompose(v, m, q);
+    base = any ? std::min(base, q) : q;
+    any = true;
+  };
+  for (int64_t d = 0; d < D; ++d) see(static_cast<double>(z[d])), see(a[d]), see(b[d]);
+  return base;
+}
+
+// sign(|z - a|^2 - |z - b|^2), exactly.
+template <typename Buf>
+int compare_distances(const Buf* z, const double* a, const double* b, int64_t D) {
+  if (std::memcmp(a, b, D * sizeof(double)) == 0) return 0;
+  const int base = common_base(z, a, b, D);
+  return compare(sqdist(z, a, D, base), sqdist(z, b, D, base));
+}
+
+}  // namespace exact
+
+// The nearest of `candidates` (ascending), ties to the lowest index: fp64 distances, each within
+// gamma_{D+4} of the exact one (plus underflow), and exact arithmetic among those fp64 cannot separate.
+template <typename Buf>
+Nearest nearest_among(const Buf* z, const Codebook& cb, const std::vector<int64_t>& candidates, int c) {
+  const int64_t D = cb.D;
+  const double* e = cb.f64.const_data_ptr<double>();
+  const double n_ops = static_cast<double>(D + 4), u64 = 0x1p-53;
+  const double gamma = n_ops * u64 / (1.0 - n_ops * u64);
+  std::vector<double> s(candidates.size()), err(candidates.size());
+  double top = std::numeric_limits<double>::infinity();  // min over candidates of s + err
+  for (size_t j = 0; j < candidates.size(); ++j) {
+    const double* ek = e + candidates[j] * D;
+    s[j] = c == 0 ? sqdist_body(z, ek, D) : sqdist_scaled(z, ek, D, c);
+    err[j] = 1.01 * gamma * s[j] + 8.0 * static_cast<double>(D) * 0x1p-1074 * (1.0 + 2.0 * std::sqrt(s[j]));
+    top = std::min(top, s[j] + err[j]);
+  }
+  size_t best = candidates.size();
+  for (size_t j = 0; j < candidates.size(); ++j) {
+    if (s[j] - err[j] > top) continue;  // certainly farther than another candidate
+    if (best == candidates.size()) {
+      best = j;
+      continue;
+    }
+    int cmp;  // sign(|z - e_j|^2 - |z - e_best|^2)
+    if (s[j] + err[j] < s[best] - err[best]) {
+      cmp = -1;
+    } else if (s[j] - err[j] > s[best] + err[best]) {
+      cmp = 1;
+    } else {  // fp64 cannot tell
+      cmp = exact::compare_distances(z, e + candidates[j] * D, e + candidates[best] * D, D);
+    }
+    if (cmp < 0) best = j;  // a tie keeps the lower index
+  }
+  return {candidates[best], c == 0 ? s[best] : std::ldexp(s[best], 2 * c)};
+}
+
 // The decision for one row, given its scan and its r(k) (K values, for the rare candidate pass). Inlined
 // into each search, so it compiles to the instructions of the caller's target.
 template <typename Buf>
@@ -524,24 +716,24 @@ template <typename Buf>
   const int64_t K = cb.K, D = cb.D;
   const double* e = cb.f64.const_data_ptr<double>();
   if (!info.valid || !cb.any_finite) return kInvalid;
-  Nearest best{-1, std::numeric_limits<double>::infinity()};
-  auto consider = [&](int64_t k) {
-    const double s = sqdist_body(z, e + k * D, D);
-    if (s < best.sqdist) best = {k, s};
-  };
-  if (info.extreme) {  // every finite code, in fp64
+  const int c = distance_exponent(info.amax, cb.amax);
+  std::vector<int64_t> candidates;
+  if (info.extreme) {  // every finite code
     for (int64_t k = 0; k < K; ++k)
-      if (!cb.excluded(k)) consider(k);
-    return best.index < 0 ? kInvalid : best;
+      if (!cb.excluded(k)) candidates.push_back(k);
+    return nearest_among(z, cb, candidates, c);
   }
   if (scan.index < 0) return kInvalid;
   const double threshold = static_cast<double>(scan.best) + 2.0 * info.bound * (1.0 + 0x1p-20);
   float t = static_cast<float>(threshold);
   if (static_cast<double>(t) < threshold) t = std::nextafter(t, kInf);
-  if (!exact || !(scan.second <= t)) return {scan.index, sqdist_body(z, e + scan.index * D, D)};
+  if (!exact || !(scan.second <= t)) {
+    const double* ek = e + scan.index * D;
+    return {scan.index, c == 0 ? sqdist_body(z, ek, D) : std::ldexp(sqdist_scaled(z, ek, D, c), 2 * c)};
+  }
   for (int64_t k = 0; k < K; ++k)  // ascending: ties go to the lowest index
-    if (r[k] <= t) consider(k);
-  return best;
+    if (r[k] <= t) candidates.push_back(k);
+  return nearest_among(z, cb, candidates, c);
 }
 
 // --------------------------------------------------------------------------- int16 search (AVX2)
@@ -571,11 +763,11 @@ MAGE_AVX2 RowInfo prepare_row_int16_f64_avx2(const double* z, const Codebook& cb
   std::fill(zq, zq + cb.Dp, int16_t{0});
   const Norm n = robust_norm_f64_avx2(z, cb.D);
   if (!n.finite) return RowInfo{};
-  if (n.amax == 0.0) return int16_row_info(cb, 0, 0.0, 0.0);
+  if (n.amax == 0.0) return int16_row_info(cb, 0, 0.0, 0.0, 0.0);
   for (int t = fit_exponent(n, kInt16Norm, 32767.0);; --t) {
     double l1, l2;
     quantize_f64_avx2(z, cb.D, t, zq, l1, l2);
-    if (int16_fits(cb, l2)) return int16_row_info(cb, t, l1, l2);
+    if (int16_fits(cb, l2)) return int16_row_info(cb, t, l1, l2, n.amax);
   }
 }
 
@@ -612,7 +804,7 @@ MAGE_AVX2 RowInfo prepare_row_int16_avx2(const float* z, const Codebook& cb, int
   if (!finite) return RowInfo{};
   if (m == 0.0f) {
     std::fill(zq, zq + cb.Dp, int16_t{0});
-    return int16_row_info(cb, 0, 0.0, 0.0);
+    return int16_row_info(cb, 0, 0.0, 0.0, 0.0);
   }
   Norm n;
   n.amax = m;
@@ -659,7 +851,7 @@ MAGE_AVX2 RowInfo prepare_row_int16_avx2(const float* z, const Codebook& cb, int
       l2 += static_cast<double>(q) * q;
     }
     for (; d < cb.Dp; ++d) zq[d] = 0;
-    if (int16_fits(cb, l2)) return int16_row_info(cb, t, l1, l2);
+    if (int16_fits(cb, l2)) return int16_row_info(cb, t, l1, l2, m);
   }
 }
 
