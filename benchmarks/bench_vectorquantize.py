@@ -27,7 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import Case, Row, device_name, git_sha, triton_version, write_csv  # noqa: E402
+import cpu_roofline  # noqa: E402
+from common import Case, Row, device_isa, device_name, git_sha, load_average, triton_version, write_csv  # noqa: E402
 
 import mage_kernels as mk  # noqa: E402
 from mage_kernels.nn import VectorQuantize  # noqa: E402
@@ -156,8 +157,11 @@ def main(argv=None) -> None:
         med = statistics.median(t)
         rows.append(Row(op=case.op, provider=case.provider, backend=case.backend, mode=case.mode, shape=case.shape,
                         dtype=case.dtype, median_ms=med, p20_ms=q[1], p80_ms=q[7], peak_extra_mb=float("nan"),
-                        gbps=0.0, tflops=case.flops / (med * 1e-3) / 1e12, roofline_pct=0.0,
-                        device=device_name(args.device), threads=torch.get_num_threads(), torch=torch.__version__,
+                        gbps=0.0, tflops=case.flops / (med * 1e-3) / 1e12,
+                        roofline_pct=0.0 if args.device == "cuda" else
+                        cpu_roofline.roofline_pct(case.flops, 0.0, med, torch.get_num_threads()),
+                        device=device_name(args.device), isa=device_isa(args.device), load=load_average(),
+                        threads=torch.get_num_threads(), torch=torch.__version__,
                         triton=triton_version(), git_sha=git_sha()))
         print(f"{case.op:28s} {case.provider:10s} {case.shape:24s} {med:9.2f} ms  (p20 {q[1]:.2f}, p80 {q[7]:.2f})",
               flush=True)
