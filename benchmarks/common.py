@@ -134,8 +134,22 @@ def peak_extra_mb(fn: Callable, device: str) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def measure(case: Case, device: str) -> Row:
-    times = time_cuda(case.fn, case.setup) if device == "cuda" else time_cpu(case.fn, case.setup)
+def time_round_robin(cases: list[Case], rounds: int) -> list[list[float]]:
+    """Each round times one call of every case, so a change of machine load hits every provider alike."""
+    for case in cases:
+        case.fn()  # warm-up
+    times: list[list[float]] = [[] for _ in cases]
+    for _ in range(rounds):
+        for i, case in enumerate(cases):
+            if case.setup:
+                case.setup()
+            t0 = time.perf_counter()
+            case.fn()
+            times[i].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def make_row(case: Case, device: str, times: list[float]) -> Row:
     q = statistics.quantiles(times, n=10) if len(times) > 1 else times * 9
     median = statistics.median(times)
     gbps = case.bytes / (median * 1e-3) / 1e9 if case.bytes else 0.0
@@ -150,9 +164,13 @@ def measure(case: Case, device: str) -> Row:
         peak_extra_mb=peak_extra_mb(case.fn, device), gbps=gbps,
         tflops=case.flops / (median * 1e-3) / 1e12 if case.flops else 0.0,
         roofline_pct=roofline, device=device_name(device), isa=device_isa(device), load=load_average(),
-        threads=torch.get_num_threads(), torch=torch.__version__,
-        triton=triton_version(), git_sha=git_sha(),
+        threads=torch.get_num_threads(), torch=torch.__version__, triton=triton_version(), git_sha=git_sha(),
     )
+
+
+def measure(case: Case, device: str) -> Row:
+    times = time_cuda(case.fn, case.setup) if device == "cuda" else time_cpu(case.fn, case.setup)
+    return make_row(case, device, times)
 
 
 def write_csv(rows: list[Row], path: str) -> None:

@@ -1,6 +1,6 @@
 """Run every op benchmark on one device and write one CSV (the README's benchmark job).
 
-    python benchmarks/run.py --device cpu --threads 1 2 all --out benchmarks/results/cpu.csv
+    python benchmarks/run.py --device cpu --threads 1 2 all --rounds 9 --out benchmarks/results/cpu.csv
     python benchmarks/run.py --device cuda --out benchmarks/results/h100.csv
 
 With several thread counts every case runs at each (the `threads` column tells them apart) and a
@@ -18,7 +18,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import measure, write_csv  # noqa: E402
+from common import make_row, measure, time_round_robin, write_csv  # noqa: E402
 
 FAMILIES = ["bench_vq", "bench_remask", "bench_masking", "bench_sampling", "bench_vectorquantize"]
 
@@ -47,6 +47,8 @@ def main(argv=None) -> None:
     p.add_argument("--threads", nargs="+", type=thread_count, default=None,
                    help="CPU thread counts, e.g. 1 2 all (default: torch's choice)")
     p.add_argument("--only", default=None, help="run only families whose name contains this")
+    p.add_argument("--rounds", type=int, default=0,
+                   help="CPU: time each family's cases round-robin, this many rounds (fair under changing load)")
     p.add_argument("--quick", action="store_true", help="small shapes, for smoke tests")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -56,9 +58,12 @@ def main(argv=None) -> None:
         for family in FAMILIES:
             if args.only and args.only not in family:
                 continue
-            module = importlib.import_module(family)
-            for case in module.cases(args.device, quick=args.quick):
-                row = measure(case, args.device)
+            cases = importlib.import_module(family).cases(args.device, quick=args.quick)
+            if args.rounds and args.device == "cpu":
+                family_rows = [make_row(c, args.device, t) for c, t in zip(cases, time_round_robin(cases, args.rounds))]
+            else:
+                family_rows = [measure(c, args.device) for c in cases]
+            for row in family_rows:
                 rows.append(row)
                 print(f"{row.op:14s} {row.provider:10s} {row.backend:9s} {row.mode:8s} {row.shape:24s} {row.dtype:9s} "
                       f"{threads}t {row.median_ms:9.3f} ms  {row.gbps:8.1f} GB/s  {row.tflops:6.2f} TFLOP/s  "
