@@ -1,4 +1,4 @@
-// Which instruction-set path the CPU kernels take (docs/OPS.md, "CPU kernels").
+// Which instruction-set path the CPU kernels take (docs/OPS.md, Backends).
 //
 // Detected from the CPU at run time (the library is built without -march flags), or forced with the
 // environment variable MAGE_CPU_ISA, read on every call so tests can switch it:
