@@ -9,6 +9,7 @@
 // The fused-head variant runs phase 1 on logits it computes itself for a tile of unknown tokens at a
 // time (one small GEMM per tile), so the (B, L, V) logits never exist.
 #include "checks.h"
+#include "cpu_isa.h"
 #include "remask.h"
 // remask_rng's helpers take eight-lane vectors here; they are always inlined, so the ABI of an out-of-line
 // copy (what -Wpsabi warns about) never matters.
@@ -91,7 +92,7 @@ namespace {
 
 using namespace remask_rng;
 constexpr float kInf = std::numeric_limits<float>::infinity();
-// The vector helpers are always inlined into sample_token's clones, so no vector crosses a call ABI.
+// The vector helpers are always inlined into sample_token's two builds, so no vector crosses a call ABI.
 #pragma GCC diagnostic ignored "-Wpsabi"
 constexpr int kW = 8;  // lanes of the GCC vector types below (one AVX2 register; two SSE ones otherwise)
 typedef float vf __attribute__((vector_size(4 * kW)));
@@ -139,8 +140,7 @@ struct Sample {
 // One token from its scaled candidate logits s[0, V) (NaN already read as -inf; s has room for a
 // multiple of kW floats). d = s - m (0 where s == m), token = argmax(exp(d) / E), E ~ Exp(1), with ties to
 // the lowest index, log p = d[token] - log(sum exp d): the contract of reference.remask_sample.
-__attribute__((target_clones("avx2", "default")))
-Sample sample_token(float* s, int64_t V, uint32_t h, uint32_t g) {
+[[gnu::always_inline]] inline Sample sample_token(float* s, int64_t V, uint32_t h, uint32_t g) {
   const int64_t Vp = (V + kW - 1) / kW * kW;
   for (int64_t v = V; v < Vp; ++v) s[v] = -kInf;
   vf mv = splat(-kInf);
@@ -183,6 +183,23 @@ Sample sample_token(float* s, int64_t V, uint32_t h, uint32_t g) {
   return {t, dt - std::log(total)};
 }
 
+// sample_token compiled twice: for AVX2 and portable (two SSE registers per vector); the same bits either
+// way (no FMA contraction in either). MAGE_CPU_ISA picks one per call (cpu_isa.h).
+using SampleFn = Sample (*)(float*, int64_t, uint32_t, uint32_t);
+#if defined(__x86_64__)
+__attribute__((target("avx2"))) Sample sample_token_avx2(float* s, int64_t V, uint32_t h, uint32_t g) {
+  return sample_token(s, V, h, g);
+}
+#endif
+Sample sample_token_portable(float* s, int64_t V, uint32_t h, uint32_t g) { return sample_token(s, V, h, g); }
+
+SampleFn sample_token_for(CpuIsa isa) {
+#if defined(__x86_64__)
+  if (isa != CpuIsa::kScalar) return sample_token_avx2;
+#endif
+  return sample_token_portable;
+}
+
 template <typename scalar_t>
 void load_scaled(float* dst, const scalar_t* src, int64_t stride, int64_t V, float inv_t, const float* bias) {
   for (int64_t v = 0; v < V; ++v) {
@@ -201,6 +218,7 @@ struct Context {
   const int64_t* ids;  // (B, L) contiguous copy
   int64_t* sampled;    // (B, L)
   float* confidence;   // (B, L)
+  SampleFn sample_row;  // sample_token for this call's CPU path
 
   void finish_token(int64_t t, const Sample& smp) const {
     uint32_t h, g;
@@ -211,7 +229,7 @@ struct Context {
   Sample sample(float* row, int64_t t) const {
     uint32_t h, g;
     token_keys(k0, k1, t / L, t % L, h, g);
-    return sample_token(row, vocab, h, g);
+    return sample_row(row, vocab, h, g);
   }
 };
 
@@ -285,6 +303,7 @@ struct Call {
     c.sampled = sampled.data_ptr<int64_t>();
     confidence.assign(c.B * c.L, kInf);
     c.confidence = confidence.data();
+    c.sample_row = sample_token_for(cpu_isa());
     prepare_rows(op, c, num_masked);
   }
   Call(const Call&) = delete;
