@@ -33,7 +33,8 @@
 namespace mage {
 
 void check_remask_args(const char* op, int64_t vocab_rows, const at::Tensor& ids, const at::Tensor& num_masked,
-                       const at::Tensor& seed, int64_t vocab_size, double temperature, double choice_temperature) {
+                       const at::Tensor& seed, int64_t mask_id, int64_t vocab_size, double temperature,
+                       double choice_temperature) {
   TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong, op, ": ids must be int64, got ", ids.scalar_type());
   TORCH_CHECK_TYPE(num_masked.scalar_type() == at::kLong, op, ": num_masked must be int64, got ",
                    num_masked.scalar_type());
@@ -48,6 +49,10 @@ void check_remask_args(const char* op, int64_t vocab_rows, const at::Tensor& ids
   TORCH_CHECK_VALUE(vocab_size >= 1 && vocab_size <= vocab_rows, op, ": vocab_size must be in [1, ", vocab_rows,
                     "] (the logits' last dim), got ", vocab_size);
   TORCH_CHECK_VALUE(vocab_size < (int64_t(1) << 31) - 64, op, ": vocab_size must be < 2^31 - 64, got ", vocab_size);
+  // A sampled token equal to mask_id would read as still masked: rows would end with extra masks.
+  TORCH_CHECK_VALUE(mask_id < 0 || mask_id >= vocab_size, op,
+                    ": mask_id must not be a token that can be sampled, i.e. outside [0, vocab_size) = [0, ",
+                    vocab_size, "), got mask_id = ", mask_id);
   TORCH_CHECK_VALUE(temperature > 0.0 && std::isfinite(temperature), op,
                     ": temperature must be finite and > 0, got ", temperature);
   TORCH_CHECK_VALUE(choice_temperature >= 0.0 && std::isfinite(choice_temperature), op,
@@ -233,7 +238,7 @@ struct Context {
   }
 };
 
-// Known tokens keep their id (confidence +inf, set by make_context); checks k against each row's unknowns.
+// Known tokens keep their id (confidence +inf, set by Call); checks k against each row's unknowns.
 void prepare_rows(const char* op, const Context& c, const at::Tensor& num_masked) {
   const auto k = num_masked.accessor<int64_t, 1>();
   for (int64_t b = 0; b < c.B; ++b) {
@@ -325,7 +330,7 @@ std::tuple<at::Tensor, at::Tensor> remask_step_cpu(const at::Tensor& logits, con
                                                    double temperature, bool reference_ties) {
   constexpr const char* op = "remask_step";
   check_remask_logits(op, logits, ids);
-  check_remask_args(op, logits.size(2), ids, num_masked, seed, vocab_size, temperature, choice_temperature);
+  check_remask_args(op, logits.size(2), ids, num_masked, seed, mask_id, vocab_size, temperature, choice_temperature);
   Call call(op, ids, num_masked, seed, mask_id, choice_temperature, vocab_size, temperature);
   const Context& c = call.c;
   const int64_t s0 = logits.stride(0), s1 = logits.stride(1), s2 = logits.stride(2);
@@ -353,7 +358,7 @@ std::tuple<at::Tensor, at::Tensor> remask_step_from_hidden_cpu(
   // a parallel region would serialize on small tiles).
   constexpr int64_t kChunk = 1024;
   check_remask_hidden(op, hidden, weight, bias, ids);
-  check_remask_args(op, weight.size(0), ids, num_masked, seed, vocab_size, temperature, choice_temperature);
+  check_remask_args(op, weight.size(0), ids, num_masked, seed, mask_id, vocab_size, temperature, choice_temperature);
   Call call(op, ids, num_masked, seed, mask_id, choice_temperature, vocab_size, temperature);
   const Context& c = call.c;
   // Only unknown tokens need logits: gather them into dense tiles.

@@ -540,6 +540,17 @@ int distance_exponent(double row_amax, double cb_amax) {
   return exponent_of(m);
 }
 
+// The reported distance of the chosen code: scaled by the exponent of this row and this code only, so a
+// huge other code (which set the row's common scale c) does not flush a small distance to zero.
+template <typename Buf>
+double chosen_sqdist(const Buf* z, const double* ek, int64_t D, int c) {
+  if (c == 0) return sqdist_body(z, ek, D);
+  double m = 0.0;
+  for (int64_t d = 0; d < D; ++d) m = std::max({m, std::fabs(static_cast<double>(z[d])), std::fabs(ek[d])});
+  const int own = distance_exponent(m, 0.0);
+  return own == 0 ? sqdist_body(z, ek, D) : std::ldexp(sqdist_scaled(z, ek, D, own), 2 * own);
+}
+
 // Exact comparison, for the rare rows where fp64 cannot order two candidates (their distances agree to
 // within fp64 rounding, e.g. they differ by 2^-60 at 1, or only in entries 10^-600 times the others).
 // Every finite double is an integer times a power of two, so on the scale of the smallest such power
@@ -704,7 +715,7 @@ Nearest nearest_among(const Buf* z, const Codebook& cb, const std::vector<int64_
     }
     if (cmp < 0) best = j;  // a tie keeps the lower index
   }
-  return {candidates[best], c == 0 ? s[best] : std::ldexp(s[best], 2 * c)};
+  return {candidates[best], c == 0 ? s[best] : chosen_sqdist(z, e + candidates[best] * D, D, c)};
 }
 
 // The decision for one row, given its scan and its r(k) (K values, for the rare candidate pass). Inlined
@@ -729,7 +740,7 @@ template <typename Buf>
   if (static_cast<double>(t) < threshold) t = std::nextafter(t, kInf);
   if (!exact || !(scan.second <= t)) {
     const double* ek = e + scan.index * D;
-    return {scan.index, c == 0 ? sqdist_body(z, ek, D) : std::ldexp(sqdist_scaled(z, ek, D, c), 2 * c)};
+    return {scan.index, chosen_sqdist(z, ek, D, c)};
   }
   for (int64_t k = 0; k < K; ++k)  // ascending: ties go to the lowest index
     if (r[k] <= t) candidates.push_back(k);

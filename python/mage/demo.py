@@ -84,7 +84,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                           steps=cfg.tokenizer_steps, batch_size=cfg.tokenizer_batch_size, lr=2e-3,
                           warmup_steps=min(50, cfg.tokenizer_steps // 10),
                           weight_decay=0.0, out_dir=str(out / "tokenizer"), log_every=10, ckpt_every=10**9,
-                          codebook_restart_every=50, seed=cfg.seed)
+                          codebook_restart_every=50, seed=cfg.seed, overwrite=True)
     train(tok_cfg)
     tokenizer = load_tokenizer(out / "tokenizer" / "tokenizer.safetensors").eval()
     times["tokenizer_train_s"] = time.perf_counter() - t
@@ -117,7 +117,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                            tokenizer_checkpoint=str(out / "tokenizer" / "tokenizer.safetensors"),
                            token_cache=str(out / "tokens.ckpt"), steps=cfg.mage_steps, batch_size=cfg.batch_size,
                            lr=1e-3, warmup_steps=max(cfg.mage_steps // 20, 1), out_dir=str(out / "mage"),
-                           log_every=10, ckpt_every=10**9, seed=cfg.seed)
+                           log_every=10, ckpt_every=10**9, seed=cfg.seed, overwrite=True)
     train(mage_cfg)
     from .checkpoint import load
 
