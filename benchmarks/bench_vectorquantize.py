@@ -18,16 +18,14 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import Case, Row, device_name, git_sha, triton_version, write_csv  # noqa: E402
+from common import Case, make_row, time_round_robin, write_csv  # noqa: E402
 
 import mage_kernels as mk  # noqa: E402
 from mage_kernels.nn import VectorQuantize  # noqa: E402
@@ -120,18 +118,6 @@ def cases(device: str, quick: bool = False) -> list[Case]:
     return out
 
 
-def round_robin(all_cases: list[Case], rounds: int) -> dict[int, list[float]]:
-    for case in all_cases:
-        case.fn()  # warm-up
-    times: dict[int, list[float]] = {i: [] for i in range(len(all_cases))}
-    for _ in range(rounds):
-        for i, case in enumerate(all_cases):
-            t0 = time.perf_counter()
-            case.fn()
-            times[i].append((time.perf_counter() - t0) * 1e3)
-    return times
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -148,19 +134,13 @@ def main(argv=None) -> None:
         for c in all_cases:
             fn = c.fn
             object.__setattr__(c, "fn", lambda fn=fn: (fn(), sync()))
-    times = round_robin(all_cases, args.rounds)
+    times = time_round_robin(all_cases, args.rounds)
     rows = []
-    for i, case in enumerate(all_cases):
-        t = times[i]
-        q = statistics.quantiles(t, n=10) if len(t) > 1 else t * 9
-        med = statistics.median(t)
-        rows.append(Row(op=case.op, provider=case.provider, backend=case.backend, mode=case.mode, shape=case.shape,
-                        dtype=case.dtype, median_ms=med, p20_ms=q[1], p80_ms=q[7], peak_extra_mb=float("nan"),
-                        gbps=0.0, tflops=case.flops / (med * 1e-3) / 1e12, roofline_pct=0.0,
-                        device=device_name(args.device), threads=torch.get_num_threads(), torch=torch.__version__,
-                        triton=triton_version(), git_sha=git_sha()))
-        print(f"{case.op:28s} {case.provider:10s} {case.shape:24s} {med:9.2f} ms  (p20 {q[1]:.2f}, p80 {q[7]:.2f})",
-              flush=True)
+    for case, t in zip(all_cases, times):
+        row = make_row(case, args.device, t)
+        rows.append(row)
+        print(f"{case.op:28s} {case.provider:10s} {case.shape:24s} {row.median_ms:9.2f} ms  (p20 {row.p20_ms:.2f}, "
+              f"p80 {row.p80_ms:.2f})", flush=True)
     if args.out:
         write_csv(rows, args.out)
         print(f"wrote {len(rows)} rows to {args.out}; load average {os.getloadavg()}")

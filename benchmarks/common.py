@@ -10,13 +10,14 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
-import platform
 import statistics
 import subprocess
 import time
 from typing import Callable
 
 import torch
+
+import cpu_roofline
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +50,8 @@ class Row:
     tflops: float
     roofline_pct: float
     device: str
+    isa: str  # CPU rows: the CPU's vector ISA and the path our kernels took; GPU rows: "-"
+    load: float  # 1-minute load average when the row was measured (the machine may be shared)
     threads: int
     torch: str
     triton: str
@@ -58,7 +61,15 @@ class Row:
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cpus)"
+    return f"{cpu_roofline.cpu_model()} ({os.cpu_count()} cpus)"
+
+
+def device_isa(device: str) -> str:
+    return "-" if device == "cuda" else cpu_roofline.isa()
+
+
+def load_average() -> float:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
 
 def git_sha() -> str:
@@ -77,7 +88,7 @@ def triton_version() -> str:
         return "-"
 
 
-# Peak memory bandwidth used for the roofline column; CPU rows leave it empty.
+# Peak memory bandwidth used for the roofline column of GPU rows (CPU rows measure theirs: cpu_roofline.py).
 HBM_GBPS = {"H100": 3350.0, "H200": 4800.0}
 
 
@@ -123,21 +134,43 @@ def peak_extra_mb(fn: Callable, device: str) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def measure(case: Case, device: str) -> Row:
-    times = time_cuda(case.fn, case.setup) if device == "cuda" else time_cpu(case.fn, case.setup)
+def time_round_robin(cases: list[Case], rounds: int) -> list[list[float]]:
+    """Each round times one call of every case, so a change of machine load hits every provider alike."""
+    for case in cases:
+        case.fn()  # warm-up
+    times: list[list[float]] = [[] for _ in cases]
+    for _ in range(rounds):
+        for i, case in enumerate(cases):
+            if case.setup:
+                case.setup()
+            t0 = time.perf_counter()
+            case.fn()
+            times[i].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def make_row(case: Case, device: str, times: list[float]) -> Row:
     q = statistics.quantiles(times, n=10) if len(times) > 1 else times * 9
     median = statistics.median(times)
     gbps = case.bytes / (median * 1e-3) / 1e9 if case.bytes else 0.0
-    roof = roofline_gbps(device)
+    if device == "cuda":
+        roof = roofline_gbps(device)
+        roofline = 100.0 * gbps / roof if roof and gbps else 0.0
+    else:
+        roofline = cpu_roofline.roofline_pct(case.flops, case.bytes, median, torch.get_num_threads())
     return Row(
         op=case.op, provider=case.provider, backend=case.backend, mode=case.mode, shape=case.shape,
         dtype=case.dtype, median_ms=median, p20_ms=q[1], p80_ms=q[7],
         peak_extra_mb=peak_extra_mb(case.fn, device), gbps=gbps,
         tflops=case.flops / (median * 1e-3) / 1e12 if case.flops else 0.0,
-        roofline_pct=100.0 * gbps / roof if roof and gbps else 0.0,
-        device=device_name(device), threads=torch.get_num_threads(), torch=torch.__version__,
-        triton=triton_version(), git_sha=git_sha(),
+        roofline_pct=roofline, device=device_name(device), isa=device_isa(device), load=load_average(),
+        threads=torch.get_num_threads(), torch=torch.__version__, triton=triton_version(), git_sha=git_sha(),
     )
+
+
+def measure(case: Case, device: str) -> Row:
+    times = time_cuda(case.fn, case.setup) if device == "cuda" else time_cpu(case.fn, case.setup)
+    return make_row(case, device, times)
 
 
 def write_csv(rows: list[Row], path: str) -> None:

@@ -1,7 +1,11 @@
 """Run every op benchmark on one device and write one CSV (the README's benchmark job).
 
-    python benchmarks/run.py --device cpu --threads 2 --out benchmarks/results/cpu.csv
+    python benchmarks/run.py --device cpu --threads 1 2 all --rounds 9 --out benchmarks/results/cpu.csv
     python benchmarks/run.py --device cuda --out benchmarks/results/h100.csv
+
+With several thread counts every case runs at each (the `threads` column tells them apart) and a
+scaling table follows: per case, the speed-up over the fewest threads and the efficiency (speed-up
+divided by the thread ratio).
 """
 
 from __future__ import annotations
@@ -14,34 +18,64 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import measure, write_csv  # noqa: E402
+from common import make_row, measure, time_round_robin, write_csv  # noqa: E402
 
 FAMILIES = ["bench_vq", "bench_remask", "bench_masking", "bench_sampling", "bench_vectorquantize"]
+
+
+def thread_count(text: str) -> int:
+    return os.cpu_count() or 1 if text == "all" else int(text)
+
+
+def scaling_table(rows) -> list[str]:
+    """Speed-up and efficiency of each case over its run with the fewest threads."""
+    by_case: dict[tuple, dict[int, float]] = {}
+    for r in rows:
+        by_case.setdefault((r.op, r.provider, r.backend, r.mode, r.shape, r.dtype), {})[r.threads] = r.median_ms
+    lines = []
+    for key, times in by_case.items():
+        base = min(times)
+        cells = [f"{t}t {ms:9.3f} ms x{times[base] / ms:4.2f} eff {times[base] / ms * base / t:4.2f}"
+                 for t, ms in sorted(times.items())]
+        lines.append(f"{key[0]:14s} {key[1]:10s} {key[3]:16s} {key[4]:24s} {key[5]:9s} " + "  ".join(cells))
+    return lines
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    p.add_argument("--threads", nargs="+", type=thread_count, default=None,
+                   help="CPU thread counts, e.g. 1 2 all (default: torch's choice)")
     p.add_argument("--only", default=None, help="run only families whose name contains this")
+    p.add_argument("--rounds", type=int, default=0,
+                   help="CPU: time each family's cases round-robin, this many rounds (fair under changing load)")
     p.add_argument("--quick", action="store_true", help="small shapes, for smoke tests")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     rows = []
-    for family in FAMILIES:
-        if args.only and args.only not in family:
-            continue
-        module = importlib.import_module(family)
-        for case in module.cases(args.device, quick=args.quick):
-            row = measure(case, args.device)
-            rows.append(row)
-            print(f"{row.op:14s} {row.provider:10s} {row.backend:9s} {row.mode:8s} {row.shape:24s} {row.dtype:9s} "
-                  f"{row.median_ms:9.3f} ms  {row.gbps:8.1f} GB/s  {row.tflops:6.2f} TFLOP/s", flush=True)
+    for threads in sorted(set(args.threads or [torch.get_num_threads()])):
+        torch.set_num_threads(threads)
+        for family in FAMILIES:
+            if args.only and args.only not in family:
+                continue
+            cases = importlib.import_module(family).cases(args.device, quick=args.quick)
+            if args.rounds and args.device == "cpu":
+                family_rows = [make_row(c, args.device, t) for c, t in zip(cases, time_round_robin(cases, args.rounds))]
+            else:
+                family_rows = [measure(c, args.device) for c in cases]
+            for row in family_rows:
+                rows.append(row)
+                print(f"{row.op:14s} {row.provider:10s} {row.backend:9s} {row.mode:8s} {row.shape:24s} {row.dtype:9s} "
+                      f"{threads}t {row.median_ms:9.3f} ms  {row.gbps:8.1f} GB/s  {row.tflops:6.2f} TFLOP/s  "
+                      f"roofline {row.roofline_pct:5.1f}%  load {row.load:.1f}", flush=True)
     out = args.out or os.path.join(os.path.dirname(__file__), "results", f"{args.device}.csv")
     write_csv(rows, out)
-    print(f"wrote {len(rows)} rows to {out}")
+    print(f"wrote {len(rows)} rows to {out} (isa: {rows[0].isa if rows else '-'})")
+    if args.threads and len(set(args.threads)) > 1:
+        table = scaling_table(rows)
+        print("\n".join(table))
+        with open(os.path.splitext(out)[0] + "-scaling.txt", "w") as f:
+            f.write("\n".join(table) + "\n")
 
 
 if __name__ == "__main__":

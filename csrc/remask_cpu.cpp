@@ -9,8 +9,14 @@
 // The fused-head variant runs phase 1 on logits it computes itself for a tile of unknown tokens at a
 // time (one small GEMM per tile), so the (B, L, V) logits never exist.
 #include "checks.h"
+#include "cpu_isa.h"
 #include "remask.h"
+// remask_rng's helpers take eight-lane vectors here; they are always inlined, so the ABI of an out-of-line
+// copy (what -Wpsabi warns about) never matters.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
 #include "remask_rng.h"
+#pragma GCC diagnostic pop
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -91,7 +97,7 @@ namespace {
 
 using namespace remask_rng;
 constexpr float kInf = std::numeric_limits<float>::infinity();
-// The vector helpers are always inlined into sample_token's clones, so no vector crosses a call ABI.
+// The vector helpers are always inlined into sample_token's two builds, so no vector crosses a call ABI.
 #pragma GCC diagnostic ignored "-Wpsabi"
 constexpr int kW = 8;  // lanes of the GCC vector types below (one AVX2 register; two SSE ones otherwise)
 typedef float vf __attribute__((vector_size(4 * kW)));
@@ -128,28 +134,7 @@ typedef uint32_t vu __attribute__((vector_size(4 * kW)));
   const vi small = m < splat(0.707106781186547524f);
   e = small ? e - 1 : e;
   m = small ? m + m - 1.0f : m - 1.0f;
-  const vf z = m * m;
-  vf y = splat(7.0376836292e-2f);
-  y = y * m - 1.1514610310e-1f;
-  y = y * m + 1.1676998740e-1f;
-  y = y * m - 1.2420140846e-1f;
-  y = y * m + 1.4249322787e-1f;
-  y = y * m - 1.6668057665e-1f;
-  y = y * m + 2.0000714765e-1f;
-  y = y * m - 2.4999993993e-1f;
-  y = y * m + 3.3333331174e-1f;
-  y = y * m * z;
-  const vf ef = __builtin_convertvector(e, vf);
-  y = y + ef * -2.12194440e-4f - 0.5f * z;
-  return m + y + ef * 0.693359375f;
-}
-
-[[gnu::always_inline]] inline vu mix32v(vu x) {
-  x ^= x >> 16;
-  x *= kMixC1;
-  x ^= x >> 15;
-  x *= kMixC2;
-  return x ^ (x >> 15);
+  return log_reduced(m, __builtin_convertvector(e, vf));
 }
 
 struct Sample {
@@ -160,8 +145,7 @@ struct Sample {
 // One token from its scaled candidate logits s[0, V) (NaN already read as -inf; s has room for a
 // multiple of kW floats). d = s - m (0 where s == m), token = argmax(exp(d) / E), E ~ Exp(1), with ties to
 // the lowest index, log p = d[token] - log(sum exp d): the contract of reference.remask_sample.
-__attribute__((target_clones("avx2", "default")))
-Sample sample_token(float* s, int64_t V, uint32_t h, uint32_t g) {
+[[gnu::always_inline]] inline Sample sample_token(float* s, int64_t V, uint32_t h, uint32_t g) {
   const int64_t Vp = (V + kW - 1) / kW * kW;
   for (int64_t v = V; v < Vp; ++v) s[v] = -kInf;
   vf mv = splat(-kInf);
@@ -185,7 +169,7 @@ Sample sample_token(float* s, int64_t V, uint32_t h, uint32_t g) {
     const vf d = x == mm ? splat(0.0f) : x - mm;
     const vf e = live ? exp_nonpos(d) : splat(0.0f);
     sum += e;
-    const vu w = mix32v((vu{} + h + __builtin_convertvector(idx, vu) * kGolden) ^ g);
+    const vu w = mix32_lanes((vu{} + h + __builtin_convertvector(idx, vu) * kGolden) ^ g);
     // w >> 9 < 2^23: a signed conversion is exact and has an AVX2 instruction (unsigned has none).
     const vf u = (__builtin_convertvector(reinterpret_cast<vi>(w >> 9), vf) + 0.5f) * 1.1920928955078125e-07f;
     const vf key = live ? e / -log_pos8(u) : splat(-1.0f);
@@ -202,6 +186,23 @@ Sample sample_token(float* s, int64_t V, uint32_t h, uint32_t g) {
   const int64_t t = best_i[j];
   const float dt = s[t] == m ? 0.0f : s[t] - m;
   return {t, dt - std::log(total)};
+}
+
+// sample_token compiled twice: for AVX2 and portable (two SSE registers per vector); the same bits either
+// way (no FMA contraction in either). MAGE_CPU_ISA picks one per call (cpu_isa.h).
+using SampleFn = Sample (*)(float*, int64_t, uint32_t, uint32_t);
+#if defined(__x86_64__)
+__attribute__((target("avx2"))) Sample sample_token_avx2(float* s, int64_t V, uint32_t h, uint32_t g) {
+  return sample_token(s, V, h, g);
+}
+#endif
+Sample sample_token_portable(float* s, int64_t V, uint32_t h, uint32_t g) { return sample_token(s, V, h, g); }
+
+SampleFn sample_token_for(CpuIsa isa) {
+#if defined(__x86_64__)
+  if (isa != CpuIsa::kScalar) return sample_token_avx2;
+#endif
+  return sample_token_portable;
 }
 
 template <typename scalar_t>
@@ -222,6 +223,7 @@ struct Context {
   const int64_t* ids;  // (B, L) contiguous copy
   int64_t* sampled;    // (B, L)
   float* confidence;   // (B, L)
+  SampleFn sample_row;  // sample_token for this call's CPU path
 
   void finish_token(int64_t t, const Sample& smp) const {
     uint32_t h, g;
@@ -232,11 +234,11 @@ struct Context {
   Sample sample(float* row, int64_t t) const {
     uint32_t h, g;
     token_keys(k0, k1, t / L, t % L, h, g);
-    return sample_token(row, vocab, h, g);
+    return sample_row(row, vocab, h, g);
   }
 };
 
-// Known tokens keep their id (confidence +inf, set by make_context); checks k against each row's unknowns.
+// Known tokens keep their id (confidence +inf, set by Call); checks k against each row's unknowns.
 void prepare_rows(const char* op, const Context& c, const at::Tensor& num_masked) {
   const auto k = num_masked.accessor<int64_t, 1>();
   for (int64_t b = 0; b < c.B; ++b) {
@@ -281,24 +283,42 @@ void select_rows(const Context& c, const at::Tensor& num_masked, bool reference_
   });
 }
 
-Context make_context(const at::Tensor& ids_c, const at::Tensor& seed, at::Tensor& sampled,
-                     std::vector<float>& confidence, int64_t mask_id, double choice_temperature, int64_t vocab,
-                     double temperature) {
+// What both ops share around phase 1: the contiguous ids, the outputs and the call's context. Building it
+// checks num_masked and fills the known tokens (prepare_rows); finish() runs phase 2.
+struct Call {
+  at::Tensor ids_c, sampled, new_ids, num_masked;
+  std::vector<float> confidence;
   Context c;
-  c.B = ids_c.size(0);
-  c.L = ids_c.size(1);
-  c.vocab = vocab;
-  c.mask_id = mask_id;
-  c.inv_t = static_cast<float>(1.0 / temperature);
-  c.tau = static_cast<float>(choice_temperature);
-  const auto sd = seed.accessor<int64_t, 1>();
-  call_keys(sd[0], sd[1], c.k0, c.k1);
-  c.ids = ids_c.const_data_ptr<int64_t>();
-  c.sampled = sampled.data_ptr<int64_t>();
-  confidence.assign(c.B * c.L, kInf);
-  c.confidence = confidence.data();
-  return c;
-}
+
+  Call(const char* op, const at::Tensor& ids, const at::Tensor& num_masked_, const at::Tensor& seed, int64_t mask_id,
+       double choice_temperature, int64_t vocab, double temperature)
+      : ids_c(ids.contiguous()),
+        sampled(at::empty(ids.sizes(), ids.options())),
+        new_ids(at::empty(ids.sizes(), ids.options())),
+        num_masked(num_masked_) {
+    c.B = ids_c.size(0);
+    c.L = ids_c.size(1);
+    c.vocab = vocab;
+    c.mask_id = mask_id;
+    c.inv_t = static_cast<float>(1.0 / temperature);
+    c.tau = static_cast<float>(choice_temperature);
+    const auto sd = seed.accessor<int64_t, 1>();
+    call_keys(sd[0], sd[1], c.k0, c.k1);
+    c.ids = ids_c.const_data_ptr<int64_t>();
+    c.sampled = sampled.data_ptr<int64_t>();
+    confidence.assign(c.B * c.L, kInf);
+    c.confidence = confidence.data();
+    c.sample_row = sample_token_for(cpu_isa());
+    prepare_rows(op, c, num_masked);
+  }
+  Call(const Call&) = delete;
+  Call& operator=(const Call&) = delete;
+
+  std::tuple<at::Tensor, at::Tensor> finish(bool reference_ties) {
+    select_rows(c, num_masked, reference_ties, new_ids.data_ptr<int64_t>());
+    return {sampled, new_ids};
+  }
+};
 
 int64_t padded(int64_t V) { return (V + kW - 1) / kW * kW; }
 
@@ -311,13 +331,8 @@ std::tuple<at::Tensor, at::Tensor> remask_step_cpu(const at::Tensor& logits, con
   constexpr const char* op = "remask_step";
   check_remask_logits(op, logits, ids);
   check_remask_args(op, logits.size(2), ids, num_masked, seed, mask_id, vocab_size, temperature, choice_temperature);
-  const at::Tensor ids_c = ids.contiguous();
-  at::Tensor sampled = at::empty(ids.sizes(), ids.options());
-  at::Tensor new_ids = at::empty(ids.sizes(), ids.options());
-  std::vector<float> confidence;
-  const Context c = make_context(ids_c, seed, sampled, confidence, mask_id, choice_temperature, vocab_size,
-                                 temperature);
-  prepare_rows(op, c, num_masked);
+  Call call(op, ids, num_masked, seed, mask_id, choice_temperature, vocab_size, temperature);
+  const Context& c = call.c;
   const int64_t s0 = logits.stride(0), s1 = logits.stride(1), s2 = logits.stride(2);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "remask_step_cpu", [&] {
     const scalar_t* lp = logits.const_data_ptr<scalar_t>();
@@ -330,8 +345,7 @@ std::tuple<at::Tensor, at::Tensor> remask_step_cpu(const at::Tensor& logits, con
       }
     });
   });
-  select_rows(c, num_masked, reference_ties, new_ids.data_ptr<int64_t>());
-  return {sampled, new_ids};
+  return call.finish(reference_ties);
 }
 
 std::tuple<at::Tensor, at::Tensor> remask_step_from_hidden_cpu(
@@ -345,13 +359,8 @@ std::tuple<at::Tensor, at::Tensor> remask_step_from_hidden_cpu(
   constexpr int64_t kChunk = 1024;
   check_remask_hidden(op, hidden, weight, bias, ids);
   check_remask_args(op, weight.size(0), ids, num_masked, seed, mask_id, vocab_size, temperature, choice_temperature);
-  const at::Tensor ids_c = ids.contiguous();
-  at::Tensor sampled = at::empty(ids.sizes(), ids.options());
-  at::Tensor new_ids = at::empty(ids.sizes(), ids.options());
-  std::vector<float> confidence;
-  const Context c = make_context(ids_c, seed, sampled, confidence, mask_id, choice_temperature, vocab_size,
-                                 temperature);
-  prepare_rows(op, c, num_masked);
+  Call call(op, ids, num_masked, seed, mask_id, choice_temperature, vocab_size, temperature);
+  const Context& c = call.c;
   // Only unknown tokens need logits: gather them into dense tiles.
   std::vector<int64_t> todo;
   for (int64_t t = 0; t < c.B * c.L; ++t) {
@@ -390,8 +399,7 @@ std::tuple<at::Tensor, at::Tensor> remask_step_from_hidden_cpu(
       });
     }
   });
-  select_rows(c, num_masked, reference_ties, new_ids.data_ptr<int64_t>());
-  return {sampled, new_ids};
+  return call.finish(reference_ties);
 }
 
 TORCH_LIBRARY_IMPL(mage, CPU, m) {

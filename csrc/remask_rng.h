@@ -9,7 +9,7 @@
 #if defined(__CUDACC__)
 #define MAGE_RNG_HD __host__ __device__ __forceinline__
 #else
-#define MAGE_RNG_HD inline
+#define MAGE_RNG_HD __attribute__((always_inline)) inline  // also into the CPU kernel's AVX2 clones
 #endif
 
 namespace mage::remask_rng {
@@ -17,13 +17,17 @@ namespace mage::remask_rng {
 constexpr uint32_t kMixC1 = 0x21F0AAADu, kMixC2 = 0xD35A2D97u, kGolden = 0x9E3779B9u;
 constexpr uint32_t kSeedSalt = 0x243F6A88u, kOffsetSalt = 0x85A308D3u, kChoiceSalt = 0x6A09E667u;
 
-MAGE_RNG_HD uint32_t mix32(uint32_t x) {
+// The hash on a uint32_t or on a vector of them (the CPU kernel's eight lanes).
+template <class U>
+MAGE_RNG_HD U mix32_lanes(U x) {
   x ^= x >> 16;
   x *= kMixC1;
   x ^= x >> 15;
   x *= kMixC2;
   return x ^ (x >> 15);
 }
+
+MAGE_RNG_HD uint32_t mix32(uint32_t x) { return mix32_lanes(x); }
 
 // The two call keys from the (seed, offset) pair.
 MAGE_RNG_HD void call_keys(int64_t seed, int64_t offset, uint32_t& k0, uint32_t& k1) {
@@ -48,8 +52,26 @@ MAGE_RNG_HD float word_to_uniform(uint32_t w) {
 }
 
 // Natural log of a positive normal float (Cephes logf, ~1 ulp, and accurate near 1 where -log(u) is
-// tiny, unlike approximate hardware logs). The CPU kernel's vector code and the Triton kernel use the
-// same formula, so the backends' noise agrees to the last ulp whatever their libm.
+// tiny, unlike approximate hardware logs). The CPU kernel's vector code (on eight lanes) and the Triton
+// kernel use the same formula, so the backends' noise agrees to the last ulp whatever their libm.
+// log_reduced is its last step, on a float or a float vector: log(x) for x = 2^e * (1 + m), with m in
+// [sqrt(1/2) - 1, sqrt(2) - 1) and ef = e as a float.
+template <class F>
+MAGE_RNG_HD F log_reduced(F m, F ef) {
+  const F z = m * m;
+  F y = m * 7.0376836292e-2f - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  y = y + ef * -2.12194440e-4f - 0.5f * z;
+  return m + y + ef * 0.693359375f;
+}
+
 MAGE_RNG_HD float log_pos(float x) {
   int32_t bits;
   std::memcpy(&bits, &x, sizeof bits);
@@ -63,20 +85,7 @@ MAGE_RNG_HD float log_pos(float x) {
   } else {
     m = m - 1.0f;
   }
-  const float z = m * m;
-  float y = 7.0376836292e-2f;
-  y = y * m - 1.1514610310e-1f;
-  y = y * m + 1.1676998740e-1f;
-  y = y * m - 1.2420140846e-1f;
-  y = y * m + 1.4249322787e-1f;
-  y = y * m - 1.6668057665e-1f;
-  y = y * m + 2.0000714765e-1f;
-  y = y * m - 2.4999993993e-1f;
-  y = y * m + 3.3333331174e-1f;
-  y = y * m * z;
-  const float ef = static_cast<float>(e);
-  y = y + ef * -2.12194440e-4f - 0.5f * z;
-  return m + y + ef * 0.693359375f;
+  return log_reduced(m, static_cast<float>(e));
 }
 
 // Exp(1) and Gumbel(0, 1) noise of a hash word.

@@ -1,15 +1,27 @@
 // Nearest-code quantization on CPU (docs/OPS.md op 1; the tokenizer's quantizer, docs/REFERENCE.md 3.3).
 //
-// Rows of z are processed in tiles: one GEMM tile (rows x K, oneDNN/MKL via at::mm) gives the expanded
-// distance d'(k) = |e_k|^2 - 2 z.e_k, then each row is decided exactly (vq_bound.h):
-//  - exact, on CPUs with native bf16 dot products: a bf16 GEMM (2x the fp32 rate) ranks the codes; every
-//    code within the bf16 rounding bound of the best is a candidate, and the candidates are compared in
-//    fp64. The true nearest code is always among them.
-//  - otherwise an fp32 GEMM; the two smallest d' decide whether the fp32 winner is certainly the exact
-//    winner; if not (exact mode), the row is re-ranked in fp64.
-// The [N, K] distance matrix never exists: extra memory is one (tile x K) buffer per thread plus
-// copies of the codebook.
+// Every row is decided exactly: a fast ranking of the K codes, a proven bound E on the ranking's error,
+// and fp64 distances for the codes the bound cannot rule out.
+//
+// Scaled domain. Row z is scaled by a power of two s_z, the codebook by a power of two s_e, and code k
+// ranks by
+//     r(k) = sigma |e_k|^2 - f dot(k),    f = 2 sigma / (s_z s_e),
+// where dot(k) approximates (s_z z).(s_e e_k) and sigma (a power of two) puts max_k sigma |e_k|^2 in
+// [1/2, 1). So r(k) = sigma (|z - e_k|^2 - |z|^2) up to rounding, and as powers of two scale exactly, any
+// finite magnitude ranks without overflow (fp32 inputs up to 3.4e38, fp64 inputs beyond the fp32 range).
+//
+// The ranking arithmetic depends on the CPU (cpu_isa.h):
+//  - avx2: s_z z and s_e e rounded to int16 and multiplied exactly in int32 (vpmaddwd: 16 products per
+//    instruction, against 8 for an fp32 FMA), in a register-blocked micro-kernel that also keeps every
+//    row's running minimum and second minimum; the products never leave a per-thread block of rows.
+//  - avx512_bf16: a bf16 GEMM (native bf16 dot products) over chunks of rows, then a scan of each row.
+//  - scalar: the same with an fp32 GEMM.
+// Decision: every code with r(k) <= min_k r(k) + 2E may be the nearest. When the second smallest r is
+// above that threshold (nearly every row) the smallest is the answer; otherwise the codes within it are
+// compared in fp64 (ties to the lowest index). Rows whose scale leaves the fp32 range (|z| and the codes
+// more than ~2^100 apart) are compared with every code in fp64.
 #include "checks.h"
+#include "cpu_isa.h"
 #include "vq.h"
 #include "vq_bound.h"
 
@@ -18,279 +30,1156 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
 
+#if defined(__x86_64__)
 #include <immintrin.h>
+#endif
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
 namespace mage {
 namespace {
 
-constexpr int64_t kRowTile = 256;
-constexpr double kFp32Roundoff = 0x1p-24;
-constexpr float kInf = std::numeric_limits<float>::infinity();
+#if defined(__x86_64__)
+#define MAGE_AVX2 __attribute__((target("avx2,fma")))
+#define MAGE_AVX2_INLINE __attribute__((target("avx2,fma"), always_inline)) inline
+#endif
 
-struct Codebook {
-  at::Tensor f32;          // (K, D) fp32, feeds the fp32 GEMM
-  at::Tensor bf16;         // (K, D) bf16, feeds the bf16 GEMM (defined only when that search is used)
-  at::Tensor f64;          // (K, D) fp64, for exact distances
-  std::vector<float> e2;   // |e_k|^2, NaN for codes with non-finite entries (never chosen)
-  double max_norm = 0.0;   // max |e_k| over finite codes
+constexpr double kU32 = 0x1p-24;  // fp32 unit round-off
+constexpr float kInf = std::numeric_limits<float>::infinity();
+// Absolute error of one fp32 operation whose result is subnormal or flushed to zero (FTZ/DAZ modes).
+constexpr double kTiny = 0x1p-125;
+
+// int16 ranking: |s_z z|_2 and |s_e e|_2 are kept <= kInt16Norm and every element <= 32767, so
+// |sum zq eq| <= (kInt16Norm + sqrt(D) / 2)^2 < 2^31 fits the int32 accumulators (checked per row).
+constexpr double kInt16Norm = 46000.0;
+constexpr int kMR = 6;              // rows per micro-tile
+constexpr int kNR = 16;             // codes per micro-tile (two 8-lane vectors)
+constexpr int64_t kBlockRows = 48;  // rows per block of the int16 search (a multiple of kMR)
+// Beyond this D the int16 resolution (the norm cap is shared by more entries) makes near-ties common.
+constexpr int64_t kInt16MaxD = 4096;
+
+// x = m 2^e with m in [1/2, 1) (x > 0).
+int exponent_of(double x) {
+  int e;
+  std::frexp(x, &e);
+  return e;
+}
+
+// |x|_2^2 = n2 4^ex without overflow or underflow: n2 = sum (x_i 2^-ex)^2 with amax 2^-ex in [1/2, 1).
+struct Norm {
+  bool finite = true;
+  double amax = 0.0;  // max |x_i|
+  double n2 = 0.0;    // 0 for a zero vector
+  int ex = 0;
+  double log2_sq() const { return std::log2(n2) + 2.0 * ex; }  // log2 |x|^2 (n2 > 0)
 };
 
-Codebook prepare_codebook(const at::Tensor& codebook, bool with_bf16) {
-  Codebook cb;
-  cb.f64 = codebook.to(at::kDouble).contiguous();
-  cb.f32 = codebook.to(at::kFloat).contiguous();
-  if (with_bf16) cb.bf16 = codebook.to(at::kBFloat16).contiguous();
-  const int64_t K = codebook.size(0), D = codebook.size(1);
-  const double* e = cb.f64.const_data_ptr<double>();
-  cb.e2.resize(K);
-  for (int64_t k = 0; k < K; ++k) {
-    double s = 0.0;
-    for (int64_t d = 0; d < D; ++d) s += e[k * D + d] * e[k * D + d];
-    if (std::isfinite(s)) {
-      cb.e2[k] = static_cast<float>(s);
-      cb.max_norm = std::max(cb.max_norm, std::sqrt(s));
-    } else {
-      cb.e2[k] = std::numeric_limits<float>::quiet_NaN();
+// x 2^t without a libm call, exact whenever the result is a normal double (two factors, so t may exceed
+// the exponent range of one).
+struct Pow2 {
+  double a, b;
+  explicit Pow2(int t) : a(std::ldexp(1.0, t / 2)), b(std::ldexp(1.0, t - t / 2)) {}
+  double operator()(double x) const { return x * a * b; }
+};
+
+template <typename T>
+Norm robust_norm(const T* x, int64_t n) {
+  Norm r;
+  for (int64_t i = 0; i < n; ++i) {
+    const double v = static_cast<double>(x[i]);
+    if (!std::isfinite(v)) {
+      r.finite = false;
+      return r;
     }
+    r.amax = std::max(r.amax, std::fabs(v));
+  }
+  if (r.amax == 0.0) return r;
+  r.ex = exponent_of(r.amax);
+  const Pow2 scale(-r.ex);
+  double s[4] = {0.0, 0.0, 0.0, 0.0};
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    for (int j = 0; j < 4; ++j) {
+      const double v = scale(static_cast<double>(x[i + j]));
+      s[j] += v * v;
+    }
+  }
+  for (; i < n; ++i) {
+    const double v = scale(static_cast<double>(x[i]));
+    s[0] += v * v;
+  }
+  r.n2 = (s[0] + s[1]) + (s[2] + s[3]);
+  return r;
+}
+
+// The largest t with 2^t |x|_2 <= norm_cap and 2^t amax <= elem_cap (|x| > 0), from the robust norm.
+int fit_exponent(const Norm& n, double norm_cap, double elem_cap) {
+  int t = static_cast<int>(std::floor(std::min(std::log2(norm_cap) - 0.5 * n.log2_sq(), std::log2(elem_cap / n.amax))));
+  while (std::ldexp(n.n2, 2 * (n.ex + t)) > norm_cap * norm_cap || std::ldexp(n.amax, t) > elem_cap) --t;
+  return t;
+}
+
+
+#if defined(__x86_64__)
+// robust_norm of an fp64 array, four entries at a time.
+MAGE_AVX2 Norm robust_norm_f64_avx2(const double* x, int64_t n) {
+  const __m256d sign = _mm256_set1_pd(-0.0), inf = _mm256_set1_pd(std::numeric_limits<double>::infinity());
+  __m256d amax = _mm256_setzero_pd(), bad = _mm256_setzero_pd();
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    const __m256d a = _mm256_andnot_pd(sign, _mm256_loadu_pd(x + i));
+    bad = _mm256_or_pd(bad, _mm256_cmp_pd(a, inf, _CMP_NLT_UQ));  // inf or NaN
+    amax = _mm256_max_pd(amax, a);
+  }
+  alignas(32) double l[4];
+  _mm256_store_pd(l, amax);
+  Norm r;
+  r.amax = std::max(std::max(l[0], l[1]), std::max(l[2], l[3]));
+  r.finite = _mm256_movemask_pd(bad) == 0;
+  for (; i < n; ++i) {
+    r.finite = r.finite && std::isfinite(x[i]);
+    r.amax = std::max(r.amax, std::fabs(x[i]));
+  }
+  if (!r.finite || r.amax == 0.0) return r;
+  r.ex = exponent_of(r.amax);
+  const Pow2 p(-r.ex);
+  const __m256d pa = _mm256_set1_pd(p.a), pb = _mm256_set1_pd(p.b);
+  __m256d s0 = _mm256_setzero_pd(), s1 = _mm256_setzero_pd();
+  for (i = 0; i + 8 <= n; i += 8) {
+    const __m256d v0 = _mm256_mul_pd(_mm256_mul_pd(_mm256_loadu_pd(x + i), pa), pb);
+    const __m256d v1 = _mm256_mul_pd(_mm256_mul_pd(_mm256_loadu_pd(x + i + 4), pa), pb);
+    s0 = _mm256_fmadd_pd(v0, v0, s0);
+    s1 = _mm256_fmadd_pd(v1, v1, s1);
+  }
+  _mm256_store_pd(l, _mm256_add_pd(s0, s1));
+  r.n2 = (l[0] + l[1]) + (l[2] + l[3]);
+  for (; i < n; ++i) {
+    const double v = p(x[i]);
+    r.n2 += v * v;
+  }
+  return r;
+}
+
+// out = round(2^t x) for an fp64 array with |2^t x| <= 32767, and the exact l1, l2^2 of out.
+MAGE_AVX2 void quantize_f64_avx2(const double* x, int64_t n, int t, int16_t* out, double& l1, double& l2) {
+  const Pow2 p(t);
+  const __m256d pa = _mm256_set1_pd(p.a), pb = _mm256_set1_pd(p.b), sign = _mm256_set1_pd(-0.0);
+  __m256d a1 = _mm256_setzero_pd(), a2 = _mm256_setzero_pd();
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    const __m256d q = _mm256_round_pd(_mm256_mul_pd(_mm256_mul_pd(_mm256_loadu_pd(x + i), pa), pb),
+                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    a1 = _mm256_add_pd(a1, _mm256_andnot_pd(sign, q));
+    a2 = _mm256_fmadd_pd(q, q, a2);  // exact: integers below 2^53
+    const __m128i w = _mm256_cvtpd_epi32(q);
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(out + i), _mm_packs_epi32(w, w));
+  }
+  alignas(32) double l[4];
+  _mm256_store_pd(l, a1);
+  l1 = (l[0] + l[1]) + (l[2] + l[3]);
+  _mm256_store_pd(l, a2);
+  l2 = (l[0] + l[1]) + (l[2] + l[3]);
+  for (; i < n; ++i) {
+    const double q = std::nearbyint(p(x[i]));
+    out[i] = static_cast<int16_t>(q);
+    l1 += std::fabs(q);
+    l2 += q * q;
+  }
+}
+#endif
+
+// ------------------------------------------------------------------------------------------ codebook
+
+enum class Ranking { kInt16, kFp32, kBf16 };
+
+struct Codebook {
+  int64_t K = 0, D = 0;
+  at::Tensor f64;           // (K, D) fp64, for exact distances
+  std::vector<float> e2s;   // sigma |e_k|^2 in fp32; +inf for codes with a non-finite entry (never chosen)
+  int log2_sigma = 0, log2_se = 0;
+  double max_e2s = 0.0;     // max_k sigma |e_k|^2, < 1
+  double amax = 0.0;        // max |e_ki| over finite codes
+  bool any_finite = false;
+  // int16 ranking: codes in panels of kNR, [Kp / kNR][Dp / 2][kNR][2], zero for padding and excluded codes.
+  int64_t Kp = 0, Dp = 0;
+  at::Tensor packed;
+  double max_l1q = 0.0, max_l2q = 0.0;  // max_k |eq_k|_1, |eq_k|_2 of the int16 codes
+  // GEMM rankings: (K, D) s_e e in fp32 or bf16, |s_e e_k|_2 <= 1.
+  at::Tensor scaled;
+  double max_l2s = 0.0;
+
+  bool excluded(int64_t k) const { return std::isinf(e2s[k]); }
+};
+
+Codebook prepare_codebook(const at::Tensor& codebook, Ranking ranking) {
+  Codebook cb;
+  cb.K = codebook.size(0);
+  cb.D = codebook.size(1);
+  const int64_t K = cb.K, D = cb.D;
+  cb.f64 = codebook.to(at::kDouble).contiguous();
+  const double* e = cb.f64.const_data_ptr<double>();
+  std::vector<Norm> norms(K);
+  at::parallel_for(0, K, 64, [&](int64_t b, int64_t end) {
+#if defined(__x86_64__)
+    if (ranking == Ranking::kInt16) {  // only chosen on AVX2 CPUs
+      for (int64_t k = b; k < end; ++k) norms[k] = robust_norm_f64_avx2(e + k * D, D);
+      return;
+    }
+#endif
+    for (int64_t k = b; k < end; ++k) norms[k] = robust_norm(e + k * D, D);
+  });
+  // sigma from the largest code: sigma |e|^2 = m in [1/2, 1) for |e|^2 = m 2^(en + 2 ex).
+  int64_t top = -1;
+  int top_exp = 0;
+  double amax = 0.0;
+  for (int64_t k = 0; k < K; ++k) {
+    const Norm& n = norms[k];
+    if (!n.finite) continue;
+    cb.any_finite = true;
+    amax = std::max(amax, n.amax);
+    if (n.n2 == 0.0) continue;
+    const int ek = exponent_of(n.n2) + 2 * n.ex;
+    if (top < 0 || ek > top_exp || (ek == top_exp && std::ldexp(n.n2, -exponent_of(n.n2)) >
+                                                         std::ldexp(norms[top].n2, -exponent_of(norms[top].n2)))) {
+      top = k;
+      top_exp = ek;
+    }
+  }
+  cb.log2_sigma = top < 0 ? 0 : -top_exp;
+  cb.amax = amax;
+  const int64_t Kpad = (K + kNR - 1) / kNR * kNR;
+  cb.e2s.assign(Kpad, kInf);
+  for (int64_t k = 0; k < K; ++k) {
+    if (!norms[k].finite) continue;
+    const double v = std::ldexp(norms[k].n2, 2 * norms[k].ex + cb.log2_sigma);
+    cb.e2s[k] = static_cast<float>(v);
+    cb.max_e2s = std::max(cb.max_e2s, v);
+  }
+  if (top >= 0) {
+    const Norm& n = norms[top];
+    Norm whole = n;  // the largest norm, with the largest element of any code
+    whole.amax = amax;
+    cb.log2_se = ranking == Ranking::kInt16 ? fit_exponent(whole, kInt16Norm, 32767.0)
+                                             : fit_exponent(whole, 1.0, 1.0);
+  }
+  if (ranking == Ranking::kInt16) {
+    cb.Kp = Kpad;
+    cb.Dp = (D + 3) / 4 * 4;  // whole pairs, and an even number of them (the micro-kernel does two per step)
+    cb.packed = at::zeros({cb.Kp * cb.Dp}, codebook.options().dtype(at::kShort));
+    int16_t* p = cb.packed.data_ptr<int16_t>();
+    const int64_t Dp = cb.Dp;
+    std::vector<double> l1(K, 0.0), l2(K, 0.0);
+#if defined(__x86_64__)
+    at::parallel_for(0, K, 64, [&](int64_t b, int64_t end) {
+      std::vector<int16_t> q(Dp, 0);
+      for (int64_t k = b; k < end; ++k) {
+        if (!norms[k].finite) continue;
+        quantize_f64_avx2(e + k * D, D, cb.log2_se, q.data(), l1[k], l2[k]);
+        int16_t* panel = p + (k / kNR) * kNR * Dp + (k % kNR) * 2;
+        for (int64_t j = 0; j < Dp / 2; ++j) std::memcpy(panel + j * 2 * kNR, q.data() + 2 * j, 2 * sizeof(int16_t));
+      }
+    });
+#endif
+    cb.max_l1q = *std::max_element(l1.begin(), l1.end());
+    cb.max_l2q = std::sqrt(*std::max_element(l2.begin(), l2.end()));
+  } else {
+    at::Tensor s = at::empty({K, D}, codebook.options().dtype(at::kFloat));
+    float* sp = s.data_ptr<float>();
+    double max_sq = 0.0;
+    const Pow2 scale(cb.log2_se);
+    for (int64_t k = 0; k < K; ++k) {
+      double sq = 0.0;
+      for (int64_t d = 0; d < D; ++d) {
+        const float v = norms[k].finite ? static_cast<float>(scale(e[k * D + d])) : 0.0f;
+        sp[k * D + d] = v;
+        sq += static_cast<double>(v) * v;
+      }
+      max_sq = std::max(max_sq, sq);
+    }
+    cb.max_l2s = std::sqrt(max_sq) * (1.0 + 0x1p-40);
+    cb.scaled = ranking == Ranking::kBf16 ? s.to(at::kBFloat16) : s;
   }
   return cb;
 }
 
-// Row scans over the K expanded distances. Explicit AVX2, chosen at run time (no -march flags):
-// compilers do not vectorize a NaN-aware min reduction on their own.
-struct Scan {
-  float best;     // min_k d'(k); +inf if no code is finite
-  int64_t index;  // first k with d'(k) == best, -1 if none
-  float second;   // min over the other k; == best when the minimum is tied
+// --------------------------------------------------------------------------------------------- rows
+
+// Rows of z viewed as (B, R, D) with arbitrary strides (an NCHW map is read in place).
+struct RowSource {
+  const char* data;
+  at::ScalarType dtype;
+  int64_t es, sb, sr, sd;  // element size, strides in elements
 };
 
-// d'(k) = |e_k|^2 - 2 z.e_k written over `dots`; returns the minimum. NaN codes never win.
-float expanded_min_scalar(float* dots, const float* e2, int64_t K) {
-  float m = kInf;
-  for (int64_t k = 0; k < K; ++k) {
-    const float d = e2[k] - 2.0f * dots[k];
-    dots[k] = d;
-    m = d < m ? d : m;
-  }
-  return m;
+RowSource row_source(const at::Tensor& zv) {
+  return {static_cast<const char*>(zv.const_data_ptr()), zv.scalar_type(), zv.element_size(),
+          zv.stride(0), zv.stride(1), zv.stride(2)};
 }
 
-Scan locate_scalar(const float* d, int64_t K, float best) {
-  Scan s{best, -1, kInf};
-  for (int64_t k = 0; k < K; ++k) {
-    if (d[k] == best) {
-      if (s.index >= 0) s.second = best;
-      if (s.index < 0) s.index = k;
-    } else if (d[k] < s.second) {
-      s.second = d[k];
+template <typename T, typename Buf>
+void gather_rows(const T* base, int64_t sr, int64_t sd, int64_t rows, int64_t D, Buf* out) {
+  if (sd == 1) {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t d = 0; d < D; ++d) out[r * D + d] = static_cast<Buf>(base[r * sr + d]);
+  } else {  // e.g. NCHW: rows are adjacent for a fixed channel
+    for (int64_t d = 0; d < D; ++d)
+      for (int64_t r = 0; r < rows; ++r) out[r * D + d] = static_cast<Buf>(base[r * sr + d * sd]);
+  }
+}
+
+// Rows r0..r0+rows of batch b as a contiguous (rows, D) array of Buf: in place when z already is one,
+// else converted into `scratch`.
+template <typename Buf>
+bool rows_in_place(const RowSource& src, int64_t D, int64_t rows) {
+  const bool same = (std::is_same_v<Buf, float> && src.dtype == at::kFloat) ||
+                    (std::is_same_v<Buf, double> && src.dtype == at::kDouble);
+  return same && src.sd == 1 && (src.sr == D || rows == 1);
+}
+
+template <typename Buf>
+const Buf* load_rows(const RowSource& src, int64_t b, int64_t r0, int64_t rows, int64_t D, Buf* scratch) {
+  const char* base = src.data + (b * src.sb + r0 * src.sr) * src.es;
+  if (rows_in_place<Buf>(src, D, rows)) return reinterpret_cast<const Buf*>(base);
+  switch (src.dtype) {
+    case at::kFloat: gather_rows(reinterpret_cast<const float*>(base), src.sr, src.sd, rows, D, scratch); break;
+    case at::kDouble: gather_rows(reinterpret_cast<const double*>(base), src.sr, src.sd, rows, D, scratch); break;
+    case at::kBFloat16: gather_rows(reinterpret_cast<const c10::BFloat16*>(base), src.sr, src.sd, rows, D, scratch); break;
+    case at::kHalf: gather_rows(reinterpret_cast<const c10::Half*>(base), src.sr, src.sd, rows, D, scratch); break;
+    default: TORCH_CHECK(false, "vq: unexpected dtype ", src.dtype);
+  }
+  return scratch;
+}
+
+// Per row: validity, the ranking factor f and the bound sigma E.
+struct RowInfo {
+  bool valid = false;    // every entry finite
+  bool extreme = false;  // f outside the fp32 range: compare with every code in fp64
+  float f = 0.0f;
+  double bound = 0.0;    // sigma E
+  double amax = 0.0;     // max |z_i|
+};
+
+// f = 2^log2_f, when it is a usable fp32 factor (exact products, no overflow of f dot).
+bool ranking_factor(int log2_f, float& f) {
+  if (log2_f < -149 || log2_f > 95) return false;
+  f = std::ldexp(1.0f, log2_f);
+  return true;
+}
+
+// The error terms shared by every ranking: sigma |e|^2 rounded to fp32 (after an fp64 sum of D squares),
+// one rounding of r = sigma |e|^2 - f dot, and subnormal results.
+double formation_bound(const Codebook& cb, double f_dot_max) {
+  const double u_e2 = kU32 + static_cast<double>(cb.D + 2) * 0x1p-52;
+  return (u_e2 + kU32 * (1.0 + u_e2)) * cb.max_e2s + 1.0001 * kU32 * f_dot_max + 3.0 * kTiny;
+}
+
+// The int16 row's factor and bound, from t and the exact l1 / l2^2 of its zq: the quantization
+// (|z' - zq| <= 1/2 per entry, |e' - eq| likewise), the int32 -> fp32 conversion and the formation.
+RowInfo int16_row_info(const Codebook& cb, int t, double l1, double l2sq, double amax) {
+  RowInfo info;
+  info.valid = true;
+  info.amax = amax;
+  if (!ranking_factor(1 + cb.log2_sigma - t - cb.log2_se, info.f)) {
+    info.extreme = true;
+    info.f = 0.0f;
+    return info;
+  }
+  const double f = info.f;
+  const double dot_max = std::sqrt(l2sq) * cb.max_l2q;  // >= |sum zq eq|
+  const double quant = 0.5 * (cb.max_l1q + 0.5 * static_cast<double>(cb.D) + l1);
+  info.bound = f * (quant + kU32 * dot_max) + formation_bound(cb, f * dot_max * (1.0 + kU32));
+  return info;
+}
+
+// |sum zq eq| < 2^31 for every code: the int32 accumulators cannot overflow.
+bool int16_fits(const Codebook& cb, double l2sq) { return l2sq * cb.max_l2q * cb.max_l2q < 0x1p62 * (1.0 - 0x1p-20); }
+
+// int16 row, any input: zq = round(2^t z) with t from fit_exponent. `zq` has cb.Dp entries (padding 0).
+template <typename Buf>
+RowInfo prepare_row_int16(const Buf* z, const Codebook& cb, int16_t* zq) {
+  const int64_t D = cb.D;
+  std::fill(zq, zq + cb.Dp, int16_t{0});
+  const Norm n = robust_norm(z, D);
+  if (!n.finite) return RowInfo{};
+  if (n.amax == 0.0) return int16_row_info(cb, 0, 0.0, 0.0, 0.0);
+  for (int t = fit_exponent(n, kInt16Norm, 32767.0);; --t) {  // t drops only if the sum could overflow
+    const Pow2 scale(t);
+    double l1 = 0.0, l2 = 0.0;
+    for (int64_t d = 0; d < D; ++d) {
+      const double q = std::nearbyint(scale(static_cast<double>(z[d])));
+      zq[d] = static_cast<int16_t>(q);
+      l1 += std::fabs(q);
+      l2 += q * q;  // exact: integers below 2^53
     }
-  }
-  return s;
-}
-
-__attribute__((target("avx2,fma"))) float hmin8(__m256 v) {
-  __m128 m = _mm_min_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_min_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_min_ss(m, _mm_shuffle_ps(m, m, 1));
-  return _mm_cvtss_f32(m);
-}
-
-__attribute__((target("avx2,fma"))) float expanded_min_avx2(float* dots, const float* e2, int64_t K) {
-  const __m256 two = _mm256_set1_ps(2.0f);
-  __m256 m = _mm256_set1_ps(kInf);
-  int64_t k = 0;
-  for (; k + 8 <= K; k += 8) {
-    const __m256 d = _mm256_fnmadd_ps(two, _mm256_loadu_ps(dots + k), _mm256_loadu_ps(e2 + k));
-    _mm256_storeu_ps(dots + k, d);
-    m = _mm256_min_ps(d, m);  // min_ps(a, b) returns b when a is NaN
-  }
-  float best = hmin8(m);
-  for (; k < K; ++k) {
-    const float d = e2[k] - 2.0f * dots[k];
-    dots[k] = d;
-    best = d < best ? d : best;
-  }
-  return best;
-}
-
-__attribute__((target("avx2,fma"))) Scan locate_avx2(const float* d, int64_t K, float best) {
-  const __m256 vb = _mm256_set1_ps(best), inf = _mm256_set1_ps(kInf);
-  __m256 sec = inf;
-  int64_t first = -1, ties = 0, k = 0;
-  for (; k + 8 <= K; k += 8) {
-    const __m256 v = _mm256_loadu_ps(d + k);
-    const __m256 eq = _mm256_cmp_ps(v, vb, _CMP_EQ_OQ);
-    const int mask = _mm256_movemask_ps(eq);
-    if (mask) {
-      if (first < 0) first = k + __builtin_ctz(mask);
-      ties += __builtin_popcount(mask);
-    }
-    sec = _mm256_min_ps(_mm256_blendv_ps(v, inf, eq), sec);
-  }
-  Scan s{best, first, hmin8(sec)};
-  for (; k < K; ++k) {
-    if (d[k] == best) {
-      if (s.index < 0) s.index = k;
-      ++ties;
-    } else if (d[k] < s.second) {
-      s.second = d[k];
-    }
-  }
-  if (ties > 1) s.second = best;
-  return s;
-}
-
-const bool kHasAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-// Without native bf16 dot products a bf16 GEMM is emulated and slower than fp32.
-const bool kHasBf16 = __builtin_cpu_supports("avx512bf16");
-
-// Indices of every d[k] <= threshold, ascending.
-void collect_scalar(const float* d, int64_t K, float threshold, std::vector<int64_t>& out) {
-  out.clear();
-  for (int64_t k = 0; k < K; ++k) {
-    if (d[k] <= threshold) out.push_back(k);
+    if (int16_fits(cb, l2)) return int16_row_info(cb, t, l1, l2, n.amax);
   }
 }
 
-__attribute__((target("avx2,fma"))) void collect_avx2(const float* d, int64_t K, float threshold,
-                                                        std::vector<int64_t>& out) {
-  out.clear();
-  const __m256 t = _mm256_set1_ps(threshold);
-  int64_t k = 0;
-  for (; k + 8 <= K; k += 8) {
-    int mask = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(d + k), t, _CMP_LE_OQ));
-    while (mask) {
-      out.push_back(k + __builtin_ctz(mask));
-      mask &= mask - 1;
-    }
+// GEMM row (fp32 or bf16 ranking): z' = 2^t z with |z'|_2 <= 1, rounded to fp32 into `zs`.
+template <typename Buf>
+RowInfo prepare_row_gemm(const Buf* z, const Codebook& cb, bool bf16, float* zs) {
+  const int64_t D = cb.D;
+  RowInfo info;
+  const Norm n = robust_norm(z, D);
+  if (!n.finite) {
+    std::fill(zs, zs + D, 0.0f);
+    return info;
   }
-  for (; k < K; ++k) {
-    if (d[k] <= threshold) out.push_back(k);
+  info.valid = true;
+  info.amax = n.amax;
+  const int t = n.amax > 0.0 ? fit_exponent(n, 1.0, 1.0) : 0;
+  double sq = 0.0;
+  for (int64_t d = 0; d < D; ++d) {
+    zs[d] = static_cast<float>(std::ldexp(static_cast<double>(z[d]), t));
+    sq += static_cast<double>(zs[d]) * zs[d];
   }
+  const int log2_f = 1 + cb.log2_sigma - t - cb.log2_se;
+  if (!ranking_factor(log2_f, info.f)) {
+    info.extreme = true;
+    info.f = 0.0f;
+    return info;
+  }
+  const double f = info.f;
+  const double zn = std::sqrt(sq) * (1.0 + 0x1p-40);
+  const double ze = zn * cb.max_l2s;
+  const double n_ops = static_cast<double>(D + 2);
+  const double gamma = n_ops * kU32 / (1.0 - n_ops * kU32);
+  double dot_err;
+  if (bf16) {
+    // z' and e' rounded to bf16 (2 u16 + u16^2), their exact products summed in fp32 (gamma, on norms
+    // grown by (1 + u16)^2), the sum rounded to bf16 (u16).
+    const double u16 = 0x1p-8;
+    dot_err = (3.0 * u16 + 4.0 * u16 * u16 + 2.0 * gamma + 4.0 * kU32) * ze;
+  } else {  // fp64 inputs were rounded to fp32 (|z' - zs| <= u |z'|, the codes likewise)
+    dot_err = (gamma + 2.0 * kU32 + kU32 * kU32) * (1.0 + 2.0 * kU32) * ze;
+  }
+  dot_err += 2.0 * static_cast<double>(D) * 0x1p-149;  // entries that became subnormal
+  info.bound = f * dot_err + formation_bound(cb, f * (ze + dot_err));
+  return info;
 }
 
-void collect_candidates(const float* d, int64_t K, float threshold, std::vector<int64_t>& out) {
-  kHasAvx2 ? collect_avx2(d, K, threshold, out) : collect_scalar(d, K, threshold, out);
-}
-
-Scan scan_row(float* dots, const float* e2, int64_t K) {
-  const float best = kHasAvx2 ? expanded_min_avx2(dots, e2, K) : expanded_min_scalar(dots, e2, K);
-  if (!(best < kInf)) return {kInf, -1, kInf};
-  return kHasAvx2 ? locate_avx2(dots, K, best) : locate_scalar(dots, K, best);
-}
-
-// Eight independent fp64 accumulators so the loop vectorizes (a single running sum is a serial chain of
-// dependent adds); the order is fixed, so equal codes still give bit-equal distances.
-__attribute__((target_clones("avx2", "default")))
-double exact_sqdist(const double* z, const double* e, int64_t D) {
-  double s[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
-  int64_t d = 0;
-  for (; d + 8 <= D; d += 8) {
-    for (int j = 0; j < 8; ++j) {
-      const double t = z[d + j] - e[d + j];
-      s[j] += t * t;
-    }
-  }
-  double tail = 0.0;
-  for (; d < D; ++d) {
-    const double t = z[d] - e[d];
-    tail += t * t;
-  }
-  return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7])) + tail;
-}
+// ------------------------------------------------------------------------------------- decision
 
 struct Nearest {
   int64_t index;
   double sqdist;
 };
 
-// The exact nearest among `candidates` (ascending), ties to the lowest index.
-Nearest rerank(const double* z, const Codebook& cb, const int64_t* candidates, int64_t count, int64_t D) {
-  const double* e = cb.f64.const_data_ptr<double>();
-  Nearest best{-1, std::numeric_limits<double>::infinity()};
-  for (int64_t j = 0; j < count; ++j) {
-    const int64_t k = candidates[j];
-    if (std::isnan(cb.e2[k])) continue;
-    const double s = exact_sqdist(z, e + k * D, D);
-    if (s < best.sqdist) best = {k, s};
+// min_k r(k), its first index, and the smallest r over the other codes (== best on a tie), from
+// per-lane running minima (lanes hold disjoint codes, each lane in increasing k).
+struct Scan {
+  float best = kInf;
+  int64_t index = -1;
+  float second = kInf;
+};
+
+Scan finish_lanes(const float* min1, const int32_t* idx, const float* min2, int lanes) {
+  Scan s;
+  int lane = -1;
+  for (int l = 0; l < lanes; ++l) {
+    if (idx[l] < 0) continue;
+    if (min1[l] < s.best || (min1[l] == s.best && idx[l] < s.index)) {
+      s.best = min1[l];
+      s.index = idx[l];
+      lane = l;
+    }
   }
-  return best;
+  for (int l = 0; l < lanes; ++l) {
+    s.second = std::min(s.second, min2[l]);
+    if (l != lane) s.second = std::min(s.second, min1[l]);
+  }
+  return s;
 }
 
-enum class Search { kFp32, kFp32Exact, kBf16Exact };
+// Eight independent fp64 accumulators so the loop vectorizes; the order is fixed, so equal codes give
+// bit-equal distances.
+template <typename Buf>
+[[gnu::always_inline]] inline double sqdist_body(const Buf* z, const double* e, int64_t D) {
+  double s[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) {
+    for (int j = 0; j < 8; ++j) {
+      const double t = static_cast<double>(z[d + j]) - e[d + j];
+      s[j] += t * t;
+    }
+  }
+  double tail = 0.0;
+  for (; d < D; ++d) {
+    const double t = static_cast<double>(z[d]) - e[d];
+    tail += t * t;
+  }
+  return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7])) + tail;
+}
 
-// One row: `dots` holds z.e_k (overwritten with d'), `z` the row in fp64, `scratch` a candidate buffer.
-Nearest nearest_row(float* dots, const double* z, const Codebook& cb, int64_t K, int64_t D, Search search,
-                    std::vector<int64_t>& scratch) {
+// sqdist_body on z 2^-c and e 2^-c (exact scalings), for fp64 inputs whose squares would overflow or
+// underflow: the result is |z - e|^2 4^-c.
+template <typename Buf>
+double sqdist_scaled(const Buf* z, const double* e, int64_t D, int c) {
+  const Pow2 p(-c);
+  double s = 0.0;
+  for (int64_t d = 0; d < D; ++d) {
+    const double t = p(static_cast<double>(z[d])) - p(e[d]);
+    s += t * t;
+  }
+  return s;
+}
+
+// The exponent c for sqdist_scaled: 0 (no scaling) unless an entry is beyond 2^+-300.
+int distance_exponent(double row_amax, double cb_amax) {
+  const double m = std::max(row_amax, cb_amax);
+  if (m == 0.0 || (m <= 0x1p300 && m >= 0x1p-300)) return 0;
+  return exponent_of(m);
+}
+
+// The reported distance of the chosen code: scaled by the exponent of this row and this code only, so a
+// huge other code (which set the row's common scale c) does not flush a small distance to zero.
+template <typename Buf>
+double chosen_sqdist(const Buf* z, const double* ek, int64_t D, int c) {
+  if (c == 0) return sqdist_body(z, ek, D);
+  double m = 0.0;
+  for (int64_t d = 0; d < D; ++d) m = std::max({m, std::fabs(static_cast<double>(z[d])), std::fabs(ek[d])});
+  const int own = distance_exponent(m, 0.0);
+  return own == 0 ? sqdist_body(z, ek, D) : std::ldexp(sqdist_scaled(z, ek, D, own), 2 * own);
+}
+
+// Exact comparison, for the rare rows where fp64 cannot order two candidates (their distances agree to
+// within fp64 rounding, e.g. they differ by 2^-60 at 1, or only in entries 10^-600 times the others).
+// Every finite double is an integer times a power of two, so on the scale of the smallest such power
+// each |z - e|^2 is an integer; it is summed exactly in multi-limb arithmetic (at most ~70 limbs).
+namespace exact {
+
+using Limbs = std::vector<uint64_t>;  // unsigned, little-endian 64-bit limbs
+
+void trim(Limbs& x) {
+  while (!x.empty() && x.back() == 0) x.pop_back();
+}
+
+int compare(const Limbs& a, const Limbs& b) {  // trimmed inputs
+  if (a.size() != b.size()) return a.size() < b.size() ? -1 : 1;
+  for (size_t i = a.size(); i-- > 0;)
+    if (a[i] != b[i]) return a[i] < b[i] ? -1 : 1;
+  return 0;
+}
+
+// m 2^shift for m < 2^53.
+Limbs shifted(uint64_t m, int64_t shift) {
+  Limbs x(static_cast<size_t>(shift / 64 + 2), 0);
+  const int64_t w = shift / 64, b = shift % 64;
+  x[w] = m << b;
+  if (b > 0) x[w + 1] = m >> (64 - b);
+  trim(x);
+  return x;
+}
+
+void add(Limbs& acc, const Limbs& x) {
+  if (acc.size() < x.size()) acc.resize(x.size(), 0);
+  unsigned __int128 carry = 0;
+  for (size_t i = 0; i < acc.size(); ++i) {
+    carry += static_cast<unsigned __int128>(acc[i]) + (i < x.size() ? x[i] : 0);
+    acc[i] = static_cast<uint64_t>(carry);
+    carry >>= 64;
+  }
+  if (carry) acc.push_back(static_cast<uint64_t>(carry));
+}
+
+Limbs subtract(const Limbs& a, const Limbs& b) {  // a >= b
+  Limbs r(a.size(), 0);
+  uint64_t borrow = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    const uint64_t bi = i < b.size() ? b[i] : 0;
+    const unsigned __int128 t = static_cast<unsigned __int128>(a[i]) - bi - borrow;
+    r[i] = static_cast<uint64_t>(t);
+    borrow = static_cast<uint64_t>(t >> 64) ? 1 : 0;
+  }
+  trim(r);
+  return r;
+}
+
+Limbs square(const Limbs& a) {
+  Limbs r(2 * a.size() + 1, 0);
+  for (size_t i = 0; i < a.size(); ++i) {
+    unsigned __int128 carry = 0;
+    for (size_t j = 0; j < a.size(); ++j) {
+      carry += static_cast<unsigned __int128>(a[i]) * a[j] + r[i + j];
+      r[i + j] = static_cast<uint64_t>(carry);
+      carry >>= 64;
+    }
+    for (size_t k = i + a.size(); carry; ++k) {
+      carry += r[k];
+      r[k] = static_cast<uint64_t>(carry);
+      carry >>= 64;
+    }
+  }
+  trim(r);
+  return r;
+}
+
+// v = m 2^q with an integer m, |m| < 2^53 (v != 0, finite).
+void decompose(double v, uint64_t& m, int& q) {
+  int e;
+  const double f = std::frexp(std::fabs(v), &e);
+  m = static_cast<uint64_t>(std::ldexp(f, 53));
+  q = e - 53;
+}
+
+// |z - e|^2 in units of 4^base (base <= every q of z and e).
+template <typename Buf>
+Limbs sqdist(const Buf* z, const double* e, int64_t D, int base) {
+  Limbs sum;
+  for (int64_t d = 0; d < D; ++d) {
+    const double a = static_cast<double>(z[d]), b = e[d];
+    Limbs x, y;  // |a|, |b| in units of 2^base
+    uint64_t m;
+    int q;
+    if (a != 0.0) decompose(a, m, q), x = shifted(m, q - base);
+    if (b != 0.0) decompose(b, m, q), y = shifted(m, q - base);
+    Limbs diff = x;  // |a - b|
+    if (a != 0.0 && b != 0.0 && (a < 0) == (b < 0)) {
+      diff = compare(x, y) >= 0 ? subtract(x, y) : subtract(y, x);
+    } else {
+      add(diff, y);
+      trim(diff);
+    }
+    add(sum, square(diff));
+  }
+  trim(sum);
+  return sum;
+}
+
+// The smallest q over the nonzero entries of z, a and b.
+template <typename Buf>
+int common_base(const Buf* z, const double* a, const double* b, int64_t D) {
+  int base = 0;
+  bool any = false;
+  auto see = [&](double v) {
+    if (v == 0.0) return;
+    uint64_t m;
+    int q;
+    decompose(v, m, q);
+    base = any ? std::min(base, q) : q;
+    any = true;
+  };
+  for (int64_t d = 0; d < D; ++d) see(static_cast<double>(z[d])), see(a[d]), see(b[d]);
+  return base;
+}
+
+// sign(|z - a|^2 - |z - b|^2), exactly.
+template <typename Buf>
+int compare_distances(const Buf* z, const double* a, const double* b, int64_t D) {
+  if (std::memcmp(a, b, D * sizeof(double)) == 0) return 0;
+  const int base = common_base(z, a, b, D);
+  return compare(sqdist(z, a, D, base), sqdist(z, b, D, base));
+}
+
+}  // namespace exact
+
+// The nearest of `candidates` (ascending), ties to the lowest index: fp64 distances, each within
+// gamma_{D+4} of the exact one (plus underflow), and exact arithmetic among those fp64 cannot separate.
+template <typename Buf>
+Nearest nearest_among(const Buf* z, const Codebook& cb, const std::vector<int64_t>& candidates, int c) {
+  const int64_t D = cb.D;
+  const double* e = cb.f64.const_data_ptr<double>();
+  const double n_ops = static_cast<double>(D + 4), u64 = 0x1p-53;
+  const double gamma = n_ops * u64 / (1.0 - n_ops * u64);
+  std::vector<double> s(candidates.size()), err(candidates.size());
+  double top = std::numeric_limits<double>::infinity();  // min over candidates of s + err
+  for (size_t j = 0; j < candidates.size(); ++j) {
+    const double* ek = e + candidates[j] * D;
+    s[j] = c == 0 ? sqdist_body(z, ek, D) : sqdist_scaled(z, ek, D, c);
+    err[j] = 1.01 * gamma * s[j] + 8.0 * static_cast<double>(D) * 0x1p-1074 * (1.0 + 2.0 * std::sqrt(s[j]));
+    top = std::min(top, s[j] + err[j]);
+  }
+  size_t best = candidates.size();
+  for (size_t j = 0; j < candidates.size(); ++j) {
+    if (s[j] - err[j] > top) continue;  // certainly farther than another candidate
+    if (best == candidates.size()) {
+      best = j;
+      continue;
+    }
+    int cmp;  // sign(|z - e_j|^2 - |z - e_best|^2)
+    if (s[j] + err[j] < s[best] - err[best]) {
+      cmp = -1;
+    } else if (s[j] - err[j] > s[best] + err[best]) {
+      cmp = 1;
+    } else {  // fp64 cannot tell
+      cmp = exact::compare_distances(z, e + candidates[j] * D, e + candidates[best] * D, D);
+    }
+    if (cmp < 0) best = j;  // a tie keeps the lower index
+  }
+  return {candidates[best], c == 0 ? s[best] : chosen_sqdist(z, e + candidates[best] * D, D, c)};
+}
+
+// The decision for one row, given its scan and its r(k) (K values, for the rare candidate pass). Inlined
+// into each search, so it compiles to the instructions of the caller's target.
+template <typename Buf>
+[[gnu::always_inline]] inline Nearest decide(const Buf* z, const RowInfo& info, const Scan& scan, const float* r,
+                                             const Codebook& cb, bool exact) {
   constexpr Nearest kInvalid{-1, std::numeric_limits<double>::quiet_NaN()};
-  double z2 = 0.0;
-  for (int64_t d = 0; d < D; ++d) z2 += z[d] * z[d];
-  if (!std::isfinite(z2)) return kInvalid;
+  const int64_t K = cb.K, D = cb.D;
   const double* e = cb.f64.const_data_ptr<double>();
-  if (search == Search::kBf16Exact) {
-    const float best = kHasAvx2 ? expanded_min_avx2(dots, cb.e2.data(), K) : expanded_min_scalar(dots, cb.e2.data(), K);
-    if (!(best < kInf)) return kInvalid;  // no finite code
-    const double bound = vq_bf16_candidate_bound(D, std::sqrt(z2), cb.max_norm);
-    collect_candidates(dots, K, static_cast<float>(static_cast<double>(best) + bound), scratch);
-    if (scratch.size() == 1) return {scratch[0], exact_sqdist(z, e + scratch[0] * D, D)};
-    return rerank(z, cb, scratch.data(), static_cast<int64_t>(scratch.size()), D);
+  if (!info.valid || !cb.any_finite) return kInvalid;
+  const int c = distance_exponent(info.amax, cb.amax);
+  std::vector<int64_t> candidates;
+  if (info.extreme) {  // every finite code
+    for (int64_t k = 0; k < K; ++k)
+      if (!cb.excluded(k)) candidates.push_back(k);
+    return nearest_among(z, cb, candidates, c);
   }
-  const Scan scan = scan_row(dots, cb.e2.data(), K);
-  if (scan.index < 0) return kInvalid;  // no finite code
-  const int64_t i = scan.index;
-  if (search == Search::kFp32) return {i, std::max(0.0, static_cast<double>(scan.best) + z2)};
-  const double gap = static_cast<double>(scan.second) - static_cast<double>(scan.best);
-  if (gap > vq_gap_bound(D, kFp32Roundoff, std::sqrt(z2), cb.max_norm)) {
-    return {i, exact_sqdist(z, e + i * D, D)};
+  if (scan.index < 0) return kInvalid;
+  const double threshold = static_cast<double>(scan.best) + 2.0 * info.bound * (1.0 + 0x1p-20);
+  float t = static_cast<float>(threshold);
+  if (static_cast<double>(t) < threshold) t = std::nextafter(t, kInf);
+  if (!exact || !(scan.second <= t)) {
+    const double* ek = e + scan.index * D;
+    return {scan.index, chosen_sqdist(z, ek, D, c)};
   }
-  // Near-tie in fp32: re-rank every code exactly.
-  scratch.resize(K);
-  for (int64_t k = 0; k < K; ++k) scratch[k] = k;
-  return rerank(z, cb, scratch.data(), K, D);
+  for (int64_t k = 0; k < K; ++k)  // ascending: ties go to the lowest index
+    if (r[k] <= t) candidates.push_back(k);
+  return nearest_among(z, cb, candidates, c);
 }
 
-// Calls fn(b, r0, rows, nearest[rows]) for every chunk of rows. The GEMM of a chunk runs on all
-// threads inside at::mm (oneDNN/MKL re-plan a GEMM called inside a parallel region on every call),
-// then the rows of the chunk are decided in parallel.
-template <typename Fn>
-void for_each_chunk(const at::Tensor& zv, const Codebook& cb, Search search, Fn&& fn) {
-  const int64_t B = zv.size(0), R = zv.size(1), D = zv.size(2), K = cb.f32.size(0);
-  const int64_t chunk = std::clamp<int64_t>((int64_t{1} << 22) / K, kRowTile, 16 * kRowTile);
-  const at::Tensor cbT = search == Search::kBf16Exact ? cb.bf16.t() : cb.f32.t();
-  at::Tensor dots = at::empty({std::min(chunk, R), K}, cb.f32.options());
-  std::vector<Nearest> out(std::min(chunk, R));
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t r0 = 0; r0 < R; r0 += chunk) {
-      const int64_t rows = std::min(chunk, R - r0);
-      const at::Tensor tile = zv.select(0, b).narrow(0, r0, rows);
-      const at::Tensor z64 = tile.to(at::kDouble).contiguous();
-      at::Tensor d = dots.narrow(0, 0, rows);
-      if (search == Search::kBf16Exact) {
-        d.copy_(at::mm(tile.to(at::kBFloat16), cbT));
-      } else {
-        at::mm_out(d, tile.to(at::kFloat), cbT);
-      }
-      float* dp = d.data_ptr<float>();
-      const double* zp = z64.const_data_ptr<double>();
-      at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-        std::vector<int64_t> scratch;
-        for (int64_t r = begin; r < end; ++r) out[r] = nearest_row(dp + r * K, zp + r * D, cb, K, D, search, scratch);
-      });
-      fn(b, r0, rows, out.data());
+// --------------------------------------------------------------------------- int16 search (AVX2)
+
+#if defined(__x86_64__)
+struct alignas(32) LaneState {
+  float min1[8];
+  int32_t idx[8];
+  float min2[8];
+};
+
+// Row-major int16 rows (a multiple of kMR) into micro-kernel tiles: per kMR rows, [Dp / 2][kMR] int32
+// pairs, so the kernel's six broadcasts per pair read one contiguous stream.
+void pack_tiles(const int16_t* zq, int64_t rows, int64_t Dp, int32_t* tiles) {
+  const int64_t pairs = Dp / 2;
+  for (int64_t i = 0; i < rows; i += kMR) {
+    int32_t* t = tiles + i * pairs;
+    for (int m = 0; m < kMR; ++m) {
+      const int16_t* row = zq + (i + m) * Dp;
+      for (int64_t p = 0; p < pairs; ++p) std::memcpy(t + p * kMR + m, row + 2 * p, sizeof(int32_t));
     }
   }
 }
 
-// bf16 ranking pays off once the GEMM dominates; tiny D or K stay on the fp32 path.
-Search exact_search(int64_t K, int64_t D) {
-  return kHasBf16 && D >= 32 && K >= 64 ? Search::kBf16Exact : Search::kFp32Exact;
+// prepare_row_int16 for fp64 rows.
+MAGE_AVX2 RowInfo prepare_row_int16_f64_avx2(const double* z, const Codebook& cb, int16_t* zq) {
+  std::fill(zq, zq + cb.Dp, int16_t{0});
+  const Norm n = robust_norm_f64_avx2(z, cb.D);
+  if (!n.finite) return RowInfo{};
+  if (n.amax == 0.0) return int16_row_info(cb, 0, 0.0, 0.0, 0.0);
+  for (int t = fit_exponent(n, kInt16Norm, 32767.0);; --t) {
+    double l1, l2;
+    quantize_f64_avx2(z, cb.D, t, zq, l1, l2);
+    if (int16_fits(cb, l2)) return int16_row_info(cb, t, l1, l2, n.amax);
+  }
+}
+
+// One vector of r values into a row's lane state: the running minimum, its index (the first, as codes
+// arrive in increasing order per lane) and the running second minimum (== min1 on a tie).
+MAGE_AVX2_INLINE void lane_update(__m256 x, __m256i k, __m256& min1, __m256& min2, __m256& idx) {
+  const __m256 lt = _mm256_cmp_ps(x, min1, _CMP_LT_OQ);
+  min2 = _mm256_min_ps(min2, _mm256_max_ps(x, min1));
+  min1 = _mm256_min_ps(x, min1);
+  idx = _mm256_blendv_ps(idx, _mm256_castsi256_ps(k), lt);
+}
+
+// prepare_row_int16 for fp32 rows with D >= 8 whose largest entry is within 2^+-100 (every other row
+// takes the generic code): the same zq, l1 and l2, eight entries at a time.
+MAGE_AVX2 RowInfo prepare_row_int16_avx2(const float* z, const Codebook& cb, int16_t* zq) {
+  const int64_t D = cb.D;
+  const __m256 sign = _mm256_set1_ps(-0.0f), inf = _mm256_set1_ps(kInf);
+  __m256 amax = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) {
+    const __m256 a = _mm256_andnot_ps(sign, _mm256_loadu_ps(z + d));
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, inf, _CMP_NLT_UQ));  // inf or NaN
+    amax = _mm256_max_ps(amax, a);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, amax);
+  float m = 0.0f;
+  for (int l = 0; l < 8; ++l) m = std::max(m, lanes[l]);
+  bool finite = _mm256_movemask_ps(bad) == 0;
+  for (int64_t j = d; j < D; ++j) {
+    finite = finite && std::isfinite(z[j]);
+    m = std::max(m, std::fabs(z[j]));
+  }
+  if (!finite) return RowInfo{};
+  if (m == 0.0f) {
+    std::fill(zq, zq + cb.Dp, int16_t{0});
+    return int16_row_info(cb, 0, 0.0, 0.0, 0.0);
+  }
+  Norm n;
+  n.amax = m;
+  n.ex = exponent_of(m);
+  if (n.ex < -100 || n.ex > 100) return prepare_row_int16(z, cb, zq);
+  const __m256 p = _mm256_set1_ps(std::ldexp(1.0f, -n.ex));
+  __m256 acc = _mm256_setzero_ps();
+  for (d = 0; d + 8 <= D; d += 8) {
+    const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(z + d), p);
+    acc = _mm256_fmadd_ps(v, v, acc);
+  }
+  _mm256_store_ps(lanes, acc);
+  double n2 = 0.0;
+  for (int l = 0; l < 8; ++l) n2 += lanes[l];
+  for (int64_t j = d; j < D; ++j) n2 += std::ldexp(static_cast<double>(z[j]), -n.ex) * std::ldexp(static_cast<double>(z[j]), -n.ex);
+  n.n2 = n2 * (1.0 + 0x1p-16);  // fp32 sum: only an estimate, for choosing t (the int16 sums are exact)
+  for (int t = fit_exponent(n, kInt16Norm, 32767.0);; --t) {
+    const __m256 s = _mm256_set1_ps(std::ldexp(1.0f, t));  // |t| < 128 here: z 2^t is exact or rounds to 0
+    __m256i l1v = _mm256_setzero_si256();
+    __m256d l2a = _mm256_setzero_pd(), l2b = _mm256_setzero_pd();
+    for (d = 0; d + 16 <= D; d += 16) {
+      const __m256i q0 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(z + d), s),
+                                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      const __m256i q1 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(z + d + 8), s),
+                                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      const __m256i q = _mm256_permute4x64_epi64(_mm256_packs_epi32(q0, q1), 0xD8);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(zq + d), q);
+      l1v = _mm256_add_epi32(l1v, _mm256_add_epi32(_mm256_abs_epi32(q0), _mm256_abs_epi32(q1)));
+      const __m256i sq = _mm256_madd_epi16(q, q);  // pairs of squares, < 2^31
+      l2a = _mm256_add_pd(l2a, _mm256_cvtepi32_pd(_mm256_castsi256_si128(sq)));
+      l2b = _mm256_add_pd(l2b, _mm256_cvtepi32_pd(_mm256_extracti128_si256(sq, 1)));
+    }
+    alignas(32) int32_t l1l[8];
+    alignas(32) double l2l[4];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(l1l), l1v);
+    _mm256_store_pd(l2l, _mm256_add_pd(l2a, l2b));
+    double l1 = 0.0, l2 = (l2l[0] + l2l[1]) + (l2l[2] + l2l[3]);
+    for (int l = 0; l < 8; ++l) l1 += l1l[l];
+    const float sf = std::ldexp(1.0f, t);
+    for (; d < D; ++d) {
+      const float q = std::nearbyint(z[d] * sf);
+      zq[d] = static_cast<int16_t>(q);
+      l1 += std::fabs(q);
+      l2 += static_cast<double>(q) * q;
+    }
+    for (; d < cb.Dp; ++d) zq[d] = 0;
+    if (int16_fits(cb, l2)) return int16_row_info(cb, t, l1, l2, m);
+  }
+}
+
+// The int32 dot products of 6 rows with the 16 codes of a panel, over `pairs` (even) pairs of entries:
+// acc[m][0..15]. The rows come packed as [pairs][6] int32 (one pair of int16 entries per row), the codes
+// as [pairs][16][2] int16. Written in assembly so the twelve accumulators, the two code vectors, the
+// broadcast row pair and the product stay in the 16 registers (compilers spill here). Per pair: 2 code
+// loads, 6 broadcasts, 12 vpmaddwd, 12 vpaddd.
+MAGE_AVX2 void micro_6x16(const int32_t* a, const int16_t* b, int64_t pairs, int32_t* acc) {
+  int64_t steps = pairs / 2;
+#define MAGE_ROW(off, c0, c1)                    \
+  "vpbroadcastd " #off "(%[a]), %%ymm14\n\t"     \
+  "vpmaddwd %%ymm12, %%ymm14, %%ymm15\n\t"       \
+  "vpaddd %%ymm15, %%" #c0 ", %%" #c0 "\n\t"     \
+  "vpmaddwd %%ymm13, %%ymm14, %%ymm15\n\t"       \
+  "vpaddd %%ymm15, %%" #c1 ", %%" #c1 "\n\t"
+#define MAGE_PAIR(boff, a0, a1, a2, a3, a4, a5) \
+  "vmovdqu " #boff "(%[b]), %%ymm12\n\t"        \
+  "vmovdqu " #boff "+32(%[b]), %%ymm13\n\t"     \
+  MAGE_ROW(a0, ymm0, ymm1)                      \
+  MAGE_ROW(a1, ymm2, ymm3)                      \
+  MAGE_ROW(a2, ymm4, ymm5)                      \
+  MAGE_ROW(a3, ymm6, ymm7)                      \
+  MAGE_ROW(a4, ymm8, ymm9)                      \
+  MAGE_ROW(a5, ymm10, ymm11)
+  __asm__ volatile(
+      "vpxor %%ymm0, %%ymm0, %%ymm0\n\t"
+      "vpxor %%ymm1, %%ymm1, %%ymm1\n\t"
+      "vpxor %%ymm2, %%ymm2, %%ymm2\n\t"
+      "vpxor %%ymm3, %%ymm3, %%ymm3\n\t"
+      "vpxor %%ymm4, %%ymm4, %%ymm4\n\t"
+      "vpxor %%ymm5, %%ymm5, %%ymm5\n\t"
+      "vpxor %%ymm6, %%ymm6, %%ymm6\n\t"
+      "vpxor %%ymm7, %%ymm7, %%ymm7\n\t"
+      "vpxor %%ymm8, %%ymm8, %%ymm8\n\t"
+      "vpxor %%ymm9, %%ymm9, %%ymm9\n\t"
+      "vpxor %%ymm10, %%ymm10, %%ymm10\n\t"
+      "vpxor %%ymm11, %%ymm11, %%ymm11\n\t"
+      "test %[n], %[n]\n\t"
+      "jz 2f\n\t"
+      "1:\n\t"
+      MAGE_PAIR(0, 0, 4, 8, 12, 16, 20)
+      MAGE_PAIR(64, 24, 28, 32, 36, 40, 44)
+      "add $128, %[b]\n\t"
+      "add $48, %[a]\n\t"
+      "dec %[n]\n\t"
+      "jnz 1b\n\t"
+      "2:\n\t"
+      "vmovdqa %%ymm0, (%[acc])\n\t"
+      "vmovdqa %%ymm1, 32(%[acc])\n\t"
+      "vmovdqa %%ymm2, 64(%[acc])\n\t"
+      "vmovdqa %%ymm3, 96(%[acc])\n\t"
+      "vmovdqa %%ymm4, 128(%[acc])\n\t"
+      "vmovdqa %%ymm5, 160(%[acc])\n\t"
+      "vmovdqa %%ymm6, 192(%[acc])\n\t"
+      "vmovdqa %%ymm7, 224(%[acc])\n\t"
+      "vmovdqa %%ymm8, 256(%[acc])\n\t"
+      "vmovdqa %%ymm9, 288(%[acc])\n\t"
+      "vmovdqa %%ymm10, 320(%[acc])\n\t"
+      "vmovdqa %%ymm11, 352(%[acc])\n\t"
+      : [a] "+r"(a), [b] "+r"(b), [n] "+r"(steps)
+      : [acc] "r"(acc)
+      : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11",
+        "xmm12", "xmm13", "xmm14", "xmm15", "memory", "cc");
+#undef MAGE_PAIR
+#undef MAGE_ROW
+}
+
+// r(k) for a block of rows (a multiple of kMR, packed by pack_tile) against every code: writes r (rows,
+// Kp) and each row's lane minima. The codebook panel (kNR codes x Dp) stays in L1 while the row tiles pass.
+MAGE_AVX2 void rank_block_int16(const int32_t* tiles, int64_t rows, const Codebook& cb, const float* f, float* r,
+                                LaneState* st) {
+  const int64_t Dp = cb.Dp, Kp = cb.Kp;
+  const int16_t* packed = cb.packed.const_data_ptr<int16_t>();
+  const float* e2s = cb.e2s.data();
+  for (int64_t i = 0; i < rows; ++i) {
+    _mm256_store_ps(st[i].min1, _mm256_set1_ps(kInf));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(st[i].idx), _mm256_set1_epi32(-1));
+    _mm256_store_ps(st[i].min2, _mm256_set1_ps(kInf));
+  }
+  alignas(32) int32_t acc[kMR][kNR];
+  const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t k0 = 0; k0 < Kp; k0 += kNR) {
+    const int16_t* panel = packed + k0 * Dp;
+    const __m256 e0 = _mm256_loadu_ps(e2s + k0), e1 = _mm256_loadu_ps(e2s + k0 + 8);
+    const __m256i k_0 = _mm256_add_epi32(iota, _mm256_set1_epi32(static_cast<int32_t>(k0)));
+    const __m256i k_1 = _mm256_add_epi32(k_0, _mm256_set1_epi32(8));
+    for (int64_t i = 0; i < rows; i += kMR) {
+      micro_6x16(tiles + i * Dp / 2, panel, Dp / 2, &acc[0][0]);
+      for (int m = 0; m < kMR; ++m) {
+        const __m256 fv = _mm256_set1_ps(f[i + m]);
+        float* rr = r + (i + m) * Kp + k0;
+        LaneState& s = st[i + m];
+        __m256 min1 = _mm256_load_ps(s.min1), min2 = _mm256_load_ps(s.min2);
+        __m256 idx = _mm256_load_ps(reinterpret_cast<const float*>(s.idx));
+        const __m256i c0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(acc[m]));
+        const __m256i c1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(acc[m] + 8));
+        const __m256 x0 = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(c0), fv, e0);  // sigma |e|^2 - f dot
+        const __m256 x1 = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(c1), fv, e1);
+        _mm256_storeu_ps(rr, x0);
+        _mm256_storeu_ps(rr + 8, x1);
+        lane_update(x0, k_0, min1, min2, idx);
+        lane_update(x1, k_1, min1, min2, idx);
+        _mm256_store_ps(s.min1, min1);
+        _mm256_store_ps(s.min2, min2);
+        _mm256_store_ps(reinterpret_cast<float*>(s.idx), idx);
+      }
+    }
+  }
+}
+
+// Takes blocks of rows from `next` until none is left (dynamic scheduling: on a shared machine a thread
+// that loses its core does not hold the others back).
+template <typename Buf, typename Sink>
+MAGE_AVX2 void search_blocks_int16(const RowSource& src, int64_t R, const Codebook& cb, bool exact,
+                                   std::atomic<int64_t>& next, int64_t blocks, Sink& sink) {
+  const int64_t D = cb.D, Dp = cb.Dp, Kp = cb.Kp;
+  const int64_t blocks_per_b = (R + kBlockRows - 1) / kBlockRows;
+  std::vector<Buf> scratch(kBlockRows * D);
+  at::Tensor zq_t = at::empty({kBlockRows * Dp}, at::kShort);
+  at::Tensor tiles_t = at::empty({kBlockRows * Dp / 2}, at::kInt);
+  int32_t* tiles = tiles_t.data_ptr<int32_t>();
+  at::Tensor r_t = at::empty({kBlockRows * Kp}, at::kFloat);
+  int16_t* zq = zq_t.data_ptr<int16_t>();
+  float* r = r_t.data_ptr<float>();
+  std::vector<LaneState> st(kBlockRows);
+  RowInfo info[kBlockRows];
+  float f[kBlockRows];
+  for (int64_t blk = next++; blk < blocks; blk = next++) {
+    const int64_t b = blk / blocks_per_b, r0 = (blk % blocks_per_b) * kBlockRows;
+    const int64_t rows = std::min(kBlockRows, R - r0), rows_p = (rows + kMR - 1) / kMR * kMR;
+    const Buf* z = load_rows<Buf>(src, b, r0, rows, D, scratch.data());
+    for (int64_t i = 0; i < rows_p; ++i) {
+      if (i < rows) {
+        if constexpr (std::is_same_v<Buf, float>) {
+          info[i] = D >= 8 ? prepare_row_int16_avx2(z + i * D, cb, zq + i * Dp)
+                           : prepare_row_int16(z + i * D, cb, zq + i * Dp);
+        } else {
+          info[i] = prepare_row_int16_f64_avx2(z + i * D, cb, zq + i * Dp);
+        }
+      } else {
+        info[i] = RowInfo{};
+        std::fill(zq + i * Dp, zq + (i + 1) * Dp, int16_t{0});
+      }
+      f[i] = info[i].f;
+    }
+    pack_tiles(zq, rows_p, Dp, tiles);
+    rank_block_int16(tiles, rows_p, cb, f, r, st.data());
+    for (int64_t i = 0; i < rows; ++i) {
+      const Scan scan = finish_lanes(st[i].min1, st[i].idx, st[i].min2, 8);
+      sink(b, r0 + i, decide(z + i * D, info[i], scan, r + i * Kp, cb, exact));
+    }
+  }
+}
+#endif
+
+template <typename Buf, typename Sink>
+void search_int16(const at::Tensor& zv, const Codebook& cb, bool exact, Sink& sink) {
+#if defined(__x86_64__)
+  const RowSource src = row_source(zv);
+  const int64_t B = zv.size(0), R = zv.size(1);
+  const int64_t blocks = B * ((R + kBlockRows - 1) / kBlockRows);
+  // A thread per ~2^22 products at least, so small calls stay on one thread (no wake-up or spin cost).
+  const int64_t work = blocks * kBlockRows * cb.Kp * cb.Dp;
+  const int64_t threads = std::clamp<int64_t>(work >> 22, 1, at::get_num_threads());
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    search_blocks_int16<Buf>(src, R, cb, exact, next, blocks, sink);
+  });
+#else
+  TORCH_CHECK(false, "vq: the int16 search needs an x86-64 CPU");
+#endif
+}
+
+// ------------------------------------------------------------------------------ GEMM searches
+
+// r(k) = e2s[k] - f dots[k] over `r` in place, and the row's scan. NaN never occurs (finite inputs).
+Scan scan_row_scalar(float* r, const float* e2s, float f, int64_t K) {
+  float min1 = kInf, min2 = kInf;
+  int32_t idx = -1;
+  for (int64_t k = 0; k < K; ++k) {
+    const float x = e2s[k] - r[k] * f;
+    r[k] = x;
+    if (x < min1) {
+      min2 = min1;
+      min1 = x;
+      idx = static_cast<int32_t>(k);
+    } else if (x < min2) {
+      min2 = x;
+    }
+  }
+  return finish_lanes(&min1, &idx, &min2, 1);
+}
+
+#if defined(__x86_64__)
+MAGE_AVX2 Scan scan_row_avx2(float* r, const float* e2s, float f, int64_t K) {
+  const __m256 fv = _mm256_set1_ps(f);
+  __m256 min1 = _mm256_set1_ps(kInf), min2 = min1;
+  __m256 idx = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+  __m256i kv = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i eight = _mm256_set1_epi32(8);
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8, kv = _mm256_add_epi32(kv, eight)) {
+    const __m256 x = _mm256_fnmadd_ps(_mm256_loadu_ps(r + k), fv, _mm256_loadu_ps(e2s + k));
+    _mm256_storeu_ps(r + k, x);
+    lane_update(x, kv, min1, min2, idx);
+  }
+  alignas(32) LaneState s;
+  _mm256_store_ps(s.min1, min1);
+  _mm256_store_ps(s.min2, min2);
+  _mm256_store_ps(reinterpret_cast<float*>(s.idx), idx);
+  for (; k < K; ++k) {  // the tail, into lane 0 (its codes come after lane 0's)
+    const float x = std::fma(-r[k], f, e2s[k]);
+    r[k] = x;
+    if (x < s.min1[0] || s.idx[0] < 0) {
+      s.min2[0] = std::min(s.min2[0], s.min1[0]);
+      s.min1[0] = x;
+      s.idx[0] = static_cast<int32_t>(k);
+    } else {
+      s.min2[0] = std::min(s.min2[0], x);
+    }
+  }
+  return finish_lanes(s.min1, s.idx, s.min2, 8);
+}
+
+template <typename Buf, typename Sink>
+MAGE_AVX2 void decide_rows_avx2(const Buf* z, const RowInfo* info, float* dots, const Codebook& cb, bool exact,
+                                int64_t b, int64_t r0, int64_t begin, int64_t end, Sink& sink) {
+  const int64_t K = cb.K, D = cb.D;
+  for (int64_t i = begin; i < end; ++i) {
+    float* r = dots + i * K;
+    const Scan scan = info[i].valid && !info[i].extreme ? scan_row_avx2(r, cb.e2s.data(), info[i].f, K) : Scan{};
+    sink(b, r0 + i, decide(z + i * D, info[i], scan, r, cb, exact));
+  }
+}
+#endif
+
+template <typename Buf, typename Sink>
+void decide_rows_scalar(const Buf* z, const RowInfo* info, float* dots, const Codebook& cb, bool exact, int64_t b,
+                        int64_t r0, int64_t begin, int64_t end, Sink& sink) {
+  const int64_t K = cb.K, D = cb.D;
+  for (int64_t i = begin; i < end; ++i) {
+    float* r = dots + i * K;
+    const Scan scan = info[i].valid && !info[i].extreme ? scan_row_scalar(r, cb.e2s.data(), info[i].f, K) : Scan{};
+    sink(b, r0 + i, decide(z + i * D, info[i], scan, r, cb, exact));
+  }
+}
+
+// Chunks of rows: scaled rows, one GEMM over all threads (oneDNN/MKL re-plan a GEMM called inside a
+// parallel region on every call), then the rows of the chunk decided in parallel.
+template <typename Buf, typename Sink>
+void search_gemm(const at::Tensor& zv, const Codebook& cb, bool bf16, bool exact, bool avx2, Sink& sink) {
+  const RowSource src = row_source(zv);
+  const int64_t B = zv.size(0), R = zv.size(1), D = cb.D, K = cb.K;
+  const int64_t chunk = std::min(R, std::clamp<int64_t>((int64_t{1} << 22) / K, 256, 4096));
+  const auto opts = zv.options();
+  at::Tensor zs = at::empty({chunk, D}, opts.dtype(at::kFloat));
+  at::Tensor dots = at::empty({chunk, K}, opts.dtype(at::kFloat));
+  at::Tensor rows_t = at::empty({chunk * D}, opts.dtype(std::is_same_v<Buf, double> ? at::kDouble : at::kFloat));
+  std::vector<RowInfo> info(chunk);
+  const at::Tensor cbT = cb.scaled.t();
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t r0 = 0; r0 < R; r0 += chunk) {
+      const int64_t rows = std::min(chunk, R - r0);
+      const bool in_place = rows_in_place<Buf>(src, D, rows);
+      Buf* scratch = rows_t.data_ptr<Buf>();
+      const Buf* z = in_place ? load_rows<Buf>(src, b, r0, rows, D, scratch) : scratch;
+      at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+        if (!in_place) load_rows<Buf>(src, b, r0 + begin, end - begin, D, scratch + begin * D);
+        for (int64_t i = begin; i < end; ++i)
+          info[i] = prepare_row_gemm(z + i * D, cb, bf16, zs.data_ptr<float>() + i * D);
+      });
+      at::Tensor d = dots.narrow(0, 0, rows);
+      const at::Tensor zc = zs.narrow(0, 0, rows);
+      if (bf16) {
+        d.copy_(at::mm(zc.to(at::kBFloat16), cbT));
+      } else {
+        at::mm_out(d, zc, cbT);
+      }
+      float* dp = d.data_ptr<float>();
+      at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+#if defined(__x86_64__)
+        if (avx2) return decide_rows_avx2(z, info.data(), dp, cb, exact, b, r0, begin, end, sink);
+#endif
+        decide_rows_scalar(z, info.data(), dp, cb, exact, b, r0, begin, end, sink);
+      });
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------ dispatch
+
+Ranking choose_ranking(CpuIsa isa, int64_t K, int64_t D) {
+  switch (isa) {
+    case CpuIsa::kScalar: return Ranking::kFp32;
+    case CpuIsa::kAvx2: return D <= kInt16MaxD ? Ranking::kInt16 : Ranking::kFp32;
+    case CpuIsa::kAvx512Bf16:
+      // bf16 ranking pays off once the GEMM dominates; tiny D or K stay on the int16 kernel.
+      if (D >= 32 && K >= 64) return Ranking::kBf16;
+      return cpu_has_avx2() && D <= kInt16MaxD ? Ranking::kInt16 : Ranking::kFp32;
+  }
+  return Ranking::kFp32;
+}
+
+// Calls sink(b, r, Nearest) once for every row (from several threads, each row once).
+template <typename Sink>
+void search(const at::Tensor& zv, const at::Tensor& codebook, bool exact, Sink& sink) {
+  const CpuIsa isa = cpu_isa();
+  const Ranking ranking = choose_ranking(isa, codebook.size(0), codebook.size(1));
+  const Codebook cb = prepare_codebook(codebook, ranking);
+  const bool f64 = zv.scalar_type() == at::kDouble;
+  if (ranking == Ranking::kInt16) {
+    f64 ? search_int16<double>(zv, cb, exact, sink) : search_int16<float>(zv, cb, exact, sink);
+  } else {
+    const bool bf16 = ranking == Ranking::kBf16, avx2 = isa != CpuIsa::kScalar && cpu_has_avx2();
+    f64 ? search_gemm<double>(zv, cb, bf16, exact, avx2, sink) : search_gemm<float>(zv, cb, bf16, exact, avx2, sink);
+  }
 }
 
 at::Tensor index_shape_empty(const at::Tensor& z, at::ScalarType dtype) {
@@ -325,18 +1214,15 @@ std::tuple<at::Tensor, at::Tensor> vq_nearest_cpu(const at::Tensor& z, const at:
   at::Tensor indices = index_shape_empty(z, at::kLong);
   at::Tensor sqdist = index_shape_empty(z, sqdist_dtype(z));
   if (z.numel() == 0) return {indices, sqdist};
-  const Search search = exact ? exact_search(codebook.size(0), codebook.size(1)) : Search::kFp32;
-  const Codebook cb = prepare_codebook(codebook, search == Search::kBf16Exact);
   const int64_t R = zv.size(1);
   int64_t* ip = indices.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES(sqdist.scalar_type(), "vq_nearest_cpu", [&] {
     scalar_t* sp = sqdist.data_ptr<scalar_t>();
-    for_each_chunk(zv, cb, search, [&](int64_t b, int64_t r0, int64_t rows, const Nearest* nn) {
-      for (int64_t r = 0; r < rows; ++r) {
-        ip[b * R + r0 + r] = nn[r].index;
-        sp[b * R + r0 + r] = static_cast<scalar_t>(nn[r].sqdist);
-      }
-    });
+    auto sink = [&](int64_t b, int64_t r, const Nearest& nn) {
+      ip[b * R + r] = nn.index;
+      sp[b * R + r] = static_cast<scalar_t>(nn.sqdist);
+    };
+    search(zv, codebook, exact, sink);
   });
   return {indices, sqdist};
 }
@@ -345,7 +1231,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vq_quantize_cpu(const
                                                                            const at::Tensor& codebook,
                                                                            double beta) {
   const at::Tensor zv = vq_rows_view(z, codebook, "vq_quantize");
-  const int64_t K = codebook.size(0), D = codebook.size(1), R = zv.size(1);
+  const int64_t K = codebook.size(0), D = codebook.size(1), B = zv.size(0), R = zv.size(1);
   at::Tensor z_q = at::empty(z.sizes(), z.options());  // contiguous in z's logical layout (NCHW stays NCHW)
   at::Tensor indices = index_shape_empty(z, at::kLong);
   at::Tensor counts = at::zeros({K}, z.options().dtype(at::kLong));
@@ -353,34 +1239,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vq_quantize_cpu(const
   if (z.numel() == 0) {
     return {z_q, indices, at::zeros({}, z.options().dtype(loss_dtype)), counts};
   }
-  const Search search = exact_search(K, D);
-  const Codebook cb = prepare_codebook(codebook, search == Search::kBf16Exact);
   const at::Tensor zqv = z.dim() == 2 ? z_q.unsqueeze(0) : z_q.flatten(2).transpose(1, 2);
   const int64_t qs0 = zqv.stride(0), qs1 = zqv.stride(1), qs2 = zqv.stride(2);
   int64_t* ip = indices.data_ptr<int64_t>();
-  int64_t* cp = counts.data_ptr<int64_t>();
-  const double* e = cb.f64.const_data_ptr<double>();
-  double total = 0.0;  // summed in row order: the loss does not depend on the thread count
+  std::vector<double> sq(B * R);
+  // The code rows come from an fp64 copy (each value rounded once to z's dtype).
+  const at::Tensor e64 = codebook.to(at::kDouble).contiguous();
+  const double* e = e64.const_data_ptr<double>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, z.scalar_type(), "vq_quantize_cpu", [&] {
     scalar_t* qp = z_q.data_ptr<scalar_t>();
-    for_each_chunk(zv, cb, search, [&](int64_t b, int64_t r0, int64_t rows, const Nearest* nn) {
-      at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
-          const int64_t i = nn[r].index;
-          scalar_t* q = qp + b * qs0 + (r0 + r) * qs1;
-          for (int64_t d = 0; d < D; ++d) {
-            q[d * qs2] = static_cast<scalar_t>(i < 0 ? std::numeric_limits<double>::quiet_NaN() : e[i * D + d]);
-          }
-        }
-      });
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t i = nn[r].index;
-        ip[b * R + r0 + r] = i;
-        total += nn[r].sqdist;  // NaN for a row without a code
-        if (i >= 0) cp[i] += 1;
+    auto sink = [&](int64_t b, int64_t r, const Nearest& nn) {
+      const int64_t i = nn.index;
+      ip[b * R + r] = i;
+      sq[b * R + r] = nn.sqdist;
+      scalar_t* q = qp + b * qs0 + r * qs1;
+      for (int64_t d = 0; d < D; ++d) {
+        q[d * qs2] = static_cast<scalar_t>(i < 0 ? std::numeric_limits<double>::quiet_NaN() : e[i * D + d]);
       }
-    });
+    };
+    search(zv, codebook, /*exact=*/true, sink);
   });
+  double total = 0.0;  // summed in row order: the loss does not depend on the thread count
+  int64_t* cp = counts.data_ptr<int64_t>();
+  for (int64_t j = 0; j < B * R; ++j) {
+    total += sq[j];  // NaN for a row without a code
+    if (ip[j] >= 0) cp[ip[j]] += 1;
+  }
   // Legacy taming VectorQuantizer2: mean((sg(z_q) - z)^2) + beta * mean((z_q - sg(z))^2); both means equal.
   const double loss = (1.0 + beta) * total / static_cast<double>(z.numel());
   at::Tensor loss_t = at::empty({}, z.options().dtype(loss_dtype));

@@ -9,6 +9,7 @@ Every op is callable as `torch.ops.mage.<name>` and, with argument checks and do
 import torch  # noqa: F401  (libtorch must be loaded before our native library)
 
 from . import nn, reference
+from ._cpu_isa import cpu_isa
 from ._registry import CHOSEN, NATIVE_ERROR, NATIVE_PATH, REQUESTED, triton_usable
 from .masking import gather_keep, mask_plan, pad_with_cls, sample_mask_counts
 from .remask import (
@@ -37,6 +38,7 @@ def build_info() -> dict:
         "triton_interpret": triton_usable("cpu"),
         "cuda_available": torch.cuda.is_available(),
         "requested_backend": REQUESTED,
+        "cpu_isa": cpu_isa(),
         "ops": {name: dict(choice) for name, choice in CHOSEN.items()},
     }
 

@@ -127,10 +127,11 @@ def vq_nearest(
         z: (N, D) vectors, or a channels-first map (B, D, H, W) read in place (no permute copy).
         codebook: (K, D). float32 / bfloat16 / float16 (float64 too); z and codebook may differ in dtype.
         exact: precision contract. True: the index is the argmin of the exact squared distances of the
-            given values (ties to the lowest index, as `torch.argmin`), i.e. it agrees 100% with an
-            fp64 argmin; kernels search in fp32 (or on tensor cores) and re-rank rows whose two best
-            candidates are within the rounding bound in fp64. False: no re-rank; near-ties within
-            fp32 rounding may pick the other code, and sqdist is the fp32 expanded-form value.
+            given values (ties to the lowest index, as `torch.argmin`), for finite inputs of any
+            magnitude; kernels rank codes fast (fp32, int16 or bf16 products, on tensor cores on GPU)
+            and compare the codes within the ranking's proven rounding bound in fp64 (exactly where
+            fp64 cannot tell). False: no such comparison; a code within the ranking's rounding of the
+            nearest may be picked, and sqdist may be the ranking's value (CPU: the fp64 distance).
         check_finite: raise ValueError for rows of z with non-finite values (index -1). Default: on CPU
             tensors only, where it costs no host sync.
 

@@ -27,9 +27,7 @@ BACKENDS = ("cpu", "triton", "reference")
 # input (issue 11 item 1: magnitudes whose squares overflow, distances that tie in fp64). Every strict xfail
 # of that contract (test_vq_exact.py, test_fuzz.py) is keyed on this dict alone: when a backend's fix lands,
 # delete its entry and nothing else.
-VQ_EXACT_PENDING = {
-    "cpu": "issue 11 item 1: exact vq for every finite input, C++ kernel (fix on branch cpuperf)",
-}
+VQ_EXACT_PENDING: dict[str, str] = {}
 
 
 def vq_exact_marks(backend: str) -> list:

@@ -70,6 +70,25 @@ def test_cpu_kernel_independent_of_threads():
     assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
 
 
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512_bf16"])
+def test_cpu_kernel_every_isa_path_matches_reference(isa, monkeypatch):
+    """MAGE_CPU_ISA picks the sampler's portable or AVX2 build per call: both give the reference's bits."""
+    if isa == "avx2" and mk.cpu_isa()["detected"] == "scalar":
+        pytest.skip("this CPU lacks AVX2/FMA")
+    monkeypatch.setenv("MAGE_CPU_ISA", isa)
+    assert mk.cpu_isa()["path"] == isa
+    logits, ids, k = make_case(3, 37, 1029, vocab=1025, seed=4)
+    kw = kwargs(1025, temperature=0.7)
+    got, ref = OP(logits, ids, k, SEED, **kw), R.remask_step(logits, ids, k, SEED, **kw)
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    hidden, weight = torch.randn(2, 9, 16), torch.randn(40, 16)
+    ids = torch.full((2, 9), MASK)
+    k = torch.tensor([4, 0])
+    fused = OP_HIDDEN(hidden, weight, None, ids, k, SEED, **kwargs(33))
+    explicit = OP(R.remask_head_logits(hidden, weight, None, 33), ids, k, SEED, **kwargs(33))
+    assert torch.equal(fused[0], explicit[0]) and torch.equal(fused[1], explicit[1])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_exactly_k_and_known_untouched(device):
     logits, ids, k = make_case(6, 50, 64, known_frac=0.5, seed=3, device=device)

@@ -1,0 +1,29 @@
+// Which instruction-set path the CPU kernels take (docs/OPS.md, Backends).
+//
+// Detected from the CPU at run time (the library is built without -march flags), or forced with the
+// environment variable MAGE_CPU_ISA, read on every call so tests can switch it:
+//   scalar       portable code only (what a CPU without AVX2 runs);
+//   avx2         AVX2 + FMA kernels; refused with a clear error on a CPU without them;
+//   avx512_bf16  the nearest-code search ranks with a bf16 GEMM (the default on CPUs with native bf16
+//                dot products). The GEMM is ATen's, which emulates bf16 where the CPU lacks it, so the
+//                path runs (slowly) on every CPU: that is how it is tested on machines without it.
+//   auto / unset the best path for this CPU.
+#pragma once
+
+namespace mage {
+
+enum class CpuIsa { kScalar = 0, kAvx2 = 1, kAvx512Bf16 = 2 };
+
+// The path for this call: MAGE_CPU_ISA if set (validated, raising ValueError on a bad value or an ISA the
+// CPU lacks), else the best the CPU supports.
+CpuIsa cpu_isa();
+
+// The best path the CPU supports, ignoring MAGE_CPU_ISA.
+CpuIsa cpu_isa_detected();
+
+const char* cpu_isa_name(CpuIsa isa);
+
+// True when the CPU executes AVX2 and FMA instructions (independent of MAGE_CPU_ISA).
+bool cpu_has_avx2();
+
+}  // namespace mage

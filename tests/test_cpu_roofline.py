@@ -1,0 +1,44 @@
+"""The CPU roofline the benchmark rows carry (benchmarks/cpu_roofline.py, csrc/cpu_isa.cpp)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+import mage_kernels as mk
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+import common  # noqa: E402
+import cpu_roofline  # noqa: E402
+
+pytestmark = pytest.mark.skipif(mk.build_info()["native"] is None, reason="needs the native library")
+
+
+def test_peak_and_bandwidth_are_measured():
+    one = cpu_roofline.peak_gflops(1, seconds=0.05)
+    # At least 4 fp32 lanes x 2 FLOPs per cycle at 0.5 GHz; at most 16 lanes x 2 FMA units x 2 at 6 GHz.
+    assert 4.0 <= one <= 16 * 2 * 2 * 6.0
+    assert 0.1 < cpu_roofline.stream_gbps(1, mib=16, repeats=2) < 10_000
+
+
+def test_isa_names_the_cpu_and_our_path():
+    flags = cpu_roofline.cpu_flags()
+    text = cpu_roofline.isa()
+    if {"avx2", "fma"} <= flags:
+        assert text.startswith(("avx2+fma", "avx512"))
+    assert f"mage path {mk.cpu_isa()['path']}" in text
+
+
+def test_rows_carry_isa_load_and_roofline():
+    x = torch.ones(1 << 16)
+    flops_case = common.Case("op", "mage", "cpu", "no-grad", "s", "float32", lambda: x.add(1), flops=1e6)
+    bytes_case = common.Case("op", "mage", "cpu", "no-grad", "s", "float32", lambda: x.add(1), bytes=8.0 * x.numel())
+    times = common.time_round_robin([flops_case, bytes_case], rounds=3)
+    flops_row, bytes_row = (common.make_row(c, "cpu", t) for c, t in zip((flops_case, bytes_case), times))
+    for row in (flops_row, bytes_row):
+        assert row.isa == cpu_roofline.isa() and row.load >= 0 and row.roofline_pct > 0
+    peak = cpu_roofline.peak_gflops(torch.get_num_threads())
+    assert flops_row.roofline_pct == pytest.approx(100 * 1e6 / (flops_row.median_ms * 1e-3) / 1e9 / peak)
