@@ -48,6 +48,21 @@ def test_each_step_commits_the_scheduled_count_and_keeps_committed_tokens(model,
     assert torch.equal(final, history[-1])
 
 
+@pytest.mark.parametrize("fused_head", [True, False])
+def test_temperature_divides_the_logits(fused_head):
+    """temperature=T samples as a model whose logits are divided by T (exact for T = 0.5: a power of two)."""
+    m = randomized(mage.MAGE(tiny_config(head="untied")))
+    scaled = randomized(mage.MAGE(tiny_config(head="untied")))
+    with torch.no_grad():
+        scaled.mlm_layer.weight.mul_(2.0)
+        scaled.mlm_layer.bias.mul_(2.0)
+    ids = torch.full((3, L_TINY), m.config.mask_id)
+    a, _ = _record(m, ids, 6, temperature=0.5, generator=torch.Generator().manual_seed(3), fused_head=fused_head)
+    b, _ = _record(scaled, ids, 6, generator=torch.Generator().manual_seed(3), fused_head=fused_head)
+    c, _ = _record(m, ids, 6, generator=torch.Generator().manual_seed(3), fused_head=fused_head)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
 def test_256_tokens_in_20_steps_follow_the_published_table():
     m = randomized(mage.MAGE(tiny_config(tokenizer=mage.TokenizerConfig.tiny(resolution=64))))  # 16x16 tokens
     ids = torch.full((2, 256), m.config.mask_id)
@@ -146,6 +161,8 @@ def test_bad_sampler_inputs_raise_clear_errors(model):
         mage.generate(model, 1, steps=0)
     with pytest.raises(ValueError, match="choice_temperature"):
         mage.generate(model, 1, choice_temperature=-1.0)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        mage.generate(model, 1, temperature=0.0)
     with pytest.raises(TypeError, match="mage.MAGE"):
         mage.generate(torch.nn.Linear(2, 2), 1)
     with pytest.raises(ValueError, match="cuda_graph"):

@@ -62,6 +62,7 @@ def sample_step(
     steps: int,
     *,
     choice_temperature: float = 6.0,
+    temperature: float = 1.0,
     generator: torch.Generator | None = None,
     fused_head: bool = True,
     reference_ties: bool = False,
@@ -72,6 +73,7 @@ def sample_step(
     Static shapes and no host sync, so it compiles with fullgraph=True and can be captured in a CUDA
     graph. The step's randomness comes from `seed` ((2,) int64, see `mage_kernels.draw_seed`) when given,
     else from `generator`; Dynamo cannot trace a torch.Generator, so compiled callers pass a seed.
+    `temperature` divides the logits before sampling and confidence (1.0: the reference, which has none).
     """
     c = model.config
     K, mask_id = c.codebook_size, c.mask_id
@@ -81,6 +83,8 @@ def sample_step(
     if fused_head:
         hidden = model.head_hidden(ids, mask=ids == mask_id)[:, 1:]  # (B, L, D), fp32 under autocast (LN)
         weight, bias = model.head_weight()
+        if temperature != 1.0:  # logits / T = (hidden / T) W^T + b / T
+            hidden, bias = hidden / temperature, bias / temperature
         # The product with the table runs in the autocast dtype, as F.linear would under autocast.
         device = ids.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
@@ -88,6 +92,8 @@ def sample_step(
             hidden.to(dtype), weight[:K].to(dtype), bias[:K].to(dtype), ids, num_masked, **kw
         )
     logits = model(ids, mask=ids == mask_id)[:, 1:, :K]  # (B, L, K), a strided view
+    if temperature != 1.0:
+        logits = logits / temperature
     return mage_kernels.remask_step(logits, ids, num_masked, **kw)
 
 
@@ -97,6 +103,7 @@ def decode_tokens(
     *,
     steps: int = 20,
     choice_temperature: float = 6.0,
+    temperature: float = 1.0,
     generator: torch.Generator | None = None,
     fused_head: bool = True,
     reference_ties: bool = False,
@@ -112,11 +119,14 @@ def decode_tokens(
         raise ValueError(f"steps must be >= 1, got {steps}")
     if choice_temperature < 0:
         raise ValueError(f"choice_temperature must be >= 0, got {choice_temperature}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
     num_initial = (ids == model.config.mask_id).sum(1)
     sampled = ids
     for t in range(steps):
         sampled, ids = sample_step(model, ids, num_initial, t, steps, choice_temperature=choice_temperature,
-                                   generator=generator, fused_head=fused_head, reference_ties=reference_ties)
+                                   temperature=temperature, generator=generator, fused_head=fused_head,
+                                   reference_ties=reference_ties)
         if on_step is not None:
             on_step(t, ids)
     return sampled
@@ -159,6 +169,7 @@ def generate(
     *,
     steps: int = 20,
     choice_temperature: float = 6.0,
+    temperature: float = 1.0,
     generator: torch.Generator | None = None,
     batch_size: int = 32,
     dtype: torch.dtype | None = None,
@@ -171,6 +182,7 @@ def generate(
 
     Args:
         steps, choice_temperature: the README's settings for the reported FIDs are 20 and 6.0.
+        temperature: divides the logits (1.0, the reference: no temperature; below 1 sharpens them).
         generator: torch.Generator on the model's device (or CPU); the same seed gives the same images.
         batch_size: images decoded together; the last batch is run at full size and cut.
         dtype: None / torch.float32 (the reference) or torch.bfloat16 / torch.float16 (autocast).
@@ -193,7 +205,8 @@ def generate(
         ids = torch.full((batch_size, c.num_tokens), c.mask_id, dtype=torch.long, device=device)
         with _autocast(device, dtype, cache_enabled=not cuda_graph):
             tokens = decode_tokens(model, ids, steps=steps, choice_temperature=choice_temperature,
-                                   generator=generator, fused_head=fused_head, reference_ties=reference_ties)
+                                   temperature=temperature, generator=generator, fused_head=fused_head,
+                                   reference_ties=reference_ties)
             return model.vqgan.decode(tokens).float()
 
     was_training = model.training
