@@ -382,10 +382,12 @@ def _resume(path: Path, module: nn.Module, optimizer, scaler) -> dict:
         raise CheckpointError(f"cannot resume: {err}{hint}") from None
 
 
-def train(cfg: TrainConfig) -> dict:
+def train(cfg: TrainConfig, governor=None) -> dict:
     """Run (or resume) training; returns the last logged metrics. Writes to cfg.out_dir:
     checkpoint.pt (resumable state), metrics.jsonl, curves.png, samples/ and the final weights
-    (model.safetensors for MAGE, tokenizer.safetensors for the tokenizer, mae.pt for MAE)."""
+    (model.safetensors for MAGE, tokenizer.safetensors for the tokenizer, mae.pt for MAE).
+
+    governor: a `mage.threads.ThreadGovernor` to re-choose the CPU thread count as the load changes."""
     d = init_distributed()
     out = Path(cfg.out_dir)
     if d.main:
@@ -421,6 +423,8 @@ def train(cfg: TrainConfig) -> dict:
         model.vqgan.eval()
     try:
         for step, x, rows in (batches.from_step(start) if start < cfg.steps else ()):
+            if governor is not None:
+                governor.update()
             set_lr(optimizer, cosine_lr(step, cfg.steps, cfg.warmup_steps, lr, cfg.min_lr))
             batch = _to_ids(cfg, model, x, d.device)
             plan = plan_masks(cfg, step, getattr(model.config, "num_tokens", 0), rows, d.device)
@@ -453,6 +457,8 @@ def train(cfg: TrainConfig) -> dict:
                 elapsed = time.perf_counter() - t0
                 last = {"step": done, **values, "lr": optimizer.param_groups[0]["lr"],
                         "images_per_s": seen / max(elapsed, 1e-9), "time": time.time()}
+                if governor is not None:
+                    last["threads"] = governor.threads
                 t0, seen = time.perf_counter(), 0
                 if logger is not None:
                     logger.log(last)
