@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from common import measure, write_csv  # noqa: E402
 
-FAMILIES = ["bench_vq", "bench_remask", "bench_masking", "bench_sampling"]
+FAMILIES = ["bench_vq", "bench_remask", "bench_masking", "bench_sampling", "bench_vectorquantize"]
 
 
 def main(argv=None) -> None:

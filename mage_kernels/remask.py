@@ -81,7 +81,7 @@ def remask_step(
     reference_ties: bool = False,
     seed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One step of MAGE's iterative decoding (docs/REFERENCE.md 5, steps 2.5-2.10), fused and sync-free.
+    """One step of MAGE's iterative decoding (docs/REFERENCE.md 5.2.5-5.2.10), fused and sync-free.
 
     Args:
         logits: (B, L, V') float32 / bfloat16 / float16, any strides (e.g. `logits[:, 1:]` of the model's
@@ -163,7 +163,7 @@ def remask_step_from_hidden(
 
 
 # --------------------------------------------------------------------------------------------------
-# Schedule of the published sampler (docs/REFERENCE.md 5, steps 2.7-2.9)
+# Schedule of the published sampler (docs/REFERENCE.md 5.2.7-5.2.9)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -178,16 +178,21 @@ def annealed_choice_temperature(step: int, num_steps: int, choice_temperature: f
     return choice_temperature * (1.0 - (step + 1) / num_steps)
 
 
-def remask_count(ids: torch.Tensor, *, mask_id: int, mask_ratio: float, num_initial: int | None = None) -> torch.Tensor:
+def remask_count(
+    ids: torch.Tensor, *, mask_id: int, mask_ratio: float, num_initial: int | torch.Tensor | None = None
+) -> torch.Tensor:
     """How many tokens to keep masked after this step, per row and on device (no host sync): int64 (B,).
 
     floor(num_initial * mask_ratio) clamped to [1, unknown - 1] as published, so every step commits at
     least one token and leaves at least one for the next; a row with one unknown token re-masks it and a
-    row with none re-masks none. num_initial defaults to L (decoding from all-[MASK]). Unlike the
-    published sampler, which uses row 0's count for the whole batch, each row gets its own (as MaskGIT),
-    which matters for inpainting.
+    row with none re-masks none. num_initial: an int, or int64 (B,) per row (each row's unknown count
+    at the start); default L (decoding from all-[MASK]). Unlike the published sampler, which uses row
+    0's count for the whole batch, each row gets its own (as MaskGIT), which matters for inpainting.
     """
     num_initial = ids.shape[1] if num_initial is None else num_initial
     unknown = (ids == mask_id).sum(1)
-    want = torch.full_like(unknown, math.floor(num_initial * mask_ratio))
+    if isinstance(num_initial, torch.Tensor):
+        want = torch.floor(num_initial.double() * mask_ratio).long()
+    else:
+        want = torch.full_like(unknown, math.floor(num_initial * mask_ratio))
     return torch.minimum(torch.maximum(torch.minimum(want, unknown - 1), torch.ones_like(unknown)), unknown)

@@ -1,6 +1,8 @@
 """mage: the MAGE model layer built on mage_kernels (docs/REFERENCE.md sections 3-5).
 
     model = mage.load_official("mage-vitb-1600.pth")        # or mage.load("model.safetensors")
+    model = mage.create_model("mage_vit_tiny")              # by name; mage.list_models()
+    model.save_pretrained("folder"); model = mage.MAGE.from_pretrained("folder")
     images = mage.generate(model, 16, steps=20, choice_temperature=6.0)
     filled = mage.inpaint(model, images, hole_mask)
 
@@ -39,6 +41,7 @@ from .model import (
 )
 from .sampler import decode_tokens, generate, mask_schedule, sample_step
 from .probe import ProbeConfig, ProbeResult, extract_features, linear_probe
+from .registry import create_model, list_models
 from .tokenizer import TokenizerConfig, VQGANTokenizer
 from .tokenizer_io import load_tokenizer, save_tokenizer
 # `train` stays the module (mage.train.train runs a config), so mage.train.<name> keeps resolving.
@@ -65,6 +68,7 @@ __all__ = [
     "build_token_cache",
     "classifier_score",
     "codebook_usage",
+    "create_model",
     "decode_tokens",
     "extract_features",
     "fid",
@@ -73,6 +77,7 @@ __all__ = [
     "infer_config",
     "inpaint",
     "linear_probe",
+    "list_models",
     "load",
     "load_any",
     "load_digits",

@@ -26,9 +26,10 @@ from .tokenizer import TokenizerConfig, VQGANTokenizer
 
 FORMAT = "mage-kernels/1"
 
-# Attention heads are not visible in a state dict; these are the published sizes (section 4.1).
+# Attention heads are not visible in a state dict; these are the published sizes (section 4.1) and those
+# of our small constructors (mage_vit_tiny / mage_vit_small).
 _ENCODER_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
-_DECODER_HEADS = {768: 16, 1024: 16, 1280: 16}
+_DECODER_HEADS = {192: 3, 384: 6, 768: 16, 1024: 16, 1280: 16}
 
 
 class CheckpointError(ValueError):
@@ -92,6 +93,13 @@ def check_state_dict(model: torch.nn.Module, state_dict: dict) -> LoadReport:
     report.missing = [k for k in own if k not in state_dict]
     report.loaded = len(own) - len(report.missing) - len(report.mismatched)
     return report
+
+
+def cast_floating(state_dict: dict, dtype: torch.dtype | None) -> dict:
+    """Floating-point tensors cast to dtype (integer buffers such as position_ids kept); None: unchanged."""
+    if dtype is None:
+        return state_dict
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
 
 
 def load_checked(model: torch.nn.Module, state_dict: dict, *, what: str = "checkpoint") -> LoadReport:
@@ -187,40 +195,44 @@ def infer_config(sd: dict) -> MAGEConfig:
                       vocab=vocab, legacy_params="cls_token" in sd, tokenizer=tok)
 
 
+def read_official_state(path_or_state_dict, *, map_location="cpu", trusted: bool = False) -> tuple[str, dict]:
+    """(description, state dict) of a released file or an already loaded dict ('model' / 'state_dict'
+    unwrapped, DDP's 'module.' prefix removed, non-tensor entries dropped)."""
+    if isinstance(path_or_state_dict, dict):
+        return "state dict", _model_state(path_or_state_dict, "state dict")
+    what = os.fspath(path_or_state_dict)
+    return what, _model_state(read_torch_file(what, map_location=map_location, trusted=trusted), what)
+
+
 def load_official(
     path_or_state_dict: str | os.PathLike | dict,
     *,
     config: MAGEConfig | None = None,
     map_location="cpu",
+    dtype: torch.dtype | None = None,
     trusted: bool = False,
 ) -> MAGE:
     """Build a MAGE model from a released checkpoint (e.g. mage-vitb-1600.pth; model under 'model').
 
     The size is inferred from the weights unless `config` is given. The load is strict; a MAGE-C file's
-    extra modules are skipped with a warning. The report is kept as `model.load_report`.
+    extra modules are skipped with a warning. The report is kept as `model.load_report`. Tensors are
+    loaded onto `map_location` and floating-point ones cast to `dtype` when given.
     """
-    if isinstance(path_or_state_dict, dict):
-        what, sd = "state dict", _model_state(path_or_state_dict, "state dict")
-    else:
-        what = os.fspath(path_or_state_dict)
-        sd = _model_state(read_torch_file(what, map_location=map_location, trusted=trusted), what)
+    what, sd = read_official_state(path_or_state_dict, map_location=map_location, trusted=trusted)
     with torch.device("meta"):
         model = MAGE(config or infer_config(sd))
-    model.load_report = load_checked(model, sd, what=what)
+    model.load_report = load_checked(model, cast_floating(sd, dtype), what=what)
     return model
 
 
 def load_official_tokenizer(path_or_state_dict, *, config: TokenizerConfig | None = None, map_location="cpu",
-                            trusted: bool = False) -> VQGANTokenizer:
-    """The standalone tokenizer file (keys without the `vqgan.` prefix, possibly under 'state_dict')."""
-    if isinstance(path_or_state_dict, dict):
-        what, sd = "state dict", _model_state(path_or_state_dict, "state dict")
-    else:
-        what = os.fspath(path_or_state_dict)
-        sd = _model_state(read_torch_file(what, map_location=map_location, trusted=trusted), what)
+                            dtype: torch.dtype | None = None, trusted: bool = False) -> VQGANTokenizer:
+    """The released VQGAN tokenizer file (`vqgan_jax_strongaug.ckpt`: keys without the `vqgan.` prefix,
+    possibly under 'state_dict'), loaded strictly; sizes inferred from the weights unless `config` is given."""
+    what, sd = read_official_state(path_or_state_dict, map_location=map_location, trusted=trusted)
     with torch.device("meta"):
         tok = VQGANTokenizer(config or infer_tokenizer_config(sd))
-    load_checked(tok, sd, what=what)
+    load_checked(tok, cast_floating(sd, dtype), what=what)
     return tok
 
 
@@ -235,8 +247,11 @@ def save(model: MAGE, path: str | os.PathLike) -> None:
     save_file(sd, os.fspath(path), metadata={"format": FORMAT, "config": json.dumps(model.config.to_dict())})
 
 
-def load(path: str | os.PathLike, *, device="cpu") -> MAGE:
-    """Read a file written by `MAGE.save` (strictly)."""
+def load(path: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None = None) -> MAGE:
+    """Read a file written by `MAGE.save` (strictly) onto `device`, floating-point tensors cast to `dtype`
+    when given. A folder written by `save_pretrained` is read as `MAGE.from_pretrained`."""
+    if os.path.isdir(path):
+        return MAGE.from_pretrained(path, device=device, dtype=dtype)
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -249,12 +264,13 @@ def load(path: str | os.PathLike, *, device="cpu") -> MAGE:
     config = MAGEConfig.from_dict(json.loads(meta["config"]))
     with torch.device("meta"):
         model = MAGE(config)
-    load_checked(model, load_file(path, device=str(device)), what=path)
+    load_checked(model, cast_floating(load_file(path, device=str(device)), dtype), what=path)
     return model
 
 
-def load_any(path: str | os.PathLike, *, map_location="cpu", trusted: bool = False) -> MAGE:
-    """Our safetensors files by suffix, anything else as an official .pth."""
-    if os.fspath(path).endswith(".safetensors"):
-        return load(path, device=map_location)
-    return load_official(path, map_location=map_location, trusted=trusted)
+def load_any(path: str | os.PathLike, *, map_location="cpu", dtype: torch.dtype | None = None,
+             trusted: bool = False) -> MAGE:
+    """Our safetensors files (by suffix) and pretrained folders, anything else as an official .pth."""
+    if os.fspath(path).endswith(".safetensors") or os.path.isdir(path):
+        return load(path, device=map_location, dtype=dtype)
+    return load_official(path, map_location=map_location, dtype=dtype, trusted=trusted)

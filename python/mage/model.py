@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 import mage_kernels
 
+from .hub import HubMixin
 from .tokenizer import TokenizerConfig, VQGANTokenizer
 
 # MaskGIT's class-conditional layout, kept by the released weights (section 4.2): K codes, 1000 class
@@ -205,8 +206,13 @@ class MlmLayer(nn.Module):
         return self.ln(F.gelu(self.fc(x)))
 
 
-class MAGE(nn.Module):
-    """The MAGE encoder-decoder with its frozen tokenizer (`vqgan`). See `forward` for the contract."""
+class MAGE(nn.Module, HubMixin):
+    """The MAGE encoder-decoder with its frozen tokenizer (`vqgan`). See `forward` for the contract.
+
+    Files: `save(path)` / `mage.load(path)` (one safetensors file), `save_pretrained(dir)` /
+    `MAGE.from_pretrained(dir)` (config.json + model.safetensors; with huggingface_hub installed also
+    `push_to_hub` and Hub repository ids), `mage.load_official` for the released .pth files.
+    """
 
     def __init__(self, config: MAGEConfig | None = None):
         super().__init__()
@@ -434,6 +440,13 @@ class MAGE(nn.Module):
         from .checkpoint import save
 
         save(self, path)
+
+    def _config_dict(self) -> dict:
+        return self.config.to_dict()
+
+    @classmethod
+    def _config_from_dict(cls, d: dict) -> MAGEConfig:
+        return MAGEConfig.from_dict(d)
 
 
 # ------------------------------------------------------------------------------------ named sizes

@@ -22,13 +22,14 @@ from typing import Callable
 import torch
 
 import mage_kernels
+from mage_kernels.sampling import schedule_counts
 
 from .model import MAGE
 
 
 def mask_schedule(num_tokens: int, steps: int) -> list[int]:
     """Tokens still masked after each step when decoding `num_tokens` from all-[MASK] (host-side, for
-    inspection): 256 tokens in 20 steps -> 255, 252, 248, ..., 40, 20, 0 (section 5)."""
+    inspection): 256 tokens in 20 steps -> 255, 252, 248, ..., 40, 20, 0 (section 5.2)."""
     out, unknown = [], num_tokens
     for t in range(steps):
         want = math.floor(num_tokens * mage_kernels.cosine_mask_ratio(t, steps))
@@ -38,20 +39,27 @@ def mask_schedule(num_tokens: int, steps: int) -> list[int]:
 
 
 def remask_counts(ids: torch.Tensor, num_initial: torch.Tensor, step: int, steps: int, mask_id: int) -> torch.Tensor:
-    """Per-row count to leave masked after `step`, on device (no host sync): floor(n0 * cos(pi/2 (t+1)/T))
-    clamped to [1, unknown - 1] as published (each step commits at least one token and leaves one; a single
-    unknown token stays masked until the last step), capped at the unknown count (0 for a row with none),
-    and 0 at the last step. num_initial: int64 [B], the unknown tokens at the start."""
-    if step == steps - 1:
-        return torch.zeros_like(num_initial)
-    unknown = (ids == mask_id).sum(1)
-    want = torch.floor(num_initial.double() * mage_kernels.cosine_mask_ratio(step, steps)).long()
-    return torch.minimum(torch.minimum(want, unknown - 1).clamp_min(1), unknown)
+    """Per-row count to leave masked after `step` of the cosine schedule, on device (no host sync); see
+    `mage_kernels.sampling.schedule_counts`. num_initial: int64 [B], the unknown tokens at the start."""
+    return schedule_counts(ids, num_initial, step, steps, mask_id=mask_id)
 
 
 def _check_model(model: MAGE) -> None:
     if not isinstance(model, MAGE):
         raise TypeError(f"expected a mage.MAGE model, got {type(model).__name__}")
+
+
+def _model_fns(model: MAGE, fused_head: bool) -> dict:
+    """The model as `maskgit_step` / `maskgit_sample` take it: the head's hidden states and the codebook
+    rows of the tied output layer (fused), or the logits of the L token positions over the codebook."""
+    c = model.config
+    K, mask_id = c.codebook_size, c.mask_id
+    if fused_head:
+        weight, bias = model.head_weight()
+        # (B, L, D) hidden states, fp32 under autocast (after the head's LayerNorm)
+        return dict(logits_fn=None, hidden_fn=lambda x: model.head_hidden(x, mask=x == mask_id)[:, 1:],
+                    head_weight=weight[:K], head_bias=bias[:K])
+    return dict(logits_fn=lambda x: model(x, mask=x == mask_id)[:, 1:, :K])  # (B, L, K), a strided view
 
 
 def sample_step(
@@ -68,33 +76,17 @@ def sample_step(
     reference_ties: bool = False,
     seed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One decoding step (section 5, 2.1-2.10) on ids [B, L]: returns (sampled, new_ids), both [B, L].
+    """One decoding step (section 5.2.1-5.2.10) on ids [B, L]: returns (sampled, new_ids), both [B, L].
 
     Static shapes and no host sync, so it compiles with fullgraph=True and can be captured in a CUDA
     graph. The step's randomness comes from `seed` ((2,) int64, see `mage_kernels.draw_seed`) when given,
     else from `generator`; Dynamo cannot trace a torch.Generator, so compiled callers pass a seed.
     `temperature` divides the logits before sampling and confidence (1.0: the reference, which has none).
     """
-    c = model.config
-    K, mask_id = c.codebook_size, c.mask_id
-    num_masked = remask_counts(ids, num_initial, step, steps, mask_id)
-    tau = mage_kernels.annealed_choice_temperature(step, steps, choice_temperature)
-    kw = dict(mask_id=mask_id, choice_temperature=tau, generator=generator, reference_ties=reference_ties, seed=seed)
-    if fused_head:
-        hidden = model.head_hidden(ids, mask=ids == mask_id)[:, 1:]  # (B, L, D), fp32 under autocast (LN)
-        weight, bias = model.head_weight()
-        if temperature != 1.0:  # logits / T = (hidden / T) W^T + b / T
-            hidden, bias = hidden / temperature, bias / temperature
-        # The product with the table runs in the autocast dtype, as F.linear would under autocast.
-        device = ids.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
-        return mage_kernels.remask_step_from_hidden(
-            hidden.to(dtype), weight[:K].to(dtype), bias[:K].to(dtype), ids, num_masked, **kw
-        )
-    logits = model(ids, mask=ids == mask_id)[:, 1:, :K]  # (B, L, K), a strided view
-    if temperature != 1.0:
-        logits = logits / temperature
-    return mage_kernels.remask_step(logits, ids, num_masked, **kw)
+    fns = _model_fns(model, fused_head)
+    return mage_kernels.maskgit_step(fns.pop("logits_fn"), ids, num_initial, step, steps, mask_id=model.config.mask_id,
+                                     choice_temperature=choice_temperature, temperature=temperature,
+                                     generator=generator, reference_ties=reference_ties, seed=seed, **fns)
 
 
 def decode_tokens(
@@ -109,27 +101,17 @@ def decode_tokens(
     reference_ties: bool = False,
     on_step: Callable[[int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
-    """Fill every [MASK] of ids [B, L] (int64; other tokens are kept exactly) in `steps` steps.
+    """Fill every [MASK] of ids [B, L] (int64; other tokens are kept exactly) in `steps` steps, with
+    `mage_kernels.maskgit_sample` on this model.
 
     Returns the final ids [B, L], all codebook indices. `on_step(t, ids)` sees the ids after step t
-    (still-masked tokens hold config.mask_id). Call under no_grad / autocast as wanted; no host sync.
+    (still-masked tokens hold config.mask_id). Call under autocast as wanted; no host sync.
     """
     _check_model(model)
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if choice_temperature < 0:
-        raise ValueError(f"choice_temperature must be >= 0, got {choice_temperature}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    num_initial = (ids == model.config.mask_id).sum(1)
-    sampled = ids
-    for t in range(steps):
-        sampled, ids = sample_step(model, ids, num_initial, t, steps, choice_temperature=choice_temperature,
-                                   temperature=temperature, generator=generator, fused_head=fused_head,
-                                   reference_ties=reference_ties)
-        if on_step is not None:
-            on_step(t, ids)
-    return sampled
+    fns = _model_fns(model, fused_head)
+    return mage_kernels.maskgit_sample(fns.pop("logits_fn"), ids, steps=steps, mask_id=model.config.mask_id,
+                                       choice_temperature=choice_temperature, temperature=temperature,
+                                       generator=generator, reference_ties=reference_ties, on_step=on_step, **fns)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None, cache_enabled: bool = True):

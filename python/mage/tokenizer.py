@@ -20,6 +20,8 @@ import torch.nn.functional as F
 
 import mage_kernels
 
+from .hub import HubMixin
+
 
 @dataclasses.dataclass
 class TokenizerConfig:
@@ -189,11 +191,12 @@ def check_images(images: torch.Tensor, cfg: TokenizerConfig, name: str = "images
             )
 
 
-class VQGANTokenizer(nn.Module):
+class VQGANTokenizer(nn.Module, HubMixin):
     """The frozen image tokenizer: `encode(images) -> ids [B, h*w]`, `decode(ids) -> images`.
 
     `quantize.embedding.weight` [K, D] is the codebook. Token ids are row-major over the (h, w) grid
-    (MAGE position p = h * grid + w, section 3.3).
+    (MAGE position p = h * grid + w, section 3.3). Files: `save(path)` / `mage.load_tokenizer(path)`,
+    `save_pretrained(dir)` / `VQGANTokenizer.from_pretrained(dir)`, `mage.load_official_tokenizer`.
     """
 
     def __init__(self, config: TokenizerConfig | None = None):
@@ -207,6 +210,19 @@ class VQGANTokenizer(nn.Module):
     @property
     def codebook(self) -> torch.Tensor:
         return self.quantize.embedding.weight
+
+    def save(self, path: str) -> None:
+        """Write weights and config to one safetensors file (`mage.load_tokenizer(path)` reads it back)."""
+        from .tokenizer_io import save_tokenizer
+
+        save_tokenizer(self, path)
+
+    def _config_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self.config).items()}
+
+    @classmethod
+    def _config_from_dict(cls, d: dict) -> TokenizerConfig:
+        return TokenizerConfig(**d)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor, *, check_range: bool = True) -> torch.Tensor:

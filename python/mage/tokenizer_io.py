@@ -15,14 +15,20 @@ FORMAT = "mage-kernels/tokenizer-v1"
 def save_tokenizer(tokenizer: VQGANTokenizer, path: str | os.PathLike) -> None:
     from safetensors.torch import save_file
 
-    config = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(tokenizer.config).items()}
+    config = tokenizer._config_dict()
     state = {k: v.detach().contiguous() for k, v in tokenizer.state_dict().items()}
     save_file(state, os.fspath(path), metadata={"format": FORMAT, "config": json.dumps(config)})
 
 
-def load_tokenizer(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> VQGANTokenizer:
+def load_tokenizer(
+    path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> VQGANTokenizer:
+    """Read a file written by `save_tokenizer` / `VQGANTokenizer.save` (strictly), onto `device`, with
+    floating-point tensors cast to `dtype` when given."""
     from safetensors import safe_open
     from safetensors.torch import load_file
+
+    from .checkpoint import cast_floating, load_checked
 
     path = os.fspath(path)
     with safe_open(path, framework="pt") as f:
@@ -30,6 +36,7 @@ def load_tokenizer(path: str | os.PathLike, *, device: str | torch.device = "cpu
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: not a mage-kernels tokenizer file (metadata format {meta.get('format')!r}, "
                          f"expected {FORMAT!r}); official VQGAN weights load with mage.load_official_tokenizer")
-    tokenizer = VQGANTokenizer(TokenizerConfig(**json.loads(meta["config"])))
-    tokenizer.load_state_dict(load_file(path, device=str(device)))
-    return tokenizer.to(device)
+    with torch.device("meta"):
+        tokenizer = VQGANTokenizer(TokenizerConfig(**json.loads(meta["config"])))
+    load_checked(tokenizer, cast_floating(load_file(path, device=str(device)), dtype), what=path)
+    return tokenizer
