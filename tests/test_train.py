@@ -361,14 +361,23 @@ def test_cli_train_under_torchrun(tmp_path):
 # ------------------------------------------------------------------------------------ demo
 
 
-@pytest.mark.slow
 def test_demo_quick_writes_its_report(tmp_path):
+    """The CI-sized demo end to end (about 1-2 minutes on 2 cores): every file the report links exists."""
+    import re
+
     from mage.demo import DemoConfig, run_demo, summary
 
     report = run_demo(DemoConfig.quick(str(tmp_path)))
-    for name in ("samples.png", "inpainting.png", "tokenizer_reconstructions.png", "shuffled_token_baseline.png",
-                 "report.json", "mage/curves.png", "tokenizer/curves.png"):
+    pictures = ("samples.png", "inpainting.png", "tokenizer_reconstructions.png", "shuffled_token_baseline.png",
+                "test_images.png", "mage/curves.png", "tokenizer/curves.png", "inpaint_example.png", "inpaint_mask.png")
+    for name in (*pictures, "report.json", "index.html"):
         assert (tmp_path / name).is_file(), name
+    html = (tmp_path / "index.html").read_text()
+    linked = set(re.findall(r'src="([^"]+)"', html))
+    assert set(pictures) <= linked
+    assert all((tmp_path / f).is_file() for f in linked)
+    assert set(report["cpu_times_s"]) == set(report["times_s"]) and report["times_s"]["total_s"] > 0
+    assert 0.5 < report["classifier"]["test_accuracy"] <= 1
     assert json.loads((tmp_path / "report.json").read_text())["linear_probe_top1"] == report["linear_probe_top1"]
     assert all(0.1 < v <= 1 for v in report["linear_probe_top1"].values())  # all beat chance (10 classes)
     gen = report["generation"]

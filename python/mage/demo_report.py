@@ -110,15 +110,19 @@ def render_index(report: dict) -> str:
 
     # Representation.
     parts.append("<h2>3. Representation: linear probe</h2>")
-    names = {"mage": "<b>MAGE encoder</b>", "mage_c": "<b>MAGE-C encoder</b> (MAGE + contrastive term)",
-             "random_init": "the same encoder, randomly initialised", "raw_pixels": "raw pixels (784 values)"}
+    names = {"mage": "<b>MAGE encoder</b>, 3x3 grid pool", "mage_c": "<b>MAGE-C encoder</b>, 3x3 grid pool",
+             "random_init": "the same encoder, randomly initialised, 3x3 grid pool",
+             "mage_global_pool": "MAGE encoder, global pool (the paper's probe)",
+             "mage_c_global_pool": "MAGE-C encoder, global pool (the paper's probe)",
+             "random_init_global_pool": "randomly initialised encoder, global pool",
+             "raw_pixels": "raw pixels (784 values)"}
     rows = [[names.get(k, _e(k)), _pct(v)] for k, v in probe.items()]
     parts.append(_table(["features", "top-1 on held-out test images"], rows))
     best = max(v for k, v in probe.items() if k.startswith("mage"))
     parts.append(
         f"<p>Best MAGE features vs raw pixels: {_pct(best)} vs {_pct(probe['raw_pixels'])} "
         f"(target: at least equal: {_verdict(best >= probe['raw_pixels'])}).</p>"
-        f"<p class='note'>Each probe is the same head (LayerNorm for encoder features, then BatchNorm and a linear "
+        f"<p class='note'>Each probe is the same head (BatchNorm without affine parameters, then a linear "
         f"layer) trained with SGD for {cfg['probe_epochs']} epochs on {cfg['probe_train']} training images MAGE never "
         f"saw, tested on {cfg['probe_test']} test images. {_e(report.get('probe_features', ''))}</p>")
 
@@ -132,8 +136,9 @@ def render_index(report: dict) -> str:
               "mage_train_s": "MAGE training", "mage_c_train_s": "MAGE-C training", "classifier_s": "classifier",
               "sampling_s": "sampling", "generation_metrics_s": "generation metrics", "probe_s": "linear probes",
               "total_s": "<b>total</b>"}
-    rows = [[labels.get(k, _e(k)), f"{v:.0f} s"] for k, v in times.items()]
-    parts.append(_table(["stage", "time"], rows))
+    cpu = report.get("cpu_times_s", {})
+    rows = [[labels.get(k, _e(k)), f"{v:.0f} s", f"{cpu[k]:.0f} s" if k in cpu else ""] for k, v in times.items()]
+    parts.append(_table(["stage", "time", "CPU time (all threads)"], rows))
     parts.append(
         f"<p>Tokenizer: test PSNR {tok['test_psnr_db']:.1f} dB, {tok['used_fraction'] * 100:.0f}% of the codebook "
         f"used. Threads: {_e(threads.get('summary', ''))}</p>")
