@@ -383,3 +383,24 @@ def test_demo_quick_writes_its_report(tmp_path):
     gen = report["generation"]
     assert gen["tokenizer_reconstructions"]["frechet_distance"] < gen["shuffled_tokens"]["frechet_distance"]
     assert "linear probe" in summary(report)
+
+
+def test_demo_probe_features_pool_the_encoder_tokens():
+    from mage.demo import probe_features
+    from mage.tokenizer import TokenizerConfig
+
+    tok = TokenizerConfig(resolution=28, in_channels=1, ch=8, ch_mult=(1, 2, 2), num_res_blocks=1, embed_dim=8,
+                          n_embed=16, norm_groups=4)
+    model = mage_vit_tiny(tokenizer=tok, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=32, decoder_depth=1,
+                          decoder_num_heads=2).eval()
+    ids = torch.randint(0, 16, (3, 49), generator=torch.Generator().manual_seed(0))
+    f = probe_features(model, ids, grid=3)
+    assert f["grid"].shape == (3, 9 * 32)
+    torch.testing.assert_close(f["global_pool"], model.forward_features(ids))  # the paper's probe
+    torch.testing.assert_close(probe_features(model, ids, grid=1)["grid"], f["global_pool"])
+    # grid=7 on the 7x7 token grid: one cell per token, in row-major token order, channels first.
+    with torch.no_grad():
+        x = model.token_emb(torch.cat([ids.new_full((3, 1), model.config.cls_id), ids], dim=1))
+        for blk in model.blocks:
+            x = blk(x)
+    torch.testing.assert_close(probe_features(model, ids, grid=7)["grid"], x[:, 1:].transpose(1, 2).flatten(1))
