@@ -1,5 +1,7 @@
 """Sampler (docs/REFERENCE.md 5), inpainting and the CLI, on a tiny random model."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -190,6 +192,24 @@ def test_cli_sample_and_inpaint(model, tmp_path):
     assert Image.open(out).size == (32, 32)
     with pytest.raises(SystemExit):
         cli.main(["sample"])  # --checkpoint is required
+
+
+def test_cli_inpaint_on_a_grey_model(tmp_path):
+    """A one-channel model (the demo's Fashion-MNIST one) reads the image as grey: the demo's own
+    inpaint_example.png and inpaint_mask.png, as the report's command passes them."""
+    from PIL import Image
+
+    tok = dataclasses.replace(mage.TokenizerConfig.tiny(resolution=28), in_channels=1)
+    ckpt = tmp_path / "grey.safetensors"
+    randomized(mage.MAGE(tiny_config(tokenizer=tok))).save(ckpt)
+    Image.fromarray(np.full((28, 28), 200, dtype=np.uint8)).save(tmp_path / "x.png")
+    mask = np.zeros((28, 28), dtype=np.uint8)
+    mask[8:20, 8:20] = 255
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    out = tmp_path / "y.png"
+    assert cli.main(["inpaint", "--checkpoint", str(ckpt), "--image", str(tmp_path / "x.png"), "--mask",
+                     str(tmp_path / "m.png"), "--out", str(out), "--steps", "2", "--ring", "0", "--device", "cpu"]) == 0
+    assert Image.open(out).size == (28, 28)
 
 
 def test_one_step_compiles_whole(model):

@@ -26,15 +26,15 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # ------------------------------------------------------------------------------------ image files
 
 
-def load_image(path: str, size: int, *, mode: str = "RGB") -> torch.Tensor:
+def load_image(path: str, size: int, *, mode: str = "RGB", nearest: bool = False) -> torch.Tensor:
     """An image file -> float [1, C, size, size] in [0, 1]: shorter side resized to `size`, centre crop
-    (the reference's evaluation preprocessing). Masks are read as "L" with nearest resampling."""
+    (the reference's evaluation preprocessing). mode "L" reads one grey channel; masks use `nearest`."""
     from PIL import Image
 
     img = Image.open(path).convert(mode)
     w, h = img.size
     scale = size / min(w, h)
-    resample = Image.NEAREST if mode == "L" else Image.BICUBIC
+    resample = Image.NEAREST if nearest else Image.BICUBIC
     img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), resample)
     w, h = img.size
     left, top = (w - size) // 2, (h - size) // 2
@@ -130,8 +130,9 @@ def run_inpaint(args) -> int:
 
     model = _load_model(args)
     size = model.config.tokenizer.resolution
-    image = load_image(args.image, size).to(model.device)
-    mask = load_image(args.mask, size, mode="L").to(model.device) > 0.5
+    grey = model.config.tokenizer.in_channels == 1  # e.g. the demo's Fashion-MNIST model
+    image = load_image(args.image, size, mode="L" if grey else "RGB").to(model.device)
+    mask = load_image(args.mask, size, mode="L", nearest=True).to(model.device) > 0.5
     if args.outpaint:
         mask = ~mask
     out = inpaint(model, image, mask, ring=args.ring, steps=args.steps, choice_temperature=args.temperature,
