@@ -61,7 +61,7 @@ class DemoConfig:
     probe_test: int = 2000
     probe_epochs: int = 30
     num_samples: int = 1000  # for the Frechet distance (a grid of 64 is saved)
-    sample_steps: int = 12
+    sample_steps: int = 8  # measured at 49 tokens: 4, 6, 8, 12, 20 steps; 8 was best (docs/TRAINING.md)
     choice_temperature: float = 3.0
     temperature: float = 1.0
     classifier_train_images: int | None = None  # the Frechet-distance classifier's training set (None: 60000)
