@@ -59,7 +59,7 @@ def _write_folder(root, sizes):
 
     g = torch.Generator().manual_seed(0)
     for cls, files in sizes.items():
-        (root / cls).mkdir(parents=True)
+        (root / cls).mkdir(parents=True, exist_ok=True)
         for name, (mode, w, h) in files.items():
             c = {"L": 1, "RGB": 3, "RGBA": 4}[mode]
             arr = torch.randint(0, 256, (h, w, c), generator=g, dtype=torch.uint8).squeeze(-1).numpy()
@@ -87,11 +87,28 @@ def test_image_folder_grey_and_rgba_become_rgb(tmp_path):
 def test_image_folder_errors(tmp_path):
     with pytest.raises(DatasetNotFoundError, match="does not exist"):
         ImageFolder(tmp_path / "nope")
-    with pytest.raises(DatasetNotFoundError, match="no class sub-folders"):
+    with pytest.raises(DatasetNotFoundError, match="no .jpg/.jpeg/.png/.webp images"):
         ImageFolder(tmp_path)
     (tmp_path / "empty_class").mkdir()
     with pytest.raises(DatasetNotFoundError, match="no .jpg"):
         ImageFolder(tmp_path)
+    _write_folder(tmp_path / "loose", {".": {"a.png": ("RGB", 4, 4)}})
+    (tmp_path / "loose" / "class_a").mkdir()
+    with pytest.raises(DatasetNotFoundError, match="both images .* and sub-folders"):
+        ImageFolder(tmp_path / "loose")
+
+
+def test_flat_image_folder_and_webp(tmp_path):
+    """Unsupervised data: images directly in the folder (any of png/jpg/webp), all labelled 0."""
+    _write_folder(tmp_path, {".": {"a.webp": ("RGB", 10, 8), "b.png": ("L", 6, 6), "c.WEBP": ("RGBA", 7, 9)}})
+    ds = ImageFolder(tmp_path)
+    assert len(ds) == 3 and ds.classes == [] and ds.labels.tolist() == [0, 0, 0]
+    assert [p.name for p, _ in ds.samples] == ["a.webp", "b.png", "c.WEBP"]
+    x, y = ds[0]
+    assert x.shape == (3, 8, 10) and y == 0
+    classed = tmp_path / "classed"
+    _write_folder(classed, {"x": {"a.webp": ("RGB", 5, 5)}, "y": {"b.webp": ("RGB", 5, 5)}})
+    assert ImageFolder(classed).labels.tolist() == [0, 1]
 
 
 def test_tensor_dataset_channels_and_per_sample_determinism():

@@ -2,6 +2,8 @@
 exact, damaged checkpoints fail clearly, 2-process DDP equals 1 process, masks follow the reference (4.4), and
 the losses read masked positions only (4.7)."""
 
+import dataclasses
+import functools
 import json
 import math
 import os
@@ -38,9 +40,14 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+# A VQGAN at that size: a 1-layer PatchGAN (2x2 patch logits on 8x8 images), its term from step 3 on, EMA.
+VQGAN = dict(disc_weight=0.8, disc_start=3, disc_layers=1, disc_channels=8, ema_decay=0.9)
+
+
 def tiny(out_dir, objective: str, **overrides) -> TrainConfig:
     fields = dict(objective=objective, out_dir=str(out_dir), data="digits", image_size=8, tokenizer=TOKENIZER,
-                  model_overrides=MODEL, mae=MAE, steps=24, batch_size=32, lr=3e-3, warmup_steps=2, log_every=1,
+                  model_overrides=MODEL, mae=MAE, steps=24, batch_size=32, lr=3e-3, warmup_steps=2,
+                  max_warmup_fraction=1.0, log_every=1,
                   ckpt_every=10**6, progress=False, seed=0)
     return TrainConfig(**{**fields, **overrides})
 
@@ -90,12 +97,15 @@ class Interrupt(Exception):
     pass
 
 
-@pytest.mark.parametrize("objective", ["mage", "tokenizer"])
+@pytest.mark.parametrize("objective", ["mage", "tokenizer", "vqgan"])
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, objective):
     # Dropout on (global RNG, restored from the checkpoint); tokenizer restarts straddle the checkpoint, so
-    # the codebook usage counted before it must come back too.
+    # the codebook usage counted before it must come back too. VQGAN: the discriminator (its weights, Adam
+    # state) and the EMA straddle it as well.
     over = dict(steps=8, ckpt_every=4, codebook_restart_every=3,
                 model_overrides={**MODEL, "dropout": 0.1}, tokenizer={**TOKENIZER, "n_embed": 64})
+    if objective == "vqgan":
+        objective, over = "tokenizer", {**over, **VQGAN}
     train(tiny(tmp_path / "full", objective, **over))
     full = logged(tmp_path / "full")
 
@@ -120,6 +130,12 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, objectiv
     if objective == "tokenizer":
         assert logged(tmp_path / "cut", "restarted") == logged(tmp_path / "full", "restarted")
         assert logged(tmp_path / "full", "restarted")[6] > 0
+    if "disc_weight" in over:
+        assert logged(tmp_path / "cut", "disc") == logged(tmp_path / "full", "disc")
+        assert list(logged(tmp_path / "full", "disc_weight")) == [4, 5, 6, 7, 8]
+        a, b = (load_checkpoint(tmp_path / run / "checkpoint.pt")["extra"] for run in ("full", "cut"))
+        for part in ("discriminator", "ema"):
+            torch.testing.assert_close(b[part], a[part], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
@@ -159,7 +175,22 @@ DDP_CASES = {
     "mage-c": dict(steps=5),
     # Tokenizer: codebook usage summed over ranks, a dead-code restart from the global batch at step 3.
     "tokenizer": dict(steps=5, codebook_restart_every=3, tokenizer={**TOKENIZER, "n_embed": 64}),
+    # VQGAN with 2 micro-batches per step: the adaptive weight from the gradients of the global batch, the
+    # discriminator's own DDP step, EMA.
+    "vqgan": dict(steps=5, objective="tokenizer", accum_steps=2, tokenizer={**TOKENIZER, "n_embed": 64}, **VQGAN),
 }
+
+
+def assert_same_weights(a: dict, b: dict, what: str) -> None:
+    """Two runs' weights agree up to float summation order."""
+    assert a.keys() == b.keys()
+    for k in a:
+        x, y = a[k], b[k]
+        if k.endswith("attn.qkv.bias"):
+            # The key bias adds the same amount to every score of a query, which softmax ignores: its true
+            # gradient is 0, and Adam scales the rounding noise there up to steps of size ~lr.
+            x, y = x.chunk(3)[::2], y.chunk(3)[::2]
+        torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{what} {k}: {m}")
 
 
 def _ddp_worker(rank: int, world: int, port: int, root: str) -> None:
@@ -167,10 +198,22 @@ def _ddp_worker(rank: int, world: int, port: int, root: str) -> None:
                       WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     try:
-        for objective, over in DDP_CASES.items():
-            train(tiny(os.path.join(root, f"{objective}-ddp"), objective, **over))
+        for case, over in DDP_CASES.items():
+            train(tiny(os.path.join(root, f"{case}-ddp"), **{"objective": case, **over}))
+        # Evaluation statistics merged across the processes (mage eval under torchrun).
+        from mage.metrics import FeatureStats, ScoreStats
+
+        x = _stats_inputs()
+        stats = FeatureStats().update(x[rank::world]).all_reduce()
+        scores = ScoreStats(5, splits=2, total=10).update(x[rank * 5:(rank + 1) * 5].softmax(1), rank * 5).all_reduce()
+        torch.save({"mu": stats.mu, "sigma": stats.sigma, "n": stats.n, "is": scores.compute()},
+                   os.path.join(root, f"stats{rank}.pt"))
     finally:
         torch.distributed.destroy_process_group()
+
+
+def _stats_inputs() -> torch.Tensor:
+    return torch.randn(10, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 
 
 def _final_state(out_dir) -> dict[str, torch.Tensor]:
@@ -178,23 +221,163 @@ def _final_state(out_dir) -> dict[str, torch.Tensor]:
 
 
 def test_ddp_two_processes_match_one(tmp_path):
-    for objective, over in DDP_CASES.items():
-        train(tiny(tmp_path / f"{objective}-one", objective, **over))
+    for case, over in DDP_CASES.items():
+        train(tiny(tmp_path / f"{case}-one", **{"objective": case, **over}))
     torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    for objective in DDP_CASES:
-        one, two = logged(tmp_path / f"{objective}-one"), logged(tmp_path / f"{objective}-ddp")
-        assert list(one) == list(two) == [1, 2, 3, 4, 5]
-        torch.testing.assert_close(torch.tensor(list(two.values())), torch.tensor(list(one.values())),
-                                   rtol=1e-5, atol=1e-5)
-        a, b = _final_state(tmp_path / f"{objective}-one"), _final_state(tmp_path / f"{objective}-ddp")
-        assert a.keys() == b.keys()
-        for k in a:
-            if k.endswith("attn.qkv.bias"):
-                # The key bias adds the same amount to every score of a query, which softmax ignores: its true
-                # gradient is 0, and Adam scales the rounding noise there up to steps of size ~lr.
-                a[k], b[k] = a[k].chunk(3)[::2], b[k].chunk(3)[::2]
-            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{objective} {k}: {m}")
+    for case in DDP_CASES:
+        keys = ("loss", "disc", "disc_weight") if case == "vqgan" else ("loss",)
+        for key in keys:
+            one, two = logged(tmp_path / f"{case}-one", key), logged(tmp_path / f"{case}-ddp", key)
+            assert list(one) == list(two) and list(one)[-1] == 5
+            torch.testing.assert_close(torch.tensor(list(two.values())), torch.tensor(list(one.values())),
+                                       rtol=1e-5, atol=1e-5)
+        a, b = _final_state(tmp_path / f"{case}-one"), _final_state(tmp_path / f"{case}-ddp")
+        if case == "vqgan":
+            extras = [load_checkpoint(tmp_path / f"{case}-{n}" / "checkpoint.pt")["extra"] for n in ("one", "ddp")]
+            for part, key in (("discriminator", "model"), ("ema", "shadow")):
+                a.update({f"{part}.{k}": v for k, v in extras[0][part][key].items()})
+                b.update({f"{part}.{k}": v for k, v in extras[1][part][key].items()})
+        assert_same_weights(a, b, case)
     assert logged(tmp_path / "tokenizer-ddp", "restarted")[3] > 0
+    assert list(logged(tmp_path / "vqgan-ddp", "disc")) == [4, 5]
+    from mage.metrics import ScoreStats, feature_statistics
+
+    x = _stats_inputs()
+    mu, sigma = feature_statistics(x)
+    expected_is = ScoreStats(5, splits=2, total=10).update(x.softmax(1), 0).compute()
+    for rank in range(2):
+        got = torch.load(tmp_path / f"stats{rank}.pt")
+        assert got["n"] == 10
+        torch.testing.assert_close(got["mu"], mu)
+        torch.testing.assert_close(got["sigma"], sigma)
+        assert got["is"] == pytest.approx(expected_is, rel=1e-12)
+
+
+# ------------------------------------------------------------------------------------ loop features
+
+
+def _weights(out_dir) -> dict[str, torch.Tensor]:
+    return load_checkpoint(os.path.join(out_dir, "checkpoint.pt"))["model"]
+
+
+@pytest.mark.parametrize("case", ["mage", "vqgan"])
+def test_gradient_accumulation_is_the_large_batch_step(tmp_path, case):
+    """4 micro-batches of 8 give the step of one batch of 32: same losses and weights up to summation order. For
+    VQGAN the adaptive weight comes from the whole batch's gradients and the discriminator steps once."""
+    objective, over = ("mage", {}) if case == "mage" else ("tokenizer", dict(VQGAN, disc_start=1))
+    big = tiny(tmp_path / "big", objective, steps=4, **over)
+    train(big)
+    train(dataclasses.replace(big, out_dir=str(tmp_path / "acc"), accum_steps=4))
+    keys = ("loss", "disc", "disc_weight") if case == "vqgan" else ("loss",)
+    for key in keys:
+        one, four = logged(tmp_path / "big", key), logged(tmp_path / "acc", key)
+        assert list(one) == list(four) and one
+        torch.testing.assert_close(torch.tensor(list(four.values())), torch.tensor(list(one.values())),
+                                   rtol=1e-5, atol=1e-6)
+    assert_same_weights(_weights(tmp_path / "big"), _weights(tmp_path / "acc"), case)
+    with pytest.raises(ValueError, match="divisible by accum_steps 5"):
+        train(dataclasses.replace(big, out_dir=str(tmp_path / "bad"), accum_steps=5))
+
+
+def test_grad_checkpointing_gives_the_same_run(tmp_path):
+    over = dict(steps=3, model_overrides={**MODEL, "dropout": 0.1})  # checkpointing replays dropout's RNG
+    train(tiny(tmp_path / "plain", "mage", **over))
+    train(tiny(tmp_path / "ckpt", "mage", grad_checkpointing=True, **over))
+    assert logged(tmp_path / "ckpt") == logged(tmp_path / "plain")
+    model = mage_vit_tiny(tokenizer={**TOKENIZER, "resolution": 8}, **MODEL)
+    from mage.model import Block
+
+    assert train_mod.enable_grad_checkpointing(model, Block) == MODEL["depth"] + MODEL["decoder_depth"]
+    assert isinstance(model.blocks[0].forward, functools.partial)
+
+
+def test_compiled_step_matches_eager(tmp_path):
+    # aot_eager traces the whole objective (fullgraph: our ops never break the graph) and its backward
+    # without generating code; inductor's C++ build takes minutes on a CPU. A fixed mask count (12 of 16) keeps
+    # it to one trace; step 2's loss reads the weights the compiled backward updated.
+    over = dict(steps=2, mask_ratio_min=0.70, mask_ratio_max=0.71)
+    train(tiny(tmp_path / "eager", "mage", **over))
+    train(tiny(tmp_path / "compiled", "mage", compile=True, compile_backend="aot_eager", **over))
+    one, two = logged(tmp_path / "eager"), logged(tmp_path / "compiled")
+    torch.testing.assert_close(torch.tensor(list(two.values())), torch.tensor(list(one.values())), rtol=1e-5, atol=1e-5)
+
+
+def test_warmup_is_capped_to_a_fraction_of_the_run(tmp_path):
+    assert TrainConfig(steps=20).warmup == 2 and TrainConfig(steps=10**6).warmup == 100
+    assert TrainConfig(steps=20, max_warmup_fraction=1.0).warmup == 20
+    train(tiny(tmp_path, "mae", steps=20, warmup_steps=100, max_warmup_fraction=0.1, lr=1e-3))
+    lr = logged(tmp_path, "lr")
+    assert lr[1] == 0.0 and lr[2] == 5e-4 and lr[3] == 1e-3  # the peak at step 3 of 20, then the cosine
+    assert all(lr[i] > lr[i + 1] for i in range(3, 20))
+
+
+def test_ema_weights_are_the_final_weights_and_sample_grids(tmp_path):
+    from mage.checkpoint import load
+
+    train(tiny(tmp_path, "mage", steps=3, ema_decay=0.5, sample_every=3))
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    final = load(tmp_path / "model.safetensors").state_dict()
+    assert state["extra"]["ema"]["updates"] == 3
+    for k, v in state["extra"]["ema"]["shadow"].items():
+        assert torch.equal(final[k], v), k
+    assert not torch.equal(final["blocks.0.mlp.fc1.weight"], state["model"]["model.blocks.0.mlp.fc1.weight"])
+    assert (tmp_path / "samples" / "step0000003.png").is_file()
+
+
+def test_tensorboard_logs_the_jsonl_scalars(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    scalars = []
+
+    class FakeWriter:
+        def __init__(self, logdir):
+            self.logdir = logdir
+
+        def add_scalar(self, tag, value, step):
+            scalars.append((tag, step, value))
+
+        def flush(self):
+            pass
+
+        def close(self):
+            scalars.append(("closed", None, None))
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
+    train(tiny(tmp_path, "mae", steps=2, tensorboard=True))
+    losses = {step: value for tag, step, value in scalars if tag == "loss"}
+    assert losses == logged(tmp_path) and ("lr", 2, logged(tmp_path, "lr")[2]) in scalars
+    assert scalars[-1][0] == "closed"
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # not installed
+    with pytest.raises(ImportError, match="pip install tensorboard"):
+        train(tiny(tmp_path / "none", "mae", steps=1, tensorboard=True))
+
+
+def test_train_on_a_flat_webp_folder(tmp_path):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    (tmp_path / "images").mkdir()
+    for i in range(12):
+        arr = torch.randint(0, 256, (10 + i, 9, 3), generator=g, dtype=torch.uint8).numpy()
+        Image.fromarray(arr, "RGB").save(tmp_path / "images" / f"{i:02d}.webp")
+    train(tiny(tmp_path / "run", "tokenizer", data=str(tmp_path / "images"), tokenizer={**TOKENIZER, "in_channels": 3},
+               steps=2, batch_size=4))
+    assert list(logged(tmp_path / "run")) == [1, 2]
+
+
+def test_cli_cache_then_train_from_the_cache(tmp_path, capsys):
+    from mage.cli import main
+
+    train(tiny(tmp_path / "tok", "tokenizer", steps=1))
+    tok = str(tmp_path / "tok" / "tokenizer.safetensors")
+    assert main(["cache", "--tokenizer-checkpoint", tok, "--data", "digits", "--out", str(tmp_path / "ids.ckpt"),
+                 "--crops", "2", "--batch-size", "512"]) == 0
+    blob = load_checkpoint(tmp_path / "ids.ckpt")
+    assert blob["ids"].shape == (1437, 2, 16) and blob["labels"].shape == (1437,)
+    assert "1437 images x 2 crops" in capsys.readouterr().out
+    train(tiny(tmp_path / "mage", "mage-c", steps=2, tokenizer_checkpoint=tok, token_cache=str(tmp_path / "ids.ckpt")))
+    assert list(logged(tmp_path / "mage")) == [1, 2]
 
 
 # ------------------------------------------------------------------------------------ masking

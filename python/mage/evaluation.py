@@ -1,0 +1,196 @@
+"""Evaluation as the paper reports it (docs/EVALUATION.md): FID and Inception Score of generated images against
+a data set's statistics, streamed in batches (MAGE's numbers use 50,000 images, section 5), and the linear
+probe of a checkpoint's features (section 6). These are the functions behind `mage fid`, `mage eval` and
+`mage probe`.
+
+Image sources (`load_source`): a `.npz` of statistics (mu, sigma), a folder of images (searched recursively:
+png, jpg, jpeg, webp; any size: each image is resized to 299x299 as the FID convention does), or a built-in
+data set: `fashion-mnist` (train), `fashion-mnist:test`, `digits`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import data as data_lib
+from .metrics import FeatureStats, InceptionMetric
+
+BUILTIN_SOURCES = ("fashion-mnist", "fashion-mnist:train", "fashion-mnist:test", "digits")
+
+
+# ------------------------------------------------------------------------------------ image sources
+
+
+def image_files(folder: str | os.PathLike) -> list[Path]:
+    """Every png/jpg/jpeg/webp file under `folder`, recursively, in sorted order."""
+    root = Path(folder)
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in data_lib.IMAGE_EXTENSIONS)
+
+
+def read_image(path: str | os.PathLike) -> torch.Tensor:
+    """An image file as uint8 [3, H, W] (grey, palette and RGBA converted to RGB)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def write_png(image: torch.Tensor, path: Path) -> None:
+    """uint8 [1 or 3, H, W] -> RGB PNG, written to a temporary name and renamed: a killed run leaves whole files."""
+    from PIL import Image
+
+    arr = image.expand(3, -1, -1).permute(1, 2, 0).contiguous().cpu().numpy()
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(arr, "RGB").save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def builtin_images(name: str) -> torch.Tensor:
+    """A built-in data set's images as uint8 [N, C, H, W]."""
+    if name in ("fashion-mnist", "fashion-mnist:train", "fashion-mnist:test"):
+        return data_lib.load_fashion_mnist("test" if name.endswith(":test") else "train")[0]
+    if name == "digits":
+        return (data_lib.load_digits()[0] * 255).round().to(torch.uint8)
+    raise ValueError(f"unknown built-in data set {name!r}; choose from {BUILTIN_SOURCES}")
+
+
+def describe_source(source: str) -> str:
+    if source.endswith(".npz"):
+        return "npz"
+    if os.path.isdir(source):
+        return "folder"
+    if source in BUILTIN_SOURCES:
+        return "builtin"
+    raise ValueError(f"{source!r} is not a .npz of statistics, an existing image folder or a built-in data set "
+                     f"({', '.join(BUILTIN_SOURCES)})")
+
+
+def load_source(source: str, metric_factory, max_images: int | None = None, progress: bool = False,
+                chunk: int = 256) -> tuple[FeatureStats, InceptionMetric | None]:
+    """Statistics of a source (see the module docstring). For images also the metric (its IS when the network
+    has a classifier); for a .npz only the statistics. `metric_factory(total)` makes an InceptionMetric."""
+    kind = describe_source(source)
+    if kind == "npz":
+        return FeatureStats.load(source), None
+    if kind == "folder":
+        files = image_files(source)[:max_images]
+        if not files:
+            raise ValueError(f"no png/jpg/jpeg/webp images under {source}")
+        total, get = len(files), lambda i, j: [read_image(f) for f in files[i:j]]
+    else:
+        images = builtin_images(source)[:max_images]
+        total, get = images.shape[0], lambda i, j: images[i:j]
+    metric = metric_factory(total)
+    steps = range(0, total, chunk)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc=os.path.basename(source.rstrip("/")) or source, unit="chunk")
+    for i in steps:
+        metric.update(get(i, i + chunk), start=i)
+    return metric.features, metric
+
+
+# ------------------------------------------------------------------------------------ mage eval
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    num: int = 50000
+    batch_size: int = 64
+    steps: int = 20
+    choice_temperature: float = 6.0
+    seed: int = 0
+    dtype: torch.dtype | None = None
+    images_dir: str | None = None  # PNGs of the samples; an interrupted run resumes from those written
+
+
+def batch_seed(seed: int, index: int) -> int:
+    """Batch `index` draws from its own seed, so any process can make any batch, in any order, after a resume."""
+    return (seed * 1_000_003 + index) % (2**63)
+
+
+@torch.no_grad()
+def generate_into(model, metric: InceptionMetric, cfg: EvalConfig, rank: int = 0, world: int = 1,
+                  progress: bool = False) -> dict:
+    """Generate this process's share of cfg.num images (batches rank, rank + world, ...) straight into `metric`,
+    quantized to uint8 as the saved PNGs are. With images_dir, each batch whose PNGs all exist is read back instead
+    of generated (so a resumed run reproduces the uninterrupted one exactly); new batches are written there.
+    Returns {"generated", "reused", "sampling_s"} for this process."""
+    from .sampler import generate
+
+    out = Path(cfg.images_dir) if cfg.images_dir else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    batches = range(rank, math.ceil(cfg.num / cfg.batch_size), world)
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc="eval", unit="batch")
+    generated = reused = 0
+    sampling = 0.0
+    for b in batches:
+        start = b * cfg.batch_size
+        count = min(cfg.batch_size, cfg.num - start)
+        paths = [out / f"{start + i:06d}.png" for i in range(count)] if out is not None else []
+        if paths and all(p.is_file() for p in paths):
+            images = torch.stack([read_image(p) for p in paths])
+            reused += count
+        else:
+            t = time.perf_counter()
+            g = torch.Generator(model.device).manual_seed(batch_seed(cfg.seed, b))
+            x = generate(model, count, steps=cfg.steps, choice_temperature=cfg.choice_temperature, generator=g,
+                         batch_size=count, dtype=cfg.dtype)
+            images = (x.clamp(0, 1) * 255).round().to(torch.uint8)
+            if model.device.type == "cuda":
+                torch.cuda.synchronize(model.device)
+            sampling += time.perf_counter() - t
+            generated += count
+            for image, path in zip(images, paths):
+                write_png(image, path)
+        metric.update(images, start=start)
+    return {"generated": generated, "reused": reused, "sampling_s": sampling}
+
+
+# ------------------------------------------------------------------------------------ mage probe
+
+
+def probe_images(source: str, split: str, size: int, channels: int,
+                 limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor] | data_lib.ImageFolder:
+    """A probe split at the tokenizer's size and channels: in-memory (fashion-mnist, digits: float images in
+    [0, 1] and labels) or an image folder with the evaluation view (resize + centre crop, section 6)."""
+    from . import transforms as T
+
+    if source in ("fashion-mnist", "digits"):
+        if source == "fashion-mnist":
+            x, y = data_lib.load_fashion_mnist(split)
+        else:
+            x, y = data_lib.load_digits()
+            n = int(0.8 * x.shape[0])  # the split `mage train --data digits` uses
+            x, y = (x[:n], y[:n]) if split == "train" else (x[n:], y[n:])
+        x, y = x[:limit], y[:limit]
+        x = data_lib.to_float_image(x, channels)
+        if x.shape[-1] != size:
+            x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
+                                                align_corners=False).clamp(0, 1)
+        return x, y
+    root = Path(source)
+    names = ("train",) if split == "train" else ("val", "test")
+    folder = next((root / n for n in names if (root / n).is_dir()), None)
+    if folder is None:
+        raise ValueError(f"a probe folder needs {root}/train/ and {root}/val/ (or test/), each root/<class>/<image>")
+    if channels != 3:
+        raise ValueError(f"image folders are read as RGB; the model's tokenizer takes {channels} channel(s)")
+    ds = data_lib.ImageFolder(folder, transform=T.eval_transform(size))
+    if limit is not None and limit < len(ds):
+        # Folders are sorted by class: a fixed random subset keeps every class.
+        keep = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:limit].sort().values
+        ds.samples = [ds.samples[i] for i in keep.tolist()]
+    return ds
