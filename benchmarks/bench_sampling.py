@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import math
 import os
 import sys
@@ -115,6 +116,7 @@ def main(argv=None) -> None:
     p.add_argument("--repeat", type=int, default=1, help="timed rounds after one warm-up (median reported)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-warmup", action="store_true", help="skip the warm-up run (slow CPU runs)")
+    p.add_argument("--csv", default=None, help="also write the rows to this CSV file")
     args = p.parse_args(argv)
     model = build(args.model, args.device)
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
@@ -137,13 +139,24 @@ def main(argv=None) -> None:
             fn()
             sync()
             times[(dname, name)].append((time.perf_counter() - t0) / nb)
+    rows = []
     for dname, name, _, _ in runs:
         t = float(np.median(times[(dname, name)]))
         line = f"{name:10s} {dname:5s} {t:9.3f} s/batch  {args.batch / t:9.3f} images/s"
+        tflops = ""
         if args.model in STEP_GFLOP:
             gflop = args.batch * (STEP_GFLOP[args.model] * args.steps + DECODE_GFLOP)
-            line += f"  {gflop / t / 1e3:7.3f} TFLOP/s"
+            tflops = f"{gflop / t / 1e3:.3f}"
+            line += f"  {tflops:>7s} TFLOP/s"
         print(line, flush=True)
+        rows.append(dict(device=args.device, model=args.model, provider=name, dtype=dname, batch=args.batch,
+                         steps=args.steps, s_per_batch=f"{t:.4f}", images_per_s=f"{args.batch / t:.3f}",
+                         tflops=tflops))
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["device"])
+            writer.writeheader()
+            writer.writerows(rows)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@
 //   (fp64) partial sums meet in shared memory. (grad_z is read about twice: once for grad_y and the
 //   padded sums, once for the pos_embed sum.)
 #include "masking.h"
+#include "cuda_plan.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -33,7 +34,6 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int64_t kMaxSmemKeysBytes = 48 << 10;
 
 // ------------------------------------------------------------------------------------------ mask_plan
 
@@ -206,7 +206,7 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(
   }
 }
 
-__global__ void slot_source_kernel(
+__global__ void __launch_bounds__(kThreads) slot_source_kernel(
     const int64_t* __restrict__ keep,  // (B, Lk)
     const bool* __restrict__ masked,   // (B, L) or nullptr
     int64_t* __restrict__ src,         // (B, L)
@@ -379,13 +379,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mask_plan_cuda(const at::Tensor& 
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const int threads = static_cast<int>(std::min<int64_t>(kThreads, std::max<int64_t>(32, (L + 31) / 32 * 32)));
   MAGE_DISPATCH_FLOATS(noise.scalar_type(), "mask_plan_cuda", [&] {
-    const int64_t smem = L * static_cast<int64_t>(sizeof(key_t<scalar_t>));
+    // The keys go to dynamic shared memory when they fit beside the kernel's own static shared memory.
+    cudaFuncAttributes attr{};
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, mask_plan_kernel<scalar_t, true>));
+    const int64_t smem = plan::mask_plan_dynamic_smem(L, sizeof(key_t<scalar_t>), attr.sharedSizeBytes);
     const auto args = std::make_tuple(noise.const_data_ptr<scalar_t>(), noise.stride(0), noise.stride(1),
                                       m_counts.const_data_ptr<int64_t>(), int64_t(m_counts.dim() ? 1 : 0),
                                       d_counts.const_data_ptr<int64_t>(), int64_t(d_counts.dim() ? 1 : 0),
                                       masked.data_ptr<bool>(), dropped.data_ptr<bool>(),
                                       keep_idx.data_ptr<int64_t>(), L, num_kept);
-    if (smem <= kMaxSmemKeysBytes) {
+    if (smem > 0) {
       std::apply([&](auto... a) {
         mask_plan_kernel<scalar_t, true><<<static_cast<unsigned>(B), threads, smem, stream>>>(a...);
       }, args);

@@ -13,7 +13,8 @@ namespace mage {
 
 // Validates the arguments shared by both variants (mirrors mage_kernels/_checks.py).
 void check_remask_args(const char* op, int64_t vocab_rows, const at::Tensor& ids, const at::Tensor& num_masked,
-                       const at::Tensor& seed, int64_t vocab_size, double temperature, double choice_temperature);
+                       const at::Tensor& seed, int64_t mask_id, int64_t vocab_size, double temperature,
+                       double choice_temperature);
 void check_remask_logits(const char* op, const at::Tensor& logits, const at::Tensor& ids);
 void check_remask_hidden(const char* op, const at::Tensor& hidden, const at::Tensor& weight,
                          const c10::optional<at::Tensor>& bias, const at::Tensor& ids);

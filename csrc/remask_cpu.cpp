@@ -27,7 +27,8 @@
 namespace mage {
 
 void check_remask_args(const char* op, int64_t vocab_rows, const at::Tensor& ids, const at::Tensor& num_masked,
-                       const at::Tensor& seed, int64_t vocab_size, double temperature, double choice_temperature) {
+                       const at::Tensor& seed, int64_t mask_id, int64_t vocab_size, double temperature,
+                       double choice_temperature) {
   TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong, op, ": ids must be int64, got ", ids.scalar_type());
   TORCH_CHECK_TYPE(num_masked.scalar_type() == at::kLong, op, ": num_masked must be int64, got ",
                    num_masked.scalar_type());
@@ -42,6 +43,10 @@ void check_remask_args(const char* op, int64_t vocab_rows, const at::Tensor& ids
   TORCH_CHECK_VALUE(vocab_size >= 1 && vocab_size <= vocab_rows, op, ": vocab_size must be in [1, ", vocab_rows,
                     "] (the logits' last dim), got ", vocab_size);
   TORCH_CHECK_VALUE(vocab_size < (int64_t(1) << 31) - 64, op, ": vocab_size must be < 2^31 - 64, got ", vocab_size);
+  // A sampled token equal to mask_id would read as still masked: rows would end with extra masks.
+  TORCH_CHECK_VALUE(mask_id < 0 || mask_id >= vocab_size, op,
+                    ": mask_id must not be a token that can be sampled, i.e. outside [0, vocab_size) = [0, ",
+                    vocab_size, "), got mask_id = ", mask_id);
   TORCH_CHECK_VALUE(temperature > 0.0 && std::isfinite(temperature), op,
                     ": temperature must be finite and > 0, got ", temperature);
   TORCH_CHECK_VALUE(choice_temperature >= 0.0 && std::isfinite(choice_temperature), op,
@@ -305,7 +310,7 @@ std::tuple<at::Tensor, at::Tensor> remask_step_cpu(const at::Tensor& logits, con
                                                    double temperature, bool reference_ties) {
   constexpr const char* op = "remask_step";
   check_remask_logits(op, logits, ids);
-  check_remask_args(op, logits.size(2), ids, num_masked, seed, vocab_size, temperature, choice_temperature);
+  check_remask_args(op, logits.size(2), ids, num_masked, seed, mask_id, vocab_size, temperature, choice_temperature);
   const at::Tensor ids_c = ids.contiguous();
   at::Tensor sampled = at::empty(ids.sizes(), ids.options());
   at::Tensor new_ids = at::empty(ids.sizes(), ids.options());
@@ -339,7 +344,7 @@ std::tuple<at::Tensor, at::Tensor> remask_step_from_hidden_cpu(
   // a parallel region would serialize on small tiles).
   constexpr int64_t kChunk = 1024;
   check_remask_hidden(op, hidden, weight, bias, ids);
-  check_remask_args(op, weight.size(0), ids, num_masked, seed, vocab_size, temperature, choice_temperature);
+  check_remask_args(op, weight.size(0), ids, num_masked, seed, mask_id, vocab_size, temperature, choice_temperature);
   const at::Tensor ids_c = ids.contiguous();
   at::Tensor sampled = at::empty(ids.sizes(), ids.options());
   at::Tensor new_ids = at::empty(ids.sizes(), ids.options());

@@ -183,7 +183,7 @@ std::tuple<at::Tensor, at::Tensor> remask_step_cuda(const at::Tensor& logits, co
                                                     double temperature, bool reference_ties) {
   constexpr const char* op = "remask_step";
   check_remask_logits(op, logits, ids);
-  check_remask_args(op, logits.size(2), ids, num_masked, seed, vocab_size, temperature, choice_temperature);
+  check_remask_args(op, logits.size(2), ids, num_masked, seed, mask_id, vocab_size, temperature, choice_temperature);
   const c10::cuda::CUDAGuard guard(logits.device());
   const at::Tensor ids_c = ids.contiguous(), k_c = num_masked.contiguous(), seed_c = seed.contiguous();
   const int64_t B = ids.size(0), L = ids.size(1), N = B * L;

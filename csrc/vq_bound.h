@@ -25,6 +25,15 @@ MAGE_HD double vq_gap_bound(long long D, double unit_roundoff, double z_norm, do
   return 4.0 * gamma * (max_code_norm * max_code_norm + 2.0 * z_norm * max_code_norm);
 }
 
+// What fp32 underflow (gradual, or flushed to zero) adds to the gap the two best d' must exceed, when the
+// values are scaled by a power of two: each d' may be off by up to 2^-126 per rounded product, converted
+// input and final fma, times the magnitudes involved (z_norm and max_code_norm in the same scaled units),
+// so about 2 (D + 2) 2^-126 (1 + |z| + max |e|); the same factor 4 as vq_gap_bound. Negligible unless the
+// values are tiny.
+MAGE_HD double vq_underflow_bound(long long D, double z_norm, double max_code_norm) {
+  return 8.0 * static_cast<double>(D + 2) * 0x1p-126 * (1.0 + z_norm + max_code_norm);
+}
+
 // The CPU's bf16 search: z and e rounded to bf16 (unit round-off 2^-8 each; their products are exact in
 // fp32), fp32 accumulation (gamma_n at 2^-24), the GEMM output rounded to bf16 once more, and
 // d' = |e|^2 - 2 z.e formed in fp32. Every code whose d' is within this bound of the smallest d' is a

@@ -5,9 +5,67 @@ Every message names the op, the argument, what was expected and what came.
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+# ---------------------------------------------------------------------------- Python arguments
+
+
+def _type_name(v) -> str:
+    return type(v).__name__
+
+
+def check_tensor(op: str, name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {_type_name(t)}")
+
+
+def _range_text(lo, hi, lo_open: bool = False) -> str:
+    if lo is not None and lo != -math.inf and hi is not None and hi != math.inf:
+        return f"in {'(' if lo_open else '['}{lo}, {hi}]"
+    if lo is not None and lo != -math.inf:
+        return f"{'>' if lo_open else '>='} {lo}"
+    if hi is not None and hi != math.inf:
+        return f"<= {hi}"
+    return ""
+
+
+def check_int(op: str, name: str, v, lo: int | None = None, hi: int | None = None) -> int:
+    """`v` must be an integer (not a bool, not a float such as 3.7 or 3.0) in [lo, hi]; returns it as int."""
+    if isinstance(v, bool) or not isinstance(v, (numbers.Integral, torch.SymInt)):
+        raise TypeError(f"{op}: {name} must be an int, got {_type_name(v)} {v!r}")
+    if isinstance(v, numbers.Integral):
+        v = int(v)
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise ValueError(f"{op}: {name} must be {_range_text(lo, hi)}, got {v}")
+    return v
+
+
+def check_real(op: str, name: str, v, lo: float = -math.inf, hi: float = math.inf, *, lo_open: bool = False) -> float:
+    """`v` must be a finite real number in [lo, hi] (or (lo, hi] with lo_open); returns it as float."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{op}: {name} must be a real number, got {_type_name(v)} {v!r}")
+    v = float(v)
+    if not math.isfinite(v) or v < lo or v > hi or (lo_open and v == lo):
+        raise ValueError(f"{op}: {name} must be a finite number {_range_text(lo, hi, lo_open)}, got {v}".replace(
+            " , got", ", got"))
+    return v
+
+
+def check_generator(op: str, name: str, g) -> None:
+    if g is not None and not isinstance(g, torch.Generator):
+        raise TypeError(f"{op}: {name} must be a torch.Generator or None, got {_type_name(g)} {g!r}"
+                        + (" (seed a generator: torch.Generator().manual_seed(seed))" if isinstance(g, int) else ""))
+
+
+def check_bool(op: str, name: str, v) -> None:
+    if not isinstance(v, bool):
+        raise TypeError(f"{op}: {name} must be True or False, got {_type_name(v)} {v!r}")
 
 
 def check_float(op: str, name: str, t: torch.Tensor) -> None:
@@ -49,6 +107,7 @@ def check_remask_args(
     ids: torch.Tensor,
     num_masked: torch.Tensor,
     seed: torch.Tensor,
+    mask_id: int,
     vocab_size: int,
     temperature: float,
     choice_temperature: float,
@@ -70,6 +129,7 @@ def check_remask_args(
         raise ValueError(f"{op}: seed must be [2] (seed, offset), got shape {tuple(seed.shape)}")
     if not 1 <= vocab_size <= vocab_rows:
         raise ValueError(f"{op}: vocab_size must be in [1, {vocab_rows}] (the logits' last dim), got {vocab_size}")
+    check_sampled_vocab(op, mask_id, vocab_size)
     if vocab_size >= 2**31 - 64:
         raise ValueError(f"{op}: vocab_size must be < 2^31 - 64, got {vocab_size}")
     if not (temperature > 0.0 and temperature < float("inf")):
@@ -124,13 +184,15 @@ def _values_checkable(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and not fake and not torch.compiler.is_compiling()
 
 
-def check_counts(op: str, name: str, counts: torch.Tensor, B: int, L: int, device: torch.device) -> None:
+def check_counts(op: str, name: str, counts: torch.Tensor, B: int, L: int, device: torch.device,
+                 like: str = "noise") -> None:
+    check_tensor(op, name, counts)
     if counts.dtype != torch.int64:
         raise TypeError(f"{op}: {name} must be int64, got {counts.dtype}")
     if counts.dim() > 1 or (counts.dim() == 1 and counts.shape[0] != B):
         raise ValueError(f"{op}: {name} must be a scalar or [B] = [{B}], got shape {_shape(counts)}")
     if counts.device != device:
-        raise ValueError(f"{op}: {name} must be on the device of noise ({device}), got {counts.device}")
+        raise ValueError(f"{op}: {name} must be on the device of {like} ({device}), got {counts.device}")
     if _values_checkable(counts) and counts.numel() and bool(((counts < 0) | (counts > L)).any()):
         raise ValueError(f"{op}: {name} must lie in [0, L] = [0, {L}], got values {counts.tolist()}")
 
@@ -223,3 +285,62 @@ def check_pad_with_cls_args(
             raise ValueError(f"{op}: {name} must be {list(shape)} (L = {L}, C = {C}), got shape {_shape(t)}")
         if t.device != y.device:
             raise ValueError(f"{op}: {name} must be on {y.device}, got {t.device}")
+
+
+def check_pad_with_cls_backward_args(op: str, grad_z: torch.Tensor, keep_idx: torch.Tensor, masked: torch.Tensor) -> None:
+    check_float(op, "grad_z", grad_z)
+    if grad_z.dim() != 3:
+        raise ValueError(f"{op}: grad_z must be [B, 1+L, C], got shape {_shape(grad_z)}")
+    B = grad_z.shape[0]
+    if masked.dtype != torch.bool:
+        raise TypeError(f"{op}: masked must be bool, got {masked.dtype}")
+    if masked.dim() != 2 or masked.shape[0] != B or grad_z.shape[1] != 1 + masked.shape[1]:
+        raise ValueError(f"{op}: masked must be [B, L] with grad_z [B, 1+L, C] = {_shape(grad_z)}, "
+                         f"got shape {_shape(masked)}")
+    if masked.device != grad_z.device:
+        raise ValueError(f"{op}: masked must be on {grad_z.device}, got {masked.device}")
+    check_keep_idx(op, keep_idx, B, masked.shape[1], grad_z.device)
+
+
+# ---------------------------------------------------------------------------- iterative decoding
+
+
+def check_maskgit_args(op: str, logits_fn, hidden_fn, head_weight, head_bias, ids, steps, mask_id, choice_temperature,
+                       temperature, generator, vocab_size, reference_ties) -> None:
+    """The arguments `maskgit_sample` and `maskgit_step` share (Python-side only: no value is read)."""
+    if (logits_fn is None) == (hidden_fn is None):
+        raise ValueError(f"{op}: pass either logits_fn (the model's logits) or hidden_fn with head_weight, "
+                         f"got logits_fn={_type_name(logits_fn)}, hidden_fn={_type_name(hidden_fn)}")
+    for name, fn in (("logits_fn", logits_fn), ("hidden_fn", hidden_fn)):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{op}: {name} must be callable (ids [B, L] -> tensor), got {_type_name(fn)}")
+    if hidden_fn is not None:
+        if head_weight is None:
+            raise ValueError(f"{op}: hidden_fn needs head_weight [V, C] (and head_bias [V] if the head has one)")
+        check_tensor(op, "head_weight", head_weight)
+        if head_weight.dim() != 2:
+            raise ValueError(f"{op}: head_weight must be [V, C], got shape {tuple(head_weight.shape)}")
+        if head_bias is not None:
+            check_tensor(op, "head_bias", head_bias)
+    check_tensor(op, "ids", ids)
+    if ids.dtype != torch.int64 or ids.dim() != 2:
+        raise TypeError(f"{op}: ids must be an int64 tensor [B, L], got {ids.dtype} of shape {tuple(ids.shape)}")
+    check_int(op, "steps", steps, 1)
+    check_int(op, "mask_id", mask_id)
+    check_real(op, "choice_temperature", choice_temperature, 0.0)
+    check_real(op, "temperature", temperature, 0.0, lo_open=True)
+    check_generator(op, "generator", generator)
+    if vocab_size is not None:
+        check_int(op, "vocab_size", vocab_size, 1)
+    check_bool(op, "reference_ties", reference_ties)
+    if hidden_fn is not None:
+        check_sampled_vocab(op, mask_id, head_weight.shape[0] if vocab_size is None else vocab_size)
+
+
+def check_sampled_vocab(op: str, mask_id: int, vocab_size: int) -> None:
+    """A sampled token equal to mask_id would read as still masked (rows would end with extra masks), so
+    mask_id must lie outside the ids the sampler draws from (the C++ and CUDA kernels say the same)."""
+    if 0 <= mask_id < vocab_size:
+        raise ValueError(f"{op}: mask_id must not be a token that can be sampled, i.e. outside [0, vocab_size) = "
+                         f"[0, {vocab_size}), got mask_id = {mask_id}, so the sampler could draw [MASK]; pass "
+                         f"vocab_size <= mask_id (the number of token ids to sample from, e.g. the codebook size)")

@@ -9,9 +9,11 @@ forces one; it is read once, at import.
 
 from __future__ import annotations
 
+import glob
 import importlib
 import importlib.util
 import os
+import sys
 import warnings
 from typing import Callable
 
@@ -36,12 +38,28 @@ def _load_native() -> tuple[str | None, str | None]:
     # find_spec also resolves the library in scikit-build-core editable installs.
     spec = importlib.util.find_spec("mage_kernels._C")
     if spec is None or spec.origin is None:
-        return None, "mage_kernels/_C.so was not found; build with `pip install . --no-build-isolation`"
+        return None, _missing_library_advice()
     try:
         torch.ops.load_library(spec.origin)
     except OSError as err:  # e.g. built against another torch
         return None, f"{spec.origin} failed to load: {err}"
     return spec.origin, None
+
+
+def _missing_library_advice() -> str:
+    """Why _C.so is missing, in the case that matters most: Python imported the source tree (run from the
+    repository root, or it is on PYTHONPATH) instead of the package that `pip install .` built and installed."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(package)
+    if not (os.path.isfile(os.path.join(root, "pyproject.toml")) and os.path.isdir(os.path.join(root, "csrc"))):
+        return "mage_kernels/_C.so was not found; build with `pip install . --no-build-isolation`"
+    installed = [os.path.join(entry, "mage_kernels") for entry in sys.path
+                 if os.path.abspath(entry or os.curdir) != root
+                 and glob.glob(os.path.join(entry or os.curdir, "mage_kernels", "_C*.so"))]
+    found = f" (an installed build is at {installed[0]})" if installed else ""
+    return (f"Python imported the source tree {package}, which holds no built library, because {root} is the "
+            f"current directory or on PYTHONPATH{found}. Run from another directory to use the installed package, "
+            "or install this tree in editable mode: pip install -e . --no-build-isolation")
 
 
 NATIVE_PATH, NATIVE_ERROR = _load_native()

@@ -23,6 +23,7 @@ import math
 import torch
 
 from . import reference
+from ._checks import check_generator, check_int, check_pad_with_cls_backward_args, check_real, check_tensor
 from ._registry import define, register_kernels
 
 define(
@@ -38,15 +39,8 @@ define(
 )
 
 
-register_kernels("mask_plan", reference=reference.mask_plan, triton="mage_kernels.triton.masking:mask_plan")
-register_kernels("gather_keep", reference=reference.gather_keep, triton="mage_kernels.triton.masking:gather_keep")
-register_kernels("scatter_keep", reference=reference.scatter_keep, triton="mage_kernels.triton.masking:scatter_keep")
-register_kernels("pad_with_cls", reference=reference.pad_with_cls, triton="mage_kernels.triton.masking:pad_with_cls")
-register_kernels(
-    "pad_with_cls_backward",
-    reference=reference.pad_with_cls_backward,
-    triton="mage_kernels.triton.masking:pad_with_cls_backward",
-)
+for _op in ("mask_plan", "gather_keep", "scatter_keep", "pad_with_cls", "pad_with_cls_backward"):
+    register_kernels(_op, reference=getattr(reference, _op), triton=f"mage_kernels.triton.masking:{_op}")
 
 
 # ------------------------------------------------------------------------------------------- fakes
@@ -83,6 +77,7 @@ def _(y, keep_idx, masked, pos_embed=None, pad=None):
 
 @torch.library.register_fake("mage::pad_with_cls_backward")
 def _(grad_z, keep_idx, masked, mae, pos):
+    check_pad_with_cls_backward_args("pad_with_cls_backward", grad_z, keep_idx, masked)
     B, C = grad_z.shape[0], grad_z.shape[2]
     acc = torch.float64 if grad_z.dtype == torch.float64 else torch.float32
     return (
@@ -142,9 +137,7 @@ torch.library.register_autograd("mage::pad_with_cls", _pad_backward, setup_conte
 def _count_tensor(name: str, n, noise: torch.Tensor) -> torch.Tensor:
     if isinstance(n, torch.Tensor):
         return n
-    n = int(n)
-    if not 0 <= n <= noise.shape[-1]:
-        raise ValueError(f"mask_plan: {name} must lie in [0, L] = [0, {noise.shape[-1]}], got {n}")
+    n = check_int("mask_plan", name, n, 0, noise.shape[-1])  # an int: 3.7 tokens is an error, not 3
     return noise.new_full((), n, dtype=torch.long)  # a fill kernel: no host-to-device copy
 
 
@@ -173,8 +166,11 @@ def mask_plan(
         masked: bool (B, L). dropped: bool (B, L).
         keep_idx: int64 (B, num_kept), the positions not dropped in ascending order, then -1 padding.
     """
+    check_tensor("mask_plan", "noise", noise)
     if noise.dim() != 2:
         raise ValueError(f"mask_plan: noise must be [B, L], got shape {tuple(noise.shape)}")
+    if num_kept is not None:
+        check_int("mask_plan", "num_kept", num_kept)
     masked_t = _count_tensor("num_masked", num_masked, noise)
     dropped_t = _count_tensor("num_dropped", num_dropped, noise)
     if num_kept is None:
@@ -197,6 +193,8 @@ def gather_keep(x: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
         y: (B, 1+Lk, C), y[:, 0] = x[:, 0] and y[:, 1+j] = x[:, 1+keep_idx[:, j]] (a zero row for -1).
         Backward scatters into a zero gradient.
     """
+    check_tensor("gather_keep", "x", x)
+    check_tensor("gather_keep", "keep_idx", keep_idx)
     return torch.ops.mage.gather_keep(x, keep_idx)
 
 
@@ -222,6 +220,9 @@ def pad_with_cls(
         or dropped token gets [C] (or pad); plus pos_embed. Backward accumulates the padded positions'
         gradients into y[:, 0] (or into pad) and gathers the rest.
     """
+    for name, t in (("y", y), ("keep_idx", keep_idx), ("masked", masked)) + (
+        (("pos_embed", pos_embed),) if pos_embed is not None else ()) + ((("pad", pad),) if pad is not None else ()):
+        check_tensor("pad_with_cls", name, t)
     if pos_embed is not None:
         if pos_embed.dim() == 3 and pos_embed.shape[0] == 1:
             pos_embed = pos_embed[0]
@@ -254,11 +255,15 @@ def sample_mask_counts(
     batch=B one r per row is drawn on `device` (default: the generator's) and masked is an int64 (B,)
     tensor (no host sync). Returns (num_masked, num_dropped); num_dropped is always an int.
     """
-    if not 0.0 <= mask_ratio_min <= mask_ratio_max <= 1.0:
-        raise ValueError(f"sample_mask_counts: need 0 <= mask_ratio_min <= mask_ratio_max <= 1, "
-                         f"got {mask_ratio_min}, {mask_ratio_max}")
-    if mask_ratio_std <= 0:
-        raise ValueError(f"sample_mask_counts: mask_ratio_std must be > 0, got {mask_ratio_std}")
+    op = "sample_mask_counts"
+    L = check_int(op, "L", L, 0)
+    if batch is not None:
+        batch = check_int(op, "batch", batch, 0)
+    check_generator(op, "generator", generator)
+    mask_ratio_min = check_real(op, "mask_ratio_min", mask_ratio_min, 0.0, 1.0)
+    mask_ratio_max = check_real(op, "mask_ratio_max", mask_ratio_max, mask_ratio_min, 1.0)
+    mask_ratio_mu = check_real(op, "mask_ratio_mu", mask_ratio_mu)
+    mask_ratio_std = check_real(op, "mask_ratio_std", mask_ratio_std, 0.0, lo_open=True)
     if device is None:
         device = generator.device if generator is not None else "cpu"
     num_dropped = math.ceil(L * mask_ratio_min)

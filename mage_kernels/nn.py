@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import reference
+from ._checks import check_bool, check_int, check_real, check_tensor
 from .vq import vq_nearest, vq_quantize
 
 # Usage decay for dead-code detection when the codebook is learned by gradient (decay=None):
@@ -163,17 +164,23 @@ class VectorQuantize(nn.Module):
         sync_codebook: bool | None = None,
     ):
         super().__init__()
+        op = "VectorQuantize"
         for name, value in (("dim", dim), ("codebook_size", codebook_size), ("kmeans_iters", kmeans_iters)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"VectorQuantize: {name} must be a positive int, got {value!r}")
-        if codebook_dim is not None and (not isinstance(codebook_dim, int) or codebook_dim < 1):
-            raise ValueError(f"VectorQuantize: codebook_dim must be None or a positive int, got {codebook_dim!r}")
-        if decay is not None and not 0.0 <= decay < 1.0:
-            raise ValueError(f"VectorQuantize: decay must be None (codebook learned by gradient) or in [0, 1), got {decay}")
+            check_int(op, name, value, 1)
+        if codebook_dim is not None:
+            check_int(op, "codebook_dim", codebook_dim, 1)
+        if decay is not None:
+            decay = check_real(op, "decay", decay, 0.0, 1.0)
+            if decay == 1.0:
+                raise ValueError(f"{op}: decay must be None (codebook learned by gradient) or in [0, 1), got {decay}")
         for name, value in (("commitment_weight", commitment_weight), ("codebook_weight", codebook_weight),
                             ("threshold_ema_dead_code", threshold_ema_dead_code), ("eps", eps)):
-            if not value >= 0:
-                raise ValueError(f"VectorQuantize: {name} must be >= 0, got {value}")
+            check_real(op, name, value, 0.0)
+        for name, value in (("kmeans_init", kmeans_init), ("channel_last", channel_last),
+                            ("accept_image_fmap", accept_image_fmap), ("rotation_trick", rotation_trick)):
+            check_bool(op, name, value)
+        if sync_codebook is not None:
+            check_bool(op, "sync_codebook", sync_codebook)
         self.dim = dim
         self.codebook_size = codebook_size
         self.codebook_dim = codebook_dim or dim
@@ -370,15 +377,27 @@ class VectorQuantize(nn.Module):
 
     # ------------------------------------------------------------------------------------ lookups
 
+    def _checked_indices(self, op: str, indices) -> torch.Tensor:
+        """Integer code indices in [0, codebook_size) (values read on CPU only: a host sync elsewhere)."""
+        check_tensor(f"VectorQuantize.{op}", "indices", indices)
+        if indices.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"VectorQuantize.{op}: indices must be int64 or int32, got {indices.dtype}")
+        if indices.device.type == "cpu" and indices.numel() and not torch.compiler.is_compiling():
+            lo, hi = int(indices.min()), int(indices.max())
+            if lo < 0 or hi >= self.codebook_size:
+                raise ValueError(f"VectorQuantize.{op}: indices must lie in [0, {self.codebook_size}), "
+                                 f"got min {lo}, max {hi}")
+        return indices
+
     def get_codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """indices (any shape, int64) -> codes [..., codebook_dim]; channels moved to dim 1 when the layer
         is channels-first (channel_last=False or accept_image_fmap), as vector-quantize-pytorch."""
-        codes = F.embedding(indices, self.codebook)
+        codes = F.embedding(self._checked_indices("get_codes_from_indices", indices), self.codebook)
         return codes.movedim(-1, 1) if (not self.channel_last or self.accept_image_fmap) else codes
 
     def get_output_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """indices -> what forward would output for them (codes passed through project_out), in x's layout."""
-        codes = self.project_out(F.embedding(indices, self.codebook))
+        codes = self.project_out(F.embedding(self._checked_indices("get_output_from_indices", indices), self.codebook))
         return codes.movedim(-1, 1) if (not self.channel_last or self.accept_image_fmap) else codes
 
 

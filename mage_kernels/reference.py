@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from ._checks import (
     check_gather_keep_args,
     check_mask_plan_args,
+    check_pad_with_cls_backward_args,
     check_pad_with_cls_args,
     check_remask_args,
     check_remask_hidden,
@@ -44,29 +45,100 @@ def vq_nearest(z: torch.Tensor, codebook: torch.Tensor, *, exact: bool = True) -
     """Index of the nearest code for every row of z, and the squared distance to it.
 
     z: (N, D) or (B, D, H, W); codebook: (K, D). Returns indices int64 and sqdist (float32, float64 for
-    float64 z) of shape (N,) or (B, H*W). Distances are evaluated in fp64 (ties to the lowest index, as
-    `torch.argmin`), so `exact` changes nothing here. Codes with non-finite entries are never chosen; a
-    row of z with a non-finite value, or a codebook with no finite code, gives index -1 and NaN.
+    float64 z) of shape (N,) or (B, H*W). The index is the argmin of the exact squared distances of the
+    given values, in real arithmetic, ties to the lowest index (`vq_exact_argmin`), for every finite
+    input of every dtype, so `exact` changes nothing here. sqdist is that distance evaluated in fp64.
+    Codes with non-finite entries are never chosen; a row of z with a non-finite value, or a codebook
+    with no finite code, gives index -1 and NaN.
     """
     check_vq_args("vq_nearest", z, codebook)
     rows = vq_rows(z)
     lead = rows.shape[:-1]
     z64 = rows.reshape(-1, rows.shape[-1]).double()
     e64 = codebook.double()
-    e2 = (e64 * e64).sum(1)
-    e2 = torch.where(torch.isfinite(e2), e2, torch.full_like(e2, float("inf")))
-    e64 = torch.where(torch.isfinite(e64), e64, torch.zeros_like(e64))
-    indices = torch.empty(z64.shape[0], dtype=torch.long, device=z.device)
-    chunk = max(1, (1 << 24) // codebook.shape[0])
-    for start in range(0, z64.shape[0], chunk):
-        zc = z64[start : start + chunk]
-        d = e2[None, :] - 2.0 * (zc @ e64.T)  # |z|^2 is constant per row
-        indices[start : start + chunk] = d.argmin(1)
-    sq = ((z64 - e64[indices]) ** 2).sum(1)
-    invalid = ~torch.isfinite(z64).all(1) | ~torch.isfinite(e2).any()
-    indices = torch.where(invalid, -1, indices)
-    sq = torch.where(invalid, float("nan"), sq)
+    indices = vq_exact_argmin(z64, e64)
+    sq = ((z64 - e64[indices.clamp_min(0)]) ** 2).sum(1)
+    sq = torch.where(indices < 0, float("nan"), sq)
     return indices.reshape(lead), sq.to(sqdist_dtype(z)).reshape(lead)
+
+
+_U64 = 2.0**-53  # unit round-off of fp64
+
+
+def vq_exact_argmin(z: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """argmin_k sum_d (z[n, d] - e[k, d])^2 in exact arithmetic, ties to the lowest k; -1 for rows with a
+    non-finite value and when no code is finite. z (N, D) and e (K, D) float64 (every other float dtype
+    converts to it exactly).
+
+    Three stages, each exact about what it decides: (1) codes with non-finite entries, and repeats of an
+    earlier identical code (they tie with it and lose), are dropped; (2) every value is scaled by one
+    power of two so that no square, product or sum can overflow fp64, and the expanded form
+    |e|^2 - 2 z.e ranks the codes with a proven rounding bound (Higham, "Accuracy and Stability", eq. 3.5,
+    plus the absolute error of underflow); (3) a row with more than one code within that bound is decided
+    in integer arithmetic on the exact values.
+    """
+    N, D = z.shape
+    K = e.shape[0]
+    indices = torch.full((N,), -1, dtype=torch.long, device=z.device)
+    valid = torch.isfinite(e).all(1)
+    finite = valid.nonzero().flatten()
+    if finite.numel():
+        # First occurrence of every distinct finite code; -0.0 equals 0.0, as it does in every distance.
+        _, inverse = torch.unique(e[finite] + 0.0, dim=0, return_inverse=True)
+        first = torch.full((int(inverse.max()) + 1,), K, dtype=torch.long, device=e.device)
+        first.scatter_reduce_(0, inverse, finite, "amin")
+        valid[finite[first[inverse] != finite]] = False
+    row_ok = torch.isfinite(z).all(1)
+    if N == 0 or not valid.any() or not row_ok.any():
+        return indices
+    zs, es = _scale_for_fp64(torch.where(row_ok[:, None], z, 0.0), torch.where(valid[:, None], e, 0.0), D)
+    e2 = torch.where(valid, (es * es).sum(1), float("inf"))
+    e_max = float(es.norm(dim=1).max())
+    gamma = (D + 4) * _U64 / (1.0 - (D + 4) * _U64)
+    # Underflow: each scaled value may have lost up to 2^-1075 and each product or square up to 2^-1075.
+    tiny = 8.0 * (D + 2) * 2.0**-1074 * (1.0 + 2.0 * max(e_max, float(zs.abs().max())))
+    chunk = max(1, (1 << 24) // K)
+    exact_rows: list[tuple[int, list[int]]] = []
+    for start in range(0, N, chunk):
+        zc = zs[start : start + chunk]
+        d = e2[None, :] - 2.0 * (zc @ es.T)  # |z|^2 is the same for every code of a row
+        best = d.amin(1, keepdim=True)
+        bound = 2.0 * (gamma * (e_max * e_max + 2.0 * zc.norm(dim=1, keepdim=True) * e_max) + tiny)
+        indices[start : start + chunk] = d.argmin(1)  # decided where no other code is within the bound
+        candidate = d <= best + 2.0 * bound  # every code that may be the exact minimum
+        for r in (candidate.sum(1) > 1).nonzero().flatten().tolist():
+            exact_rows.append((start + r, candidate[r].nonzero().flatten().tolist()))
+    for r, codes in exact_rows:
+        indices[r] = _exact_nearest(z[r].tolist(), e, codes)
+    return torch.where(row_ok, indices, -1)
+
+
+def _scale_for_fp64(z: torch.Tensor, e: torch.Tensor, D: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """z and e times one power of two 2^s so that the largest magnitude is about 2^t with D (2 * 2^t)^2
+    far below the fp64 maximum: nothing overflows, and values from fp32/bf16/fp16 never underflow."""
+    biggest = max(float(z.abs().max()), float(e.abs().max()))
+    if biggest == 0.0:
+        return z, e
+    target = (1016 - math.ceil(math.log2(D + 1))) // 2
+    shift = target - math.frexp(biggest)[1]
+    for part in (shift // 2, shift - shift // 2):  # two steps: 2^shift alone may not be representable
+        z, e = z * 2.0**part, e * 2.0**part
+    return z, e
+
+
+def _exact_nearest(z: list[float], e: torch.Tensor, codes: list[int]) -> int:
+    """The code of `codes` (ascending) nearest to z in exact integer arithmetic, ties to the first."""
+    def fixed(v: float) -> int:  # v * 2^1074, an integer for every finite float64
+        num, den = v.as_integer_ratio()
+        return num << (1075 - den.bit_length())
+
+    zi = [fixed(v) for v in z]
+    best_code, best = -1, None
+    for k in codes:
+        dist = sum((a - fixed(b)) ** 2 for a, b in zip(zi, e[k].tolist()))
+        if best is None or dist < best:
+            best_code, best = k, dist
+    return best_code
 
 
 def vq_quantize(
@@ -254,7 +326,7 @@ def remask_step(
     exactly num_masked[b] unknown tokens per row are set back to mask_id (`remask_select`).
     """
     check_remask_logits("remask_step", logits, ids)
-    check_remask_args("remask_step", logits.shape[2], ids, num_masked, seed, vocab_size, temperature,
+    check_remask_args("remask_step", logits.shape[2], ids, num_masked, seed, mask_id, vocab_size, temperature,
                       choice_temperature)
     unknown = ids == mask_id
     k = _check_counts("remask_step", num_masked, unknown.sum(1))
@@ -290,8 +362,8 @@ def remask_step_from_hidden(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`remask_step` on logits = hidden @ weight[:vocab_size].T + bias[:vocab_size], computed in float32."""
     check_remask_hidden("remask_step_from_hidden", hidden, weight, bias, ids)
-    check_remask_args("remask_step_from_hidden", weight.shape[0], ids, num_masked, seed, vocab_size, temperature,
-                      choice_temperature)
+    check_remask_args("remask_step_from_hidden", weight.shape[0], ids, num_masked, seed, mask_id, vocab_size,
+                      temperature, choice_temperature)
     return remask_step(
         remask_head_logits(hidden, weight, bias, vocab_size), ids, num_masked, seed, mask_id=mask_id,
         choice_temperature=choice_temperature, vocab_size=vocab_size, temperature=temperature,
@@ -427,6 +499,7 @@ def pad_with_cls_backward(
     (B, C) in the accumulation dtype when `mae`; otherwise (0, C) and that sum goes into grad_y[:, 0].
     grad_pos: grad_z summed over the batch, (1+L, C) in grad_z's dtype when `pos`, else (0, C).
     """
+    check_pad_with_cls_backward_args("pad_with_cls_backward", grad_z, keep_idx, masked)
     L, C = masked.shape[1], grad_z.shape[2]
     acc = torch.float64 if grad_z.dtype == torch.float64 else torch.float32
     own = (keep_idx >= 0) & ~masked.gather(1, keep_idx.clamp_min(0))

@@ -21,7 +21,17 @@ import math
 import torch
 
 from . import reference
-from ._checks import check_remask_args, check_remask_hidden, check_remask_logits
+from ._checks import (
+    check_bool,
+    check_counts,
+    check_generator,
+    check_int,
+    check_real,
+    check_remask_args,
+    check_remask_hidden,
+    check_remask_logits,
+    check_tensor,
+)
 from ._registry import define, register_kernels
 
 _COMMON = "Tensor seed, *, int mask_id, float choice_temperature, int vocab_size, float temperature, bool reference_ties"
@@ -30,18 +40,14 @@ define(
     "remask_step_from_hidden(Tensor hidden, Tensor weight, Tensor? bias, Tensor ids, Tensor num_masked, "
     f"{_COMMON}) -> (Tensor sampled, Tensor new_ids)"
 )
-register_kernels("remask_step", reference=reference.remask_step, triton="mage_kernels.triton.remask:remask_step")
-register_kernels(
-    "remask_step_from_hidden",
-    reference=reference.remask_step_from_hidden,
-    triton="mage_kernels.triton.remask:remask_step_from_hidden",
-)
+for _op in ("remask_step", "remask_step_from_hidden"):
+    register_kernels(_op, reference=getattr(reference, _op), triton=f"mage_kernels.triton.remask:{_op}")
 
 
 @torch.library.register_fake("mage::remask_step")
 def _(logits, ids, num_masked, seed, *, mask_id, choice_temperature, vocab_size, temperature, reference_ties):
     check_remask_logits("remask_step", logits, ids)
-    check_remask_args("remask_step", logits.shape[2], ids, num_masked, seed, vocab_size, temperature,
+    check_remask_args("remask_step", logits.shape[2], ids, num_masked, seed, mask_id, vocab_size, temperature,
                       choice_temperature)
     return torch.empty_like(ids, memory_format=torch.contiguous_format), torch.empty_like(
         ids, memory_format=torch.contiguous_format
@@ -52,8 +58,8 @@ def _(logits, ids, num_masked, seed, *, mask_id, choice_temperature, vocab_size,
 def _(hidden, weight, bias, ids, num_masked, seed, *, mask_id, choice_temperature, vocab_size, temperature,
       reference_ties):
     check_remask_hidden("remask_step_from_hidden", hidden, weight, bias, ids)
-    check_remask_args("remask_step_from_hidden", weight.shape[0], ids, num_masked, seed, vocab_size, temperature,
-                      choice_temperature)
+    check_remask_args("remask_step_from_hidden", weight.shape[0], ids, num_masked, seed, mask_id, vocab_size,
+                      temperature, choice_temperature)
     return torch.empty_like(ids, memory_format=torch.contiguous_format), torch.empty_like(
         ids, memory_format=torch.contiguous_format
     )
@@ -63,9 +69,24 @@ def draw_seed(device: torch.device | str, generator: torch.Generator | None = No
     """A fresh (seed, offset) pair, int64 (2,) on `device`, drawn from `generator` (default: the device's
     default generator). Drawn on the generator's device, so a CUDA generator costs no host sync and is
     CUDA-graph safe; a CPU generator with CUDA logits costs a small host-to-device copy."""
+    check_generator("draw_seed", "generator", generator)
     gen_device = generator.device if generator is not None else torch.device(device)
     seed = torch.randint(-(2**63), 2**63 - 1, (2,), dtype=torch.int64, device=gen_device, generator=generator)
     return seed.to(device)
+
+
+def _step_kwargs(op, mask_id, choice_temperature, generator, vocab_size, temperature, reference_ties, seed) -> dict:
+    """The Python-side arguments shared by both re-masking steps, checked; the op checks the rest."""
+    check_generator(op, "generator", generator)
+    if seed is not None:
+        check_tensor(op, "seed", seed)
+    if vocab_size is not None:
+        check_int(op, "vocab_size", vocab_size)
+    check_bool(op, "reference_ties", reference_ties)
+    return dict(mask_id=check_int(op, "mask_id", mask_id),
+                choice_temperature=check_real(op, "choice_temperature", choice_temperature, 0.0),
+                temperature=check_real(op, "temperature", temperature, 0.0, lo_open=True),
+                reference_ties=reference_ties)
 
 
 def remask_step(
@@ -115,13 +136,14 @@ def remask_step(
             last step comes from these (docs/REFERENCE.md 5.3).
         new_ids: (B, L) int64, `sampled` with the re-masked positions set back to mask_id.
     """
+    op = "remask_step"
+    for name, t in (("logits", logits), ("ids", ids), ("num_masked", num_masked)):
+        check_tensor(op, name, t)
+    kw = _step_kwargs(op, mask_id, choice_temperature, generator, vocab_size, temperature, reference_ties, seed)
     if seed is None:
         seed = draw_seed(logits.device, generator)
-    return torch.ops.mage.remask_step(
-        logits, ids, num_masked, seed, mask_id=mask_id, choice_temperature=float(choice_temperature),
-        vocab_size=logits.shape[-1] if vocab_size is None else vocab_size, temperature=float(temperature),
-        reference_ties=reference_ties,
-    )
+    vocab_size = logits.shape[-1] if vocab_size is None else vocab_size
+    return torch.ops.mage.remask_step(logits, ids, num_masked, seed, vocab_size=vocab_size, **kw)
 
 
 def remask_step_from_hidden(
@@ -151,15 +173,18 @@ def remask_step_from_hidden(
     Returns (sampled, new_ids) as `remask_step`; the tokens equal `remask_step` on the explicit fp32
     logits up to the rounding of the matmul.
     """
+    op = "remask_step_from_hidden"
+    for name, t in (("hidden", hidden), ("weight", weight), ("ids", ids), ("num_masked", num_masked)):
+        check_tensor(op, name, t)
+    if bias is not None:
+        check_tensor(op, "bias", bias)
+        bias = bias.reshape(-1)
+    kw = _step_kwargs(op, mask_id, choice_temperature, generator, vocab_size, temperature, reference_ties, seed)
     if seed is None:
         seed = draw_seed(hidden.device, generator)
-    if bias is not None:
-        bias = bias.reshape(-1)
-    return torch.ops.mage.remask_step_from_hidden(
-        hidden, weight, bias, ids, num_masked, seed, mask_id=mask_id, choice_temperature=float(choice_temperature),
-        vocab_size=weight.shape[0] if vocab_size is None else vocab_size, temperature=float(temperature),
-        reference_ties=reference_ties,
-    )
+    vocab_size = weight.shape[0] if vocab_size is None else vocab_size
+    return torch.ops.mage.remask_step_from_hidden(hidden, weight, bias, ids, num_masked, seed, vocab_size=vocab_size,
+                                                  **kw)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -167,14 +192,22 @@ def remask_step_from_hidden(
 # --------------------------------------------------------------------------------------------------
 
 
+def _check_step(op: str, step: int, num_steps: int) -> None:
+    check_int(op, "num_steps", num_steps, 1)
+    check_int(op, "step", step, 0, num_steps - 1)
+
+
 def cosine_mask_ratio(step: int, num_steps: int) -> float:
     """Fraction of the initially unknown tokens still masked after `step` (0-based) of `num_steps`:
     cos(pi/2 * (step+1)/num_steps), without clipping (it reaches 0 at the last step)."""
+    _check_step("cosine_mask_ratio", step, num_steps)
     return math.cos(math.pi / 2.0 * (step + 1) / num_steps)
 
 
 def annealed_choice_temperature(step: int, num_steps: int, choice_temperature: float) -> float:
     """The confidence noise scale at `step`: choice_temperature * (1 - (step+1)/num_steps), 0 at the last step."""
+    _check_step("annealed_choice_temperature", step, num_steps)
+    choice_temperature = check_real("annealed_choice_temperature", "choice_temperature", choice_temperature, 0.0)
     return choice_temperature * (1.0 - (step + 1) / num_steps)
 
 
@@ -189,7 +222,20 @@ def remask_count(
     at the start); default L (decoding from all-[MASK]). Unlike the published sampler, which uses row
     0's count for the whole batch, each row gets its own (as MaskGIT), which matters for inpainting.
     """
-    num_initial = ids.shape[1] if num_initial is None else num_initial
+    op = "remask_count"
+    check_tensor(op, "ids", ids)
+    if ids.dtype != torch.int64:
+        raise TypeError(f"{op}: ids must be int64, got {ids.dtype}")
+    if ids.dim() != 2:
+        raise ValueError(f"{op}: ids must be [B, L], got shape {tuple(ids.shape)}")
+    check_int(op, "mask_id", mask_id)
+    mask_ratio = check_real(op, "mask_ratio", mask_ratio, 0.0, 1.0)
+    if isinstance(num_initial, torch.Tensor):
+        check_counts(op, "num_initial", num_initial, ids.shape[0], ids.shape[1], ids.device, like="ids")
+    elif num_initial is None:
+        num_initial = ids.shape[1]
+    else:
+        num_initial = check_int(op, "num_initial", num_initial, 0)
     unknown = (ids == mask_id).sum(1)
     if isinstance(num_initial, torch.Tensor):
         want = torch.floor(num_initial.double() * mask_ratio).long()

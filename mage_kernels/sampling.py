@@ -14,6 +14,7 @@ from typing import Callable, Union
 
 import torch
 
+from ._checks import check_counts, check_int, check_maskgit_args, check_real, check_sampled_vocab
 from .remask import annealed_choice_temperature, cosine_mask_ratio, remask_count, remask_step, remask_step_from_hidden
 
 Schedule = Union[str, Callable[[float], float]]
@@ -28,15 +29,15 @@ SCHEDULES: dict[str, Callable[[float], float]] = {
 }
 
 
-def mask_ratio(schedule: Schedule, step: int, steps: int) -> float:
+def mask_ratio(schedule: Schedule, step: int, steps: int, *, op: str = "mask_ratio") -> float:
     """The schedule's mask ratio after `step` (0-based) of `steps`: "cosine" (cos(pi/2 r)), "linear",
     "square", "cubic", "sqrt", or a callable of r = (step + 1) / steps returning a ratio in [0, 1]."""
     if schedule == "cosine":
         return cosine_mask_ratio(step, steps)
     fn = SCHEDULES.get(schedule) if isinstance(schedule, str) else schedule
     if not callable(fn):
-        raise ValueError(f"schedule must be 'cosine', one of {sorted(SCHEDULES)} or a callable, got {schedule!r}")
-    return float(fn((step + 1) / steps))
+        raise ValueError(f"{op}: schedule must be 'cosine', one of {sorted(SCHEDULES)} or a callable, got {schedule!r}")
+    return check_real(op, "schedule(r)", fn((step + 1) / steps), 0.0, 1.0)
 
 
 def schedule_counts(
@@ -49,14 +50,6 @@ def schedule_counts(
     if step == steps - 1:
         return torch.zeros_like(num_initial)
     return remask_count(ids, mask_id=mask_id, mask_ratio=mask_ratio(schedule, step, steps), num_initial=num_initial)
-
-
-def _check_vocab(mask_id: int, vocab_size: int) -> None:
-    if 0 <= mask_id < vocab_size:
-        raise ValueError(
-            f"mask_id {mask_id} is one of the {vocab_size} candidate ids, so the sampler could draw [MASK]; "
-            "pass vocab_size=<number of token ids to sample from> (e.g. the codebook size)"
-        )
 
 
 def maskgit_step(
@@ -80,6 +73,11 @@ def maskgit_step(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One decoding step of `maskgit_sample`: (sampled, new_ids), both [B, L]. No host sync and static
     shapes, so it compiles with fullgraph=True (pass `seed`, see `draw_seed`, instead of a generator)."""
+    op = "maskgit_step"
+    check_maskgit_args(op, logits_fn, hidden_fn, head_weight, head_bias, ids, steps, mask_id, choice_temperature,
+                       temperature, generator, vocab_size, reference_ties)
+    check_int(op, "step", step, 0, steps - 1)
+    check_counts(op, "num_initial", num_initial, ids.shape[0], ids.shape[1], ids.device, like="ids")
     num_masked = schedule_counts(ids, num_initial, step, steps, mask_id=mask_id, schedule=schedule)
     kw = dict(mask_id=mask_id, choice_temperature=annealed_choice_temperature(step, steps, choice_temperature),
               temperature=temperature, generator=generator, vocab_size=vocab_size, reference_ties=reference_ties,
@@ -140,21 +138,13 @@ def maskgit_sample(
 
     Runs under torch.no_grad(), with no host sync (a CUDA generator keeps the whole loop on the GPU).
     """
-    if (logits_fn is None) == (hidden_fn is None):
-        raise ValueError("maskgit_sample: pass either logits_fn (the model's logits) or hidden_fn with head_weight")
-    if hidden_fn is not None and head_weight is None:
-        raise ValueError("maskgit_sample: hidden_fn needs head_weight [V, C] (and head_bias [V] if the head has one)")
-    if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64 or ids.dim() != 2:
-        got = f"{ids.dtype} {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
-        raise ValueError(f"maskgit_sample: ids must be an int64 tensor [B, L], got {got}")
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"maskgit_sample: steps must be an int >= 1, got {steps!r}")
-    if choice_temperature < 0:
-        raise ValueError(f"maskgit_sample: choice_temperature must be >= 0, got {choice_temperature}")
+    op = "maskgit_sample"
+    check_maskgit_args(op, logits_fn, hidden_fn, head_weight, head_bias, ids, steps, mask_id, choice_temperature,
+                       temperature, generator, vocab_size, reference_ties)
+    if on_step is not None and not callable(on_step):
+        raise TypeError(f"{op}: on_step must be None or callable (step, ids), got {type(on_step).__name__}")
     for t in range(steps):
-        mask_ratio(schedule, t, steps)  # an unknown schedule fails before the model runs
-    if hidden_fn is not None:
-        _check_vocab(mask_id, head_weight.shape[0] if vocab_size is None else vocab_size)
+        mask_ratio(schedule, t, steps, op=op)  # a bad schedule fails before the model runs
     num_initial = (ids == mask_id).sum(1)
     kw = dict(mask_id=mask_id, schedule=schedule, choice_temperature=choice_temperature, temperature=temperature,
               generator=generator, vocab_size=vocab_size, hidden_fn=hidden_fn, head_weight=head_weight,
@@ -178,7 +168,7 @@ def _checked_logits_fn(logits_fn, mask_id: int, vocab_size: int | None):
             got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
             raise ValueError(f"maskgit_sample: logits_fn(ids) must return logits [B, L, V] = [{ids.shape[0]}, "
                              f"{ids.shape[1]}, V] for ids {tuple(ids.shape)} (slice off class slots), got {got}")
-        _check_vocab(mask_id, logits.shape[2] if vocab_size is None else vocab_size)
+        check_sampled_vocab("maskgit_sample", mask_id, logits.shape[2] if vocab_size is None else vocab_size)
         return logits
 
     return fn

@@ -11,13 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from . import reference
-from ._checks import check_vq_args
+from ._checks import check_bool, check_real, check_tensor, check_vq_args
 from ._registry import define, register_kernels
 
 define("vq_nearest(Tensor z, Tensor codebook, *, bool exact=True) -> (Tensor indices, Tensor sqdist)")
 define("vq_quantize(Tensor z, Tensor codebook, float beta) -> (Tensor z_q, Tensor indices, Tensor loss, Tensor counts)")
-register_kernels("vq_nearest", reference=reference.vq_nearest, triton="mage_kernels.triton.vq:vq_nearest")
-register_kernels("vq_quantize", reference=reference.vq_quantize, triton="mage_kernels.triton.vq:vq_quantize")
+for _op in ("vq_nearest", "vq_quantize"):
+    register_kernels(_op, reference=getattr(reference, _op), triton=f"mage_kernels.triton.vq:{_op}")
 
 
 def _index_shape(z: torch.Tensor) -> tuple:
@@ -111,6 +111,13 @@ def _raise_on_invalid(op: str, indices: torch.Tensor, check_finite: bool | None)
             )
 
 
+def _check_wrapper_args(op: str, z, codebook, check_finite) -> None:
+    check_tensor(op, "z", z)
+    check_tensor(op, "codebook", codebook)
+    if check_finite is not None:
+        check_bool(op, "check_finite", check_finite)
+
+
 def vq_nearest(
     z: torch.Tensor, codebook: torch.Tensor, *, exact: bool = True, check_finite: bool | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,6 +138,8 @@ def vq_nearest(
         indices: int64 (N,) or (B, H*W), row-major over (H, W) like the reference tokenizer.
         sqdist: the minimum squared distance, float32 (float64 for float64 z); differentiable.
     """
+    _check_wrapper_args("vq_nearest", z, codebook, check_finite)
+    check_bool("vq_nearest", "exact", exact)
     indices, sqdist = torch.ops.mage.vq_nearest(z, codebook, exact=exact)
     _raise_on_invalid("vq_nearest", indices, check_finite)
     return indices, sqdist
@@ -149,6 +158,8 @@ def vq_quantize(
             multiplies the codebook term, docs/REFERENCE.md 3.3); float32 (float64 for float64 z).
         counts: int64 (K,) usage of each code in this batch (for dead-code restarts and perplexity).
     """
-    z_q, indices, loss, counts = torch.ops.mage.vq_quantize(z, codebook, float(beta))
+    _check_wrapper_args("vq_quantize", z, codebook, check_finite)
+    beta = check_real("vq_quantize", "beta", beta, 0.0)
+    z_q, indices, loss, counts = torch.ops.mage.vq_quantize(z, codebook, beta)
     _raise_on_invalid("vq_quantize", indices, check_finite)
     return z_q, indices, loss, counts

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Compile the CUDA sources against a CUDA build of torch (2.14.1, from local wheels) in a second venv,
-# with MAGE_CUDA=ON and one architecture, so a .cu that does not compile fails CI. Nothing is run.
+# with MAGE_CUDA=ON and one architecture (sm_90), so a .cu that does not compile fails CI. Nothing is run.
+# ptxas reports (-Xptxas -v) of that build, and sm_90 compiles of every Triton kernel configuration, then go
+# through scripts/static_sm90.py, which fails on spills, stack frames or shared memory over a launch's limit
+# and writes benchmarks/results/static-sm90.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${MAGE_CUDA_VENV:-.venv-cu}
@@ -10,6 +13,9 @@ fi
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check torch==2.14.1 "scikit-build-core>=0.11" ninja numpy
 BUILD=${MAGE_CUDA_BUILD:-build/cuda-check}
 cmake -S . -B "$BUILD" -G Ninja -DMAGE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90-real \
-  -DPython_EXECUTABLE="$VENV/bin/python" -DCMAKE_BUILD_TYPE=Release >/dev/null
-cmake --build "$BUILD"
+  -DCMAKE_CUDA_FLAGS="-Xptxas -v" -DPython_EXECUTABLE="$VENV/bin/python" -DCMAKE_BUILD_TYPE=Release >/dev/null
+# Every .cu is recompiled so that its ptxas report is in this run's log.
+rm -f "$BUILD"/CMakeFiles/_C.dir/csrc/*.cu.o
+cmake --build "$BUILD" 2>&1 | tee "$BUILD/ptxas.log"
 echo "CUDA sources compiled: $(ls csrc/*.cu | tr '\n' ' ')"
+"$VENV/bin/python" scripts/static_sm90.py --cuda-log "$BUILD/ptxas.log" --cuda-lib "$(ls "$BUILD"/_C*.so | head -1)"

@@ -21,6 +21,16 @@ TOLERANCES = {
     torch.float16: (1e-3, 1e-4),
 }
 
+@pytest.fixture
+def one_thread():
+    """Tiny models: on a shared machine a second thread mostly waits for a busy core. Modules that want it
+    say `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 

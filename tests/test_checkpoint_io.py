@@ -151,3 +151,14 @@ def test_training_state_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert state["step"] == 3 and state["extra"] == {"epoch": 0, "position": 48}
     resumed = [train_step(model, opt) for _ in range(3)]
     assert resumed == straight[3:]
+
+
+def test_save_after_a_kill_between_link_and_rename_leaves_no_stray_link(tmp_path):
+    # A write killed after linking ckpt.pt as ckpt.pt.prev leaves both names on one file; rename() between
+    # two links of one file does nothing, so the next save's staging link must be removed by hand.
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(_state(1), path)
+    os.link(path, previous_path(path))
+    save_checkpoint(_state(2), path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "ckpt.pt.prev"]
+    _assert_same(load_checkpoint(previous_path(path)), _state(1))

@@ -67,13 +67,7 @@ def _needs_cuda(folder: str) -> None:
 FIXTURES = {"official-weights": _official_stand_ins, "cuda": _needs_cuda}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The README's models are small: on a shared machine a second thread mostly waits for a busy core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 BLOCKS = python_blocks(os.path.join(ROOT, "README.md"))
 
 

@@ -321,6 +321,51 @@ def test_triton_fused_head_and_non_finite():
     assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
 
 
+@requires_triton
+def test_triton_fused_head_non_finite_logits_match_the_logits_kernels():
+    """+inf logits share all the mass, an all -inf (or NaN) token is sampled uniformly, as remask_step does:
+    the fused head's online softmax once turned inf - inf into NaN."""
+    from mage_kernels.triton import remask as T
+
+    B, L, C, V = 2, 96, 8, 6
+    g = torch.Generator().manual_seed(11)
+    hidden = torch.randn(B, L, C, generator=g)
+    weight = torch.randn(V, C, generator=g)
+    ids = torch.full((B, L), MASK)
+    k = torch.tensor([30, 40])
+    for bias in (torch.tensor([0.0, float("inf"), 0.0, 0.0, float("inf"), 0.0]),
+                 torch.full((V,), float("-inf")),
+                 torch.tensor([float("nan")] * 3 + [float("-inf")] * 3)):
+        got = T.remask_step_from_hidden(hidden, weight, bias, ids, k, SEED, **kwargs(V, tau=1.0))
+        ref = R.remask_step_from_hidden(hidden, weight, bias, ids, k, SEED, **kwargs(V, tau=1.0))
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+        assert torch.equal((got[1] == MASK).sum(1), k)
+    got = T.remask_step_from_hidden(hidden, weight, torch.tensor([0.0, float("inf"), 0.0, 0.0, float("inf"), 0.0]),
+                                    ids, k, SEED, **kwargs(V))[0]
+    assert set(got.flatten().tolist()) == {1, 4} and 0.3 < (got == 1).float().mean() < 0.7
+
+
+@requires_triton
+def test_triton_fused_head_skips_known_tokens_and_packs_unknown_ones():
+    """Tokens are packed per row (unknown ones first) into tiles: rows with few, none or only unknown tokens,
+    and rows longer than one tile, all give the logits kernels' tokens."""
+    from mage_kernels.triton import remask as T
+
+    B, L, C, V = 4, 70, 16, 40
+    g = torch.Generator().manual_seed(12)
+    hidden = torch.randn(B, L, C, generator=g)
+    weight, bias = torch.randn(V, C, generator=g) * 0.5, torch.randn(V, generator=g)
+    ids = torch.randint(0, 30, (B, L), generator=g)
+    ids[0] = MASK  # all unknown
+    ids[2, 65] = MASK  # one unknown token, beyond the first tile
+    ids[3, ::3] = MASK
+    k = (ids == MASK).sum(1) // 2
+    got = T.remask_step_from_hidden(hidden, weight, bias, ids, k, SEED, **kwargs(36))
+    ref = R.remask_step_from_hidden(hidden, weight, bias, ids, k, SEED, **kwargs(36))
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    assert torch.equal(got[0][1], ids[1])  # a row with nothing unknown is left as it is
+
+
 def test_schedule_matches_published_table():
     """Tokens still masked after each step from 256 [MASK] (docs/REFERENCE.md 5, the T = 12 and 20 tables)."""
     table = {

@@ -105,5 +105,5 @@ def test_clear_errors(net):
         mk.maskgit_sample(net, ids, steps=2, mask_id=K, vocab_size=K, schedule="quadratic")
     with pytest.raises(ValueError, match="steps"):
         mk.maskgit_sample(net, ids, steps=0, mask_id=K, vocab_size=K)
-    with pytest.raises(ValueError, match="int64"):
+    with pytest.raises(TypeError, match="int64"):  # a wrong dtype is a TypeError, as in every op
         mk.maskgit_sample(net, ids.int(), steps=2, mask_id=K, vocab_size=K)

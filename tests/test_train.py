@@ -155,9 +155,9 @@ def test_damaged_checkpoint_is_a_clear_error_and_prev_is_intact(tmp_path, damage
         train(tiny(tmp_path, "mae", steps=6, ckpt_every=2, resume=True))
     assert prev.read_bytes() == prev_bytes
     assert load_checkpoint(prev)["step"] == 2
-    # Following the message's advice continues the run.
+    # Following the message's advice continues the run (here also longer than planned, which must be asked for).
     os.replace(prev, ckpt)
-    train(tiny(tmp_path, "mae", steps=6, ckpt_every=2, resume=True))
+    train(tiny(tmp_path, "mae", steps=6, ckpt_every=2, resume=True, resume_with_changes=True))
     assert list(logged(tmp_path)) == list(range(1, 7))
 
 
@@ -513,8 +513,13 @@ def test_cli_train_flags_reach_the_config(tmp_path, capsys):
     assert cfg["tokenizer"] == {**TOKENIZER, "ch_mult": [1, 2]} and cfg["model_overrides"] == MODEL
     assert cfg["betas"] == [0.9, 0.99] and cfg["amp"] == "bf16" and cfg["progress"] is False
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 2
-    # A run's config.json replays it; flags override it; --resume continues.
-    assert main(["train", "--config", str(tmp_path / "config.json"), "--steps", "4", "--resume"]) == 0
+    # A run's config.json replays it; flags override it; --resume continues (a longer run changes the LR
+    # schedule, so it must be asked for).
+    with pytest.raises(SystemExit):
+        main(["train", "--config", str(tmp_path / "config.json"), "--steps", "4", "--resume"])
+    assert "steps: 2 -> 4" in capsys.readouterr().err
+    assert main(["train", "--config", str(tmp_path / "config.json"), "--steps", "4", "--resume",
+                 "--resume-with-changes"]) == 0
     assert list(logged(tmp_path)) == [1, 2, 3, 4]
     with pytest.raises(SystemExit):
         main(["train", "--objective", "bert"])

@@ -291,6 +291,100 @@ def test_triton_interpreter_nchw_ties_and_quantize():
         torch.testing.assert_close(a, b, equal_nan=True)
 
 
+def _fp64_nearest(z: torch.Tensor, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    d = ((z.double()[:, None, :] - e.double()[None, :, :]) ** 2).sum(-1)
+    return d.argmin(1), d.amin(1)
+
+
+@requires_triton
+def test_triton_large_magnitudes():
+    """Finite inputs whose squares overflow fp32 (fp32 near 1e19-3e38, fp64 beyond the fp32 range) rank
+    exactly: the search runs on values scaled by a power of two, the re-rank on the values as given."""
+    tv = triton_vq()
+    idx, sq = tv.vq_nearest(torch.tensor([[1e20]]), torch.tensor([[1e20], [0.0]]))
+    assert idx.tolist() == [0] and sq.tolist() == [0.0]
+    g = torch.Generator().manual_seed(3)
+    for dtype, scale in ((torch.float32, 1e19), (torch.float32, 3e36), (torch.bfloat16, 1e30),
+                         (torch.float64, 1e40), (torch.float64, 1e120), (torch.float32, 1e-30)):
+        z = (torch.randn(40, 8, generator=g, dtype=torch.float64) * scale).to(dtype)
+        e = (torch.randn(30, 8, generator=g, dtype=torch.float64) * scale).to(dtype)
+        z[:5] = e[:5]  # exact hits
+        ref_idx, ref_sq = _fp64_nearest(z, e)
+        for exact in (True, False):
+            idx, sq = tv.vq_nearest(z, e, exact=exact)
+            assert torch.equal(idx, ref_idx), (dtype, scale, exact)
+            if exact:  # in the sqdist dtype: fp32 overflows to inf beyond 3.4e38, as it should
+                torch.testing.assert_close(sq, ref_sq.to(sq.dtype), rtol=1e-6, atol=0.0)
+    z = torch.tensor([[3e38, -3e38, 3e38]])  # |z|^2 overflows fp32 and so does the scaled search: re-ranked
+    e = torch.tensor([[3e38, -3e38, 3e38], [0.0, 0.0, 0.0], [3e38, 3e38, 3e38]])
+    assert tv.vq_nearest(z, e)[0].tolist() == [0] and tv.vq_nearest(z, e, exact=False)[0].tolist() == [0]
+    z64 = torch.tensor([[1e300, -1e300]], dtype=torch.float64)  # squares overflow fp64 too
+    e64 = torch.tensor([[-1e300, 1e300], [1e300, -0.9e300], [0.0, 0.0]], dtype=torch.float64)
+    assert tv.vq_nearest(z64, e64)[0].tolist() == [1]
+
+
+@requires_triton
+def test_triton_rows_fp64_cannot_decide_take_the_exact_decision(monkeypatch):
+    """Distances 1 + 2^-60 and 1 (fp64 sees a tie), distances 1e-340 and 0 (fp64 underflows), 1e300 + 1 and
+    1e300 + (1 - 1e-170)^2, and an exact tie between distinct codes: the re-rank marks these rows and the reference decides them; rows fp64 can
+    decide never reach it."""
+    tv = triton_vq()
+    calls = []
+    real = reference.vq_nearest
+
+    def spy(z, e, **kw):
+        calls.append(z.shape[0])
+        return real(z, e, **kw)
+
+    monkeypatch.setattr(reference, "vq_nearest", spy)
+    cases = [  # (z, codebook, rows fp64 cannot decide)
+        (torch.tensor([[0.0, 0.0], [3.0, 0.5]]), torch.tensor([[1.0, 2.0**-30], [1.0, 0.0]]), 1),
+        (torch.tensor([[1e150, 1e-170], [0.0, 1.0], [-1e150, 1e150]], dtype=torch.float64),
+         torch.tensor([[1e150, 0.0], [1e150, 1e-170], [0.0, 1e150]], dtype=torch.float64), 2),
+        (torch.tensor([[0.0], [0.25]]), torch.tensor([[1.0], [-1.0], [3.0]]), 1),
+    ]
+    for z, e, undecided in cases:
+        calls.clear()
+        idx, sq = tv.vq_nearest(z, e)
+        assert calls == [undecided], (z, e)
+        ref = real(z, e)
+        assert torch.equal(idx, ref[0]) and torch.equal(sq, ref[1])
+    calls.clear()
+    tv.vq_quantize(torch.randn(40, 8), torch.randn(30, 8), 0.25)
+    assert calls == []
+
+
+@requires_triton
+def test_triton_duplicate_codes_are_dropped_once_per_call():
+    """Exact copies of an earlier code (also -0.0 for 0.0) can never win, so the prepare step drops them from
+    the search and the re-rank; non-finite codes are dropped too; everything else stays."""
+    tv = triton_vq()
+    g = torch.Generator().manual_seed(5)
+    e = torch.randn(50, 7, generator=g)
+    e[20] = e[3]
+    e[41] = e[3]
+    e[30] = e[9]
+    e[9, 2], e[30, 2] = 0.0, -0.0
+    e[12, 1] = float("nan")
+    use = tv._prepare(e)[3]
+    dropped = sorted((use == 0).nonzero().flatten().tolist())
+    assert dropped == [12, 20, 30, 41]
+    z = torch.cat([e[[20, 41, 30, 3, 9]], torch.randn(30, 7, generator=g)])
+    idx, sq = tv.vq_nearest(z, e)
+    ref = reference.vq_nearest(z, e)
+    assert idx[:5].tolist() == [3, 3, 9, 3, 9] and torch.equal(idx, ref[0])
+    assert_close(sq, ref[1])
+
+
+@requires_triton
+def test_triton_prepare_scale_is_an_exact_power_of_two():
+    tv = triton_vq()
+    for big, expected in ((1.0, 1.0), (3e9, 1.0), (1e19, 2.0**-63), (3e38, 2.0**-127), (1e-20, 2.0**67)):
+        e = torch.tensor([[big, -big / 3], [0.5 * big, 0.0]])
+        scale = tv._prepare(e)[4]
+        assert scale[0].item() == expected and scale[1].item() * scale[2].item() == expected, (big, scale)
+
+
 def test_forced_reference_backend_in_subprocess():
     code = (
         "import torch, mage_kernels as mk; i = mk.build_info(); "

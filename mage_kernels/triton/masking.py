@@ -20,6 +20,8 @@ import triton
 import triton.language as tl
 
 from .. import reference
+from .._checks import check_pad_with_cls_backward_args
+from . import _launch
 
 _FILL_ZERO, _FILL_CLS, _FILL_PAD = 0, 1, 2
 
@@ -70,13 +72,13 @@ def _mask_plan_kernel(
     for t0 in range(0, L, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
         t_in = t < L
-        xt = tl.load(row + t * stride_l, mask=t_in, other=0.0).to(ACC)
+        xt = tl.load(row + t.to(tl.int64) * stride_l, mask=t_in, other=0.0).to(ACC)
         nan_t = xt != xt
         rank = tl.zeros([BLOCK_T], dtype=tl.int32)
         for s0 in range(0, L, BLOCK_S):
             s = s0 + tl.arange(0, BLOCK_S)
             s_in = s < L
-            xs = tl.load(row + s * stride_l, mask=s_in, other=0.0).to(ACC)
+            xs = tl.load(row + s.to(tl.int64) * stride_l, mask=s_in, other=0.0).to(ACC)
             nan_s = xs != xs
             # (noise, position) order: NaN above every number, equal values by position.
             less = (xs[None, :] < xt[:, None]) | (nan_t[:, None] & ~nan_s[None, :])
@@ -97,6 +99,11 @@ def _mask_plan_kernel(
 
 def mask_plan(noise, num_masked, num_dropped, num_kept):
     reference.check_mask_plan_args("mask_plan", noise, num_masked, num_dropped, num_kept)
+    with _launch.on_device("mask_plan", noise=noise, num_masked=num_masked, num_dropped=num_dropped):
+        return _mask_plan(noise, num_masked, num_dropped, num_kept)
+
+
+def _mask_plan(noise, num_masked, num_dropped, num_kept):
     B, L = noise.shape
     masked = torch.empty((B, L), dtype=torch.bool, device=noise.device)
     dropped = torch.empty((B, L), dtype=torch.bool, device=noise.device)
@@ -105,8 +112,8 @@ def mask_plan(noise, num_masked, num_dropped, num_kept):
         return masked, dropped, keep
     block = min(triton.next_power_of_2(max(L, 1)), 64)
     num_masked, num_dropped = num_masked.contiguous(), num_dropped.contiguous()
-    _mask_plan_kernel[(B,)](
-        noise, noise.stride(0), noise.stride(1),
+    _launch.launch(
+        _mask_plan_kernel, (B,), noise, noise.stride(0), noise.stride(1),
         num_masked, int(num_masked.dim() > 0), num_dropped, int(num_dropped.dim() > 0),
         masked, dropped, keep, L, num_kept,
         ACC=_acc_dtype(noise.dtype), BLOCK_T=block, BLOCK_S=block,
@@ -138,8 +145,8 @@ def _slot_source(keep_idx, masked, L):
     src = torch.full((B, L), -1, dtype=torch.long, device=keep_idx.device)
     if B and Lk:
         block = min(triton.next_power_of_2(Lk), 1024)
-        _slot_source_kernel[(B, triton.cdiv(Lk, block))](
-            keep_idx.contiguous(), masked.contiguous() if masked is not None else src, src, L, Lk,
+        _launch.launch(
+            _slot_source_kernel, (B, triton.cdiv(Lk, block)), keep_idx.contiguous(), masked.contiguous() if masked is not None else src, src, L, Lk,
             USE_MASK=masked is not None, BLOCK=block,
         )
     return src
@@ -170,7 +177,7 @@ def _gather_rows_kernel(
     if USE_MASK:
         use = use & (tl.load(masked + b * L + t, mask=use, other=1) == 0)
     from_slot = tl.where(s == 0, 0, tl.where(use, 1 + t, -1))
-    v = tl.load(x + b * sxb + from_slot * sxs + c * sxc, mask=c_in & (from_slot >= 0), other=0.0)
+    v = tl.load(x + b * sxb + from_slot * sxs + c.to(tl.int64) * sxc, mask=c_in & (from_slot >= 0), other=0.0)
     tl.store(out + r * C + c, v, mask=c_in)
 
 
@@ -181,8 +188,8 @@ def _gather_rows(x, keep_idx, masked):
     out = torch.empty((B, 1 + Lk, C), dtype=x.dtype, device=x.device)
     if out.numel():
         block = _block_c(C)
-        _gather_rows_kernel[(B * (1 + Lk), triton.cdiv(C, block))](
-            x, x.stride(0), x.stride(1), x.stride(2), keep_idx.contiguous(),
+        _launch.launch(
+            _gather_rows_kernel, (B * (1 + Lk), triton.cdiv(C, block)), x, x.stride(0), x.stride(1), x.stride(2), keep_idx.contiguous(),
             masked.contiguous() if masked is not None else keep_idx, out, L, Lk, C,
             USE_MASK=masked is not None, BLOCK_C=block,
         )
@@ -217,7 +224,7 @@ def _expand_rows_kernel(
     if FILL == 1:
         from_slot = tl.where(own, from_slot, 0)
         own = True
-    v = tl.load(y + b * syb + from_slot * sys + c * syc, mask=c_in & own, other=0.0)
+    v = tl.load(y + b * syb + from_slot * sys + c.to(tl.int64) * syc, mask=c_in & own, other=0.0)
     if FILL == 2:
         v = tl.where(own, v, tl.load(pad + c, mask=c_in, other=0.0))
     if HAS_POS:
@@ -230,8 +237,8 @@ def _expand_rows(y, src, L, fill, pad=None, pos=None):
     out = torch.empty((B, 1 + L, C), dtype=y.dtype, device=y.device)
     if out.numel():
         block = _block_c(C)
-        _expand_rows_kernel[(B * (1 + L), triton.cdiv(C, block))](
-            y, y.stride(0), y.stride(1), y.stride(2), src,
+        _launch.launch(
+            _expand_rows_kernel, (B * (1 + L), triton.cdiv(C, block)), y, y.stride(0), y.stride(1), y.stride(2), src,
             pad.contiguous() if pad is not None else y, pos.contiguous() if pos is not None else y, out, L, C,
             FILL=fill, HAS_POS=pos is not None, ACC=_acc_dtype(y.dtype), BLOCK_C=block,
         )
@@ -240,19 +247,22 @@ def _expand_rows(y, src, L, fill, pad=None, pos=None):
 
 def gather_keep(x, keep_idx):
     reference.check_gather_keep_args("gather_keep", x, keep_idx)
-    return _gather_rows(x, keep_idx, None)
+    with _launch.on_device("gather_keep", x=x, keep_idx=keep_idx):
+        return _gather_rows(x, keep_idx, None)
 
 
 def scatter_keep(y, keep_idx, L):
     reference.check_gather_keep_args("scatter_keep", y, keep_idx, L)
-    return _expand_rows(y, _slot_source(keep_idx, None, L), L, _FILL_ZERO)
+    with _launch.on_device("scatter_keep", grad=y, keep_idx=keep_idx):
+        return _expand_rows(y, _slot_source(keep_idx, None, L), L, _FILL_ZERO)
 
 
 def pad_with_cls(y, keep_idx, masked, pos_embed=None, pad=None):
     reference.check_pad_with_cls_args("pad_with_cls", y, keep_idx, masked, pos_embed, pad)
     L = masked.shape[1]
     fill = _FILL_CLS if pad is None else _FILL_PAD
-    return _expand_rows(y, _slot_source(keep_idx, masked, L), L, fill, pad, pos_embed)
+    with _launch.on_device("pad_with_cls", y=y, keep_idx=keep_idx, masked=masked, pos_embed=pos_embed, pad=pad):
+        return _expand_rows(y, _slot_source(keep_idx, masked, L), L, fill, pad, pos_embed)
 
 
 @triton.jit
@@ -279,13 +289,13 @@ def _pad_sum_kernel(
     for t0 in range(0, L, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
         padded = tl.load(src + b * L + t, mask=t < L, other=0) < 0
-        g = tl.load(gz + b * sgb + (1 + t[:, None]) * sgs + c[None, :] * sgc,
+        g = tl.load(gz + b * sgb + (1 + t[:, None].to(tl.int64)) * sgs + c[None, :].to(tl.int64) * sgc,
                     mask=padded[:, None] & c_in[None, :], other=0.0)
         acc += tl.sum(g.to(ACC), axis=0)
     if MAE:
         tl.store(pad_sum + b * C + c, acc, mask=c_in)
     else:
-        g0 = tl.load(gz + b * sgb + c * sgc, mask=c_in, other=0.0).to(ACC)
+        g0 = tl.load(gz + b * sgb + c.to(tl.int64) * sgc, mask=c_in, other=0.0).to(ACC)
         tl.store(grad_y + b * (1 + Lk) * C + c, _round(g0 + acc, grad_y.dtype.element_ty), mask=c_in)
 
 
@@ -308,13 +318,19 @@ def _pos_sum_kernel(
     acc = tl.zeros([BLOCK_C], dtype=ACC)
     for b0 in range(0, B, BLOCK_B):
         b = b0 + tl.arange(0, BLOCK_B)
-        g = tl.load(gz + b[:, None].to(tl.int64) * sgb + s * sgs + c[None, :] * sgc,
+        g = tl.load(gz + b[:, None].to(tl.int64) * sgb + s * sgs + c[None, :].to(tl.int64) * sgc,
                     mask=(b < B)[:, None] & c_in[None, :], other=0.0)
         acc += tl.sum(g.to(ACC), axis=0)
     tl.store(grad_pos + s * C + c, _round(acc, grad_pos.dtype.element_ty), mask=c_in)
 
 
 def pad_with_cls_backward(grad_z, keep_idx, masked, mae, pos):
+    check_pad_with_cls_backward_args("pad_with_cls_backward", grad_z, keep_idx, masked)
+    with _launch.on_device("pad_with_cls_backward", grad_z=grad_z, keep_idx=keep_idx, masked=masked):
+        return _pad_with_cls_backward(grad_z, keep_idx, masked, mae, pos)
+
+
+def _pad_with_cls_backward(grad_z, keep_idx, masked, mae, pos):
     B, L = masked.shape
     C = grad_z.shape[2]
     grad_y = _gather_rows(grad_z, keep_idx, masked)
@@ -326,13 +342,13 @@ def pad_with_cls_backward(grad_z, keep_idx, masked, mae, pos):
     block_c = min(_block_c(C), 128)
     strides = (grad_z.stride(0), grad_z.stride(1), grad_z.stride(2))
     if B:
-        _pad_sum_kernel[(B, triton.cdiv(C, block_c))](
-            grad_z, *strides, _slot_source(keep_idx, masked, L),
+        _launch.launch(
+            _pad_sum_kernel, (B, triton.cdiv(C, block_c)), grad_z, *strides, _slot_source(keep_idx, masked, L),
             grad_y, pad_sum if mae else grad_y, L, keep_idx.shape[1], C,
             MAE=mae, ACC=_acc_dtype(grad_z.dtype), BLOCK_T=32, BLOCK_C=block_c,
         )
     if pos:
-        _pos_sum_kernel[(1 + L, triton.cdiv(C, block_c))](
-            grad_z, *strides, grad_pos, B, C, ACC=_acc_dtype(grad_z.dtype), BLOCK_B=32, BLOCK_C=block_c,
+        _launch.launch(
+            _pos_sum_kernel, (1 + L, triton.cdiv(C, block_c)), grad_z, *strides, grad_pos, B, C, ACC=_acc_dtype(grad_z.dtype), BLOCK_B=32, BLOCK_C=block_c,
         )
     return grad_y, pad_sum, grad_pos

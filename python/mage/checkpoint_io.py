@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
+import pickle
 import random
 import struct
 import tempfile
@@ -25,13 +27,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._checks import all_finite
+
 MAGIC = b"MAGECKPT"
 FORMAT_VERSION = 1
+# The `format` metadata of our safetensors files (a MAGE model; a standalone tokenizer).
+MODEL_FORMAT = "mage-kernels/1"
+TOKENIZER_FORMAT = "mage-kernels/tokenizer-v1"
 _HEADER = struct.Struct("<8sQQ32s")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, truncated, corrupted or not in this format; the message says which."""
+class CheckpointError(ValueError):
+    """A checkpoint or weights file that cannot be read (missing, truncated, corrupted, not in a format we
+    read, unsafe to unpickle) or does not match the model; the message says which and what to do."""
 
 
 def previous_path(path: str | os.PathLike) -> Path:
@@ -63,24 +71,26 @@ def _keep_previous(path: Path) -> None:
 
         shutil.copyfile(path, staging)
     os.replace(staging, prev)
+    # rename() between two links of one file does nothing (POSIX): when a killed write had already linked
+    # `path` as `.prev`, the staging link would stay behind.
+    if os.path.lexists(staging):
+        os.unlink(staging)
 
 
-def save_checkpoint(obj: Any, path: str | os.PathLike, keep_previous: bool = True) -> Path:
-    """Atomically write `obj` (anything `torch.save` takes) to `path`; the replaced file becomes `<path>.prev`.
-
-    Returns the path written. Tensors should be on CPU or will be saved with their device as torch.save does.
-    """
-    path = Path(path)
+def _atomic_write(path: Path, chunks: list, keep_previous: bool, write_file=None) -> Path:
+    """Write `chunks` (bytes-like), or call `write_file(temp_path)`, into a temp file next to `path`, fsync it,
+    keep the old file as `<path>.prev` if asked, and rename the temp file over `path`: a crash at any moment
+    leaves the old file or the new one."""
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory: give the path of a file to write")
     path.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    payload = buffer.getbuffer()
-    header = _HEADER.pack(MAGIC, FORMAT_VERSION, len(payload), hashlib.sha256(payload).digest())
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(header)
-            f.write(payload)
+        with os.fdopen(fd, "r+b") as f:
+            if write_file is not None:
+                write_file(tmp)
+            for chunk in chunks:
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         if keep_previous and path.exists():
@@ -92,6 +102,27 @@ def save_checkpoint(obj: Any, path: str | os.PathLike, keep_previous: bool = Tru
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def save_checkpoint(obj: Any, path: str | os.PathLike, keep_previous: bool = True) -> Path:
+    """Atomically write `obj` (anything `torch.save` takes) to `path`; the replaced file becomes `<path>.prev`.
+
+    Returns the path written. Tensors should be on CPU or will be saved with their device as torch.save does.
+    """
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    payload = buffer.getbuffer()
+    header = _HEADER.pack(MAGIC, FORMAT_VERSION, len(payload), hashlib.sha256(payload).digest())
+    return _atomic_write(Path(path), [header, payload], keep_previous)
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str | os.PathLike) -> Path:
+    """A safetensors file written atomically (as `save_checkpoint`, without `.prev`): a crash mid-write leaves
+    the old file, never half a model."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    return _atomic_write(Path(path), [], False, write_file=lambda tmp: save_file(state, tmp, metadata=metadata))
 
 
 def _read_verified(path: Path) -> bytes:
@@ -147,8 +178,35 @@ def load_checkpoint(
             hint = f"; the previous checkpoint is {prev} (or pass fallback_to_previous=True)" if prev.is_file() else ""
             raise CheckpointError(f"{err}{hint}") from None
         warnings.warn(f"{err}; loading the previous checkpoint {prev}", RuntimeWarning, stacklevel=2)
-        payload = _read_verified(prev)
-    return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=weights_only)
+        path, payload = prev, _read_verified(prev)
+    try:
+        return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=weights_only)
+    except pickle.UnpicklingError as err:
+        # Files written by save_checkpoint hold tensors and plain containers only.
+        raise CheckpointError(
+            f"{path}: refusing to unpickle it: it holds objects other than tensors and plain containers "
+            f"({str(err).splitlines()[0]}). Files written by mage never do, so it was not written by mage or "
+            "was modified; do not load it unless you know where it came from"
+        ) from None
+
+
+def verify_checkpoint(path: str | os.PathLike) -> str | None:
+    """None when `path` is a complete, uncorrupted checkpoint file; otherwise why not (reads the whole file)."""
+    try:
+        _read_verified(Path(path))
+    except CheckpointError as err:
+        return str(err)
+    return None
+
+
+def clean_stale_files(path: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that an interrupted `save_checkpoint(..., path)` leaves next to `path`
+    (`.<name>.*.tmp`, `.<name>.prev.*`). Only call it while nothing writes `path` (when a run starts)."""
+    path = Path(path)
+    stale = [p for p in path.parent.glob(f".{path.name}.*") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 # ---- RNG state ----
@@ -242,13 +300,113 @@ def load_training_state(
     """Inverse of `save_training_state`: loads states into the given objects (the model strictly) and returns the
     checkpoint dict, whose "step" and "extra" tell the loop where to continue."""
     state = load_checkpoint(path, map_location="cpu", fallback_to_previous=fallback_to_previous)
-    unwrap_model(model).load_state_dict(state["model"])
+    restore_training_state(state, path, model, optimizer, scaler, restore_rng)
+    return state
+
+
+def check_training_state(state: Any, path: str | os.PathLike) -> None:
+    """Raise CheckpointError unless `state` has the structure `save_training_state` writes, an integer step
+    and finite weights (a run that diverged before its checkpoint fails here, not at its next step)."""
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        got = sorted(state)[:10] if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{path} is not a training state written by mage train (expected a dict with "
+                              f"'model', 'step', 'rng', 'extra'; got {got})")
+    step = state.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"{path}: its step must be an int >= 0, got {step!r}")
+    if not isinstance(state.get("extra", {}), dict):
+        raise CheckpointError(f"{path}: its 'extra' must be a dict, got {type(state['extra']).__name__}")
+    for key, value in state["model"].items():
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{path}: model entry {key!r} is a {type(value).__name__}, not a tensor")
+        if not all_finite(value):
+            raise CheckpointError(f"{path}: model weight {key!r} has NaN or inf values: the run diverged before "
+                                  "this checkpoint; resume from an earlier one")
+
+
+def restore_training_state(
+    state: dict[str, Any],
+    path: str | os.PathLike,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scaler: Any = None,
+    restore_rng: bool = True,
+) -> None:
+    """Put a loaded training state (see `load_training_state`) into the model, optimizer and scaler."""
+    check_training_state(state, path)
+    try:
+        unwrap_model(model).load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise CheckpointError(f"{path} does not fit this model: {err}") from None
     if optimizer is not None:
         if "optimizer" not in state:
             raise CheckpointError(f"checkpoint {path} has no optimizer state")
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{path}: its optimizer state does not fit this model's parameters: {err}") from None
     if scaler is not None and "scaler" in state:
         scaler.load_state_dict(state["scaler"])
     if restore_rng:
+        if not isinstance(state.get("rng"), dict):
+            raise CheckpointError(f"{path} has no RNG state ('rng'), which an exact resume needs")
         restore_rng_state(state["rng"])
-    return state
+
+
+# ---- resuming a run ----
+
+
+def resume_source(path: str | os.PathLike) -> tuple[Path | None, str | None]:
+    """The file a resume of `path` continues from, and a note for the user (or None).
+
+    `path` when it exists (a damaged one fails at load, see `damaged_checkpoint_error`); `<path>.prev` when
+    `path` is missing but the previous file is intact (checked), with a note saying so; (None, None) when
+    neither exists. A damaged `.prev` without `path` raises CheckpointError: nothing is started over it."""
+    path = Path(path)
+    if path.exists():
+        return path, None
+    prev = previous_path(path)
+    if not prev.exists():
+        return None, None
+    problem = verify_checkpoint(prev)
+    if problem is not None:
+        raise CheckpointError(f"cannot resume: {path} is missing and the previous checkpoint is damaged "
+                              f"({problem}); nothing was changed in {path.parent}")
+    return prev, f"{path} is missing: resuming from the previous checkpoint {prev}"
+
+
+def damaged_checkpoint_error(err: CheckpointError, path: str | os.PathLike) -> CheckpointError:
+    """A resume error for a damaged `path` that says, after checking, whether `<path>.prev` can be used."""
+    prev = previous_path(path)
+    if not prev.exists():
+        hint = f"; there is no previous checkpoint ({prev})"
+    elif (problem := verify_checkpoint(prev)) is None:
+        hint = f"; the checkpoint before it is intact at {prev}: move it to {path} to resume from there"
+    else:
+        hint = f"; the previous checkpoint is damaged too ({problem})"
+    return CheckpointError(f"cannot resume: {err}{hint}")
+
+
+def config_changes(saved: dict, current: dict, ignore: set[str] = frozenset(), defaults: dict | None = None) -> list[str]:
+    """The fields of `current` whose values differ from `saved` ("name: saved -> current"), skipping `ignore`.
+    A field the saved config lacks (added in a later version) counts as its default from `defaults`."""
+    defaults = defaults or {}
+    changes = []
+    for name, value in current.items():
+        if name in ignore:
+            continue
+        old = saved.get(name, defaults.get(name, value))
+        if _normalised(old) != _normalised(value):
+            changes.append(f"{name}: {old!r} -> {value!r}")
+    return changes
+
+
+def _normalised(value: Any) -> Any:
+    """Tuples and lists compare equal (a JSON round trip turns one into the other); NaN equals NaN."""
+    if isinstance(value, (list, tuple)):
+        return [_normalised(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _normalised(v) for k, v in value.items()}
+    if isinstance(value, float) and math.isnan(value):
+        return "nan"
+    return value

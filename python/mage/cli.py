@@ -28,19 +28,32 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # ------------------------------------------------------------------------------------ image files
 
 
-def load_image(path: str, size: int, *, mode: str = "RGB", nearest: bool = False) -> torch.Tensor:
-    """An image file -> float [1, C, size, size] in [0, 1]: shorter side resized to `size`, centre crop
-    (the reference's evaluation preprocessing). mode "L" reads one grey channel; masks use `nearest`."""
+MAX_ASPECT = 8  # wider (or taller) images are refused: their central square would lose almost everything
+MAX_PIXELS = 64_000_000  # ~190 MB decoded as RGB
+
+
+def load_image(path: str, size: int, *, mode: str = "RGB", name: str = "--image") -> torch.Tensor:
+    """An image file -> float [1, C, size, size] in [0, 1] (C = 3 for mode "RGB", 1 for "L"): the central
+    square, resized to `size` (the reference's evaluation preprocessing: shorter side to `size`, centre crop,
+    done in the other order so the work is bounded by the image, never by its aspect ratio). Masks are read
+    as "L" with nearest resampling. Images above MAX_PIXELS or MAX_ASPECT:1 are refused with a message."""
     from PIL import Image
 
-    img = Image.open(path).convert(mode)
+    try:
+        img = Image.open(path)
+    except (OSError, Image.DecompressionBombError) as err:
+        raise ValueError(f"{name} {path}: cannot read it as an image ({err})") from None
     w, h = img.size
-    scale = size / min(w, h)
-    resample = Image.NEAREST if nearest else Image.BICUBIC
-    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), resample)
-    w, h = img.size
-    left, top = (w - size) // 2, (h - size) // 2
-    img = img.crop((left, top, left + size, top + size))
+    if w * h > MAX_PIXELS:
+        raise ValueError(f"{name} {path} is {w}x{h} pixels, more than {MAX_PIXELS // 10**6}M: downscale it first "
+                         f"(the model works at {size}x{size})")
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        raise ValueError(f"{name} {path} is {w}x{h} pixels, an aspect ratio above {MAX_ASPECT}:1: crop it to the "
+                         f"region you want first (the model sees a {size}x{size} square)")
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    resample = Image.NEAREST if mode == "L" else Image.BICUBIC
+    img = img.convert(mode).crop((left, top, left + side, top + side)).resize((size, size), resample)
     x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).float() / 255.0
     return x[None, None] if x.dim() == 2 else x.permute(2, 0, 1)[None]
 
@@ -55,10 +68,24 @@ def _device(name: str | None) -> torch.device:
 
 
 def _load_model(args) -> "torch.nn.Module":
-    from .checkpoint import load_any
+    from .checkpoint import UntrustedCheckpointError, load_any
 
-    model = load_any(args.checkpoint, trusted=args.trust_checkpoint)
+    try:
+        model = load_any(args.checkpoint, trusted=args.trust_checkpoint)
+    except UntrustedCheckpointError as err:
+        raise UntrustedCheckpointError(err.path, err.reason, how_to_trust="add --trust-checkpoint") from None
     return model.to(_device(args.device)).eval()
+
+
+def _check_output(flag: str, path: str) -> None:
+    """An output image path must be writable as an image, checked before minutes of sampling, not after."""
+    from PIL import Image
+
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a directory: give an image file name, e.g. {os.path.join(path, 'out.png')}")
+    Image.init()
+    if os.path.splitext(path)[1].lower() not in Image.registered_extensions():
+        raise ValueError(f"{flag} {path}: unknown image file extension (use .png)")
 
 
 def _generator(seed: int, device: torch.device) -> torch.Generator:
@@ -97,6 +124,7 @@ def add_sample(subparsers) -> None:
 def run_sample(args) -> int:
     from .sampler import generate
 
+    _check_output("--out", args.out)
     model = _load_model(args)
     images = generate(model, args.num, steps=args.steps, choice_temperature=args.temperature,
                       generator=_generator(args.seed, model.device), batch_size=args.batch_size,
@@ -130,11 +158,15 @@ def add_inpaint(subparsers) -> None:
 def run_inpaint(args) -> int:
     from .inpaint import inpaint
 
+    _check_output("--out", args.out)
     model = _load_model(args)
     size = model.config.tokenizer.resolution
-    grey = model.config.tokenizer.in_channels == 1  # e.g. the demo's Fashion-MNIST model
-    image = load_image(args.image, size, mode="L" if grey else "RGB").to(model.device)
-    mask = load_image(args.mask, size, mode="L", nearest=True).to(model.device) > 0.5
+    mode = {1: "L", 3: "RGB"}.get(model.config.tokenizer.in_channels)
+    if mode is None:
+        raise ValueError(f"--checkpoint: the model takes {model.config.tokenizer.in_channels}-channel images; "
+                         "image files are read as grey (1) or RGB (3)")
+    image = load_image(args.image, size, mode=mode).to(model.device)
+    mask = load_image(args.mask, size, mode="L", name="--mask").to(model.device) > 0.5
     if args.outpaint:
         mask = ~mask
     out = inpaint(model, image, mask, ring=args.ring, steps=args.steps, choice_temperature=args.temperature,
@@ -259,11 +291,19 @@ def add_train(subparsers) -> None:
 def run_train(args) -> int:
     from .train import TrainConfig, train
 
-    values = json.loads(open(args.config).read()) if args.config else {}
+    values = {}
+    if args.config:
+        try:
+            with open(args.config) as f:
+                values = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--config {args.config} is not valid JSON ({err})") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"--config {args.config} must hold a JSON object of TrainConfig fields")
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise SystemExit(f"mage train: {args.config} has unknown fields {unknown}")
+        raise ValueError(f"--config {args.config} has unknown fields {unknown}")
     values.update({k: v for k, v in vars(args).items() if k in names and v is not None})
     last = train(TrainConfig(**values), governor=_governor(args.threads))
     if last and int(os.environ.get("RANK", "0")) == 0:
@@ -522,12 +562,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run a command. Errors in what the user gave (files, values) print one line, `mage <command>: error:
+    <message>`, and exit with status 1; MAGE_DEBUG=1 shows the traceback instead."""
+    from .checkpoint_io import CheckpointError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if argv is None and args.command in ("demo", "train"):
         from .threads import ensure_passive_wait
 
         ensure_passive_wait()  # from the command line only: it re-executes the process
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (CheckpointError, OSError, ValueError, TypeError) as err:
+        if os.environ.get("MAGE_DEBUG"):
+            raise
+        parser.exit(1, f"mage {args.command}: error: {err}\n")
 
 
 if __name__ == "__main__":

@@ -97,6 +97,8 @@ def load_digits(dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch
     """scikit-learn's 1797 8x8 digits as images [1797, 1, 8, 8] in [0, 1] (raw values 0..16) and labels [1797]."""
     from sklearn.datasets import load_digits as _sk_load_digits
 
+    if not dtype.is_floating_point:
+        raise TypeError(f"load_digits: dtype must be a float dtype (images in [0, 1]), got {dtype}")
     bunch = _sk_load_digits()
     x = torch.from_numpy(bunch.images).to(dtype).div_(16).unsqueeze(1)
     return x, torch.from_numpy(bunch.target.astype(np.int64))
@@ -184,10 +186,13 @@ def fashion_mnist_dataset(
 def _load_image(path: Path) -> torch.Tensor:
     from PIL import Image
 
-    with Image.open(path) as im:
-        # Grey, palette, CMYK and RGBA all become 3-channel RGB, as the tokenizer expects.
-        rgb = im.convert("RGB")
-        array = np.asarray(rgb, dtype=np.uint8).copy()
+    try:
+        with Image.open(path) as im:
+            # Grey, palette, CMYK and RGBA all become 3-channel RGB, as the tokenizer expects.
+            rgb = im.convert("RGB")
+            array = np.asarray(rgb, dtype=np.uint8).copy()
+    except (OSError, ValueError, Image.DecompressionBombError) as err:  # a damaged or hostile file in the folder
+        raise ValueError(f"{path}: cannot read it as an image ({err}); remove or replace it") from None
     return torch.from_numpy(array).permute(2, 0, 1)  # (3, H, W)
 
 
@@ -367,6 +372,37 @@ def build_token_cache(
     return cache.to(torch.int16 if cache.numel() == 0 or int(cache.max()) < 2**15 else torch.int32)
 
 
+def load_token_cache(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [N, K, L] integer, labels [N]) of a cache written by `mage.train.build_token_cache`, checked: a
+    file of another kind, or of the wrong structure or dtypes, raises CheckpointError naming it."""
+    from .checkpoint_io import CheckpointError, load_checkpoint
+
+    blob = load_checkpoint(path)
+    if not isinstance(blob, dict) or not isinstance(blob.get("ids"), torch.Tensor) or "labels" not in blob:
+        got = sorted(blob)[:8] if isinstance(blob, dict) else type(blob).__name__
+        raise CheckpointError(f"{path} is not a token cache (written by build_token_cache: a dict with 'ids' and "
+                              f"'labels'); it holds {got}")
+    ids, labels = blob["ids"], torch.as_tensor(blob["labels"])
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise CheckpointError(f"{path}: token ids must be integers, got {ids.dtype}")
+    if ids.dim() != 3 or labels.shape != ids.shape[:1]:
+        raise CheckpointError(f"{path}: expected ids [N, K, L] and labels [N], got {tuple(ids.shape)} and "
+                              f"{tuple(labels.shape)}")
+    return ids, labels
+
+
+def check_token_cache(path: str | os.PathLike, ids: torch.Tensor, num_tokens: int, codebook_size: int) -> None:
+    """The cached ids fit the model: L tokens per view, every id a code of its tokenizer (ids of a cache built
+    with another tokenizer would silently train on the wrong codes, or on [MASK] ids)."""
+    from .checkpoint_io import CheckpointError
+
+    if ids.shape[2] != num_tokens:
+        raise CheckpointError(f"{path}: the cache has {ids.shape[2]} tokens per image, the model takes {num_tokens}")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= codebook_size):
+        raise CheckpointError(f"{path}: cached ids span [{int(ids.min())}, {int(ids.max())}], the model's codebook "
+                              f"has {codebook_size} codes: the cache was built with another tokenizer")
+
+
 class TokenCacheDataset(Dataset):
     """Items (ids int64 [L], label) from a cache [N, K, L]; the view k is drawn from (seed, epoch, index).
 
@@ -375,6 +411,8 @@ class TokenCacheDataset(Dataset):
     def __init__(self, ids: torch.Tensor, labels: torch.Tensor, seed: int = 0, views: int = 1):
         if ids.dim() != 3:
             raise ValueError(f"ids must have shape [N, K, L], got {tuple(ids.shape)}")
+        if ids.is_floating_point() or ids.dtype == torch.bool:
+            raise TypeError(f"ids must be an integer tensor, got {ids.dtype}")
         if labels.shape != ids.shape[:1]:
             raise ValueError(f"labels must have shape [{ids.shape[0]}], got {tuple(labels.shape)}")
         if views not in (1, 2) or views > ids.shape[1]:

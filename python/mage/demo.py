@@ -147,7 +147,7 @@ def run_demo(cfg: DemoConfig, governor=None) -> dict:
                               steps=cfg.tokenizer_steps, batch_size=cfg.tokenizer_batch_size, lr=2e-3,
                               warmup_steps=min(50, cfg.tokenizer_steps // 10), weight_decay=0.0,
                               out_dir=str(out / "tokenizer"), log_every=10, ckpt_every=10**9,
-                              codebook_restart_every=50, seed=cfg.seed)
+                              codebook_restart_every=50, seed=cfg.seed, overwrite=True)
         train(tok_cfg, governor=governor)
     tokenizer = load_tokenizer(out / "tokenizer" / "tokenizer.safetensors").eval()
     with torch.no_grad():
@@ -172,7 +172,7 @@ def run_demo(cfg: DemoConfig, governor=None) -> dict:
                                token_cache=str(out / "tokens.ckpt"), steps=cfg.mage_steps, batch_size=cfg.batch_size,
                                lr=cfg.lr, warmup_steps=max(cfg.mage_steps // 20, 1),
                                contrastive_weight=cfg.contrastive_weight, out_dir=str(out / "mage"), log_every=10,
-                               ckpt_every=10**9, seed=cfg.seed)
+                               ckpt_every=10**9, seed=cfg.seed, overwrite=True)
         train(mage_cfg, governor=governor)
     from .checkpoint import load
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._checks import all_finite
 from .checkpoint_io import CheckpointError, load_checkpoint, save_checkpoint
 from .metrics import classifier_score, frechet_distance_from_features
 
@@ -119,10 +120,13 @@ def load_or_train_classifier(
     model = FashionClassifier(config.width, config.feature_dim)
     if path.is_file():
         try:
-            model.load_state_dict(load_checkpoint(path)["model"])
-            return model.eval()
-        except (CheckpointError, KeyError, RuntimeError):
-            pass  # stale or damaged cache: retrain below and overwrite it
+            state = load_checkpoint(path)
+            weights = state.get("model") if isinstance(state, dict) else None
+            if isinstance(weights, dict) and all(isinstance(v, torch.Tensor) and all_finite(v) for v in weights.values()):
+                model.load_state_dict(weights)
+                return model.eval()
+        except (CheckpointError, RuntimeError):
+            pass  # a stale, damaged or poisoned cache is retrained below and overwritten
     model = train_classifier(config)
     save_checkpoint({"model": model.state_dict(), "config": dataclasses.asdict(config)}, path, keep_previous=False)
     return model

@@ -34,23 +34,16 @@ class _Folder:
 
     @classmethod
     def _read_folder(cls, folder: str | os.PathLike, *, device=None, dtype: torch.dtype | None = None):
-        from safetensors.torch import load_file
+        from ._checks import check_dtype
+        from .checkpoint import load_checked, read_folder
 
-        from .checkpoint import CheckpointError, cast_floating, load_checked
-
-        folder = Path(folder)
-        for name in (CONFIG_NAME, WEIGHTS_NAME):
-            if not (folder / name).is_file():
-                raise CheckpointError(f"{folder}: no {name}; a pretrained folder holds {CONFIG_NAME} and {WEIGHTS_NAME} "
-                                      f"(written by save_pretrained)")
-        try:
-            config = cls._config_from_dict(json.loads((folder / CONFIG_NAME).read_text()))
-        except (TypeError, ValueError) as err:
-            raise CheckpointError(f"{folder / CONFIG_NAME}: not a {cls.__name__} config ({err})") from None
+        check_dtype(f"{cls.__name__}.from_pretrained", dtype)
+        # The config is validated (types, ranges, block counts against the weights) before anything is built.
+        config, state, weights = read_folder(folder, CONFIG_NAME, WEIGHTS_NAME, cls._config_from_dict,
+                                             cls.__name__, device or "cpu")
         with torch.device("meta"):
             model = cls(config)
-        state = cast_floating(load_file(str(folder / WEIGHTS_NAME), device=str(device or "cpu")), dtype)
-        load_checked(model, state, what=str(folder / WEIGHTS_NAME))
+        load_checked(model, state, what=weights, dtype=dtype)
         return model.eval()
 
 
@@ -67,6 +60,9 @@ class LocalHubMixin(_Folder):
         """Load a folder written by `save_pretrained` (in eval mode, as the Hub mixin does); `device`
         and `dtype` place and cast the weights. Hub repository ids need huggingface_hub installed."""
         path = os.fspath(pretrained_model_name_or_path)
+        if os.path.isfile(path):
+            raise FileNotFoundError(f"{path} is a file, not a folder written by save_pretrained; a single file "
+                                    "written by save() loads with mage.load / mage.load_tokenizer")
         if not os.path.isdir(path):
             raise FileNotFoundError(f"{path}: no such folder; to download a Hub repository install huggingface_hub "
                                     "(pip install huggingface_hub)")

@@ -15,17 +15,18 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from ._checks import check_generation, check_images, check_int, check_model, check_pixel_mask, check_tensor
 from .model import MAGE
 from .sampler import decode_tokens
-from .tokenizer import check_images
 
 
 def token_mask_from_pixels(pixel_mask: torch.Tensor, grid: int, ring: int = 0) -> torch.Tensor:
     """pixel_mask [B, H, W] or [B, 1, H, W] (bool, or numbers: nonzero = hole) -> bool [B, grid*grid],
     row-major like the token ids: True for each token whose patch has a hole pixel, dilated by `ring`
     tokens (a (2 ring + 1)^2 square neighbourhood)."""
-    if not isinstance(pixel_mask, torch.Tensor):
-        raise TypeError(f"pixel_mask must be a torch.Tensor, got {type(pixel_mask).__name__}")
+    check_tensor("token_mask_from_pixels", "pixel_mask", pixel_mask)
+    check_int("token_mask_from_pixels", "grid", grid, 1)
+    check_int("token_mask_from_pixels", "ring", ring, 0)
     m = pixel_mask
     if m.dim() == 4 and m.shape[1] == 1:
         m = m[:, 0]
@@ -34,8 +35,6 @@ def token_mask_from_pixels(pixel_mask: torch.Tensor, grid: int, ring: int = 0) -
     H, W = m.shape[1:]
     if H != W or H % grid != 0:
         raise ValueError(f"pixel_mask must be square with a side divisible by the token grid {grid}, got {H}x{W}")
-    if ring < 0:
-        raise ValueError(f"ring must be >= 0, got {ring}")
     f = H // grid
     hole = (m != 0).float()[:, None]  # (B, 1, H, W)
     tokens = F.max_pool2d(hole, kernel_size=f, stride=f)  # (B, 1, grid, grid): any hole pixel in the patch
@@ -62,7 +61,8 @@ def inpaint(
     """Fill the hole of each image.
 
     Args:
-        images: [B, 3, H, W] in [0, 1] at the tokenizer's resolution.
+        images: [B, C, H, W] in [0, 1] at the tokenizer's channels C and resolution, any float dtype
+            (converted to the model's); B = 0 returns empty results.
         pixel_mask: [B, H, W] or [B, 1, H, W]; nonzero / True = regenerate (the hole). For outpainting
             pass the region outside what should be kept.
         ring: extra tokens around the hole to regenerate too, so the seam is re-synthesised.
@@ -72,17 +72,20 @@ def inpaint(
         return_tokens: also return (tokens [B, L], token_mask [B, L]).
 
     Returns:
-        images [B, 3, H, W] float32 in [0, 1] (and tokens, token_mask if asked). Tokens outside the
+        images [B, C, H, W] float32 in [0, 1] (and tokens, token_mask if asked). Tokens outside the
         token mask are exactly those of `model.vqgan.encode(images)`.
     """
-    if not isinstance(model, MAGE):
-        raise TypeError(f"expected a mage.MAGE model, got {type(model).__name__}")
+    check_model("inpaint", model, MAGE)
     c = model.config
-    check_images(images, c.tokenizer)
-    if pixel_mask.shape[0] != images.shape[0] or pixel_mask.shape[-2:] != images.shape[-2:]:
-        raise ValueError(
-            f"pixel_mask {tuple(pixel_mask.shape)} must match images {tuple(images.shape)} in batch and size"
-        )
+    check_images(images, c.tokenizer, device=model.device)
+    check_pixel_mask(pixel_mask, images)
+    check_int("inpaint", "ring", ring, 0)
+    check_generation("inpaint", steps=steps, choice_temperature=choice_temperature, generator=generator,
+                     dtype=dtype, device=model.device)
+    if images.shape[0] == 0:  # nothing to fill
+        empty = torch.empty(0, c.num_tokens, dtype=torch.long, device=images.device)
+        out = images.float()
+        return (out, empty, empty.bool()) if return_tokens else out
     pixel_mask = pixel_mask.to(images.device)
     token_mask = token_mask_from_pixels(pixel_mask, c.tokenizer.grid, ring)
     autocast = (torch.autocast(images.device.type, dtype=dtype) if dtype not in (None, torch.float32)

@@ -14,6 +14,7 @@ import torch.nn as nn
 
 import mage_kernels
 
+from ._checks import check_config
 from .model import Block
 
 
@@ -31,6 +32,9 @@ class MAEConfig:
     mlp_ratio: float = 4.0
     norm_eps: float = 1e-6
     norm_pix_loss: bool = True
+
+    def __post_init__(self):
+        check_config(self)
 
     @property
     def grid(self) -> int:

@@ -22,6 +22,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ._checks import all_finite, check_int, check_real, check_tensor, check_unit_range
+
+
 # ---- Frechet distance ----
 
 
@@ -87,9 +90,14 @@ def classifier_score(probs: torch.Tensor, splits: int = 1) -> tuple[float, float
     With `splits` > 1 the score is computed on that many equal chunks (as Salimans et al. 2016 did with 10);
     returns (mean, std) over the chunks (std 0 for one split). Ranges from 1 to K.
     """
+    splits = check_int("classifier_score", "splits", splits, 1)
     p = torch.as_tensor(probs).to(torch.float64)
     if p.dim() != 2 or p.shape[0] < splits:
         raise ValueError(f"probs must have shape [N, K] with N >= splits={splits}, got {tuple(p.shape)}")
+    sums_to_one = torch.allclose(p.sum(1), torch.ones((), dtype=p.dtype), atol=1e-3, rtol=0)
+    if not all_finite(p) or bool((p < 0).any()) or not sums_to_one:
+        raise ValueError("classifier_score: probs must be class probabilities (finite, >= 0, rows summing to 1); "
+                         "apply softmax to logits first")
     scores = []
     for chunk in p.tensor_split(splits):
         marginal = chunk.mean(0, keepdim=True)
@@ -103,14 +111,17 @@ def classifier_score(probs: torch.Tensor, splits: int = 1) -> tuple[float, float
 # ---- reconstruction ----
 
 
-def _check_pair(x: torch.Tensor, y: torch.Tensor) -> None:
+def _check_pair(op: str, x: torch.Tensor, y: torch.Tensor, data_range: float) -> None:
+    check_tensor(op, "x", x)
+    check_tensor(op, "y", y)
+    check_real(op, "data_range", data_range, 0.0, lo_open=True)
     if x.shape != y.shape or x.dim() != 4:
         raise ValueError(f"x and y must have one shape [N, C, H, W], got {tuple(x.shape)} and {tuple(y.shape)}")
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
     """Peak signal-to-noise ratio per image, [N, C, H, W] x2 -> [N] in dB (inf for identical images)."""
-    _check_pair(x, y)
+    _check_pair("psnr", x, y, data_range)
     mse = (x.double() - y.double()).pow(2).flatten(1).mean(1)
     return (10 * torch.log10(data_range**2 / mse)).to(torch.float32)
 
@@ -135,7 +146,9 @@ def ssim(
     An 11x11 Gaussian window (sigma 1.5), local statistics over the "valid" region only (as the paper's
     reference code), C1 = (k1 L)^2, C2 = (k2 L)^2; the SSIM map is averaged over pixels and channels.
     """
-    _check_pair(x, y)
+    _check_pair("ssim", x, y, data_range)
+    check_int("ssim", "window_size", window_size, 1)
+    check_real("ssim", "sigma", sigma, 0.0, lo_open=True)
     n, c, h, w = x.shape
     if h < window_size or w < window_size:
         raise ValueError(
@@ -162,7 +175,10 @@ def ssim(
 
 def code_counts(ids: torch.Tensor, num_codes: int) -> torch.Tensor:
     """How often each of `num_codes` codes occurs in `ids` (any shape) -> int64 [num_codes]."""
-    return torch.bincount(ids.reshape(-1).long(), minlength=num_codes)
+    check_tensor("code_counts", "ids", ids)
+    if ids.is_floating_point():
+        raise TypeError(f"code_counts: ids must be an integer tensor, got {ids.dtype}")
+    return torch.bincount(ids.reshape(-1).long(), minlength=check_int("code_counts", "num_codes", num_codes, 1))
 
 
 def codebook_usage(counts: torch.Tensor) -> dict[str, float]:
@@ -171,10 +187,16 @@ def codebook_usage(counts: torch.Tensor) -> dict[str, float]:
     perplexity = exp(entropy of the code distribution) (K when uniform, 1 when a single code is used),
     dead_codes = codes never used, used_fraction = (K - dead) / K.
     """
-    c = torch.as_tensor(counts).to(torch.float64).reshape(-1)
+    c = torch.as_tensor(counts)
+    if c.dim() != 1 or c.dtype == torch.bool or c.is_complex():
+        raise ValueError(f"codebook_usage: counts must be per-code counts [K], got {c.dtype} of shape {tuple(c.shape)}")
+    c = c.to(torch.float64)  # integer counts, or float ones such as an EMA of the usage
+    if c.numel() and (not all_finite(c) or float(c.min()) < 0):
+        raise ValueError(f"codebook_usage: counts must be finite and non-negative, got min {float(c.min())}, "
+                         f"max {float(c.max())}")
     total = float(c.sum())
     if total <= 0:
-        raise ValueError("counts are all zero: no code was used")
+        raise ValueError("codebook_usage: counts are all zero: no code was used")
     p = c / total
     entropy = -float(torch.special.xlogy(p, p).sum())
     dead = int((c == 0).sum())
@@ -371,10 +393,12 @@ def inception_input(images, device: torch.device | None = None) -> torch.Tensor:
     if isinstance(images, (list, tuple)):
         return torch.cat([inception_input(x[None], device) for x in images]) if images else \
             torch.empty(0, 3, 299, 299, device=device)
+    check_tensor("inception_input", "images", images)
     if images.dim() != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"images must have shape [N, 1 or 3, H, W], got {tuple(images.shape)}")
+    check_unit_range("images", images)  # clamping would hide [-1, 1] inputs behind a wrong FID
     x = images.to(device or images.device, torch.float32)
-    x = x if images.dtype == torch.uint8 else x.clamp(0, 1) * 255
+    x = x if images.dtype == torch.uint8 else x * 255
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
     if x.shape[-2:] != (299, 299):
@@ -418,6 +442,8 @@ def fid(
     weights: str | None = None,
 ) -> float:
     """FID between two image sets (see `inception_features`); slow on CPU (~0.35 s/image on 2 cores)."""
+    check_tensor("fid", "images1", images1)
+    check_tensor("fid", "images2", images2)
     return frechet_distance_from_features(
         inception_features(images1, batch_size, device, weights), inception_features(images2, batch_size, device, weights)
     )

@@ -15,6 +15,7 @@ strictly (`mage.load_official`).
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import torch
 import torch.nn as nn
@@ -22,6 +23,8 @@ import torch.nn.functional as F
 
 import mage_kernels
 
+from ._checks import check_config, check_ids
+from .checkpoint_io import MODEL_FORMAT, save_safetensors
 from .hub import HubMixin
 from .tokenizer import TokenizerConfig, VQGANTokenizer
 
@@ -77,6 +80,9 @@ class MAGEConfig:
     def __post_init__(self):
         if isinstance(self.tokenizer, dict):
             self.tokenizer = TokenizerConfig(**self.tokenizer)
+        if not isinstance(self.tokenizer, TokenizerConfig):
+            raise TypeError(f"MAGEConfig: tokenizer must be a TokenizerConfig or dict, got {type(self.tokenizer).__name__}")
+        check_config(self)
         if self.vocab not in ("official", "compact"):
             raise ValueError(f"MAGEConfig.vocab must be 'official' or 'compact', got {self.vocab!r}")
         if self.head not in HEADS:
@@ -287,27 +293,7 @@ class MAGE(nn.Module, HubMixin):
     # ------------------------------------------------------------------------------------ checks
 
     def _check_inputs(self, ids: torch.Tensor, mask: torch.Tensor | None, name_ids: str = "ids") -> None:
-        L, V = self.config.num_tokens, self.config.vocab_size
-        if not isinstance(ids, torch.Tensor) or ids.dtype != torch.long:
-            got = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
-            raise TypeError(f"MAGE: {name_ids} must be an int64 tensor [B, {L}], got {got}")
-        if ids.dim() != 2 or ids.shape[1] != L:
-            g = self.config.tokenizer.grid
-            raise ValueError(f"MAGE: {name_ids} must be [B, {L}] (one id per token of the {g}x{g} grid), "
-                             f"got shape {tuple(ids.shape)}")
-        if mask is not None:
-            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-                got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
-                raise TypeError(f"MAGE: mask must be a bool tensor [B, L], got {got}")
-            if mask.shape != ids.shape:
-                raise ValueError(f"MAGE: mask must have the shape of ids {tuple(ids.shape)}, got {tuple(mask.shape)}")
-            if mask.device != ids.device:
-                raise ValueError(f"MAGE: mask is on {mask.device} but ids on {ids.device}")
-        # Reading values costs a host sync on GPU, so the range is checked on CPU tensors only.
-        if ids.device.type == "cpu" and ids.numel() and not torch.compiler.is_compiling():
-            lo, hi = int(ids.min()), int(ids.max())
-            if lo < 0 or hi >= V:
-                raise ValueError(f"MAGE: {name_ids} must lie in [0, {V}) (vocabulary of {V}), got min {lo}, max {hi}")
+        check_ids(self.config, ids, mask, name_ids)
 
     def keep_index(self, drop: torch.Tensor) -> torch.Tensor:
         """Bool drop mask [B, L] with the same count D in every row -> kept positions [B, L-D], ascending.
@@ -436,10 +422,8 @@ class MAGE(nn.Module, HubMixin):
         return x[:, 1:].mean(dim=1)
 
     def save(self, path: str) -> None:
-        """Write weights and config to one safetensors file (`mage.load(path)` reads it back)."""
-        from .checkpoint import save
-
-        save(self, path)
+        """Write weights and config to one safetensors file, atomically (`mage.load(path)` reads it back)."""
+        save_safetensors(self.state_dict(), {"format": MODEL_FORMAT, "config": json.dumps(self.config.to_dict())}, path)
 
     def _config_dict(self) -> dict:
         return self.config.to_dict()

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._checks import all_finite, check_config, check_int
 from .schedule import cosine_lr, scaled_lr, set_lr
 
 
@@ -100,6 +101,9 @@ class ProbeConfig:
     layer_norm: bool = False
     seed: int = 0
 
+    def __post_init__(self):
+        check_config(self)
+
 
 @dataclass
 class ProbeResult:
@@ -143,6 +147,13 @@ def linear_probe(
         )
     if train_labels.shape != train_features.shape[:1] or test_labels.shape != test_features.shape[:1]:
         raise ValueError("labels must have one entry per feature row")
+    for name, labels in (("train_labels", train_labels), ("test_labels", test_labels)):
+        if labels.is_floating_point() or labels.dtype == torch.bool or (labels.numel() and int(labels.min()) < 0):
+            raise ValueError(f"linear_probe: {name} must be non-negative integer class ids, got {labels.dtype}"
+                             + (f" with min {labels.min().item()}" if labels.numel() else ""))
+    for name, features in (("train_features", train_features), ("test_features", test_features)):
+        if not all_finite(features):
+            raise ValueError(f"linear_probe: {name} has NaN or inf values")
     if config.optimizer not in ("lars", "sgd"):
         raise ValueError(f"optimizer must be 'lars' or 'sgd', got {config.optimizer!r}")
     device = train_features.device
@@ -198,6 +209,7 @@ def extract_features(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run a frozen `extractor` (put modules in eval mode first) over (images, labels) tensors or an iterable of
     such batches (a DataLoader); returns float32 features [N, D] on CPU and labels [N]."""
+    check_int("extract_features", "batch_size", batch_size, 1)
     if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], torch.Tensor):
         images, labels = data
         batches: Iterable = zip(images.split(batch_size), labels.split(batch_size))

@@ -7,25 +7,16 @@ import os
 
 import torch
 
-from .checkpoint import CheckpointError, cast_floating, load_checked, read_official_state
-from .hub import WEIGHTS_NAME
+from ._checks import check_dtype
+from .checkpoint import CheckpointError, load_checked, read_state_dict
 from .model import CONSTRUCTORS, MAGE
 
 
 def list_models(pattern: str = "*") -> list[str]:
     """Names `create_model` accepts, sorted; `pattern` filters them shell-style ("*large*")."""
+    if not isinstance(pattern, str):
+        raise TypeError(f"list_models: pattern must be a str such as '*large*', got {type(pattern).__name__}")
     return sorted(n for n in CONSTRUCTORS if fnmatch.fnmatch(n, pattern))
-
-
-def _read_state(path: str) -> tuple[str, dict]:
-    """A state dict from any of our formats: a pretrained folder, our .safetensors file, an official .pth."""
-    if os.path.isdir(path):
-        path = os.path.join(path, WEIGHTS_NAME)
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return path, load_file(path)
-    return read_official_state(path)
 
 
 def create_model(
@@ -46,16 +37,17 @@ def create_model(
         model = mage.create_model("mage_vit_base_patch16", checkpoint_path="mage-vitb-1600.pth")
         model = mage.create_model("mage_vit_tiny", tokenizer=mage.TokenizerConfig.tiny())
     """
-    if name not in CONSTRUCTORS:
-        raise ValueError(f"unknown model {name!r}; mage.list_models() gives {list_models()}")
+    if not isinstance(name, str) or name not in CONSTRUCTORS:
+        raise ValueError(f"create_model: name must be one of mage.list_models() {list_models()}, got {name!r}")
+    check_dtype("create_model", dtype)
     build = CONSTRUCTORS[name]
     if checkpoint_path is None:
         return build(**overrides).to(device=device, dtype=dtype)
-    what, state = _read_state(os.fspath(checkpoint_path))
+    what, state = read_state_dict(checkpoint_path)
     with torch.device("meta"):
         model = build(**overrides)
     try:
-        load_checked(model, cast_floating(state, dtype), what=what)
+        load_checked(model, state, what=what, dtype=dtype)
     except CheckpointError as err:
         raise CheckpointError(f"{err}\n(built {name} with overrides {overrides or '{}'})") from None
     return model.to(device=device) if device is not None else model

@@ -17,9 +17,11 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     with open(path) as f:
         for line in f:
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            if isinstance(record, dict):  # anything else is not ours
+                records.append(record)
     return records
 
 

@@ -24,12 +24,15 @@ import torch
 import mage_kernels
 from mage_kernels.sampling import schedule_counts
 
+from ._checks import check_generation, check_int, check_model
 from .model import MAGE
 
 
 def mask_schedule(num_tokens: int, steps: int) -> list[int]:
     """Tokens still masked after each step when decoding `num_tokens` from all-[MASK] (host-side, for
     inspection): 256 tokens in 20 steps -> 255, 252, 248, ..., 40, 20, 0 (section 5.2)."""
+    check_int("mask_schedule", "num_tokens", num_tokens, 0)
+    check_int("mask_schedule", "steps", steps, 1)
     out, unknown = [], num_tokens
     for t in range(steps):
         want = math.floor(num_tokens * mage_kernels.cosine_mask_ratio(t, steps))
@@ -42,11 +45,6 @@ def remask_counts(ids: torch.Tensor, num_initial: torch.Tensor, step: int, steps
     """Per-row count to leave masked after `step` of the cosine schedule, on device (no host sync); see
     `mage_kernels.sampling.schedule_counts`. num_initial: int64 [B], the unknown tokens at the start."""
     return schedule_counts(ids, num_initial, step, steps, mask_id=mask_id)
-
-
-def _check_model(model: MAGE) -> None:
-    if not isinstance(model, MAGE):
-        raise TypeError(f"expected a mage.MAGE model, got {type(model).__name__}")
 
 
 def _model_fns(model: MAGE, fused_head: bool) -> dict:
@@ -107,7 +105,10 @@ def decode_tokens(
     Returns the final ids [B, L], all codebook indices. `on_step(t, ids)` sees the ids after step t
     (still-masked tokens hold config.mask_id). Call under autocast as wanted; no host sync.
     """
-    _check_model(model)
+    check_model("decode_tokens", model, MAGE)
+    check_generation("decode_tokens", steps=steps, choice_temperature=choice_temperature, generator=generator,
+                     dtype=None, device=model.device)
+    model._check_inputs(ids, None)
     fns = _model_fns(model, fused_head)
     return mage_kernels.maskgit_sample(fns.pop("logits_fn"), ids, steps=steps, mask_id=model.config.mask_id,
                                        choice_temperature=choice_temperature, temperature=temperature,
@@ -171,10 +172,12 @@ def generate(
         cuda_graph: capture one batch (all steps and the VQGAN decode) as a CUDA graph, replayed per batch.
         fused_head: sample from the head's hidden states (`remask_step_from_hidden`), never writing logits.
     """
-    _check_model(model)
-    if num_images < 0 or batch_size < 1:
-        raise ValueError(f"need num_images >= 0 and batch_size >= 1, got {num_images} and {batch_size}")
+    check_model("generate", model, MAGE)
     device = model.device
+    num_images = check_int("generate", "num_images", num_images, 0)
+    batch_size = check_int("generate", "batch_size", batch_size, 1)
+    check_generation("generate", steps=steps, choice_temperature=choice_temperature, generator=generator,
+                     dtype=dtype, device=device)
     if cuda_graph and device.type != "cuda":
         raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {device}")
     if cuda_graph and generator is not None and generator.device.type != "cuda":

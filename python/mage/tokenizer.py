@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 import mage_kernels
 
+from ._checks import check_config, check_images, to_model_dtype  # noqa: F401  (check_images: public here too)
 from .hub import HubMixin
 
 
@@ -38,7 +39,8 @@ class TokenizerConfig:
     dropout: float = 0.0
 
     def __post_init__(self):
-        self.ch_mult = tuple(int(m) for m in self.ch_mult)
+        check_config(self)
+        self.ch_mult = tuple(self.ch_mult)
         if self.resolution % self.downsample != 0:
             raise ValueError(
                 f"TokenizerConfig: resolution {self.resolution} must be divisible by the downsampling "
@@ -172,25 +174,6 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-def check_images(images: torch.Tensor, cfg: TokenizerConfig, name: str = "images", check_range: bool = True) -> None:
-    """Raise ValueError/TypeError unless images is a float [B, C, H, W] batch at the tokenizer's size in
-    [0, 1]. The range check reads the values (a host sync on GPU); training loops may skip it."""
-    if not isinstance(images, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(images).__name__}")
-    if not images.is_floating_point():
-        raise TypeError(f"{name} must be a float tensor in [0, 1], got {images.dtype} (convert uint8 with x / 255)")
-    r = cfg.resolution
-    if images.dim() != 4 or images.shape[1] != cfg.in_channels or tuple(images.shape[2:]) != (r, r):
-        raise ValueError(f"{name} must be [B, {cfg.in_channels}, {r}, {r}], got shape {tuple(images.shape)}")
-    if check_range and images.numel() > 0 and not torch.compiler.is_compiling():
-        lo, hi = float(images.min()), float(images.max())
-        if lo < 0.0 or hi > 1.0:
-            raise ValueError(
-                f"{name} must hold values in [0, 1] (no mean/std normalisation, docs/REFERENCE.md 3.2), "
-                f"got min {lo:.4g}, max {hi:.4g}"
-            )
-
-
 class VQGANTokenizer(nn.Module, HubMixin):
     """The frozen image tokenizer: `encode(images) -> ids [B, h*w]`, `decode(ids) -> images`.
 
@@ -229,8 +212,8 @@ class VQGANTokenizer(nn.Module, HubMixin):
         """images [B, 3, H, W] in [0, 1] -> ids [B, h*w] int64 (exact nearest code, ties to the lowest id).
 
         Runs without autograd: ids are not differentiable and the tokenizer is frozen in MAGE."""
-        check_images(images, self.config, check_range=check_range)
-        z = self.encoder(images)  # (B, D, h, w)
+        check_images(images, self.config, check_range=check_range, device=self.codebook.device)
+        z = self.encoder(to_model_dtype(images, self))  # (B, D, h, w)
         ids, _ = mage_kernels.vq_nearest(z, self.codebook)
         return ids
 
@@ -246,7 +229,7 @@ class VQGANTokenizer(nn.Module, HubMixin):
             if lo < 0 or hi >= self.config.n_embed:
                 raise ValueError(f"ids must be codebook indices in [0, {self.config.n_embed}), got min {lo}, max {hi}")
         z = F.embedding(ids, self.codebook)  # (B, h*w, D)
-        return z.transpose(1, 2).reshape(ids.shape[0], -1, g, g)
+        return z.transpose(1, 2).reshape(ids.shape[0], self.config.embed_dim, g, g)
 
     def decode(self, ids: torch.Tensor, *, clamp: bool = True) -> torch.Tensor:
         """ids [B, h*w] -> images [B, 3, H, W], clamped to [0, 1] unless clamp=False."""
@@ -259,7 +242,7 @@ class VQGANTokenizer(nn.Module, HubMixin):
         The quantizer is `mage_kernels.vq_quantize` (straight-through z_q, legacy taming loss: beta
         multiplies the codebook term, section 3.3).
         """
-        check_images(images, self.config, check_range=check_range)
-        z = self.encoder(images)
+        check_images(images, self.config, check_range=check_range, device=self.codebook.device)
+        z = self.encoder(to_model_dtype(images, self))
         z_q, ids, loss, counts = mage_kernels.vq_quantize(z, self.codebook, beta=beta)
         return self.decoder(z_q), loss, ids, counts

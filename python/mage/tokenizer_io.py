@@ -1,4 +1,5 @@
-"""Save and load a standalone VQGAN tokenizer: one safetensors file with its config as metadata."""
+"""Save and load a standalone VQGAN tokenizer: one safetensors file with its config as metadata, read with
+the same checks as a MAGE model file (mage/checkpoint.py)."""
 
 from __future__ import annotations
 
@@ -7,36 +8,29 @@ import os
 
 import torch
 
+from ._checks import check_dtype
+from .checkpoint import load_checked, read_our_file
+from .checkpoint_io import TOKENIZER_FORMAT, save_safetensors
 from .tokenizer import TokenizerConfig, VQGANTokenizer
 
-FORMAT = "mage-kernels/tokenizer-v1"
+FORMAT = TOKENIZER_FORMAT
 
 
 def save_tokenizer(tokenizer: VQGANTokenizer, path: str | os.PathLike) -> None:
-    from safetensors.torch import save_file
-
-    config = tokenizer._config_dict()
-    state = {k: v.detach().contiguous() for k, v in tokenizer.state_dict().items()}
-    save_file(state, os.fspath(path), metadata={"format": FORMAT, "config": json.dumps(config)})
+    """Weights and config in one safetensors file, written atomically."""
+    save_safetensors(tokenizer.state_dict(), {"format": TOKENIZER_FORMAT, "config": json.dumps(tokenizer._config_dict())},
+                     path)
 
 
-def load_tokenizer(
-    path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
-) -> VQGANTokenizer:
-    """Read a file written by `save_tokenizer` / `VQGANTokenizer.save` (strictly), onto `device`, with
-    floating-point tensors cast to `dtype` when given."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    from .checkpoint import cast_floating, load_checked
-
+def load_tokenizer(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                   check_finite: bool = True) -> VQGANTokenizer:
+    """Read a file written by `save_tokenizer` / `VQGANTokenizer.save`: the config is validated against the
+    file before anything is built; the tensors go onto `device`, floating-point ones in `dtype` (float32 when
+    None); NaN/inf weights are refused unless check_finite=False."""
+    check_dtype("load_tokenizer", dtype)
     path = os.fspath(path)
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata() or {}
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a mage-kernels tokenizer file (metadata format {meta.get('format')!r}, "
-                         f"expected {FORMAT!r}); official VQGAN weights load with mage.load_official_tokenizer")
+    config, tensors = read_our_file(path, TOKENIZER_FORMAT, TokenizerConfig, device)
     with torch.device("meta"):
-        tokenizer = VQGANTokenizer(TokenizerConfig(**json.loads(meta["config"])))
-    load_checked(tokenizer, cast_floating(load_file(path, device=str(device)), dtype), what=path)
+        tokenizer = VQGANTokenizer(config)
+    load_checked(tokenizer, tensors, what=path, dtype=dtype, check_finite=check_finite)
     return tokenizer

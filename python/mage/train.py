@@ -35,7 +35,20 @@ import mage_kernels
 
 from . import data as data_lib
 from . import transforms as T
-from .checkpoint_io import load_checkpoint, load_training_state, save_checkpoint, save_training_state
+from ._checks import check_config, check_int
+from .checkpoint_io import (
+    CheckpointError,
+    check_training_state,
+    clean_stale_files,
+    config_changes,
+    damaged_checkpoint_error,
+    load_checkpoint,
+    previous_path,
+    restore_training_state,
+    resume_source,
+    save_checkpoint,
+    save_training_state,
+)
 from .discriminator import DISC_LOSSES, DISC_NORMS, DiscriminatorObjective, PatchDiscriminator, adaptive_weight, \
     frozen, generator_loss
 from .ema import EMA
@@ -111,10 +124,13 @@ class TrainConfig:
     ckpt_every: int = 200
     sample_every: int = 0
     resume: bool = False
+    resume_with_changes: bool = False  # resume although settings that change the run's math differ
+    overwrite: bool = False  # start afresh in an out_dir that holds another run's checkpoint
     progress: bool = True
     tensorboard: bool = False  # also log to out_dir/tensorboard (needs the tensorboard package)
 
     def __post_init__(self):
+        check_config(self)
         if self.objective not in OBJECTIVES:
             raise ValueError(f"TrainConfig.objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.amp not in ("none", "bf16", "fp16"):
@@ -146,6 +162,12 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# Fields that never change what a run computes: a resume may change them freely.
+RUN_ONLY_FIELDS = frozenset({"out_dir", "resume", "resume_with_changes", "overwrite", "progress", "log_every",
+                             "ckpt_every", "sample_every", "num_workers", "tensorboard",
+                             "grad_checkpointing"})  # recomputation replays the RNG: the same numbers
 
 
 # ------------------------------------------------------------------------------------------ setup
@@ -326,9 +348,8 @@ def input_shape(model: nn.Module) -> tuple[int, int]:
 
 def make_dataset(cfg: TrainConfig, channels: int, size: int, split: str = "train") -> torch.utils.data.Dataset:
     if cfg.token_cache:
-        blob = load_checkpoint(cfg.token_cache)
-        return data_lib.TokenCacheDataset(blob["ids"], blob["labels"], seed=cfg.seed,
-                                          views=2 if cfg.objective == "mage-c" else 1)
+        ids, labels = data_lib.load_token_cache(cfg.token_cache)
+        return data_lib.TokenCacheDataset(ids, labels, seed=cfg.seed, views=2 if cfg.objective == "mage-c" else 1)
     if cfg.objective == "mage-c":
         views = T.TwoViews(T.contrastive_transform(size))
     else:
@@ -346,6 +367,8 @@ def make_dataset(cfg: TrainConfig, channels: int, size: int, split: str = "train
 def build_token_cache(tokenizer: VQGANTokenizer, dataset, path: str, crops: int = 1, batch_size: int = 256) -> None:
     """Tokenize `crops` augmented crops of every image once and save {ids [N, crops, L], labels} to `path`
     (the online tokenizer is ~40% of MAGE's training compute, docs/REFERENCE.md 4.12)."""
+    check_int("build_token_cache", "crops", crops, 1)
+    check_int("build_token_cache", "batch_size", batch_size, 1)
     tokenizer.eval()
     device = tokenizer.codebook.device
     ids = data_lib.build_token_cache(lambda x: tokenizer.encode(x, check_range=False), dataset, crops, batch_size,
@@ -609,17 +632,41 @@ def _averaged(ema: EMA | None, model: nn.Module):
     return ema.applied(model) if ema is not None else contextlib.nullcontext()
 
 
-def _resume(path: Path, module: nn.Module, optimizer, scaler) -> dict:
-    """Load the training state, turning a damaged file into an error that says how to continue."""
-    from .checkpoint_io import CheckpointError, previous_path
-
+def _resume_state(cfg: TrainConfig, ckpt_path: Path, main: bool) -> tuple[dict | None, Path | None]:
+    """The training state a run continues from and its file ((None, None): a fresh start), after the checks
+    that keep an earlier run's checkpoint and log from being overwritten (docs/TRAINING.md)."""
+    if not cfg.resume:
+        existing = [p for p in (ckpt_path, previous_path(ckpt_path)) if p.exists()]
+        if existing and not cfg.overwrite:
+            raise CheckpointError(
+                f"{cfg.out_dir} holds the checkpoint of an earlier run ({existing[0].name}): continue it with "
+                "--resume (TrainConfig.resume=True), or start afresh over it with --overwrite "
+                "(TrainConfig.overwrite=True) or in another --out-dir")
+        return None, None
+    source, note = resume_source(ckpt_path)
+    if source is None:
+        if main:
+            warnings.warn(f"--resume: no checkpoint in {cfg.out_dir}, starting at step 0", RuntimeWarning, stacklevel=3)
+        return None, None
+    if note and main:
+        warnings.warn(note, RuntimeWarning, stacklevel=3)
     try:
-        return load_training_state(path, module, optimizer, scaler)
+        state = load_checkpoint(source)
     except CheckpointError as err:
-        prev = previous_path(path)
-        hint = (f"; the checkpoint before it is intact at {prev}: move it to {path} to resume from there"
-                if prev.is_file() else "")
-        raise CheckpointError(f"cannot resume: {err}{hint}") from None
+        raise damaged_checkpoint_error(err, ckpt_path) from None
+    check_training_state(state, source)
+    saved = state.get("extra", {}).get("config")
+    if isinstance(saved, dict):
+        changes = config_changes(saved, cfg.to_dict(), RUN_ONLY_FIELDS, TrainConfig().to_dict())
+        if changes and not cfg.resume_with_changes:
+            raise CheckpointError(
+                f"cannot resume from {source}: these settings differ from the run's and change what it computes: "
+                f"{'; '.join(changes)}. Resume with the run's settings (e.g. --config {Path(cfg.out_dir) / 'config.json'})"
+                ", or pass --resume-with-changes (TrainConfig.resume_with_changes=True) to continue with the new ones")
+        if changes and main:
+            warnings.warn(f"resuming {source} with changed settings: {'; '.join(changes)}", RuntimeWarning,
+                          stacklevel=3)
+    return state, source
 
 
 def train(cfg: TrainConfig, governor=None) -> dict:
@@ -631,8 +678,11 @@ def train(cfg: TrainConfig, governor=None) -> dict:
     governor: a `mage.threads.ThreadGovernor` to re-choose the CPU thread count as the load changes."""
     d = init_distributed()
     out = Path(cfg.out_dir)
+    ckpt_path = out / "checkpoint.pt"
+    resumed, resumed_from = _resume_state(cfg, ckpt_path, d.main)  # before anything in out_dir changes
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
+        clean_stale_files(ckpt_path)  # temp files of a write that was killed
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
     torch.manual_seed(cfg.seed)
     model = build_model(cfg).to(d.device)
@@ -649,20 +699,22 @@ def train(cfg: TrainConfig, governor=None) -> dict:
     scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.amp == "fp16")
     adversary = build_adversary(cfg, model, lr, d)
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay else None
-    ckpt_path = out / "checkpoint.pt"
     # Codebook usage since the last dead-code restart (tokenizer): part of the state a resume needs.
     usage = torch.zeros(model.config.n_embed if cfg.objective == "tokenizer" else 1, dtype=torch.long, device=d.device)
     start = 0
-    if cfg.resume and ckpt_path.exists():
-        state = _resume(ckpt_path, module, optimizer, scaler)
-        start = int(state["step"])
-        usage.copy_(state["extra"].get("codebook_usage", usage))
-        _restore_extras(state["extra"], {"discriminator": adversary, "ema": ema}, ckpt_path)
+    if resumed is not None:
+        restore_training_state(resumed, resumed_from, module, optimizer, scaler)
+        start = resumed["step"]
+        usage.copy_(resumed["extra"].get("codebook_usage", usage))
+        _restore_extras(resumed["extra"], {"discriminator": adversary, "ema": ema}, resumed_from)
     trained = nn.parallel.DistributedDataParallel(module) if d.world > 1 else module
     if cfg.compile:
         # The whole objective (masking ops included) traces as one graph; DDP splits it at its buckets.
         trained = torch.compile(trained, fullgraph=d.world == 1, backend=cfg.compile_backend)
     batches = Batches(make_dataset(cfg, *input_shape(model)), cfg, d)
+    if cfg.token_cache:
+        data_lib.check_token_cache(cfg.token_cache, batches.dataset.ids, model.config.num_tokens,
+                                   model.config.codebook_size)
     log_path = out / "metrics.jsonl"
     logger = JsonlLogger(log_path, resume_step=start if start else None) if d.main else None
     board = _tensorboard(out / "tensorboard") if cfg.tensorboard and d.main else None
@@ -743,7 +795,8 @@ def train(cfg: TrainConfig, governor=None) -> dict:
                     model.vqgan.eval()
             if done % cfg.ckpt_every == 0 or done == cfg.steps:
                 if d.main:
-                    extra = {"config": cfg.to_dict(), "codebook_usage": usage.cpu()}
+                    extra = {"config": cfg.to_dict(), "codebook_usage": usage.cpu(),
+                             "model_config": dataclasses.asdict(model.config)}  # lets `mage sample` read it
                     if adversary is not None:
                         extra["discriminator"] = adversary.state_dict()
                     if ema is not None:
@@ -769,8 +822,6 @@ def train(cfg: TrainConfig, governor=None) -> dict:
 
 def _restore_extras(extra: dict, parts: dict, path: Path) -> None:
     """Load the discriminator and EMA states a resumed run needs from the checkpoint's extras."""
-    from .checkpoint_io import CheckpointError
-
     for name, part in parts.items():
         if part is None:
             continue

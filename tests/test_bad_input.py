@@ -1,0 +1,513 @@
+"""Bad input to every public function: a clear error of the right type whose message names the argument
+(and shows what came), or the sensible behaviour where there is one. Regression tests of issue 11 items 3-5
+and of its "errors a user cannot act on"; the model layer and the CLI have their own tables below."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+import torch
+from backends import backend_params, kernel
+
+import mage_kernels as mk
+
+NAN, INF = float("nan"), float("inf")
+
+
+def raises_naming(err, arg: str, call) -> str:
+    """Run `call`, expect `err`, and check that the message names `arg` as a word. Returns the message."""
+    with pytest.raises(err) as info:
+        call()
+    message = str(info.value)
+    assert re.search(rf"(?<!\w){re.escape(arg)}(?!\w)", message), f"{arg!r} not named in: {message}"
+    return message
+
+
+# ------------------------------------------------------------------------- issue 11 items 3-5
+
+
+@pytest.mark.parametrize("kwargs,arg", [
+    (dict(mask_ratio_mu=NAN), "mask_ratio_mu"), (dict(mask_ratio_mu=INF), "mask_ratio_mu"),
+    (dict(mask_ratio_std=NAN), "mask_ratio_std"), (dict(mask_ratio_std=INF), "mask_ratio_std"),
+    (dict(mask_ratio_std=0.0), "mask_ratio_std"), (dict(mask_ratio_min=NAN), "mask_ratio_min"),
+    (dict(mask_ratio_max=NAN), "mask_ratio_max"), (dict(mask_ratio_min=0.8, mask_ratio_max=0.6), "mask_ratio_max"),
+])
+def test_sample_mask_counts_rejects_non_finite_ratios(kwargs, arg):
+    # Issue 11 item 3: NaN/inf mu or std gave num_masked = -2^63.
+    raises_naming(ValueError, arg, lambda: mk.sample_mask_counts(256, **kwargs))
+    raises_naming(ValueError, arg, lambda: mk.sample_mask_counts(256, batch=4, **kwargs))
+
+
+def test_sample_mask_counts_rejects_bad_sizes():
+    # Issue 11 item 3: sample_mask_counts(-5) gave (-4, -2).
+    raises_naming(ValueError, "L", lambda: mk.sample_mask_counts(-5))
+    raises_naming(TypeError, "L", lambda: mk.sample_mask_counts(25.5))
+    raises_naming(ValueError, "batch", lambda: mk.sample_mask_counts(16, batch=-1))
+    raises_naming(TypeError, "generator", lambda: mk.sample_mask_counts(16, generator=0))
+    masked, dropped = mk.sample_mask_counts(16, generator=torch.Generator().manual_seed(0))
+    assert 8 <= masked <= 16 and dropped == 8
+    masked, dropped = mk.sample_mask_counts(0)
+    assert masked == 0 and dropped == 0
+
+
+REMASK_OPS = ["remask_step", "remask_step_from_hidden"]
+
+
+@pytest.mark.parametrize("op", REMASK_OPS)
+@pytest.mark.parametrize("backend", backend_params())
+def test_remask_rejects_mask_id_inside_the_sampled_vocabulary(backend, op):
+    # Issue 11 item 4: a sampled token equal to mask_id became a mask again (4 masks left instead of 2).
+    B, L, V = 1, 4, 8
+    ids = torch.full((B, L), 5)
+    k = torch.tensor([2])
+    seed = torch.tensor([1, 2])
+    kw = dict(mask_id=5, choice_temperature=1.0, vocab_size=V, temperature=1.0, reference_ties=False)
+    fn = kernel(op, backend)
+    if op == "remask_step":
+        logits = torch.zeros(B, L, V)
+        logits[..., 5] = 100.0  # every token samples id 5
+        args = (logits, ids, k, seed)
+    else:
+        weight = torch.zeros(V, 3)
+        weight[5] = 100.0
+        args = (torch.ones(B, L, 3), weight, None, ids, k, seed)
+    raises_naming(ValueError, "mask_id", lambda: fn(*args, **kw))
+    # mask_id outside the sampled columns (the model's layout: codebook first, [MASK] after) is fine.
+    sampled, new_ids = fn(*args, **dict(kw, vocab_size=5))
+    assert int((new_ids == 5).sum()) == 2 and not bool((sampled == 5).any())
+
+
+def test_remask_public_wrappers_reject_mask_id_inside_vocabulary():
+    logits, ids, k = torch.zeros(1, 4, 8), torch.full((1, 4), 5), torch.tensor([2])
+    raises_naming(ValueError, "mask_id", lambda: mk.remask_step(logits, ids, k, mask_id=5, choice_temperature=1.0))
+    raises_naming(ValueError, "mask_id", lambda: mk.remask_step_from_hidden(
+        torch.ones(1, 4, 3), torch.zeros(8, 3), None, ids, k, mask_id=5, choice_temperature=1.0))
+
+
+@pytest.mark.parametrize("count", [3.7, 3.0, "3", None, True])
+def test_mask_plan_requires_integer_counts(count):
+    # Issue 11 item 5: mask_plan(noise, 3.7, 2) masked 3 tokens.
+    noise = torch.rand(2, 8)
+    raises_naming(TypeError, "num_masked", lambda: mk.mask_plan(noise, count, 2))
+    raises_naming(TypeError, "num_dropped", lambda: mk.mask_plan(noise, 4, count))
+    import numpy as np
+
+    masked, _, _ = mk.mask_plan(noise, np.int64(3), 2)  # integer types other than int are fine
+    assert masked.sum(1).tolist() == [3, 3]
+
+
+# ------------------------------------------------------------------------- every public op function
+
+Z, CB = torch.randn(6, 4), torch.randn(5, 4)
+NOISE = torch.rand(2, 8)
+MASKED, DROPPED, KEEP = mk.mask_plan(NOISE, 6, 4)
+X = torch.randn(2, 9, 3)
+Y = torch.randn(2, 5, 3)
+LOGITS, IDS, K = torch.randn(2, 8, 16), torch.full((2, 8), 20), torch.tensor([3, 4])
+HIDDEN, WEIGHT = torch.randn(2, 8, 3), torch.randn(16, 3)
+REMASK_KW = dict(mask_id=20, choice_temperature=1.0)
+FN, SAMPLE_KW = (lambda ids: LOGITS), dict(mask_id=20, vocab_size=16)
+
+# (function name, call, error type, argument the message must name)
+OP_CASES = [
+    ("vq_nearest", lambda: mk.vq_nearest([[1.0]], CB), TypeError, "z"),
+    ("vq_nearest", lambda: mk.vq_nearest(Z, CB.numpy()), TypeError, "codebook"),
+    ("vq_nearest", lambda: mk.vq_nearest(Z.int(), CB), TypeError, "z"),
+    ("vq_nearest", lambda: mk.vq_nearest(Z, CB[:, :3]), ValueError, "codebook"),
+    ("vq_nearest", lambda: mk.vq_nearest(Z, CB, exact="yes"), TypeError, "exact"),
+    ("vq_nearest", lambda: mk.vq_nearest(Z, CB, check_finite=1), TypeError, "check_finite"),
+    ("vq_nearest", lambda: mk.vq_nearest(torch.full((2, 4), NAN), CB), ValueError, "z"),
+    ("vq_nearest", lambda: mk.vq_nearest(Z, torch.randn(5, 4, device="meta")), ValueError, "codebook"),
+    ("vq_quantize", lambda: mk.vq_quantize(Z, CB, beta=NAN), ValueError, "beta"),
+    ("vq_quantize", lambda: mk.vq_quantize(Z, CB, beta="0.25"), TypeError, "beta"),
+    ("vq_quantize", lambda: mk.vq_quantize(None, CB), TypeError, "z"),
+    ("mask_plan", lambda: mk.mask_plan(NOISE.tolist(), 6, 4), TypeError, "noise"),
+    ("mask_plan", lambda: mk.mask_plan(NOISE, 9, 4), ValueError, "num_masked"),
+    ("mask_plan", lambda: mk.mask_plan(NOISE, -1, 0), ValueError, "num_masked"),
+    ("mask_plan", lambda: mk.mask_plan(NOISE, 6, 4, num_kept=2.5), TypeError, "num_kept"),
+    ("mask_plan", lambda: mk.mask_plan(NOISE, 6, 4, num_kept=9), ValueError, "num_kept"),
+    ("mask_plan", lambda: mk.mask_plan(NOISE, torch.tensor([6.0, 6.0]), 4), TypeError, "num_masked"),
+    ("mask_plan", lambda: mk.mask_plan(NOISE, torch.tensor([6, 6, 6]), 4), ValueError, "num_masked"),
+    ("gather_keep", lambda: mk.gather_keep(X, KEEP.tolist()), TypeError, "keep_idx"),
+    ("gather_keep", lambda: mk.gather_keep(X.tolist(), KEEP), TypeError, "x"),
+    ("gather_keep", lambda: mk.gather_keep(X, KEEP.int()), TypeError, "keep_idx"),
+    ("gather_keep", lambda: mk.gather_keep(X, KEEP + 20), ValueError, "keep_idx"),
+    ("pad_with_cls", lambda: mk.pad_with_cls(Y, KEEP, MASKED.int()), TypeError, "masked"),
+    ("pad_with_cls", lambda: mk.pad_with_cls(Y, KEEP, MASKED, pos_embed=[0.0]), TypeError, "pos_embed"),
+    ("pad_with_cls", lambda: mk.pad_with_cls(Y, KEEP, MASKED, pad=torch.zeros(4)), ValueError, "pad"),
+    ("pad_with_cls", lambda: mk.pad_with_cls(Y[:, :3], KEEP, MASKED), ValueError, "y"),
+    ("sample_mask_counts", lambda: mk.sample_mask_counts("256"), TypeError, "L"),
+    ("sample_mask_counts", lambda: mk.sample_mask_counts(256, mask_ratio_min=-0.1), ValueError, "mask_ratio_min"),
+    ("remask_step", lambda: mk.remask_step(LOGITS, IDS, K, mask_id=20, choice_temperature=NAN), ValueError,
+     "choice_temperature"),
+    ("remask_step", lambda: mk.remask_step(LOGITS, IDS, K, mask_id=20.0, choice_temperature=1.0), TypeError,
+     "mask_id"),
+    ("remask_step", lambda: mk.remask_step(LOGITS, IDS, K, **REMASK_KW, temperature=0.0), ValueError, "temperature"),
+    ("remask_step", lambda: mk.remask_step(LOGITS, IDS, K, **REMASK_KW, generator=0), TypeError, "generator"),
+    ("remask_step", lambda: mk.remask_step(LOGITS, IDS, [3, 4], **REMASK_KW), TypeError, "num_masked"),
+    ("remask_step", lambda: mk.remask_step(LOGITS, IDS, K, **REMASK_KW, vocab_size=17), ValueError, "vocab_size"),
+    ("remask_step", lambda: mk.remask_step(LOGITS, IDS, K, **REMASK_KW, vocab_size=8.5), TypeError, "vocab_size"),
+    ("remask_step", lambda: mk.remask_step(LOGITS, IDS, K, **REMASK_KW, seed=[1, 2]), TypeError, "seed"),
+    ("remask_step", lambda: mk.remask_step(LOGITS, IDS, K, **REMASK_KW, reference_ties=None), TypeError,
+     "reference_ties"),
+    ("remask_step", lambda: mk.remask_step(LOGITS, IDS, K + 5, **REMASK_KW), ValueError, "num_masked"),
+    ("remask_step", lambda: mk.remask_step(LOGITS.double(), IDS, K, **REMASK_KW), TypeError, "logits"),
+    ("remask_step_from_hidden", lambda: mk.remask_step_from_hidden(HIDDEN, WEIGHT, [0.0], IDS, K, **REMASK_KW),
+     TypeError, "bias"),
+    ("remask_step_from_hidden", lambda: mk.remask_step_from_hidden(HIDDEN, WEIGHT[:, :2], None, IDS, K,
+                                                                  **REMASK_KW), ValueError, "weight"),
+    ("remask_step_from_hidden", lambda: mk.remask_step_from_hidden(HIDDEN, WEIGHT, None, IDS, K, mask_id=20,
+                                                                  choice_temperature=-1.0), ValueError,
+     "choice_temperature"),
+    ("draw_seed", lambda: mk.draw_seed("cpu", generator=1234), TypeError, "generator"),
+    ("cosine_mask_ratio", lambda: mk.cosine_mask_ratio(0, 0), ValueError, "num_steps"),
+    ("cosine_mask_ratio", lambda: mk.cosine_mask_ratio(5, 5), ValueError, "step"),
+    ("cosine_mask_ratio", lambda: mk.cosine_mask_ratio(0.5, 5), TypeError, "step"),
+    ("annealed_choice_temperature", lambda: mk.annealed_choice_temperature(0, 0, 4.5), ValueError, "num_steps"),
+    ("annealed_choice_temperature", lambda: mk.annealed_choice_temperature(0, 8, NAN), ValueError,
+     "choice_temperature"),
+    ("remask_count", lambda: mk.remask_count(torch.tensor([5, 5, 1]), mask_id=5, mask_ratio=0.5), ValueError,
+     "ids"),
+    ("remask_count", lambda: mk.remask_count(torch.tensor([[5, 5, 1]]), mask_id=5, mask_ratio=NAN), ValueError,
+     "mask_ratio"),
+    ("remask_count", lambda: mk.remask_count(torch.tensor([[5, 5, 1]]), mask_id=5, mask_ratio=INF), ValueError,
+     "mask_ratio"),
+    ("remask_count", lambda: mk.remask_count(torch.tensor([[5.0, 1.0]]), mask_id=5, mask_ratio=0.5), TypeError,
+     "ids"),
+    ("remask_count", lambda: mk.remask_count(torch.tensor([[5, 1]]), mask_id=5, mask_ratio=0.5, num_initial=-2),
+     ValueError, "num_initial"),
+    ("remask_count", lambda: mk.remask_count(torch.tensor([[5, 1]]), mask_id=5, mask_ratio=0.5,
+                                             num_initial=torch.tensor([1.0])), TypeError, "num_initial"),
+    ("remask_count", lambda: mk.remask_count(torch.tensor([[5, 1]]), mask_id=5, mask_ratio=0.5,
+                                             num_initial=torch.tensor([1, 1])), ValueError, "num_initial"),
+    ("maskgit_sample", lambda: mk.maskgit_sample(FN, IDS, steps=2, mask_id=20.0, vocab_size=16), TypeError,
+     "mask_id"),
+    ("maskgit_sample", lambda: mk.maskgit_sample("model", IDS, steps=2, **SAMPLE_KW), TypeError, "logits_fn"),
+    ("maskgit_sample", lambda: mk.maskgit_sample(FN, IDS, steps=2.0, **SAMPLE_KW), TypeError, "steps"),
+    ("maskgit_sample", lambda: mk.maskgit_sample(FN, IDS, steps=True, **SAMPLE_KW), TypeError, "steps"),
+    ("maskgit_sample", lambda: mk.maskgit_sample(FN, IDS.tolist(), steps=2, **SAMPLE_KW), TypeError, "ids"),
+    ("maskgit_sample", lambda: mk.maskgit_sample(FN, IDS, steps=2, **SAMPLE_KW, choice_temperature=NAN),
+     ValueError, "choice_temperature"),
+    ("maskgit_sample", lambda: mk.maskgit_sample(FN, IDS, steps=2, **SAMPLE_KW, temperature=0.0), ValueError,
+     "temperature"),
+    ("maskgit_sample", lambda: mk.maskgit_sample(FN, IDS, steps=2, **SAMPLE_KW, generator=0), TypeError, "generator"),
+    ("maskgit_sample", lambda: mk.maskgit_sample(FN, IDS, steps=2, **SAMPLE_KW, on_step=1), TypeError, "on_step"),
+    ("maskgit_sample", lambda: mk.maskgit_sample(FN, IDS, steps=2, **SAMPLE_KW, reference_ties=1), TypeError,
+     "reference_ties"),
+    ("maskgit_sample", lambda: mk.maskgit_sample(FN, IDS, steps=2, **SAMPLE_KW, schedule=lambda r: 2.0),
+     ValueError, "schedule"),
+    ("maskgit_sample", lambda: mk.maskgit_sample(FN, IDS, steps=2, mask_id=20, vocab_size=21), ValueError,
+     "mask_id"),
+    ("maskgit_sample", lambda: mk.maskgit_sample(None, IDS, steps=2, mask_id=20, hidden_fn=lambda x: HIDDEN,
+                                                 head_weight=WEIGHT.tolist()), TypeError, "head_weight"),
+    ("maskgit_step", lambda: mk.maskgit_step(FN, IDS, torch.tensor([8, 8]), 2, 2, **SAMPLE_KW), ValueError, "step"),
+    ("maskgit_step", lambda: mk.maskgit_step(FN, IDS, [8, 8], 0, 2, **SAMPLE_KW), TypeError, "num_initial"),
+    ("maskgit_step", lambda: mk.maskgit_step(FN, IDS, torch.tensor([8, 9]), 0, 2, **SAMPLE_KW), ValueError,
+     "num_initial"),
+]
+
+
+@pytest.mark.parametrize("name,call,err,arg", OP_CASES, ids=[f"{c[0]}-{c[3]}-{i}" for i, c in enumerate(OP_CASES)])
+def test_op_bad_input(name, call, err, arg):
+    assert raises_naming(err, arg, call).startswith(f"{name}: ")  # says which function complains
+
+
+def test_every_public_op_function_has_bad_input_cases():
+    functions = {n for n in mk.__all__ if callable(getattr(mk, n)) and n not in ("build_info",)}
+    covered = {c[0] for c in OP_CASES}
+    assert functions <= covered, f"no bad-input case for {sorted(functions - covered)}"
+
+
+# ------------------------------------------------------------------------------------- model layer
+
+import mage  # noqa: E402
+from mage.tokenizer import TokenizerConfig  # noqa: E402
+
+TOK = TokenizerConfig.tiny(resolution=16, n_embed=32)
+SMALL = dict(tokenizer=TOK, depth=1, decoder_depth=1, embed_dim=32, num_heads=2, decoder_embed_dim=32,
+             decoder_num_heads=2)
+MODEL = mage.mage_vit_tiny(**SMALL).eval()
+IMAGES = torch.rand(2, 3, 16, 16)
+HOLE = torch.zeros(2, 16, 16, dtype=torch.bool)
+MASK_ID = MODEL.config.mask_id
+ALL_MASKED = torch.full((1, 16), MASK_ID)
+
+
+def meta_model():
+    with torch.device("meta"):
+        return mage.mage_vit_tiny(**SMALL)
+
+
+# (function name, call, error type, argument the message must name)
+MODEL_CASES = [
+    ("generate", lambda: mage.generate(MODEL, 2.5, steps=2), TypeError, "num_images"),
+    ("generate", lambda: mage.generate(MODEL, -1, steps=2), ValueError, "num_images"),
+    ("generate", lambda: mage.generate(MODEL, 2, steps=2, generator=0), TypeError, "generator"),
+    ("generate", lambda: mage.generate(MODEL, 2, steps=0), ValueError, "steps"),
+    ("generate", lambda: mage.generate(MODEL, 2, steps=2, batch_size=0), ValueError, "batch_size"),
+    ("generate", lambda: mage.generate(MODEL, 2, steps=2, choice_temperature=NAN), ValueError, "choice_temperature"),
+    ("generate", lambda: mage.generate(MODEL, 2, steps=2, dtype=torch.int8), ValueError, "dtype"),
+    ("generate", lambda: mage.generate(meta_model(), 2, steps=2), ValueError, "model"),
+    ("generate", lambda: mage.generate(torch.nn.Linear(2, 2), 1), TypeError, "model"),
+    ("decode_tokens", lambda: mage.decode_tokens(MODEL, ALL_MASKED[:, :5]), ValueError, "ids"),
+    ("decode_tokens", lambda: mage.decode_tokens(MODEL, ALL_MASKED.float()), TypeError, "ids"),
+    ("decode_tokens", lambda: mage.decode_tokens(MODEL, ALL_MASKED, steps=1.5), TypeError, "steps"),
+    ("sample_step", lambda: mage.sample_step(MODEL, ALL_MASKED, torch.tensor([16]), 5, 4), ValueError, "step"),
+    ("mask_schedule", lambda: mage.mask_schedule(256, 0), ValueError, "steps"),
+    ("mask_schedule", lambda: mage.mask_schedule(25.6, 4), TypeError, "num_tokens"),
+    ("inpaint", lambda: mage.inpaint(MODEL, IMAGES, [[0]]), TypeError, "pixel_mask"),
+    ("inpaint", lambda: mage.inpaint(MODEL, IMAGES, HOLE[:1]), ValueError, "pixel_mask"),
+    ("inpaint", lambda: mage.inpaint(MODEL, IMAGES * 255, HOLE), ValueError, "images"),
+    ("inpaint", lambda: mage.inpaint(MODEL, IMAGES * NAN, HOLE), ValueError, "images"),
+    ("inpaint", lambda: mage.inpaint(MODEL, IMAGES.to("meta"), HOLE), ValueError, "images"),
+    ("inpaint", lambda: mage.inpaint(MODEL, IMAGES, HOLE, ring=-1), ValueError, "ring"),
+    ("inpaint", lambda: mage.inpaint(MODEL, IMAGES, HOLE, steps=0), ValueError, "steps"),
+    ("inpaint", lambda: mage.inpaint(MODEL, IMAGES, HOLE, generator="seed"), TypeError, "generator"),
+    ("token_mask_from_pixels", lambda: mage.token_mask_from_pixels(HOLE, 0), ValueError, "grid"),
+    ("token_mask_from_pixels", lambda: mage.token_mask_from_pixels(HOLE.tolist(), 4), TypeError, "pixel_mask"),
+    ("token_mask_from_pixels", lambda: mage.token_mask_from_pixels(HOLE, 5), ValueError, "pixel_mask"),
+    ("MAGE", lambda: MODEL(ALL_MASKED.tolist()), TypeError, "ids"),
+    ("MAGE", lambda: MODEL(torch.full((1, 16), 99)), ValueError, "ids"),
+    ("MAGE", lambda: MODEL(ALL_MASKED, mask=torch.zeros(1, 16)), TypeError, "mask"),
+    ("VQGANTokenizer", lambda: MODEL.vqgan.encode(IMAGES[:, :1]), ValueError, "images"),
+    ("VQGANTokenizer", lambda: MODEL.vqgan.encode(IMAGES.to(torch.uint8)), TypeError, "images"),
+    ("VQGANTokenizer", lambda: MODEL.vqgan.decode(torch.zeros(1, 16)), TypeError, "ids"),
+    ("VQGANTokenizer", lambda: MODEL.vqgan.decode(torch.full((1, 16), 32)), ValueError, "ids"),
+    ("MAGEConfig", lambda: mage.MAGEConfig(depth=0), ValueError, "depth"),
+    ("MAGEConfig", lambda: mage.MAGEConfig(embed_dim="32"), TypeError, "embed_dim"),
+    ("MAGEConfig", lambda: mage.MAGEConfig(dropout=1.5), ValueError, "dropout"),
+    ("MAGEConfig", lambda: mage.MAGEConfig(vocab="big"), ValueError, "vocab"),
+    ("MAGEConfig", lambda: mage.MAGEConfig(tokenizer=3), TypeError, "tokenizer"),
+    ("TokenizerConfig", lambda: TokenizerConfig(ch_mult=(1, 2.5)), TypeError, "ch_mult"),
+    ("TokenizerConfig", lambda: TokenizerConfig(n_embed=0), ValueError, "n_embed"),
+    ("TokenizerConfig", lambda: TokenizerConfig(resolution=100), ValueError, "resolution"),
+    ("MAEConfig", lambda: mage.MAEConfig(patch_size=0), ValueError, "patch_size"),
+    ("MAE", lambda: mage.MAE(mage.MAEConfig(image_size=30)), ValueError, "image_size"),
+    ("TrainConfig", lambda: mage.TrainConfig(batch_size=0), ValueError, "batch_size"),
+    ("TrainConfig", lambda: mage.TrainConfig(lr=NAN), ValueError, "lr"),
+    ("TrainConfig", lambda: mage.TrainConfig(betas=(0.9, 1.5)), ValueError, "betas"),
+    ("TrainConfig", lambda: mage.TrainConfig(objective="bert"), ValueError, "objective"),
+    ("TrainConfig", lambda: mage.TrainConfig(data=3), TypeError, "data"),
+    ("ProbeConfig", lambda: mage.ProbeConfig(epochs=0), ValueError, "epochs"),
+    ("ProbeConfig", lambda: mage.ProbeConfig(base_lr=-1.0), ValueError, "base_lr"),
+    ("mage_vit_tiny", lambda: mage.mage_vit_tiny(embed_dim=100), ValueError, "embed_dim"),
+    ("mage_vit_small", lambda: mage.mage_vit_small(depth=-1), ValueError, "depth"),
+    ("mage_vit_base_patch16", lambda: mage.mage_vit_base_patch16(mlp_ratio=0.0), ValueError, "mlp_ratio"),
+    ("mage_vit_large_patch16", lambda: mage.mage_vit_large_patch16(num_heads=7), ValueError, "num_heads"),
+    ("mage_vit_huge_patch16", lambda: mage.mage_vit_huge_patch16(norm_eps=0.0), ValueError, "norm_eps"),
+    ("load", lambda: mage.load("/nonexistent/model.safetensors"), FileNotFoundError, "/nonexistent/model.safetensors"),
+    ("load", lambda: mage.load(__file__), mage.CheckpointError, "test_bad_input.py"),
+    ("load_any", lambda: mage.load_any(__file__), mage.CheckpointError, "test_bad_input.py"),
+    ("load_tokenizer", lambda: mage.load_tokenizer(__file__), mage.CheckpointError, "test_bad_input.py"),
+    ("load_official", lambda: mage.load_official({"model": {"x": torch.zeros(1)}}), mage.CheckpointError,
+     "token_emb.word_embeddings.weight"),
+    ("load_official_tokenizer", lambda: mage.load_official_tokenizer({"x": torch.zeros(1)}), mage.CheckpointError,
+     "encoder.conv_in.weight"),
+    ("infer_config", lambda: mage.infer_config({"token_emb.word_embeddings.weight": torch.zeros(3)}),
+     mage.CheckpointError, "word_embeddings"),
+    ("save", lambda: mage.save(MODEL, "/"), IsADirectoryError, "/"),
+    ("save_tokenizer", lambda: mage.save_tokenizer(MODEL.vqgan, "/"), IsADirectoryError, "/"),
+    ("build_token_cache", lambda: mage.build_token_cache(MODEL.vqgan, None, "/tmp/x.ckpt", crops=0), ValueError,
+     "crops"),
+    ("psnr", lambda: mage.psnr(IMAGES.tolist(), IMAGES), TypeError, "x"),
+    ("psnr", lambda: mage.psnr(IMAGES, IMAGES, data_range=0.0), ValueError, "data_range"),
+    ("ssim", lambda: mage.ssim(IMAGES, IMAGES, window_size=0), ValueError, "window_size"),
+    ("fid", lambda: mage.fid(IMAGES.tolist(), IMAGES), TypeError, "images1"),
+    ("fid", lambda: mage.fid(IMAGES * 2 - 1, IMAGES), ValueError, "images"),
+    ("frechet_distance", lambda: mage.frechet_distance(torch.zeros(3), torch.eye(3), torch.zeros(4), torch.eye(4)),
+     ValueError, "mu2"),
+    ("classifier_score", lambda: mage.classifier_score(torch.randn(10, 5)), ValueError, "probs"),
+    ("classifier_score", lambda: mage.classifier_score(torch.ones(10, 1), splits=0), ValueError, "splits"),
+    ("codebook_usage", lambda: mage.codebook_usage(torch.rand(5, 2)), ValueError, "counts"),
+    ("codebook_usage", lambda: mage.codebook_usage(torch.tensor([3.0, -1.0])), ValueError, "counts"),
+    ("linear_probe", lambda: mage.linear_probe(torch.randn(8, 4), torch.rand(8), torch.randn(4, 4),
+                                               torch.zeros(4, dtype=torch.long)), ValueError, "train_labels"),
+    ("linear_probe", lambda: mage.linear_probe(torch.full((8, 4), NAN), torch.zeros(8, dtype=torch.long),
+                                               torch.randn(4, 4), torch.zeros(4, dtype=torch.long)), ValueError,
+     "train_features"),
+    ("extract_features", lambda: mage.extract_features(lambda x: x, (torch.zeros(2, 3), torch.zeros(2)),
+                                                       batch_size=0), ValueError, "batch_size"),
+    ("load_digits", lambda: mage.load_digits(torch.int64), TypeError, "dtype"),
+    ("load_fashion_mnist", lambda: mage.load_fashion_mnist("val"), ValueError, "split"),
+    ("ImageFolder", lambda: mage.ImageFolder("/nonexistent"), FileNotFoundError, "/nonexistent"),
+    ("TensorImageDataset", lambda: mage.TensorImageDataset(torch.zeros(2, 8, 8), torch.zeros(2)), ValueError,
+     "images"),
+    ("TokenCacheDataset", lambda: mage.TokenCacheDataset(torch.zeros(2, 1, 4), torch.zeros(2)), TypeError, "ids"),
+    ("list_models", lambda: mage.list_models(3), TypeError, "pattern"),
+    ("create_model", lambda: mage.create_model("mage_vit_giant"), ValueError, "mage_vit_giant"),
+    ("create_model", lambda: mage.create_model(None), ValueError, "name"),
+    ("create_model", lambda: mage.create_model("mage_vit_tiny", depth=0), ValueError, "depth"),
+    ("create_model", lambda: mage.create_model("mage_vit_tiny", dtype=torch.int8), TypeError, "dtype"),
+    ("create_model", lambda: mage.create_model("mage_vit_tiny", checkpoint_path="/nonexistent/m.pth"),
+     FileNotFoundError, "/nonexistent/m.pth"),
+    ("create_model", lambda: mage.create_model("mage_vit_tiny", checkpoint_path=__file__), mage.CheckpointError,
+     "test_bad_input.py"),
+    ("MAGE.from_pretrained", lambda: mage.MAGE.from_pretrained("/nonexistent/folder"), FileNotFoundError,
+     "/nonexistent/folder"),
+    ("MAGE.from_pretrained", lambda: mage.MAGE.from_pretrained(__file__), FileNotFoundError, "mage.load"),
+    ("load", lambda: mage.load(__file__, dtype="bf16"), TypeError, "dtype"),
+]
+# Names of mage.__all__ that take no user input worth a row (results, errors, the demo as a whole).
+NOT_INPUT = {"CheckpointError", "LoadReport", "ProbeResult", "DemoConfig", "run_demo"}
+
+
+@pytest.mark.parametrize("name,call,err,arg", MODEL_CASES,
+                         ids=[f"{c[0]}-{c[3]}-{i}" for i, c in enumerate(MODEL_CASES)])
+def test_model_layer_bad_input(name, call, err, arg):
+    raises_naming(err, arg, call)
+
+
+def test_every_public_model_function_has_bad_input_cases():
+    public = {n for n in mage.__all__ if callable(getattr(mage, n))} - NOT_INPUT
+    covered = {c[0] for c in MODEL_CASES}
+    assert public <= covered, f"no bad-input case for {sorted(public - covered)}"
+
+
+def test_hostile_pretrained_folders(tmp_path):
+    # A folder's config.json is validated like our files' metadata, before anything is built.
+    MODEL.save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    for change, word in ((dict(depth=10**6), "depth"), (dict(embed_dim="32"), "embed_dim"), ([1, 2], "JSON object")):
+        (tmp_path / "m" / "config.json").write_text(json.dumps(change if isinstance(change, list) else
+                                                               {**config, **change}))
+        raises_naming(mage.CheckpointError, word, lambda: mage.MAGE.from_pretrained(tmp_path / "m"))
+    (tmp_path / "m" / "config.json").write_text("{depth: 1")
+    raises_naming(mage.CheckpointError, "config.json", lambda: mage.load(tmp_path / "m"))
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(tmp_path / "m" / "model.safetensors")
+    state["norm.weight"] = state["norm.weight"] * NAN
+    save_file(state, tmp_path / "m" / "model.safetensors")
+    raises_naming(mage.CheckpointError, "norm.weight", lambda: mage.MAGE.from_pretrained(tmp_path / "m"))
+    raises_naming(mage.CheckpointError, "norm.weight",
+                  lambda: mage.create_model("mage_vit_tiny", checkpoint_path=tmp_path / "m", **SMALL))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_loaders_cast_to_the_asked_dtype_not_back_to_float32(tmp_path, dtype):
+    # load_checked casts floating tensors to the model's dtype unless a dtype is asked for.
+    MODEL.save(tmp_path / "m.safetensors")
+    MODEL.save_pretrained(tmp_path / "f")
+    for model in (mage.load(tmp_path / "m.safetensors", dtype=dtype), mage.load_any(tmp_path / "f", dtype=dtype),
+                  mage.create_model("mage_vit_tiny", checkpoint_path=tmp_path / "f", dtype=dtype, **SMALL)):
+        assert model.norm.weight.dtype == dtype and model.token_emb.position_ids.dtype == torch.int64
+
+
+VQ = mk.nn.VectorQuantize
+# (call, error type, argument the message must name)
+NN_CASES = [
+    (lambda: VQ(0, 8), ValueError, "dim"),
+    (lambda: VQ(True, 8), TypeError, "dim"),
+    (lambda: VQ(4, 8.0), TypeError, "codebook_size"),
+    (lambda: VQ(4, 8, codebook_dim=0), ValueError, "codebook_dim"),
+    (lambda: VQ(4, 8, decay=1.0), ValueError, "decay"),
+    (lambda: VQ(4, 8, decay=NAN), ValueError, "decay"),
+    (lambda: VQ(4, 8, decay="0.8"), TypeError, "decay"),
+    (lambda: VQ(4, 8, commitment_weight=INF), ValueError, "commitment_weight"),
+    (lambda: VQ(4, 8, eps=-1.0), ValueError, "eps"),
+    (lambda: VQ(4, 8, kmeans_iters=0), ValueError, "kmeans_iters"),
+    (lambda: VQ(4, 8, channel_last="yes"), TypeError, "channel_last"),
+    (lambda: VQ(4, 8, sync_codebook=1), TypeError, "sync_codebook"),
+    (lambda: VQ(4, 8)(torch.randn(2, 5, 3)), ValueError, "x"),
+    (lambda: VQ(4, 8)(torch.randint(0, 3, (2, 5, 4))), TypeError, "x"),
+    (lambda: VQ(4, 8)([[0.0] * 4]), TypeError, "x"),
+    (lambda: VQ(4, 8).get_codes_from_indices(torch.tensor([8])), ValueError, "indices"),
+    (lambda: VQ(4, 8).get_output_from_indices(torch.tensor([0.0])), TypeError, "indices"),
+]
+
+
+@pytest.mark.parametrize("call,err,arg", NN_CASES, ids=[f"{c[2]}-{i}" for i, c in enumerate(NN_CASES)])
+def test_vector_quantize_bad_input(call, err, arg):
+    assert raises_naming(err, arg, call).startswith("VectorQuantize")
+
+
+def test_sensible_behaviour_instead_of_errors():
+    # Empty batches give empty results; fp64 / fp16 / bf16 images are converted to the model's dtype.
+    assert MODEL.vqgan.decode(torch.zeros(0, 16, dtype=torch.long)).shape == (0, 3, 16, 16)
+    assert mage.inpaint(MODEL, IMAGES[:0], HOLE[:0], steps=2).shape == (0, 3, 16, 16)
+    assert mage.generate(MODEL, 0, steps=2).shape == (0, 3, 16, 16)
+    ids = MODEL.vqgan.encode(IMAGES)
+    for dtype in (torch.float64, torch.float16, torch.bfloat16):
+        assert MODEL.vqgan.encode(IMAGES.to(dtype)).shape == ids.shape
+    assert mage.inpaint(MODEL, IMAGES.double(), HOLE, steps=2).dtype == torch.float32
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture(scope="module")
+def cli_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    MODEL.save(root / "model.safetensors")
+    from PIL import Image
+
+    Image.new("RGB", (20, 20)).save(root / "image.png")
+    Image.new("L", (20, 20)).save(root / "mask.png")
+    (root / "notes.txt").write_text("not an image")
+    (root / "bad.json").write_text("{steps: 3")
+    (root / "list.json").write_text("[1, 2]")
+    (root / "unknown.json").write_text('{"stepz": 3}')
+    return root
+
+
+# (command line with {root} for the fixture folder, exit status, what stderr must name)
+CLI_CASES = [
+    ("sample --checkpoint {root}/missing.safetensors", 1, "missing.safetensors"),
+    ("sample --checkpoint {root}/notes.txt", 1, "notes.txt"),
+    ("sample --checkpoint {root}/model.safetensors --num -1", 1, "num_images"),
+    ("sample --checkpoint {root}/model.safetensors --num 2.5", 2, "--num"),
+    ("sample --checkpoint {root}/model.safetensors --steps 0", 1, "steps"),
+    ("sample --checkpoint {root}/model.safetensors --temperature nan", 1, "choice_temperature"),
+    ("sample --checkpoint {root}/model.safetensors --batch-size 0", 1, "batch_size"),
+    ("sample --checkpoint {root}/model.safetensors --dtype fp8", 2, "--dtype"),
+    ("sample --checkpoint {root}/model.safetensors --cuda-graph --device cpu", 1, "cuda_graph"),
+    ("sample --checkpoint {root}/model.safetensors --device cpu --num 1 --steps 1 --out {root}", 1, "directory"),
+    ("inpaint --checkpoint {root}/model.safetensors --image {root}/missing.png --mask {root}/mask.png --out x.png",
+     1, "--image"),
+    ("inpaint --checkpoint {root}/model.safetensors --image {root}/notes.txt --mask {root}/mask.png --out x.png",
+     1, "--image"),
+    ("inpaint --checkpoint {root}/model.safetensors --image {root}/image.png --mask {root}/notes.txt --out x.png",
+     1, "--mask"),
+    ("inpaint --checkpoint {root}/model.safetensors --image {root}/image.png --mask {root}/mask.png --out x.png "
+     "--ring -1 --device cpu", 1, "ring"),
+    ("inpaint --checkpoint {root}/model.safetensors --image {root}/image.png --mask {root}/mask.png", 2, "--out"),
+    ("train --batch-size 0 --out-dir {root}/run", 1, "batch_size"),
+    ("train --steps -5 --out-dir {root}/run", 1, "steps"),
+    ("train --lr nan --out-dir {root}/run", 1, "lr"),
+    ("train --model-overrides '{{\"depth\": 0}}' --data digits --out-dir {root}/run", 1, "depth"),
+    ("train --model-overrides '{{depth: 0}}' --out-dir {root}/run", 2, "--model-overrides"),
+    ("train --config {root}/missing.json", 1, "missing.json"),
+    ("train --config {root}/bad.json", 1, "bad.json"),
+    ("train --config {root}/list.json", 1, "list.json"),
+    ("train --config {root}/unknown.json", 1, "stepz"),
+    ("train --objective bert", 2, "--objective"),
+    ("train --data /nonexistent/images --objective tokenizer --out-dir {root}/run", 1, "/nonexistent/images"),
+    ("train --tokenizer-checkpoint {root}/notes.txt --data digits --out-dir {root}/run", 1, "notes.txt"),
+    ("demo --threads zero", 2, "--threads"),
+]
+
+
+@pytest.mark.parametrize("line,status,word", CLI_CASES, ids=[f"{c[0].split()[0]}-{i}" for i, c in enumerate(CLI_CASES)])
+def test_cli_bad_input(cli_files, capsys, line, status, word, monkeypatch, tmp_path):
+    import shlex
+
+    from mage import cli
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        cli.main(shlex.split(line.format(root=cli_files)))
+    err = capsys.readouterr().err
+    assert info.value.code == status, err
+    assert word in err, err
+    assert "Traceback" not in err
+
+
+def test_every_cli_command_has_bad_input_cases():
+    from mage import cli
+
+    commands = set(cli.build_parser()._subparsers._group_actions[0].choices)
+    assert commands <= {c[0].split()[0] for c in CLI_CASES}

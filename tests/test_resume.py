@@ -1,0 +1,225 @@
+"""Resuming a run loses nothing and continues exactly (issue 11 items 6-9): a missing checkpoint.pt resumes
+from .prev and says so; a damaged pair is refused without touching anything; changed settings that alter
+the run's math are refused; temp files of a killed write are cleaned; a training process SIGKILLed in the
+middle of writing its checkpoint resumes bit-exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import mage
+import mage_kernels
+from mage.checkpoint_io import CheckpointError, load_checkpoint, previous_path, save_checkpoint
+from mage.train import TrainConfig, train
+
+MAE = dict(patch_size=2, in_channels=1, embed_dim=16, depth=1, num_heads=2, decoder_embed_dim=16, decoder_depth=1,
+           decoder_num_heads=2)
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def run_config(out_dir, **overrides) -> TrainConfig:
+    """A tiny MAE on 8x8 digits: milliseconds per step. Dropout-free MAE still draws masks and crops per step."""
+    fields = dict(objective="mae", out_dir=str(out_dir), data="digits", image_size=8, mae=MAE, steps=6,
+                  batch_size=16, lr=3e-3, warmup_steps=1, log_every=1, ckpt_every=2, progress=False, seed=0)
+    return TrainConfig(**{**fields, **overrides})
+
+
+def records(out_dir) -> dict[int, dict]:
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return {r["step"]: r for r in map(json.loads, f)}
+
+
+def losses(out_dir) -> dict[int, float]:
+    return {step: r["loss"] for step, r in records(out_dir).items()}
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as every run here: the float reduction order must be the same
+    try:
+        out = tmp_path_factory.mktemp("full")
+        train(run_config(out))
+    finally:
+        torch.set_num_threads(threads)
+    return losses(out)
+
+
+def test_missing_checkpoint_resumes_from_prev_and_says_so(tmp_path, full_run):
+    # Item 6: it restarted at step 0, truncated metrics.jsonl and overwrote the good .prev.
+    train(run_config(tmp_path))
+    ckpt = tmp_path / "checkpoint.pt"
+    ckpt.unlink()  # .prev holds step 4
+    before = records(tmp_path)
+    with pytest.warns(RuntimeWarning, match="checkpoint.pt is missing: resuming from .*checkpoint.pt.prev"):
+        train(run_config(tmp_path, resume=True))
+    after = records(tmp_path)
+    assert [after[s] for s in range(1, 5)] == [before[s] for s in range(1, 5)]  # kept, not rewritten
+    assert losses(tmp_path) == full_run
+    assert load_checkpoint(previous_path(ckpt))["step"] == 4 and load_checkpoint(ckpt)["step"] == 6
+
+
+def test_damaged_prev_without_checkpoint_is_refused_and_nothing_changes(tmp_path):
+    train(run_config(tmp_path))
+    ckpt, prev = tmp_path / "checkpoint.pt", previous_path(tmp_path / "checkpoint.pt")
+    ckpt.unlink()
+    prev.write_bytes(prev.read_bytes()[:100])
+    snapshot = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    with pytest.raises(CheckpointError, match="checkpoint.pt is missing and the previous checkpoint is damaged"):
+        train(run_config(tmp_path, resume=True))
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == snapshot
+
+
+def test_both_damaged_says_so_instead_of_calling_prev_intact(tmp_path):
+    # Item 9: the error said ".prev is intact" without looking.
+    train(run_config(tmp_path))
+    for p in (tmp_path / "checkpoint.pt", previous_path(tmp_path / "checkpoint.pt")):
+        data = bytearray(p.read_bytes())
+        data[-10] ^= 0xFF
+        p.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError) as info:
+        train(run_config(tmp_path, resume=True))
+    message = str(info.value)
+    assert "corrupted" in message and "previous checkpoint is damaged too" in message and "intact" not in message
+
+
+def test_fresh_run_does_not_overwrite_an_earlier_runs_checkpoint(tmp_path):
+    train(run_config(tmp_path))
+    snapshot = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    with pytest.raises(CheckpointError, match="--resume .*--overwrite"):
+        train(run_config(tmp_path))
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == snapshot
+    train(run_config(tmp_path, overwrite=True, steps=2))
+    assert list(losses(tmp_path)) == [1, 2]
+
+
+@pytest.mark.parametrize("changed", [dict(batch_size=8), dict(blr=1e-3, lr=None), dict(mask_ratio_min=0.4),
+                                     dict(seed=1), dict(mae={**MAE, "embed_dim": 32})])
+def test_resume_refuses_settings_that_change_the_math(tmp_path, changed):
+    # Item 7: --resume with a changed --batch-size continued without a word.
+    train(run_config(tmp_path, steps=4))
+    name = next(iter(changed))
+    with pytest.raises(CheckpointError, match=f"{name}: .* -> .*--resume-with-changes"):
+        train(run_config(tmp_path, resume=True, steps=4, **changed))
+
+
+def test_resume_allows_bookkeeping_changes_and_explicit_overrides(tmp_path, full_run):
+    train(run_config(tmp_path, steps=4))
+    train(run_config(tmp_path, resume=True, steps=4, log_every=2, ckpt_every=3, num_workers=0, progress=False))
+    with pytest.warns(RuntimeWarning, match="changed settings: steps: 4 -> 6"):
+        train(run_config(tmp_path, resume=True, resume_with_changes=True))
+    assert list(losses(tmp_path)) == [1, 2, 3, 4, 5, 6]
+
+
+def test_stale_temp_files_of_a_killed_write_are_removed(tmp_path):
+    # Item 8: a kill during the write left .checkpoint.pt.*.tmp forever.
+    train(run_config(tmp_path, steps=2))
+    stale = [tmp_path / ".checkpoint.pt.k3x9.tmp", tmp_path / ".checkpoint.pt.prev.a1b2"]
+    for p in stale:
+        p.write_bytes(b"half a checkpoint")
+    keep = tmp_path / ".other.tmp"
+    keep.write_bytes(b"not ours")
+    train(run_config(tmp_path, steps=2, resume=True))
+    assert not any(p.exists() for p in stale) and keep.exists()
+
+
+def _corrupt_state(tmp_path, edit):
+    train(run_config(tmp_path, steps=2))
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    save_checkpoint(edit(state), tmp_path / "checkpoint.pt", keep_previous=False)
+
+
+class Opaque:
+    pass
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda s: {"weights": s["model"]}, "not a training state written by mage train"),
+    (lambda s: {**s, "step": 2.5}, "step must be an int >= 0, got 2.5"),
+    (lambda s: {**s, "model": {**s["model"], "model.norm.weight": s["model"]["model.norm.weight"] * float("nan")}},
+     "model.norm.weight' has NaN or inf"),
+    (lambda s: {**s, "extra": {**s["extra"], "note": Opaque()}}, "refusing to unpickle"),
+])
+def test_resume_from_a_file_of_the_wrong_content_is_a_clear_error(tmp_path, edit, match):
+    _corrupt_state(tmp_path, edit)
+    with pytest.raises(CheckpointError, match=match):
+        train(run_config(tmp_path, steps=4, resume=True, resume_with_changes=True))
+
+
+def test_token_cache_with_pickled_objects_is_refused(tmp_path):
+    save_checkpoint({"ids": torch.zeros(4, 1, 16, dtype=torch.long), "labels": torch.zeros(4), "x": Opaque()},
+                    tmp_path / "cache.pt")
+    cfg = TrainConfig(objective="mage", token_cache=str(tmp_path / "cache.pt"), out_dir=str(tmp_path / "run"),
+                      progress=False, steps=1, batch_size=2)
+    with pytest.raises(CheckpointError, match="cache.pt: refusing to unpickle"):
+        train(cfg)
+
+
+# ------------------------------------------------------------------------- SIGKILL during the write
+
+# Run in a subprocess: train, and SIGKILL this process at the given point of the 2nd checkpoint write (step 4).
+KILLER = r"""
+import json, os, signal, sys, types
+import mage.checkpoint_io as cio
+from mage.train import TrainConfig, train
+
+point = sys.argv[1]
+real = types.SimpleNamespace(**vars(os))  # checkpoint_io's view of os, with one call replaced
+writes = {"n": 0}
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def fdopen(fd, mode, *args, **kwargs):
+    f = os.fdopen(fd, mode, *args, **kwargs)
+    writes["n"] += 1
+    if point != "mid-payload" or writes["n"] < 2:
+        return f
+    class HalfWriter:
+        def __enter__(self): return self
+        def __exit__(self, *exc): f.close()
+        def write(self, data):
+            if len(data) > 1000:  # the payload: half of it reaches the disk, then the process dies
+                f.write(bytes(data[: len(data) // 2])); f.flush(); os.fsync(f.fileno()); die()
+            return f.write(data)
+        def __getattr__(self, name): return getattr(f, name)
+    return HalfWriter()
+
+def replace(src, dst):
+    is_prev = str(dst).endswith(".prev")
+    if writes["n"] >= 2 and ((point == "before-rename" and not is_prev) or (point == "prev-staged" and is_prev)):
+        die()
+    return os.replace(src, dst)
+
+real.fdopen, real.replace = fdopen, replace
+cio.os = real
+train(TrainConfig(**json.loads(sys.argv[2])))
+"""
+
+
+@pytest.mark.parametrize("point", ["mid-payload", pytest.param("prev-staged", marks=pytest.mark.slow),
+                                   pytest.param("before-rename", marks=pytest.mark.slow)])
+def test_sigkill_during_checkpoint_write_resumes_bit_exactly(tmp_path, full_run, point):
+    cfg = run_config(tmp_path)
+    roots = [os.path.dirname(os.path.dirname(m.__file__)) for m in (mage, mage_kernels)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(roots)}
+    proc = subprocess.run([sys.executable, "-c", KILLER, point, json.dumps(cfg.to_dict())], env=env,
+                          capture_output=True, timeout=600)
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".checkpoint.pt.")]
+    assert leftovers, "the kill should leave the write's temp file"
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 2  # the step-4 write never landed
+    assert list(losses(tmp_path)) == [1, 2, 3, 4]
+
+    train(run_config(tmp_path, resume=True))
+    assert losses(tmp_path) == full_run  # bitwise, every step
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 6
