@@ -87,8 +87,6 @@ class MAGEConfig:
             raise ValueError(f"MAGEConfig.vocab must be 'official' or 'compact', got {self.vocab!r}")
         if self.head not in HEADS:
             raise ValueError(f"MAGEConfig.head must be one of {HEADS}, got {self.head!r}")
-        if not self.embed_std > 0:
-            raise ValueError(f"MAGEConfig.embed_std must be > 0, got {self.embed_std}")
         sizes = ((self.embed_dim, self.num_heads, ""), (self.decoder_embed_dim, self.decoder_num_heads, "decoder_"))
         for dim, heads, name in sizes:
             if dim % heads != 0:
