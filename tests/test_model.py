@@ -299,6 +299,47 @@ def test_head_is_tied_to_detached_embeddings(model):
         assert_close(m.head_hidden(ids, mask=all_masked) @ w.T + b, m(ids, mask=all_masked))
 
 
+@pytest.mark.parametrize("head", ["tied", "untied"])
+def test_small_model_head_options_train_the_output_table(head):
+    """The demo's deviations (docs/TRAINING.md): without the detach the head's gradient reaches the table;
+    untied, the head has a table of its own and the input table gets only input-side gradients."""
+    m = mage.MAGE(tiny_config(head=head, embed_std=0.5)).eval()
+    assert m.token_emb.word_embeddings.weight.std().item() == pytest.approx(0.5, rel=0.1)
+    ids = torch.randint(0, 64, (2, L_TINY))
+    all_masked = torch.ones(2, L_TINY, dtype=torch.bool)
+    m(ids, mask=all_masked).sum().backward()
+    table_rows = m.token_emb.word_embeddings.weight.grad.abs().sum(1).nonzero().flatten().tolist()
+    w, b = m.head_weight()
+    if head == "tied":
+        assert w is m.token_emb.word_embeddings.weight and len(table_rows) == m.config.vocab_size
+    else:
+        assert w is m.mlm_layer.weight and tuple(w.shape) == (m.config.vocab_size, m.config.embed_dim)
+        assert table_rows == [m.config.cls_id, m.config.mask_id]
+        assert m.mlm_layer.weight.grad.abs().sum() > 0
+        assert "mlm_layer.weight" in m.state_dict()
+    with torch.no_grad():
+        assert_close(m.head_hidden(ids, mask=all_masked) @ w.T + b, m(ids, mask=all_masked))
+
+
+def test_head_options_default_to_the_reference_and_are_checked():
+    c = mage.MAGEConfig()
+    assert (c.head, c.embed_std) == ("tied-detached", 0.02)
+    assert "mlm_layer.weight" not in mage.MAGE(tiny_config()).state_dict()  # official layouts are unchanged
+    with pytest.raises(ValueError, match="head"):
+        tiny_config(head="shared")
+    with pytest.raises(ValueError, match="embed_std"):
+        tiny_config(embed_std=0.0)
+
+
+def test_untied_model_round_trips_through_safetensors(tmp_path):
+    m = randomized(mage.MAGE(tiny_config(head="untied")))
+    m.save(tmp_path / "u.safetensors")
+    loaded = mage.load(tmp_path / "u.safetensors").eval()
+    assert loaded.config.head == "untied"
+    for k, v in m.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+
+
 def test_bf16_autocast_and_fp32_attention(model):
     masked, dropped, _ = plan(2, 40, 20)
     ids = torch.randint(0, 64, (2, L_TINY))

@@ -1,5 +1,7 @@
 """Sampler (docs/REFERENCE.md 5), inpainting and the CLI, on a tiny random model."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -46,6 +48,21 @@ def test_each_step_commits_the_scheduled_count_and_keeps_committed_tokens(model,
         prev = x
     assert not (final == c.mask_id).any() and int(final.max()) < c.codebook_size and int(final.min()) >= 0
     assert torch.equal(final, history[-1])
+
+
+@pytest.mark.parametrize("fused_head", [True, False])
+def test_temperature_divides_the_logits(fused_head):
+    """temperature=T samples as a model whose logits are divided by T (exact for T = 0.5: a power of two)."""
+    m = randomized(mage.MAGE(tiny_config(head="untied")))
+    scaled = randomized(mage.MAGE(tiny_config(head="untied")))
+    with torch.no_grad():
+        scaled.mlm_layer.weight.mul_(2.0)
+        scaled.mlm_layer.bias.mul_(2.0)
+    ids = torch.full((3, L_TINY), m.config.mask_id)
+    a, _ = _record(m, ids, 6, temperature=0.5, generator=torch.Generator().manual_seed(3), fused_head=fused_head)
+    b, _ = _record(scaled, ids, 6, generator=torch.Generator().manual_seed(3), fused_head=fused_head)
+    c, _ = _record(m, ids, 6, generator=torch.Generator().manual_seed(3), fused_head=fused_head)
+    assert torch.equal(a, b) and not torch.equal(a, c)
 
 
 def test_256_tokens_in_20_steps_follow_the_published_table():
@@ -146,6 +163,8 @@ def test_bad_sampler_inputs_raise_clear_errors(model):
         mage.generate(model, 1, steps=0)
     with pytest.raises(ValueError, match="choice_temperature"):
         mage.generate(model, 1, choice_temperature=-1.0)
+    with pytest.raises(ValueError, match="temperature must be finite and > 0"):
+        mage.generate(model, 1, temperature=0.0)
     with pytest.raises(TypeError, match="mage.MAGE"):
         mage.generate(torch.nn.Linear(2, 2), 1)
     with pytest.raises(ValueError, match="cuda_graph"):
@@ -173,6 +192,24 @@ def test_cli_sample_and_inpaint(model, tmp_path):
     assert Image.open(out).size == (32, 32)
     with pytest.raises(SystemExit):
         cli.main(["sample"])  # --checkpoint is required
+
+
+def test_cli_inpaint_on_a_grey_model(tmp_path):
+    """A one-channel model (the demo's Fashion-MNIST one) reads the image as grey: the demo's own
+    inpaint_example.png and inpaint_mask.png, as the report's command passes them."""
+    from PIL import Image
+
+    tok = dataclasses.replace(mage.TokenizerConfig.tiny(resolution=28), in_channels=1)
+    ckpt = tmp_path / "grey.safetensors"
+    randomized(mage.MAGE(tiny_config(tokenizer=tok))).save(ckpt)
+    Image.fromarray(np.full((28, 28), 200, dtype=np.uint8)).save(tmp_path / "x.png")
+    mask = np.zeros((28, 28), dtype=np.uint8)
+    mask[8:20, 8:20] = 255
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    out = tmp_path / "y.png"
+    assert cli.main(["inpaint", "--checkpoint", str(ckpt), "--image", str(tmp_path / "x.png"), "--mask",
+                     str(tmp_path / "m.png"), "--out", str(out), "--steps", "2", "--ring", "0", "--device", "cpu"]) == 0
+    assert Image.open(out).size == (28, 28)
 
 
 def test_one_step_compiles_whole(model):

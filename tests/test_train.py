@@ -549,16 +549,46 @@ def test_cli_train_under_torchrun(tmp_path):
 # ------------------------------------------------------------------------------------ demo
 
 
-@pytest.mark.slow
 def test_demo_quick_writes_its_report(tmp_path):
+    """The CI-sized demo end to end (about 1-2 minutes on 2 cores): every file the report links exists."""
+    import re
+
     from mage.demo import DemoConfig, run_demo, summary
 
     report = run_demo(DemoConfig.quick(str(tmp_path)))
-    for name in ("samples.png", "inpainting.png", "tokenizer_reconstructions.png", "shuffled_token_baseline.png",
-                 "report.json", "mage/curves.png", "tokenizer/curves.png"):
+    pictures = ("samples.png", "inpainting.png", "tokenizer_reconstructions.png", "shuffled_token_baseline.png",
+                "test_images.png", "mage/curves.png", "tokenizer/curves.png", "inpaint_example.png", "inpaint_mask.png")
+    for name in (*pictures, "report.json", "index.html"):
         assert (tmp_path / name).is_file(), name
+    html = (tmp_path / "index.html").read_text()
+    linked = set(re.findall(r'src="([^"]+)"', html))
+    assert set(pictures) <= linked
+    assert all((tmp_path / f).is_file() for f in linked)
+    assert set(report["cpu_times_s"]) == set(report["times_s"]) and report["times_s"]["total_s"] > 0
+    assert 0.5 < report["classifier"]["test_accuracy"] <= 1
     assert json.loads((tmp_path / "report.json").read_text())["linear_probe_top1"] == report["linear_probe_top1"]
     assert all(0.1 < v <= 1 for v in report["linear_probe_top1"].values())  # all beat chance (10 classes)
     gen = report["generation"]
     assert gen["tokenizer_reconstructions"]["frechet_distance"] < gen["shuffled_tokens"]["frechet_distance"]
     assert "linear probe" in summary(report)
+
+
+def test_demo_probe_features_pool_the_encoder_tokens():
+    from mage.demo import probe_features
+    from mage.tokenizer import TokenizerConfig
+
+    tok = TokenizerConfig(resolution=28, in_channels=1, ch=8, ch_mult=(1, 2, 2), num_res_blocks=1, embed_dim=8,
+                          n_embed=16, norm_groups=4)
+    model = mage_vit_tiny(tokenizer=tok, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=32, decoder_depth=1,
+                          decoder_num_heads=2).eval()
+    ids = torch.randint(0, 16, (3, 49), generator=torch.Generator().manual_seed(0))
+    f = probe_features(model, ids, grid=3)
+    assert f["grid"].shape == (3, 9 * 32)
+    torch.testing.assert_close(f["global_pool"], model.forward_features(ids))  # the paper's probe
+    torch.testing.assert_close(probe_features(model, ids, grid=1)["grid"], f["global_pool"])
+    # grid=7 on the 7x7 token grid: one cell per token, in row-major token order, channels first.
+    with torch.no_grad():
+        x = model.token_emb(torch.cat([ids.new_full((3, 1), model.config.cls_id), ids], dim=1))
+        for blk in model.blocks:
+            x = blk(x)
+    torch.testing.assert_close(probe_features(model, ids, grid=7)["grid"], x[:, 1:].transpose(1, 2).flatten(1))

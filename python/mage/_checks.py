@@ -22,7 +22,7 @@ INF = math.inf
 # (TrainConfig, ProbeConfig): every int not listed is >= 0.
 _MODEL_BOUNDS = {
     "dropout": (0.0, 1.0, False), "mlp_ratio": (0.0, INF, True), "norm_eps": (0.0, 1.0, True),
-    "head_norm_eps": (0.0, 1.0, True),
+    "head_norm_eps": (0.0, 1.0, True), "embed_std": (0.0, INF, True),
 }
 _RUN_BOUNDS = {
     "steps": (1, None, False), "batch_size": (1, None, False), "log_every": (1, None, False),

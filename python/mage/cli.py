@@ -176,6 +176,39 @@ def run_inpaint(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------ CPU threads
+
+
+def _threads(text: str) -> int:
+    if text == "auto":
+        return 0
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"--threads must be 'auto' or a positive integer, got {text!r}")
+    return n
+
+
+def _add_threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=_threads, default=0, metavar="auto|N",
+                   help="CPU threads. auto (default): the cores other programs leave free, re-checked every few "
+                        "seconds (on 2 cores with one busy, 1 thread); N: always N")
+
+
+def _governor(threads: int):
+    """A ThreadGovernor for --threads auto; a fixed count is set once (no governor)."""
+    from .threads import ThreadGovernor
+
+    if threads:
+        torch.set_num_threads(threads)
+        return None
+    governor = ThreadGovernor()
+    governor.update(force=True, window=0.5)
+    return governor
+
+
 # ------------------------------------------------------------------------------------ mage train
 
 _JSON_FIELDS = ("model_overrides", "tokenizer", "mae")
@@ -251,6 +284,7 @@ def add_train(subparsers) -> None:
                            help=f"{help_text} (default {shown})".strip())
     p.add_argument("--config", default=None, help="a JSON file of TrainConfig fields (flags override it), "
                                                   "e.g. the config.json a run writes")
+    _add_threads(p)
     p.set_defaults(func=run_train)
 
 
@@ -271,7 +305,7 @@ def run_train(args) -> int:
     if unknown:
         raise ValueError(f"--config {args.config} has unknown fields {unknown}")
     values.update({k: v for k, v in vars(args).items() if k in names and v is not None})
-    last = train(TrainConfig(**values))
+    last = train(TrainConfig(**values), governor=_governor(args.threads))
     if last and int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: v for k, v in last.items() if k != "time"}))
     return 0
@@ -503,19 +537,16 @@ def add_demo(subparsers) -> None:
     p.add_argument("--quick", action="store_true", help="the CI-sized run (about 2 minutes on 2 CPU cores)")
     p.add_argument("--out", default="report", help="report folder (default ./report)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: one per core); 1 is faster on a machine busy with other work")
+    _add_threads(p)
     p.set_defaults(func=run_demo)
 
 
 def run_demo(args) -> int:
     from .demo import DemoConfig, run_demo as demo, summary
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     cfg = DemoConfig.quick(args.out) if args.quick else DemoConfig(out_dir=args.out)
     cfg.seed = args.seed
-    print(summary(demo(cfg)))
+    print(summary(demo(cfg, governor=_governor(args.threads))))
     return 0
 
 
@@ -537,6 +568,10 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    if argv is None and args.command in ("demo", "train"):
+        from .threads import ensure_passive_wait
+
+        ensure_passive_wait()  # from the command line only: it re-executes the process
     try:
         return args.func(args)
     except (CheckpointError, OSError, ValueError, TypeError) as err:

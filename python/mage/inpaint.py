@@ -52,6 +52,7 @@ def inpaint(
     ring: int = 1,
     steps: int = 20,
     choice_temperature: float = 6.0,
+    temperature: float = 1.0,
     generator: torch.Generator | None = None,
     dtype: torch.dtype | None = None,
     paste: bool = False,
@@ -95,7 +96,8 @@ def inpaint(
         ids = model.vqgan.encode(images, check_range=False)  # fp32: the kept tokens are exactly `encode`'s
         ids = torch.where(token_mask, c.mask_id, ids)
         with autocast:
-            tokens = decode_tokens(model, ids, steps=steps, choice_temperature=choice_temperature, generator=generator)
+            tokens = decode_tokens(model, ids, steps=steps, choice_temperature=choice_temperature,
+                                   temperature=temperature, generator=generator)
             out = model.vqgan.decode(tokens).float()
     finally:
         model.train(was_training)

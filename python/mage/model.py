@@ -32,6 +32,7 @@ from .tokenizer import TokenizerConfig, VQGANTokenizer
 # rows, [MASK] last; the fake class [C0] is class 76 (id 1100 for K = 1024).
 _NUM_CLASS_ROWS = 1000
 _FAKE_CLASS = 76
+HEADS = ("tied-detached", "tied", "untied")
 
 
 @dataclasses.dataclass
@@ -48,6 +49,15 @@ class MAGEConfig:
         never take part in the forward, are left zero and have requires_grad=False.
     fp32_attention: compute the attention scores, softmax and attention-value product in fp32 even
         under autocast, as the reference does for q.k (section 4.9; issue #26: fp16 ViT-L overflowed).
+    head: the output layer (section 4.6).
+        "tied-detached" (the reference): logits against the word-embedding table, detached, so the head
+            never trains the table.
+        "tied": the same table without the detach (MaskGIT's head): the head's gradient also trains it.
+        "untied": a table of its own, `mlm_layer.weight` [V, D].
+        The reference's head starts with very flat logits (0.02-scale rows): a small model trained for a
+        few thousand steps sits at the token-frequency entropy for hundreds of them. The demo deviates
+        here (docs/TRAINING.md); official sizes and checkpoints keep the reference.
+    embed_std: std of the normal init of the word and position tables (the reference: 0.02, section 4.8).
     """
 
     embed_dim: int = 768
@@ -63,6 +73,8 @@ class MAGEConfig:
     vocab: str = "official"
     legacy_params: bool = True
     fp32_attention: bool = False
+    head: str = "tied-detached"
+    embed_std: float = 0.02
     tokenizer: TokenizerConfig = dataclasses.field(default_factory=TokenizerConfig)
 
     def __post_init__(self):
@@ -73,6 +85,8 @@ class MAGEConfig:
         check_config(self)
         if self.vocab not in ("official", "compact"):
             raise ValueError(f"MAGEConfig.vocab must be 'official' or 'compact', got {self.vocab!r}")
+        if self.head not in HEADS:
+            raise ValueError(f"MAGEConfig.head must be one of {HEADS}, got {self.head!r}")
         sizes = ((self.embed_dim, self.num_heads, ""), (self.decoder_embed_dim, self.decoder_num_heads, "decoder_"))
         for dim, heads, name in sizes:
             if dim % heads != 0:
@@ -181,13 +195,16 @@ class Block(nn.Module):
 
 class MlmLayer(nn.Module):
     """BERT/MaskGIT prediction head (section 4.6): Linear -> exact GELU -> LayerNorm(eps 1e-5), then
-    logits against the input embedding table plus `bias` [1, 1, V] (applied by the caller, see `MAGE`)."""
+    logits against the input embedding table (or, untied, its own `weight` [V, D]) plus `bias` [1, 1, V]
+    (applied by the caller, see `MAGE.head_weight`)."""
 
-    def __init__(self, decoder_dim: int, dim: int, vocab_size: int, eps: float):
+    def __init__(self, decoder_dim: int, dim: int, vocab_size: int, eps: float, untied: bool = False):
         super().__init__()
         self.fc = nn.Linear(decoder_dim, dim)
         self.ln = nn.LayerNorm(dim, eps=eps)
         self.bias = nn.Parameter(torch.zeros(1, 1, vocab_size))
+        if untied:
+            self.weight = nn.Parameter(torch.zeros(vocab_size, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.ln(F.gelu(self.fc(x)))
@@ -231,7 +248,7 @@ class MAGE(nn.Module, HubMixin):
             for _ in range(c.decoder_depth)
         )
         self.decoder_norm = nn.LayerNorm(Dd, eps=c.norm_eps)
-        self.mlm_layer = MlmLayer(Dd, D, c.vocab_size, c.head_norm_eps)
+        self.mlm_layer = MlmLayer(Dd, D, c.vocab_size, c.head_norm_eps, untied=c.head == "untied")
 
         self.vqgan = VQGANTokenizer(c.tokenizer)
         self.vqgan.requires_grad_(False)
@@ -239,11 +256,15 @@ class MAGE(nn.Module, HubMixin):
 
     def init_weights(self) -> None:
         """Section 4.8: tables and the learned decoder positions normal(0.02), Linear xavier-uniform with
-        zero bias, LayerNorm (1, 0), head bias 0. The tokenizer is left alone (it is loaded, not trained here)."""
+        zero bias, LayerNorm (1, 0), head bias 0. The tokenizer is left alone (it is loaded, not trained here).
+        `embed_std` replaces the tables' 0.02; an untied head table is initialised like the word table."""
         if self.mlm_layer.bias.is_meta:
             return
-        nn.init.normal_(self.token_emb.word_embeddings.weight, std=0.02)
-        nn.init.normal_(self.token_emb.position_embeddings.weight, std=0.02)
+        std = self.config.embed_std
+        nn.init.normal_(self.token_emb.word_embeddings.weight, std=std)
+        nn.init.normal_(self.token_emb.position_embeddings.weight, std=std)
+        if self.config.head == "untied":
+            nn.init.normal_(self.mlm_layer.weight, std=std)
         nn.init.normal_(self.decoder_pos_embed_learned, std=0.02)
         for name, m in self.named_modules():
             if name.startswith("vqgan") or name.startswith("decoder_pred"):
@@ -349,9 +370,16 @@ class MAGE(nn.Module, HubMixin):
         return self.mlm_layer(self.forward_decoder(x, mask, keep_idx))
 
     def head_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(W [V, D], b [V]) of the output layer: the word-embedding table, detached as in the reference
-        (the head never trains the table, section 4.6), and `mlm_layer.bias`."""
-        return self.token_emb.word_embeddings.weight.detach(), self.mlm_layer.bias.view(-1)
+        """(W [V, D], b [V]) of the output layer and `mlm_layer.bias`. W is the word-embedding table,
+        detached as in the reference (the head never trains the table, section 4.6), unless config.head
+        says otherwise (see `MAGEConfig`)."""
+        head = self.config.head
+        if head == "untied":
+            weight = self.mlm_layer.weight
+        else:
+            weight = self.token_emb.word_embeddings.weight
+            weight = weight.detach() if head == "tied-detached" else weight
+        return weight, self.mlm_layer.bias.view(-1)
 
     def forward(
         self,

@@ -94,9 +94,12 @@ def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int = 8
 
 
 _COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
+_LABELS = {"elapsed_min": "elapsed (min)", "images_per_s": "images/s", "lr": "learning rate"}
 
 
 def _fmt(v: float) -> str:
+    if v == int(v) and abs(v) < 1e6:
+        return str(int(v))
     return f"{v:.3g}"
 
 
@@ -105,21 +108,27 @@ def plot_curves(
     path: str | os.PathLike,
     keys: Sequence[str] | None = None,
     x_key: str = "step",
-    panel_size: tuple[int, int] = (420, 220),
+    panel_size: tuple[int, int] = (440, 200),
     log_y: Sequence[str] = ("lr",),
 ) -> Path:
     """One line-plot panel per metric (stacked vertically) from JSONL-style records, as PNG.
 
     keys: the metrics to draw (default: every numeric key except `x_key`); records without a key are skipped in
-    that panel. Keys in `log_y` use a log scale where all values are positive.
+    that panel. Keys in `log_y` use a log scale where all values are positive. A "time" key (Unix seconds) is
+    drawn as "elapsed_min", minutes since the first record.
     """
     from PIL import Image, ImageDraw
 
-    records = [r for r in records if x_key in r]
+    records = [dict(r) for r in records if x_key in r]
+    start = next((r["time"] for r in records if isinstance(r.get("time"), (int, float))), None)
+    for r in records:
+        t = r.pop("time", None)
+        if isinstance(t, (int, float)):
+            r["elapsed_min"] = (t - start) / 60
     if keys is None:
         keys = sorted({k for r in records for k, v in r.items() if k != x_key and isinstance(v, (int, float))})
     pw, ph = panel_size
-    margin_l, margin_r, margin_t, margin_b = 60, 12, 20, 22
+    margin_l, margin_r, margin_t, margin_b = 64, 16, 20, 30
     canvas = Image.new("RGB", (pw, ph * max(len(keys), 1)), "white")
     draw = ImageDraw.Draw(canvas)
     for p, key in enumerate(keys):
@@ -128,7 +137,7 @@ def plot_curves(
         top = p * ph
         x0, y0, x1, y1 = margin_l, top + margin_t, pw - margin_r, top + ph - margin_b
         draw.rectangle([x0, y0, x1, y1], outline=(120, 120, 120))
-        draw.text((x0, top + 4), key, fill="black")
+        draw.text((x0, top + 4), _LABELS.get(key, key), fill="black")
         if not pts:
             continue
         use_log = key in log_y and all(v > 0 for _, v in pts)
@@ -144,10 +153,13 @@ def plot_curves(
         else:
             draw.line(coords, fill=_COLORS[p % len(_COLORS)], width=2)
         lo, hi = (10**ymin, 10**ymax) if use_log else (ymin, ymax)
-        draw.text((4, y0), _fmt(hi), fill="black")
-        draw.text((4, y1 - 10), _fmt(lo), fill="black")
+        for text, y in ((_fmt(hi), y0), (_fmt(lo), y1 - 10)):  # y labels right-aligned in the left margin
+            draw.text((x0 - 4 - draw.textlength(text), y), text, fill="black")
         draw.text((x0, y1 + 4), _fmt(xmin), fill="black")
-        draw.text((x1 - 40, y1 + 4), f"{x_key} {_fmt(xmax)}", fill="black")
+        right = _fmt(xmax)
+        draw.text((x1 - draw.textlength(right), y1 + 4), right, fill="black")
+        name = _LABELS.get(x_key, x_key)
+        draw.text(((x0 + x1 - draw.textlength(name)) / 2, y1 + 15), name, fill=(90, 90, 90))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)

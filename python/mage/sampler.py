@@ -68,6 +68,7 @@ def sample_step(
     steps: int,
     *,
     choice_temperature: float = 6.0,
+    temperature: float = 1.0,
     generator: torch.Generator | None = None,
     fused_head: bool = True,
     reference_ties: bool = False,
@@ -78,11 +79,12 @@ def sample_step(
     Static shapes and no host sync, so it compiles with fullgraph=True and can be captured in a CUDA
     graph. The step's randomness comes from `seed` ((2,) int64, see `mage_kernels.draw_seed`) when given,
     else from `generator`; Dynamo cannot trace a torch.Generator, so compiled callers pass a seed.
+    `temperature` divides the logits before sampling and confidence (1.0: the reference, which has none).
     """
     fns = _model_fns(model, fused_head)
     return mage_kernels.maskgit_step(fns.pop("logits_fn"), ids, num_initial, step, steps, mask_id=model.config.mask_id,
-                                     choice_temperature=choice_temperature, generator=generator,
-                                     reference_ties=reference_ties, seed=seed, **fns)
+                                     choice_temperature=choice_temperature, temperature=temperature,
+                                     generator=generator, reference_ties=reference_ties, seed=seed, **fns)
 
 
 def decode_tokens(
@@ -91,6 +93,7 @@ def decode_tokens(
     *,
     steps: int = 20,
     choice_temperature: float = 6.0,
+    temperature: float = 1.0,
     generator: torch.Generator | None = None,
     fused_head: bool = True,
     reference_ties: bool = False,
@@ -108,8 +111,8 @@ def decode_tokens(
     model._check_inputs(ids, None)
     fns = _model_fns(model, fused_head)
     return mage_kernels.maskgit_sample(fns.pop("logits_fn"), ids, steps=steps, mask_id=model.config.mask_id,
-                                       choice_temperature=choice_temperature, generator=generator,
-                                       reference_ties=reference_ties, on_step=on_step, **fns)
+                                       choice_temperature=choice_temperature, temperature=temperature,
+                                       generator=generator, reference_ties=reference_ties, on_step=on_step, **fns)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None, cache_enabled: bool = True):
@@ -149,6 +152,7 @@ def generate(
     *,
     steps: int = 20,
     choice_temperature: float = 6.0,
+    temperature: float = 1.0,
     generator: torch.Generator | None = None,
     batch_size: int = 32,
     dtype: torch.dtype | None = None,
@@ -161,6 +165,7 @@ def generate(
 
     Args:
         steps, choice_temperature: the README's settings for the reported FIDs are 20 and 6.0.
+        temperature: divides the logits (1.0, the reference: no temperature; below 1 sharpens them).
         generator: torch.Generator on the model's device (or CPU); the same seed gives the same images.
         batch_size: images decoded together; the last batch is run at full size and cut.
         dtype: None / torch.float32 (the reference) or torch.bfloat16 / torch.float16 (autocast).
@@ -185,7 +190,8 @@ def generate(
         ids = torch.full((batch_size, c.num_tokens), c.mask_id, dtype=torch.long, device=device)
         with _autocast(device, dtype, cache_enabled=not cuda_graph):
             tokens = decode_tokens(model, ids, steps=steps, choice_temperature=choice_temperature,
-                                   generator=generator, fused_head=fused_head, reference_ties=reference_ties)
+                                   temperature=temperature, generator=generator, fused_head=fused_head,
+                                   reference_ties=reference_ties)
             return model.vqgan.decode(tokens).float()
 
     was_training = model.training

@@ -669,11 +669,13 @@ def _resume_state(cfg: TrainConfig, ckpt_path: Path, main: bool) -> tuple[dict |
     return state, source
 
 
-def train(cfg: TrainConfig) -> dict:
+def train(cfg: TrainConfig, governor=None) -> dict:
     """Run (or resume) training; returns the last logged metrics. Writes to cfg.out_dir:
     checkpoint.pt (resumable state), metrics.jsonl, curves.png, samples/ and the final weights
     (model.safetensors for MAGE, tokenizer.safetensors for the tokenizer, mae.pt for MAE; the EMA weights
-    when ema_decay > 0)."""
+    when ema_decay > 0).
+
+    governor: a `mage.threads.ThreadGovernor` to re-choose the CPU thread count as the load changes."""
     d = init_distributed()
     out = Path(cfg.out_dir)
     ckpt_path = out / "checkpoint.pt"
@@ -728,6 +730,8 @@ def train(cfg: TrainConfig) -> dict:
         model.vqgan.eval()
     try:
         for step, x, rows in (batches.from_step(start) if start < cfg.steps else ()):
+            if governor is not None:
+                governor.update()
             set_lr(optimizer, cosine_lr(step, cfg.steps, cfg.warmup, lr, cfg.min_lr))
             batch = _to_ids(cfg, model, x, d.device)
             plan = plan_masks(cfg, step, getattr(model.config, "num_tokens", 0), rows, d.device)
@@ -768,6 +772,8 @@ def train(cfg: TrainConfig) -> dict:
                 elapsed = time.perf_counter() - t0
                 last = {"step": done, **values, "lr": optimizer.param_groups[0]["lr"],
                         "images_per_s": seen / max(elapsed, 1e-9), "time": time.time()}
+                if governor is not None:
+                    last["threads"] = governor.threads
                 t0, seen = time.perf_counter(), 0
                 if logger is not None:
                     logger.log(last)
