@@ -163,7 +163,7 @@ def test_bad_sampler_inputs_raise_clear_errors(model):
         mage.generate(model, 1, steps=0)
     with pytest.raises(ValueError, match="choice_temperature"):
         mage.generate(model, 1, choice_temperature=-1.0)
-    with pytest.raises(ValueError, match="temperature must be finite and > 0"):
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
         mage.generate(model, 1, temperature=0.0)
     with pytest.raises(TypeError, match="mage.MAGE"):
         mage.generate(torch.nn.Linear(2, 2), 1)
