@@ -7,6 +7,7 @@
 // Unlike the CUDA kernels, these validate keep_idx values (range, strictly increasing, -1 only at the
 // end) and the per-row counts, since reading them costs no host sync here.
 #include "checks.h"
+#include "cpu_isa.h"
 #include "masking.h"
 
 #include <ATen/Dispatch.h>
@@ -164,14 +165,9 @@ at::Tensor unit_channel_stride(const at::Tensor& t) { return t.stride(2) == 1 ? 
 // Output rows per parallel task: about 32 KiB of data each.
 int64_t row_grain(int64_t row_bytes) { return std::max<int64_t>(1, (32 << 10) / std::max<int64_t>(row_bytes, 1)); }
 
-// Element-wise row loops, compiled once more for AVX2 and chosen at run time (no -march flags), so the
-// bf16 <-> fp32 conversions and fp32 adds vectorize. bf16 rounds to nearest-even like c10::BFloat16.
-#if defined(__x86_64__)
-#define MAGE_ROW_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define MAGE_ROW_CLONES
-#endif
-
+// Element-wise row loops, compiled twice: portable and for AVX2 (no -march flags), so the bf16 <-> fp32
+// conversions and fp32 adds vectorize. The build is chosen per op call from cpu_isa() (MAGE_CPU_ISA forces
+// it). Both give the same bits: adds, and bf16 rounding to nearest-even like c10::BFloat16.
 inline float bf16_to_float(uint16_t h) { return std::bit_cast<float>(static_cast<uint32_t>(h) << 16); }
 
 inline uint16_t float_to_bf16(float f) {
@@ -180,34 +176,55 @@ inline uint16_t float_to_bf16(float f) {
   return f != f ? uint16_t(0x7FC0) : rounded;
 }
 
-MAGE_ROW_CLONES void add_rows_f32(float* out, const float* a, const float* b, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) out[i] = a[i] + b[i];
-}
+struct RowLoops {
+  void (*add_f32)(float* out, const float* a, const float* b, int64_t n);
+  void (*add_bf16)(uint16_t* out, const uint16_t* a, const uint16_t* b, int64_t n);
+  void (*accumulate_f32)(float* acc, const float* g, int64_t n);
+  void (*accumulate_bf16)(float* acc, const uint16_t* g, int64_t n);
+  void (*round_to_bf16)(uint16_t* out, const float* acc, int64_t n);
+};
 
-MAGE_ROW_CLONES void add_rows_bf16(uint16_t* out, const uint16_t* a, const uint16_t* b, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) out[i] = float_to_bf16(bf16_to_float(a[i]) + bf16_to_float(b[i]));
-}
+#define MAGE_ROW_LOOPS(NAME, ATTR)                                                                          \
+  static ATTR void add_f32_##NAME(float* out, const float* a, const float* b, int64_t n) {                         \
+    for (int64_t i = 0; i < n; ++i) out[i] = a[i] + b[i];                                                   \
+  }                                                                                                         \
+  static ATTR void add_bf16_##NAME(uint16_t* out, const uint16_t* a, const uint16_t* b, int64_t n) {               \
+    for (int64_t i = 0; i < n; ++i) out[i] = float_to_bf16(bf16_to_float(a[i]) + bf16_to_float(b[i]));     \
+  }                                                                                                         \
+  static ATTR void accumulate_f32_##NAME(float* acc, const float* g, int64_t n) {                                  \
+    for (int64_t i = 0; i < n; ++i) acc[i] += g[i];                                                         \
+  }                                                                                                         \
+  static ATTR void accumulate_bf16_##NAME(float* acc, const uint16_t* g, int64_t n) {                              \
+    for (int64_t i = 0; i < n; ++i) acc[i] += bf16_to_float(g[i]);                                          \
+  }                                                                                                         \
+  static ATTR void round_to_bf16_##NAME(uint16_t* out, const float* acc, int64_t n) {                              \
+    for (int64_t i = 0; i < n; ++i) out[i] = float_to_bf16(acc[i]);                                        \
+  }                                                                                                         \
+  constexpr RowLoops kRowLoops_##NAME{add_f32_##NAME, add_bf16_##NAME, accumulate_f32_##NAME,                \
+                                      accumulate_bf16_##NAME, round_to_bf16_##NAME};
 
-MAGE_ROW_CLONES void accumulate_f32(float* acc, const float* g, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) acc[i] += g[i];
-}
+MAGE_ROW_LOOPS(portable, )
+#if defined(__x86_64__)
+MAGE_ROW_LOOPS(avx2, __attribute__((target("avx2"))))
+#endif
+#undef MAGE_ROW_LOOPS
 
-MAGE_ROW_CLONES void accumulate_bf16(float* acc, const uint16_t* g, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) acc[i] += bf16_to_float(g[i]);
-}
-
-MAGE_ROW_CLONES void round_to_bf16(uint16_t* out, const float* acc, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) out[i] = float_to_bf16(acc[i]);
+// The loops for this call's path (read once per op call, not per row).
+const RowLoops& row_loops() {
+#if defined(__x86_64__)
+  if (cpu_isa() != CpuIsa::kScalar) return kRowLoops_avx2;
+#endif
+  return kRowLoops_portable;
 }
 
 // out = a + b, rounded once to T (the sum is exact in opmath before rounding, as torch's add).
 template <typename T>
-void add_row(T* out, const T* a, const T* b, int64_t n) {
+void add_row(const RowLoops& k, T* out, const T* a, const T* b, int64_t n) {
   if constexpr (std::is_same_v<T, float>) {
-    add_rows_f32(out, a, b, n);
+    k.add_f32(out, a, b, n);
   } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    add_rows_bf16(reinterpret_cast<uint16_t*>(out), reinterpret_cast<const uint16_t*>(a),
-                  reinterpret_cast<const uint16_t*>(b), n);
+    k.add_bf16(reinterpret_cast<uint16_t*>(out), reinterpret_cast<const uint16_t*>(a),
+               reinterpret_cast<const uint16_t*>(b), n);
   } else {
     using acc_t = at::opmath_type<T>;
     for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(acc_t(a[i]) + acc_t(b[i]));
@@ -216,11 +233,11 @@ void add_row(T* out, const T* a, const T* b, int64_t n) {
 
 // acc += g, in opmath.
 template <typename T>
-void accumulate_row(at::opmath_type<T>* acc, const T* g, int64_t n) {
+void accumulate_row(const RowLoops& k, at::opmath_type<T>* acc, const T* g, int64_t n) {
   if constexpr (std::is_same_v<T, float>) {
-    accumulate_f32(acc, g, n);
+    k.accumulate_f32(acc, g, n);
   } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    accumulate_bf16(acc, reinterpret_cast<const uint16_t*>(g), n);
+    k.accumulate_bf16(acc, reinterpret_cast<const uint16_t*>(g), n);
   } else {
     for (int64_t i = 0; i < n; ++i) acc[i] += at::opmath_type<T>(g[i]);
   }
@@ -228,9 +245,9 @@ void accumulate_row(at::opmath_type<T>* acc, const T* g, int64_t n) {
 
 // out = acc rounded once to T.
 template <typename T>
-void store_row(T* out, const at::opmath_type<T>* acc, int64_t n) {
+void store_row(const RowLoops& k, T* out, const at::opmath_type<T>* acc, int64_t n) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    round_to_bf16(reinterpret_cast<uint16_t*>(out), acc, n);
+    k.round_to_bf16(reinterpret_cast<uint16_t*>(out), acc, n);
   } else {
     for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(acc[i]);
   }
@@ -413,6 +430,7 @@ at::Tensor pad_with_cls_cpu(const at::Tensor& y_in, const at::Tensor& keep_in, c
   const at::Tensor pe = pos_embed ? pos_embed->contiguous() : at::Tensor();
   const at::Tensor pd = pad ? pad->contiguous() : at::Tensor();
   const int64_t S = 1 + L, es = z.element_size();
+  const RowLoops& loops = row_loops();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, z.scalar_type(), "pad_with_cls_cpu", [&] {
     scalar_t* zp = z.data_ptr<scalar_t>();
     const scalar_t* pep = pe.defined() ? pe.const_data_ptr<scalar_t>() : nullptr;
@@ -426,7 +444,7 @@ at::Tensor pad_with_cls_cpu(const at::Tensor& y_in, const at::Tensor& keep_in, c
                                               : reinterpret_cast<const scalar_t*>(yr.row(b, 0));
         scalar_t* out = zp + r * C;
         if (pep) {
-          add_row(out, from, pep + s * C, C);
+          add_row(loops, out, from, pep + s * C, C);
         } else {
           std::memcpy(out, from, C * es);
         }
@@ -467,6 +485,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pad_with_cls_backward_cpu(const a
   constexpr int64_t kChunk = 512;
   const int64_t chunks = (C + kChunk - 1) / kChunk;
   const int64_t pad_tasks = B * chunks, pos_tasks = pos ? S * chunks : 0;
+  const RowLoops& loops = row_loops();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gz.scalar_type(), "pad_with_cls_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     scalar_t* gy = grad_y.data_ptr<scalar_t>();
@@ -481,18 +500,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pad_with_cls_backward_cpu(const a
         const int64_t r = k / chunks, c0 = (k % chunks) * kChunk, n = std::min(kChunk, C - c0);
         std::fill(acc, acc + n, acc_t(0));
         if (!is_pad) {  // r = slot s
-          for (int64_t b = 0; b < B; ++b) accumulate_row(acc, row(b, r, c0), n);
-          store_row(gp + r * C + c0, acc, n);
+          for (int64_t b = 0; b < B; ++b) accumulate_row(loops, acc, row(b, r, c0), n);
+          store_row(loops, gp + r * C + c0, acc, n);
           continue;
         }
         for (int64_t t = 0; t < L; ++t) {  // r = batch row b
-          if (src[r * L + t] < 0) accumulate_row(acc, row(r, 1 + t, c0), n);
+          if (src[r * L + t] < 0) accumulate_row(loops, acc, row(r, 1 + t, c0), n);
         }
         if (mae) {
           std::copy(acc, acc + n, ps + r * C + c0);
         } else {
-          accumulate_row(acc, row(r, 0, c0), n);
-          store_row(gy + r * (1 + Lk) * C + c0, acc, n);
+          accumulate_row(loops, acc, row(r, 0, c0), n);
+          store_row(loops, gy + r * (1 + Lk) * C + c0, acc, n);
         }
       }
     });

@@ -371,6 +371,32 @@ def test_pad_with_cls_backward_op_matches_reference(device, dtype, mae, pos):
     _check_pad_backward(actual, _pad_with_cls_backward_reference(gz, keep, masked, mae, pos), L)
 
 
+@pytest.mark.parametrize("isa", ["scalar", "avx2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_row_loops_every_isa_path_and_thread_count(isa, dtype, monkeypatch):
+    """MAGE_CPU_ISA picks the row loops' portable or AVX2 build per call; both, on 1 or 2 threads, give the
+    reference's bits (forward) and the same bits as each other (backward sums in a fixed order)."""
+    if isa == "avx2" and mage_kernels.cpu_isa()["detected"] == "scalar":
+        pytest.skip("this CPU lacks AVX2/FMA")
+    monkeypatch.setenv("MAGE_CPU_ISA", isa)
+    assert mage_kernels.cpu_isa()["path"] == isa
+    B, L, C = 6, 37, 1027  # C: whole vectors and a tail
+    y, keep, masked, pos, _ = _pad_inputs(B, L, C, dtype, "cpu")
+    gz = _rand((B, 1 + L, C), dtype, "cpu", seed=5)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            z = mage_kernels.pad_with_cls(y, keep, masked, pos_embed=pos)
+            _equal(z, ref.pad_with_cls(y, keep, masked, pos, None))
+            results.append([z, *torch.ops.mage.pad_with_cls_backward(gz, keep, masked, False, True)])
+    finally:
+        torch.set_num_threads(threads)
+    _check_pad_backward(results[0][1:], _pad_with_cls_backward_reference(gz, keep, masked, False, True), L)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
 # ---------------------------------------------------------------------------------------- bad inputs
 
 
