@@ -46,7 +46,7 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", nargs="+", type=thread_count, default=None,
                    help="CPU thread counts, e.g. 1 2 all (default: torch's choice)")
-    p.add_argument("--only", default=None, help="run only families whose name contains this")
+    p.add_argument("--only", nargs="+", default=None, help="run only families whose name contains one of these")
     p.add_argument("--rounds", type=int, default=0,
                    help="CPU: time each family's cases round-robin, this many rounds (fair under changing load)")
     p.add_argument("--quick", action="store_true", help="small shapes, for smoke tests")
@@ -56,7 +56,7 @@ def main(argv=None) -> None:
     for threads in sorted(set(args.threads or [torch.get_num_threads()])):
         torch.set_num_threads(threads)
         for family in FAMILIES:
-            if args.only and args.only not in family:
+            if args.only and not any(o in family for o in args.only):
                 continue
             cases = importlib.import_module(family).cases(args.device, quick=args.quick)
             if args.rounds and args.device == "cpu":
