@@ -1,5 +1,6 @@
 #include "cpu_isa.h"
 
+#include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
 #if defined(__x86_64__)
@@ -7,6 +8,7 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <cstdlib>
@@ -75,6 +77,14 @@ extern "C" const char* mage_cpu_isa() {
 }
 
 extern "C" const char* mage_cpu_isa_detected() { return mage::cpu_isa_name(mage::cpu_isa_detected()); }
+
+// For tests (ctypes): how many threads one at::parallel_for region of this library runs on; 1 when the
+// library was built without OpenMP (then every region is serial, whatever torch.set_num_threads says).
+extern "C" int mage_parallel_threads() {
+  std::atomic<int> calls{0};
+  at::parallel_for(0, 1024, 1, [&](int64_t, int64_t) { calls.fetch_add(1); });
+  return calls.load();
+}
 
 // The compute limit for the benchmarks' CPU roofline (benchmarks/cpu_roofline.py), measured on the calling
 // thread for about `seconds`: the fp32 FMA rate of a loop of independent FMAs in the widest vectors the

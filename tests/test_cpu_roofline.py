@@ -42,3 +42,22 @@ def test_rows_carry_isa_load_and_roofline():
         assert row.isa == cpu_roofline.isa() and row.load >= 0 and row.roofline_pct > 0
     peak = cpu_roofline.peak_gflops(torch.get_num_threads())
     assert flops_row.roofline_pct == pytest.approx(100 * 1e6 / (flops_row.median_ms * 1e-3) / 1e9 / peak)
+
+
+def test_kernels_run_parallel_regions_on_torch_threads():
+    """at::parallel_for is inline in torch's headers: a library built without OpenMP runs every region on
+    one thread. Ours must follow torch.set_num_threads."""
+    import ctypes
+
+    from mage_kernels import _cpu_isa
+
+    fn = _cpu_isa._lib().mage_parallel_threads
+    fn.restype = ctypes.c_int
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert fn() == 1
+        torch.set_num_threads(2)
+        assert fn() == 2
+    finally:
+        torch.set_num_threads(threads)

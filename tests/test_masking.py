@@ -371,12 +371,13 @@ def test_pad_with_cls_backward_op_matches_reference(device, dtype, mae, pos):
     _check_pad_backward(actual, _pad_with_cls_backward_reference(gz, keep, masked, mae, pos), L)
 
 
-@pytest.mark.parametrize("isa", ["scalar", "avx2"])
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512_bf16"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_row_loops_every_isa_path_and_thread_count(isa, dtype, monkeypatch):
-    """MAGE_CPU_ISA picks the row loops' portable or AVX2 build per call; both, on 1 or 2 threads, give the
-    reference's bits (forward) and the same bits as each other (backward sums in a fixed order)."""
-    if isa == "avx2" and mage_kernels.cpu_isa()["detected"] == "scalar":
+    """MAGE_CPU_ISA picks the row loops' portable or AVX2 build per call (avx512_bf16 takes the AVX2 loops);
+    each, on 1 or 2 threads, gives the reference's bits (forward) and the same bits on 1 and 2 threads
+    (backward sums in a fixed order)."""
+    if isa != "scalar" and mage_kernels.cpu_isa()["detected"] == "scalar":
         pytest.skip("this CPU lacks AVX2/FMA")
     monkeypatch.setenv("MAGE_CPU_ISA", isa)
     assert mage_kernels.cpu_isa()["path"] == isa
