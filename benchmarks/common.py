@@ -149,6 +149,26 @@ def time_round_robin(cases: list[Case], rounds: int) -> list[list[float]]:
     return times
 
 
+def time_threads_round_robin(cases: list[Case], thread_counts: list[int], rounds: int) -> dict[int, list[list[float]]]:
+    """time_round_robin over every thread count too: each round times every case at every thread count, so
+    a change of machine load between thread counts cannot pass for a scaling effect. {threads: times}."""
+    for t in thread_counts:
+        torch.set_num_threads(t)
+        for case in cases:
+            case.fn()  # warm-up
+    times = {t: [[] for _ in cases] for t in thread_counts}
+    for _ in range(rounds):
+        for t in thread_counts:
+            torch.set_num_threads(t)
+            for i, case in enumerate(cases):
+                if case.setup:
+                    case.setup()
+                t0 = time.perf_counter()
+                case.fn()
+                times[t][i].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
 def make_row(case: Case, device: str, times: list[float]) -> Row:
     q = statistics.quantiles(times, n=10) if len(times) > 1 else times * 9
     median = statistics.median(times)

@@ -18,7 +18,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import make_row, measure, time_round_robin, write_csv  # noqa: E402
+from common import make_row, measure, time_threads_round_robin, write_csv  # noqa: E402
 
 FAMILIES = ["bench_vq", "bench_remask", "bench_masking", "bench_sampling", "bench_vectorquantize"]
 
@@ -48,26 +48,35 @@ def main(argv=None) -> None:
                    help="CPU thread counts, e.g. 1 2 all (default: torch's choice)")
     p.add_argument("--only", nargs="+", default=None, help="run only families whose name contains one of these")
     p.add_argument("--rounds", type=int, default=0,
-                   help="CPU: time each family's cases round-robin, this many rounds (fair under changing load)")
+                   help="CPU: time each family's cases at every thread count round-robin, this many rounds "
+                        "(fair under changing load)")
     p.add_argument("--quick", action="store_true", help="small shapes, for smoke tests")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     rows = []
-    for threads in sorted(set(args.threads or [torch.get_num_threads()])):
-        torch.set_num_threads(threads)
-        for family in FAMILIES:
-            if args.only and not any(o in family for o in args.only):
-                continue
+    thread_counts = sorted(set(args.threads or [torch.get_num_threads()]))
+    families = [f for f in FAMILIES if not args.only or any(o in f for o in args.only)]
+
+    def report(family_rows) -> None:
+        for row in family_rows:
+            rows.append(row)
+            print(f"{row.op:14s} {row.provider:10s} {row.backend:9s} {row.mode:8s} {row.shape:24s} {row.dtype:9s} "
+                  f"{row.threads}t {row.median_ms:9.3f} ms  {row.gbps:8.1f} GB/s  {row.tflops:6.2f} TFLOP/s  "
+                  f"roofline {row.roofline_pct:5.1f}%  load {row.load:.1f}", flush=True)
+
+    if args.rounds and args.device == "cpu":
+        # Round-robin over cases and thread counts alike (common.time_threads_round_robin).
+        for family in families:
             cases = importlib.import_module(family).cases(args.device, quick=args.quick)
-            if args.rounds and args.device == "cpu":
-                family_rows = [make_row(c, args.device, t) for c, t in zip(cases, time_round_robin(cases, args.rounds))]
-            else:
-                family_rows = [measure(c, args.device) for c in cases]
-            for row in family_rows:
-                rows.append(row)
-                print(f"{row.op:14s} {row.provider:10s} {row.backend:9s} {row.mode:8s} {row.shape:24s} {row.dtype:9s} "
-                      f"{threads}t {row.median_ms:9.3f} ms  {row.gbps:8.1f} GB/s  {row.tflops:6.2f} TFLOP/s  "
-                      f"roofline {row.roofline_pct:5.1f}%  load {row.load:.1f}", flush=True)
+            times = time_threads_round_robin(cases, thread_counts, args.rounds)
+            for threads in thread_counts:
+                torch.set_num_threads(threads)  # make_row reads the thread count
+                report([make_row(c, args.device, t) for c, t in zip(cases, times[threads])])
+    else:
+        for threads in thread_counts:
+            torch.set_num_threads(threads)
+            for family in families:
+                report([measure(c, args.device) for c in importlib.import_module(family).cases(args.device, quick=args.quick)])
     out = args.out or os.path.join(os.path.dirname(__file__), "results", f"{args.device}.csv")
     write_csv(rows, out)
     print(f"wrote {len(rows)} rows to {out} (isa: {rows[0].isa if rows else '-'})")

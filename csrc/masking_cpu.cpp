@@ -185,8 +185,9 @@ at::Tensor new_rows(at::IntArrayRef sizes, const at::TensorOptions& options) {
   return t;
 }
 
-// Output rows per parallel task: about 32 KiB of data each.
-int64_t row_grain(int64_t row_bytes) { return std::max<int64_t>(1, (32 << 10) / std::max<int64_t>(row_bytes, 1)); }
+// Output rows per parallel task: about 256 KiB of data each (~25 us of copying), so a small call stays on
+// one thread: waking a second one costs more than it saves, and far more when that core is busy.
+int64_t row_grain(int64_t row_bytes) { return std::max<int64_t>(1, (256 << 10) / std::max<int64_t>(row_bytes, 1)); }
 
 // Element-wise row loops, compiled twice: portable and for AVX2 (no -march flags), so the bf16 <-> fp32
 // conversions and fp32 adds vectorize. The build is chosen per op call from cpu_isa() (MAGE_CPU_ISA forces
