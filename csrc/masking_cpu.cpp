@@ -516,7 +516,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pad_with_cls_backward_cpu(const a
     scalar_t* gp = pos ? grad_pos.data_ptr<scalar_t>() : nullptr;
     acc_t* ps = mae ? pad_sum.data_ptr<acc_t>() : nullptr;
     auto row = [&](int64_t b, int64_t s, int64_t c0) { return reinterpret_cast<const scalar_t*>(gr.row(b, s)) + c0; };
-    at::parallel_for(0, pad_tasks + pos_tasks, 1, [&](int64_t begin, int64_t end) {
+    // Tasks per ~256 KiB of grad_z read (it is read twice), as row_grain: a small call stays on one thread.
+    const int64_t tasks = pad_tasks + pos_tasks, read_bytes = 2 * B * S * C * gz.element_size();
+    const int64_t grain = std::max<int64_t>(1, tasks * (256 << 10) / std::max<int64_t>(read_bytes, 1));
+    at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
       acc_t acc[kChunk];
       for (int64_t task = begin; task < end; ++task) {
         const bool is_pad = task < pad_tasks;
