@@ -100,7 +100,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=6.0, help="choice (Gumbel) temperature (default 6.0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="fp32 (the reference) or autocast bf16/fp16")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                   help="fp32 (the reference) or autocast bf16/fp16 (on a CPU without native bf16, e.g. AVX2-only, "
+                        "bf16 is emulated and several times slower)")
 
 
 # ------------------------------------------------------------------------------------ mage sample
@@ -221,7 +223,7 @@ _HELP = {
     "mae": "JSON of MAEConfig fields",
     "batch_size": "global batch, split over the torchrun processes",
     "lr": "absolute learning rate (default: blr * batch_size / 256)",
-    "amp": "autocast dtype; fp16 adds a GradScaler",
+    "amp": "autocast dtype; fp16 adds a GradScaler; bf16 on a CPU without native bf16 is several times slower",
     "resume": "continue from out_dir/checkpoint.pt when it exists",
     "warmup_steps": "linear warm-up steps, capped by --max-warmup-fraction",
     "max_warmup_fraction": "the warm-up lasts at most this fraction of --steps (1: no cap)",
@@ -428,7 +430,9 @@ def add_eval(subparsers) -> None:
                                                   "without it only the Inception Score is computed")
     p.add_argument("--images-dir", default=None, help="write every sample there as PNG (and resume from them)")
     p.add_argument("--out", default=None, help="also write the JSON result to this file")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="fp32 (the reference) or autocast bf16/fp16")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                   help="fp32 (the reference) or autocast bf16/fp16 (on a CPU without native bf16, e.g. AVX2-only, "
+                        "bf16 is emulated and several times slower)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     _add_inception(p)
     p.set_defaults(func=run_eval)
