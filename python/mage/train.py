@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import io
 import json
 import os
 import time
@@ -48,6 +49,7 @@ from .checkpoint_io import (
     resume_source,
     save_checkpoint,
     save_training_state,
+    write_atomic,
 )
 from .discriminator import DISC_LOSSES, DISC_NORMS, DiscriminatorObjective, PatchDiscriminator, adaptive_weight, \
     frozen, generator_loss
@@ -683,7 +685,7 @@ def train(cfg: TrainConfig, governor=None) -> dict:
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
         clean_stale_files(ckpt_path)  # temp files of a write that was killed
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+        write_atomic(out / "config.json", json.dumps(cfg.to_dict(), indent=1))
     torch.manual_seed(cfg.seed)
     model = build_model(cfg).to(d.device)
     perceptual = None
@@ -851,7 +853,9 @@ def save_final(cfg: TrainConfig, model: nn.Module, out: Path) -> None:
     if cfg.objective == "tokenizer":
         save_tokenizer(model, out / "tokenizer.safetensors")
     elif cfg.objective == "mae":
-        torch.save({"config": model.config.to_dict(), "state_dict": model.state_dict()}, out / "mae.pt")
+        buffer = io.BytesIO()  # a plain torch.save file, written atomically
+        torch.save({"config": model.config.to_dict(), "state_dict": model.state_dict()}, buffer)
+        write_atomic(out / "mae.pt", buffer.getvalue())
     else:
         model.save(str(out / "model.safetensors"))
 
