@@ -830,7 +830,27 @@ def _restore_extras(extra: dict, parts: dict, path: Path) -> None:
         if name not in extra:
             raise CheckpointError(f"cannot resume: {path} has no {name} state (it was written by a run without "
                                   f"one); start a new run or resume with the settings it was written with")
-        part.load_state_dict(extra[name])
+        bad = _non_finite_entry(extra[name])
+        if bad is not None:
+            raise CheckpointError(f"{path}: the {name} state has NaN or inf values ({bad}): the run diverged "
+                                  "before this checkpoint; resume from an earlier one")
+        try:
+            part.load_state_dict(extra[name])
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise CheckpointError(f"{path}: its {name} state cannot be restored ({type(err).__name__}: {err})") \
+                from None
+
+
+def _non_finite_entry(state, where: str = "") -> str | None:
+    """The key path of the first floating tensor with NaN/inf values in nested dicts / lists, else None."""
+    if isinstance(state, torch.Tensor):
+        return where or "the tensor" if state.is_floating_point() and not bool(torch.isfinite(state).all()) else None
+    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, (list, tuple)) else ()
+    for key, value in items:
+        found = _non_finite_entry(value, f"{where}.{key}" if where else str(key))
+        if found is not None:
+            return found
+    return None
 
 
 @torch.no_grad()
