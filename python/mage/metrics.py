@@ -28,14 +28,20 @@ from ._checks import all_finite, check_int, check_real, check_tensor, check_unit
 # ---- Frechet distance ----
 
 
-def _psd_sqrt(matrix: torch.Tensor) -> torch.Tensor:
+def _psd_sqrt(matrix: torch.Tensor, name: str = "sigma") -> torch.Tensor:
     """Square root of a symmetric positive semi-definite matrix through its eigendecomposition.
 
     Round-off can leave tiny negative eigenvalues in a covariance estimate; they are clamped to zero, which is
-    the nearest PSD matrix, instead of producing the complex parts an unsymmetric sqrtm would.
+    the nearest PSD matrix, instead of producing the complex parts an unsymmetric sqrtm would. A clearly
+    negative eigenvalue means `matrix` is no covariance (clamping it would give a meaningless distance, 0 for
+    -I against I), and is an error naming it.
     """
     sym = (matrix + matrix.T) / 2
     eigval, eigvec = torch.linalg.eigh(sym)
+    scale = float(eigval.abs().max()) if eigval.numel() else 0.0
+    if eigval.numel() and float(eigval.min()) < -1e-6 * scale:
+        raise ValueError(f"frechet_distance: {name} is not a covariance matrix (eigenvalue {float(eigval.min()):.3g} "
+                         f"< 0, largest magnitude {scale:.3g})")
     return (eigvec * eigval.clamp_min(0).sqrt()) @ eigvec.T
 
 
@@ -58,7 +64,11 @@ def frechet_distance(
             f"expected mu [D] and sigma [D, D] with one D, got mu1 {tuple(mu1.shape)}, sigma1 {tuple(sigma1.shape)}, "
             f"mu2 {tuple(mu2.shape)}, sigma2 {tuple(sigma2.shape)}"
         )
-    root1 = _psd_sqrt(sigma1)
+    for name, value in (("mu1", mu1), ("sigma1", sigma1), ("mu2", mu2), ("sigma2", sigma2)):
+        if not all_finite(value):
+            raise ValueError(f"frechet_distance: {name} has NaN or inf values")
+    root1 = _psd_sqrt(sigma1, "sigma1")
+    _psd_sqrt(sigma2, "sigma2")  # checked as sigma1 is
     middle = root1 @ sigma2 @ root1
     eig = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp_min(0)
     diff = mu1 - mu2
