@@ -47,11 +47,11 @@ class DemoConfig:
 
     out_dir: str = "report"
     tokenizer: dict = dataclasses.field(default_factory=lambda: dict(TOKENIZER))
-    tokenizer_steps: int = 800
+    tokenizer_steps: int = 1000
     tokenizer_batch_size: int = 64
     model: dict = dataclasses.field(default_factory=lambda: dict(MODEL))
     objective: str = "mage"  # or "mage-c" (MAGE with the contrastive term, section 7)
-    mage_steps: int = 1400
+    mage_steps: int = 1500
     batch_size: int = 64  # MAGE
     lr: float = 1e-3
     contrastive_weight: float = 0.1
