@@ -75,7 +75,8 @@ def test_passive_wait_is_set_by_re_executing_the_command(tmp_path):
                       "spec = importlib.util.spec_from_file_location('threads', sys.argv[1])\n"
                       "mod = importlib.util.module_from_spec(spec)\nspec.loader.exec_module(mod)\n"
                       "print('before', os.getpid(), flush=True)\nmod.ensure_passive_wait()\n"
-                      "print('after', os.getpid(), os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))\n")
+                      "print('after', os.getpid(), os.environ.get('OMP_WAIT_POLICY'),\n"
+                      "      os.environ.get('GOMP_SPINCOUNT'))\n")
     path = threads.__file__
     env = {k: v for k, v in os.environ.items()
            if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MAGE_THREADS_REEXEC")}

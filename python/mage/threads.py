@@ -97,8 +97,8 @@ class ThreadGovernor:
     every other process over the last window, in cores. A competing process using most of one core of
     two gives 1 thread (the free core runs at full speed, where 2 threads would wait on the shared one);
     background use below `slack` cores is ignored, and so are processes at a lower priority than ours
-    (a positive nice value while we run at nice 0 or below): the scheduler gives their core to us. `update()` is cheap (two small /proc reads) and
-    re-decides at most every `interval` seconds.
+    (a positive nice value while we run at nice 0 or below): the scheduler gives their core to us.
+    `update()` is cheap (two small /proc reads) and re-decides at most every `interval` seconds.
     """
 
     def __init__(self, max_threads: int | None = None, interval: float = 5.0, slack: float = 0.35):
