@@ -24,6 +24,7 @@
 #include "cpu_isa.h"
 #include "vq.h"
 #include "vq_bound.h"
+#include "vq_exact.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -551,151 +552,18 @@ double chosen_sqdist(const Buf* z, const double* ek, int64_t D, int c) {
   return own == 0 ? sqdist_body(z, ek, D) : std::ldexp(sqdist_scaled(z, ek, D, own), 2 * own);
 }
 
-// Exact comparison, for the rare rows where fp64 cannot order two candidates (their distances agree to
-// within fp64 rounding, e.g. they differ by 2^-60 at 1, or only in entries 10^-600 times the others).
-// Every finite double is an integer times a power of two, so on the scale of the smallest such power
-// each |z - e|^2 is an integer; it is summed exactly in multi-limb arithmetic (at most ~70 limbs).
-namespace exact {
-
-using Limbs = std::vector<uint64_t>;  // unsigned, little-endian 64-bit limbs
-
-void trim(Limbs& x) {
-  while (!x.empty() && x.back() == 0) x.pop_back();
-}
-
-int compare(const Limbs& a, const Limbs& b) {  // trimmed inputs
-  if (a.size() != b.size()) return a.size() < b.size() ? -1 : 1;
-  for (size_t i = a.size(); i-- > 0;)
-    if (a[i] != b[i]) return a[i] < b[i] ? -1 : 1;
-  return 0;
-}
-
-// m 2^shift for m < 2^53.
-Limbs shifted(uint64_t m, int64_t shift) {
-  Limbs x(static_cast<size_t>(shift / 64 + 2), 0);
-  const int64_t w = shift / 64, b = shift % 64;
-  x[w] = m << b;
-  if (b > 0) x[w + 1] = m >> (64 - b);
-  trim(x);
-  return x;
-}
-
-void add(Limbs& acc, const Limbs& x) {
-  if (acc.size() < x.size()) acc.resize(x.size(), 0);
-  unsigned __int128 carry = 0;
-  for (size_t i = 0; i < acc.size(); ++i) {
-    carry += static_cast<unsigned __int128>(acc[i]) + (i < x.size() ? x[i] : 0);
-    acc[i] = static_cast<uint64_t>(carry);
-    carry >>= 64;
-  }
-  if (carry) acc.push_back(static_cast<uint64_t>(carry));
-}
-
-Limbs subtract(const Limbs& a, const Limbs& b) {  // a >= b
-  Limbs r(a.size(), 0);
-  uint64_t borrow = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    const uint64_t bi = i < b.size() ? b[i] : 0;
-    const unsigned __int128 t = static_cast<unsigned __int128>(a[i]) - bi - borrow;
-    r[i] = static_cast<uint64_t>(t);
-    borrow = static_cast<uint64_t>(t >> 64) ? 1 : 0;
-  }
-  trim(r);
-  return r;
-}
-
-Limbs square(const Limbs& a) {
-  Limbs r(2 * a.size() + 1, 0);
-  for (size_t i = 0; i < a.size(); ++i) {
-    unsigned __int128 carry = 0;
-    for (size_t j = 0; j < a.size(); ++j) {
-      carry += static_cast<unsigned __int128>(a[i]) * a[j] + r[i + j];
-      r[i + j] = static_cast<uint64_t>(carry);
-      carry >>= 64;
-    }
-    for (size_t k = i + a.size(); carry; ++k) {
-      carry += r[k];
-      r[k] = static_cast<uint64_t>(carry);
-      carry >>= 64;
-    }
-  }
-  trim(r);
-  return r;
-}
-
-// v = m 2^q with an integer m, |m| < 2^53 (v != 0, finite).
-void decompose(double v, uint64_t& m, int& q) {
-  int e;
-  const double f = std::frexp(std::fabs(v), &e);
-  m = static_cast<uint64_t>(std::ldexp(f, 53));
-  q = e - 53;
-}
-
-// |z - e|^2 in units of 4^base (base <= every q of z and e).
-template <typename Buf>
-Limbs sqdist(const Buf* z, const double* e, int64_t D, int base) {
-  Limbs sum;
-  for (int64_t d = 0; d < D; ++d) {
-    const double a = static_cast<double>(z[d]), b = e[d];
-    Limbs x, y;  // |a|, |b| in units of 2^base
-    uint64_t m;
-    int q;
-    if (a != 0.0) decompose(a, m, q), x = shifted(m, q - base);
-    if (b != 0.0) decompose(b, m, q), y = shifted(m, q - base);
-    Limbs diff = x;  // |a - b|
-    if (a != 0.0 && b != 0.0 && (a < 0) == (b < 0)) {
-      diff = compare(x, y) >= 0 ? subtract(x, y) : subtract(y, x);
-    } else {
-      add(diff, y);
-      trim(diff);
-    }
-    add(sum, square(diff));
-  }
-  trim(sum);
-  return sum;
-}
-
-// The smallest q over the nonzero entries of z, a and b.
-template <typename Buf>
-int common_base(const Buf* z, const double* a, const double* b, int64_t D) {
-  int base = 0;
-  bool any = false;
-  auto see = [&](double v) {
-    if (v == 0.0) return;
-    uint64_t m;
-    int q;
-    decompose(v, m, q);
-    base = any ? std::min(base, q) : q;
-    any = true;
-  };
-  for (int64_t d = 0; d < D; ++d) see(static_cast<double>(z[d])), see(a[d]), see(b[d]);
-  return base;
-}
-
-// sign(|z - a|^2 - |z - b|^2), exactly.
-template <typename Buf>
-int compare_distances(const Buf* z, const double* a, const double* b, int64_t D) {
-  if (std::memcmp(a, b, D * sizeof(double)) == 0) return 0;
-  const int base = common_base(z, a, b, D);
-  return compare(sqdist(z, a, D, base), sqdist(z, b, D, base));
-}
-
-}  // namespace exact
-
 // The nearest of `candidates` (ascending), ties to the lowest index: fp64 distances, each within
 // gamma_{D+4} of the exact one (plus underflow), and exact arithmetic among those fp64 cannot separate.
 template <typename Buf>
 Nearest nearest_among(const Buf* z, const Codebook& cb, const std::vector<int64_t>& candidates, int c) {
   const int64_t D = cb.D;
   const double* e = cb.f64.const_data_ptr<double>();
-  const double n_ops = static_cast<double>(D + 4), u64 = 0x1p-53;
-  const double gamma = n_ops * u64 / (1.0 - n_ops * u64);
   std::vector<double> s(candidates.size()), err(candidates.size());
   double top = std::numeric_limits<double>::infinity();  // min over candidates of s + err
   for (size_t j = 0; j < candidates.size(); ++j) {
     const double* ek = e + candidates[j] * D;
     s[j] = c == 0 ? sqdist_body(z, ek, D) : sqdist_scaled(z, ek, D, c);
-    err[j] = 1.01 * gamma * s[j] + 8.0 * static_cast<double>(D) * 0x1p-1074 * (1.0 + 2.0 * std::sqrt(s[j]));
+    err[j] = vq_exact::fp64_distance_error(s[j], D);
     top = std::min(top, s[j] + err[j]);
   }
   size_t best = candidates.size();
@@ -710,8 +578,10 @@ Nearest nearest_among(const Buf* z, const Codebook& cb, const std::vector<int64_
       cmp = -1;
     } else if (s[j] - err[j] > s[best] + err[best]) {
       cmp = 1;
-    } else {  // fp64 cannot tell
-      cmp = exact::compare_distances(z, e + candidates[j] * D, e + candidates[best] * D, D);
+    } else {  // fp64 cannot tell: exact integer arithmetic (csrc/vq_exact.h, shared with the CUDA re-rank)
+      vq_exact::Scratch scratch;
+      const auto zd = [z](int64_t d) { return static_cast<double>(z[d]); };
+      cmp = vq_exact::compare_distances(zd, e + candidates[j] * D, e + candidates[best] * D, D, scratch);
     }
     if (cmp < 0) best = j;  // a tie keeps the lower index
   }

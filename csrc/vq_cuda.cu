@@ -18,12 +18,15 @@
 //      vq_quantize's writes of z_q) are coalesced for row-major and NCHW z alike; |z|^2 and the distance to
 //      the winner in fp64. A row whose two best d' are within the rounding bound, or whose scaled search
 //      overflowed, goes to a list.
-//   4. re-rank: the listed rows (rare) against every used code in fp64, on the unscaled values.
+//   4. re-rank: the listed rows (rare) against every used code in fp64, on the unscaled values; codes whose
+//      fp64 distances are within their rounding bound of the best are compared exactly (csrc/vq_exact.h,
+//      the code the CPU kernel runs for the same rows).
 // Scaling by a power of two is exact barring underflow, which the bound counts, so finite inputs of any
 // magnitude rank correctly. vq_quantize then sums the fp64 per-row distances in a fixed order.
 #include "cuda_plan.h"
 #include "vq.h"
 #include "vq_bound.h"
+#include "vq_exact.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -803,8 +806,31 @@ __global__ void __launch_bounds__(kFinThreads) vq_finalize_kernel(
 }
 
 // ---------------------------------------------------------------------------------------------------
-// 4. Re-rank of the listed rows: one warp per row, lanes over codes, fp64 on the unscaled values.
+// 4. Re-rank of the listed rows: one warp per row, lanes over codes, fp64 on the unscaled values. When a
+// second code's fp64 distance is within the rounding bound of the best one (fp64 cannot order them), a
+// second pass visits the codes in increasing order and decides among those candidates exactly, on lane 0
+// with this warp's scratch in shared memory (rows listed and tied in fp64: rare twice over).
 // ---------------------------------------------------------------------------------------------------
+// Entry d of a strided row as fp64 (exact for every input dtype). Functions, not lambdas, so that every
+// call inlines: an ABI call would give the kernel a stack frame.
+template <typename scalar_t>
+struct StridedRow {
+  const scalar_t* row;
+  int64_t stride;
+  __device__ __forceinline__ double operator()(int64_t d) const { return to_f64(row[d * stride]); }
+};
+
+// |z s - e_k s|^2 in fp64 (s a power of two).
+template <typename scalar_t>
+__device__ __forceinline__ double scaled_sqdist(const StridedRow<scalar_t>& z, const double* ek, int64_t D, double s) {
+  double acc = 0.0;
+  for (int64_t d = 0; d < D; ++d) {
+    const double t = z(d) * s - ek[d] * s;
+    acc += t * t;
+  }
+  return acc;
+}
+
 template <typename scalar_t, typename sq_t>
 __global__ void __launch_bounds__(kRowWarps * kWarp) vq_rerank_kernel(
     const scalar_t* __restrict__ z,           // (B, R, D) strides (sb, sr, sd)
@@ -822,6 +848,7 @@ __global__ void __launch_bounds__(kRowWarps * kWarp) vq_rerank_kernel(
     int64_t qb,
     int64_t qr,
     int64_t qd) {
+  __shared__ vq_exact::Scratch scratch[kRowWarps];
   const int lane = threadIdx.x % kWarp;
   const unsigned long long listed = *out.listed;
   for (unsigned long long w = static_cast<unsigned long long>(blockIdx.x) * kRowWarps + threadIdx.x / kWarp;
@@ -838,21 +865,23 @@ __global__ void __launch_bounds__(kRowWarps * kWarp) vq_rerank_kernel(
     const double s = __longlong_as_double((1023 - shift) << 52), inv = __longlong_as_double((1023 + shift) << 52);
     // Lanes visit their codes in increasing order, so strict < keeps the lowest index, and the warp merge
     // breaks ties by index.
-    double lb = std::numeric_limits<double>::infinity();
+    const StridedRow<scalar_t> zd{zr, sd};
+    // Each lane keeps its best and second-best code, so the warp learns the runner-up's distance too.
+    const double inf = std::numeric_limits<double>::infinity();
+    double lb = inf, l2 = inf;
     long long li = K;
     for (int64_t k = lane; k < K; k += kWarp) {
       if (!use[k]) continue;
-      const double* ek = cb64 + k * D;
-      double acc = 0.0;
-      for (int64_t d = 0; d < D; ++d) {
-        const double t = to_f64(zr[d * sd]) * s - ek[d] * s;
-        acc += t * t;
-      }
+      const double acc = scaled_sqdist(zd, cb64 + k * D, D, s);
       if (acc < lb) {
+        l2 = lb;
         lb = acc;
         li = k;
+      } else if (acc < l2) {
+        l2 = acc;
       }
     }
+    const double own_best = lb;
     for (int off = kWarp / 2; off > 0; off /= 2) {
       const double ob = __shfl_xor_sync(kFullMask, lb, off);
       const long long oi = __shfl_xor_sync(kFullMask, li, off);
@@ -860,6 +889,45 @@ __global__ void __launch_bounds__(kRowWarps * kWarp) vq_rerank_kernel(
         lb = ob;
         li = oi;
       }
+    }
+    // The smallest distance of any other code: this lane's second best if it holds the winner, else its best.
+    double runner_up = li < K && li % kWarp == lane ? l2 : own_best;
+    for (int off = kWarp / 2; off > 0; off /= 2) {
+      runner_up = fmin(runner_up, __shfl_xor_sync(kFullMask, runner_up, off));
+    }
+    const double top = lb + vq_exact::fp64_distance_error(lb, D);  // no code is nearer than this
+    if (li < K && runner_up - vq_exact::fp64_distance_error(runner_up, D) <= top) {
+      // fp64 cannot order the best few: every code within the bound is a candidate, compared in index
+      // order (a tie keeps the lower index), exactly where their bounds overlap. Warp-uniform control flow.
+      vq_exact::Scratch& mine = scratch[threadIdx.x / kWarp];
+      long long best = -1;
+      double best_s = 0.0, best_err = 0.0;
+      for (int64_t k0 = 0; k0 < K; k0 += kWarp) {
+        const int64_t k = k0 + lane;
+        const double acc = k < K && use[k] ? scaled_sqdist(zd, cb64 + k * D, D, s) : inf;
+        const double err = vq_exact::fp64_distance_error(acc, D);
+        unsigned candidates = __ballot_sync(kFullMask, acc < inf && acc - err <= top);
+        while (candidates != 0) {
+          const int src = __ffs(candidates) - 1;
+          candidates &= candidates - 1;
+          const double sj = __shfl_sync(kFullMask, acc, src), ej = __shfl_sync(kFullMask, err, src);
+          const long long kj = k0 + src;
+          int cmp = 1;  // sign(|z - e_kj|^2 - |z - e_best|^2)
+          if (best < 0 || sj + ej < best_s - best_err) {
+            cmp = -1;
+          } else if (sj - ej <= best_s + best_err) {
+            if (lane == 0) cmp = vq_exact::compare_distances(zd, cb64 + kj * D, cb64 + best * D, D, mine);
+            cmp = __shfl_sync(kFullMask, cmp, 0);
+          }
+          if (cmp < 0) {
+            best = kj;
+            best_s = sj;
+            best_err = ej;
+          }
+        }
+      }
+      lb = best_s;
+      li = best;
     }
     const long long index = li < K ? li : -1;  // li == K only if no code is usable
     if (lane == 0) {

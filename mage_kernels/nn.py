@@ -61,6 +61,9 @@ def kmeans(
     each iteration assigns every row to its exact nearest mean (`vq_nearest`) and moves each mean to
     the average of its rows, summed over all ranks when `sync`; a mean with no rows stays where it is.
     """
+    if rows.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(torch.isfinite(rows).all()):
+        raise ValueError(f"kmeans: rows has {int((~torch.isfinite(rows)).sum())} non-finite value(s) (NaN or inf); "
+                         "k-means needs finite vectors")
     if sync and dist.get_rank() != 0:
         means = rows.new_empty(num_clusters, rows.shape[1])
     else:
@@ -280,34 +283,55 @@ class VectorQuantize(nn.Module):
         (quantized like x, indices [B, N] / [B, H, W] / [B], loss scalar)."""
         self._check_input(x)
         z = self._to_codes_space(x)
-        self._maybe_kmeans_init(z)
+        self._maybe_kmeans_init(x, z)
         if self.training:
-            zq, indices, loss = self._quantize_and_update(z)
+            zq, indices, loss = self._quantize_and_update(x, z)
         else:
-            indices, _ = vq_nearest(z, self.codebook)
-            codes = F.embedding(indices, self.codebook).to(z.dtype)
+            indices, _ = vq_nearest(z, self.codebook, check_finite=False)
+            # Index -1 (no nearest code: checked below on CPU; on GPU a check would sync) gives a NaN row,
+            # as vq_quantize does, rather than an out-of-range lookup.
+            codes = F.embedding(indices.clamp_min(0), self.codebook).to(z.dtype)
+            codes = codes.masked_fill((indices < 0).unsqueeze(-1), float("nan"))
             zq = reference.vq_rows_to_layout(codes, z)
             loss = torch.zeros((), device=x.device)
+            self._raise_on_invalid(indices, x, z)
         return self._from_codes_space(zq, x), indices.reshape(self._indices_shape(x)), loss
 
-    def _quantize_and_update(self, z: torch.Tensor):
+    def _raise_on_invalid(self, indices: torch.Tensor, x: torch.Tensor, z: torch.Tensor) -> None:
+        """What the ops check on CPU tensors (where it costs no host sync), said in terms of this layer's
+        argument x: rows with index -1 have no nearest code."""
+        if indices.device.type == "cpu" and not torch.compiler.is_compiling() and bool((indices < 0).any()):
+            self._raise_non_finite(x, z)
+
+    def _raise_non_finite(self, x: torch.Tensor, z: torch.Tensor) -> None:
+        bad = int((~torch.isfinite(x)).sum())
+        if bad:
+            raise ValueError(f"VectorQuantize: x has {bad} non-finite value(s) (NaN or inf); no nearest code "
+                             "exists for them")
+        if not bool(torch.isfinite(z).all()):
+            raise ValueError("VectorQuantize: project_in maps the finite x to non-finite values (its weights are "
+                             "not finite, or the values overflow)")
+        raise ValueError("VectorQuantize: the codebook has no finite code (every code has a NaN or inf entry)")
+
+    def _quantize_and_update(self, x: torch.Tensor, z: torch.Tensor):
         updates = self.decay is not None or self.threshold_ema_dead_code > 0
         # The op keeps the codebook for its backward; the update below writes the codebook in place.
         codebook = self.codebook.clone() if updates else self.codebook
         w_commit, w_code = self.commitment_weight, self.codebook_weight
         if not self.learnable_codebook:
-            zq, indices, loss, counts = vq_quantize(z, codebook, beta=0.0)
+            zq, indices, loss, counts = vq_quantize(z, codebook, beta=0.0, check_finite=False)
             loss = loss * w_commit
         elif w_commit > 0:
             # The op's loss is commit + beta * codebook term; scaled, it is w_commit * commit + w_code * codebook.
-            zq, indices, loss, counts = vq_quantize(z, codebook, beta=w_code / w_commit)
+            zq, indices, loss, counts = vq_quantize(z, codebook, beta=w_code / w_commit, check_finite=False)
             loss = loss * w_commit
         else:
             # No commitment term: run the op on sg(z) (its loss is then 2x the codebook term in value, all
             # of whose gradient is the codebook term's) and restore the straight-through path to z.
-            zq, indices, loss, counts = vq_quantize(z.detach(), codebook, beta=1.0)
+            zq, indices, loss, counts = vq_quantize(z.detach(), codebook, beta=1.0, check_finite=False)
             loss = w_code * (loss - 0.5 * loss.detach())
             zq = zq + (z - z.detach())
+        self._raise_on_invalid(indices, x, z)  # before the codebook update
         if self.rotation_trick and z.requires_grad:
             rows = _rotate_to(reference.vq_rows(z), reference.vq_rows(zq).detach())
             zq = reference.vq_rows_to_layout(rows, z)
@@ -327,7 +351,7 @@ class VectorQuantize(nn.Module):
         smoothed = (cluster_size + self.eps) / (total + self.codebook_size * self.eps) * total
         return embed_avg / smoothed[..., None]
 
-    def _maybe_kmeans_init(self, z: torch.Tensor) -> None:
+    def _maybe_kmeans_init(self, x: torch.Tensor, z: torch.Tensor) -> None:
         if not self._check_init:
             return
         cb = self._codebook
@@ -335,6 +359,8 @@ class VectorQuantize(nn.Module):
             self._check_init = False
             return
         rows = self._rows(z.detach())
+        if not bool(torch.isfinite(rows).all()):  # once, at init (which syncs anyway)
+            self._raise_non_finite(x, z)
         if rows.shape[0] < self.codebook_size:
             warnings.warn(f"VectorQuantize: k-means init got {rows.shape[0]} vectors for {self.codebook_size} codes; "
                           "some codes start as duplicates", stacklevel=3)
@@ -356,12 +382,16 @@ class VectorQuantize(nn.Module):
         the batch (drawn on rank 0 when syncing), with cluster_size = threshold, embed_avg = threshold * code.
         """
         cb, sync = self._codebook, self.sync_codebook
-        rows = self._rows(z)
+        # Rows without a nearest code (index -1: non-finite input, unchecked on GPU, where a check would
+        # sync) are left out of the sums, as the op's counts leave them out, and never become a code (zeroed).
+        found = indices.reshape(-1) >= 0
+        rows = self._rows(z).masked_fill(~found.unsqueeze(-1), 0.0)
+        indices = indices.reshape(-1).clamp_min(0)
         counts = _all_reduce(counts.to(torch.float32), sync)
         decay = USAGE_DECAY if self.decay is None else self.decay
         cb.cluster_size.lerp_(counts[None], 1.0 - decay)
         if self.decay is not None:
-            sums = rows.new_zeros(self.codebook_size, self.codebook_dim).index_add_(0, indices.reshape(-1), rows)
+            sums = rows.new_zeros(self.codebook_size, self.codebook_dim).index_add_(0, indices, rows)
             cb.embed_avg.lerp_(_all_reduce(sums, sync)[None], 1.0 - self.decay)
             cb.embed.copy_(self._smoothed_codes(cb.embed_avg, cb.cluster_size))
         if self.threshold_ema_dead_code > 0 and rows.shape[0] > 0:

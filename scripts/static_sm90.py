@@ -47,6 +47,10 @@ ALLOWED: dict[str, tuple[int, str]] = {
     r"^vq_search_tc_kernel$": (8, "at the 128 registers of __launch_bounds__(256, 2) (two blocks per SM), ptxas "
                                "keeps one loop-invariant 4-byte value on the stack: one STL before the main loop "
                                "and one L1-resident LDL per 64-deep chunk, against 64 HMMAs per chunk"),
+    r"^vq_rerank_kernel$": (64, "the 64-bit division row / R is a CALL to ptxas's division routine; around it "
+                            "ptxas keeps the listed-row count and the row counter's high word on the stack: two "
+                            "STL at kernel entry and a few LDL per listed row (a rare row, re-ranked against "
+                            "every code in fp64: K * D loads and FMAs), none in the per-code loops"),
 }
 
 

@@ -451,6 +451,16 @@ def cli_files(tmp_path_factory):
     (root / "bad.json").write_text("{steps: 3")
     (root / "list.json").write_text("[1, 2]")
     (root / "unknown.json").write_text('{"stepz": 3}')
+    import io
+
+    import numpy as np
+
+    good = io.BytesIO()
+    np.savez(good, mu=np.zeros(3), sigma=np.eye(3), num_samples=10)
+    (root / "truncated.npz").write_bytes(good.getvalue()[:100])
+    (root / "empty.npz").write_bytes(b"")
+    np.savez(root / "nan.npz", mu=np.full(3, np.nan), sigma=np.eye(3), num_samples=10)
+    np.savez(root / "one.npz", mu=np.zeros(3), sigma=np.eye(3), num_samples=1)
     return root
 
 
@@ -499,6 +509,13 @@ CLI_CASES = [
     ("fid {root}/missing digits", 1, "missing"),
     ("fid digits", 1, "second source"),
     ("fid digits digits --max-images 2 --weights {root}/missing.pth --device cpu", 1, "missing.pth"),
+    # np.savez appended .npz to another name while the result named the path given.
+    ("fid digits --save-stats {root}/stats", 1, "--save-stats"),
+    # Damaged statistics files: raw BadZipFile / EOFError tracebacks, or a silent NaN / division by zero.
+    ("fid {root}/truncated.npz digits", 1, "truncated.npz"),
+    ("fid {root}/empty.npz digits", 1, "empty.npz"),
+    ("fid {root}/nan.npz {root}/nan.npz", 1, "nan.npz: mu and sigma must be finite"),
+    ("fid {root}/one.npz {root}/one.npz", 1, "num_samples"),
 ]
 
 

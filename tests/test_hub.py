@@ -166,3 +166,55 @@ def test_package_ships_type_information():
     # scikit-build-core puts every file of these package folders into the wheel
     pyproject = open(os.path.join(ROOT, "pyproject.toml")).read()
     assert 'wheel.packages = ["mage_kernels", "python/mage"]' in pyproject
+
+
+# Each writer first writes a good file, then rewrites it while writes past 16 bytes fail (RLIMIT_FSIZE: EFBIG,
+# as on a full disk). The old file must survive whole, with no temp file left: a truncating write loses it.
+_DISK_FULL = """
+import json, os, resource, signal, sys
+from pathlib import Path
+import torch, mage
+from mage import cli
+from mage.metrics import FeatureStats
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+src, out = Path(sys.argv[1]), Path(sys.argv[2])
+model = mage.MAGE.from_pretrained(src)
+model.save = lambda path: None  # keep the weights file out of it: the config is what is tested
+stats = FeatureStats()
+stats.update(torch.randn(5, 3, dtype=torch.float64))
+writers = {
+    "save_pretrained config.json": (out / "m" / "config.json", lambda: model.save_pretrained(out / "m")),
+    "FeatureStats.save": (out / "s" / "stats.npz", lambda: stats.save(out / "s" / "stats.npz")),
+    "mage fid --out": (out / "j" / "result.json",
+                       lambda: cli._write_json({"fid": 1.5, "network": "tf-inception"}, str(out / "j" / "result.json"))),
+}
+report = {}
+for name, (path, write) in writers.items():
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write()
+    before = path.read_bytes()
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (16, hard))
+    try:
+        write()
+        failed = False
+    except OSError:
+        failed = True
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    report[name] = {"failed": failed, "intact": path.read_bytes() == before,
+                    "left": sorted(p.name for p in path.parent.iterdir() if p.name.endswith(".tmp"))}
+print(json.dumps(report))
+"""
+
+
+def test_writers_are_atomic_on_a_full_disk(model, tmp_path):
+    model.save_pretrained(tmp_path / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "python")])}
+    run = subprocess.run([sys.executable, "-c", _DISK_FULL, str(tmp_path / "src"), str(tmp_path / "out")],
+                         env=env, timeout=300, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    for name, r in report.items():
+        assert r == {"failed": True, "intact": True, "left": []}, (name, r)

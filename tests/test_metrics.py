@@ -276,3 +276,23 @@ def test_fmnist_classifier_cache(tmp_path):
     x_test, y_test = load_fashion_mnist("test")
     assert classifier_accuracy(second, x_test[:2000], y_test[:2000]) > 0.65
     assert config.key() != ClassifierConfig(epochs=1, train_size=3000, seed=1).key()
+
+
+def test_frechet_distance_refuses_what_is_not_a_gaussian():
+    # -I against I gave 0.0 (negative eigenvalues clamped away); a NaN sigma leaked torch's raw _LinAlgError.
+    from mage.metrics import frechet_distance
+
+    mu, eye = torch.zeros(3, dtype=torch.float64), torch.eye(3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="sigma1 is not a covariance"):
+        frechet_distance(mu, -eye, mu, eye)
+    with pytest.raises(ValueError, match="sigma2 is not a covariance"):
+        frechet_distance(mu, eye, mu, -eye)
+    with pytest.raises(ValueError, match="sigma2 has NaN"):
+        frechet_distance(mu, eye, mu, eye * math.nan)
+    with pytest.raises(ValueError, match="mu1 has NaN"):
+        frechet_distance(mu * math.nan, eye, mu, eye)
+    # round-off-sized negative eigenvalues of a real covariance estimate are still clamped
+    x = torch.randn(3, 8, dtype=torch.float64)
+    rank_deficient = x.T @ x / 2
+    assert frechet_distance(torch.zeros(8, dtype=torch.float64), rank_deficient, torch.zeros(8, dtype=torch.float64),
+                            rank_deficient) == pytest.approx(0.0, abs=1e-6)

@@ -340,3 +340,41 @@ def test_state_dicts_load_across():
     ours.train()(_x(2, 40, DIM, seed=6))
     theirs.load_state_dict(ours.state_dict())
     assert torch.equal(ours.eval()(x)[1], theirs(x)[1])
+
+
+@pytest.mark.parametrize("kmeans_init", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+def test_non_finite_input_error_names_x(training, kmeans_init):
+    # The layer's argument is x: the error must not name the op's `z` (or kmeans' `rows`).
+    vq = VectorQuantize(DIM, K, kmeans_init=kmeans_init).train(training)
+    x = _x(2, 9, DIM)
+    x[1, 3, 0] = float("nan")
+    with pytest.raises(ValueError) as err:
+        vq(x)
+    assert str(err.value).startswith("VectorQuantize: x has 1 non-finite value") and " z" not in str(err.value)
+    with torch.no_grad():
+        vq._codebook.embed.fill_(float("nan"))
+    vq._check_init = False
+    with pytest.raises(ValueError, match="VectorQuantize: the codebook has no finite code"):
+        vq(_x(2, 9, DIM))
+
+
+def test_kmeans_names_its_argument():
+    rows = torch.randn(20, 4)
+    rows[3, 1] = float("inf")
+    with pytest.raises(ValueError, match="kmeans: rows has 1 non-finite"):
+        kmeans(rows, 4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("training", [True, False])
+def test_non_finite_input_on_gpu_gives_nan_rows_not_a_device_assert(training):
+    # On GPU the index -1 of a non-finite row is not checked (a host sync); it must not reach F.embedding /
+    # index_add_ as an out-of-range index (a device-side assert), nor poison the EMA codebook.
+    vq = VectorQuantize(DIM, K, decay=0.8, threshold_ema_dead_code=1).to("cuda").train(training)
+    x = _x(2, 9, DIM).cuda()
+    x[1, 3] = float("nan")
+    q, idx, _ = vq(x)
+    torch.cuda.synchronize()
+    assert idx[1, 3] == -1 and q[1, 3].isnan().all() and not q[0].isnan().any()
+    assert torch.isfinite(vq.codebook).all()

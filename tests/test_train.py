@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import mage_kernels
 from mage import train as train_mod
-from mage.checkpoint_io import CheckpointError, load_checkpoint, previous_path
+from mage.checkpoint_io import CheckpointError, load_checkpoint, previous_path, save_checkpoint
 from mage.losses import info_nce, masked_positions, masked_token_loss, patch_pixel_loss
 from mage.model import mage_vit_tiny
 from mage.train import TrainConfig, TrainModule, plan_masks, train
@@ -592,3 +592,23 @@ def test_demo_probe_features_pool_the_encoder_tokens():
         for blk in model.blocks:
             x = blk(x)
     torch.testing.assert_close(probe_features(model, ids, grid=7)["grid"], x[:, 1:].transpose(1, 2).flatten(1))
+
+
+@pytest.mark.parametrize("damage", ["nan", "shape", "updates"])
+def test_resume_refuses_a_damaged_ema_state(tmp_path, damage):
+    # A NaN EMA average was loaded silently (and became the final weights); a [1] average was broadcast into
+    # place by copy_; a missing 'updates' was a raw KeyError.
+    train(tiny(tmp_path, "mae", steps=2, ckpt_every=2, ema_decay=0.5))
+    path = tmp_path / "checkpoint.pt"
+    state = load_checkpoint(path)
+    ema = state["extra"]["ema"]
+    key = next(iter(ema["shadow"]))
+    if damage == "nan":
+        ema["shadow"][key] = torch.full_like(ema["shadow"][key], math.nan)
+    elif damage == "shape":
+        ema["shadow"][key] = ema["shadow"][key].flatten()[:1].clone()
+    else:
+        del ema["updates"]
+    save_checkpoint(state, path)
+    with pytest.raises(CheckpointError, match=f"{path}: .*ema state"):
+        train(tiny(tmp_path, "mae", steps=4, ckpt_every=2, ema_decay=0.5, resume=True, resume_with_changes=True))

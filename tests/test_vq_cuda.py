@@ -11,6 +11,8 @@ from conftest import assert_close
 
 import mage_kernels as mk
 from mage_kernels import reference
+from test_vq_exact import FP64_TIED, PLANTED, exact_nearest, fp64_tied_case, rounded
+from test_vq_exact import _case as planted_case
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
@@ -165,6 +167,55 @@ def test_near_ties_are_reranked_exactly():
     ref_idx, ref_sq = reference.vq_nearest(z, e)
     assert torch.equal(idx, ref_idx) and (idx == 299).all()
     assert_close(sq, ref_sq)
+
+
+@pytest.mark.parametrize("name", sorted(PLANTED))
+def test_planted_exact_cases(name):
+    # tests/test_vq_exact.py's planted cases on CUDA tensors. "below-fp64-resolution" (distances 2^-60 apart
+    # at 1) failed before the re-rank decided fp64 ties exactly: it kept the lowest fp64-tied index, 0.
+    z, e = planted_case(*PLANTED[name])
+    z, e = z.to(DEV), e.to(DEV)
+    idx, sq = torch.ops.mage.vq_nearest(z, e, exact=True)
+    want, dists = exact_nearest(z.cpu(), e.cpu())
+    assert idx.tolist() == want
+    expected = torch.stack([rounded(d, sq.dtype) for d in dists])
+    torch.testing.assert_close(sq.cpu(), expected, rtol=1e-6, atol=0.0)
+
+
+@pytest.mark.parametrize("dtype,big,small", FP64_TIED, ids=lambda v: str(v).replace("torch.", ""))
+def test_rows_fp64_cannot_separate_are_decided_exactly(dtype, big, small):
+    # Every code ties with every other in fp64; the exact answer is never code 0 for every row. Before the
+    # re-rank compared such codes exactly (csrc/vq_exact.h, the code the CPU kernel runs), it returned the
+    # lowest fp64-tied index, 0, on every row: this failed.
+    z, e = fp64_tied_case(dtype, big, small, seed=big, device=DEV)
+    want, _ = exact_nearest(z.cpu(), e.cpu())
+    idx, _ = torch.ops.mage.vq_nearest(z, e, exact=True)
+    assert any(w != 0 for w in want) and idx.tolist() == want
+    z_q, q_idx, _, counts = torch.ops.mage.vq_quantize(z, e, 0.25)
+    assert q_idx.tolist() == want and torch.equal(z_q, e[want])
+    assert counts.tolist() == torch.bincount(torch.tensor(want), minlength=e.shape[0]).tolist()
+    # The same rows inside a larger batch and codebook: listed among ordinary rows, spread over warps.
+    zb, eb = make(300, 500, 2, dtype, seed=21)
+    eb = torch.cat([e, (eb.abs().clamp(max=1) + 1) * 2.0**big])  # far codes after the tied ones
+    zb = torch.cat([zb * 2.0**small, z, zb * 2.0**small])
+    idx, _ = torch.ops.mage.vq_nearest(zb, eb, exact=True)
+    assert idx[300:300 + z.shape[0]].tolist() == want
+    assert torch.equal(idx.cpu(), torch.ops.mage.vq_nearest(zb.cpu(), eb.cpu(), exact=True)[0])
+
+
+def test_agrees_with_the_cpu_kernel_on_random_fp64_ties():
+    # Random rows whose few nearest codes differ below fp64 resolution: CUDA and CPU run the same exact
+    # comparison, so they agree index for index.
+    g = torch.Generator().manual_seed(22)
+    e = torch.randn(64, 8, generator=g, dtype=torch.float64)
+    e[:, 0] = 2.0**40
+    z = torch.randn(500, 8, generator=g, dtype=torch.float64) * 2.0**-20
+    z[:, 0] = 0.0
+    e[:, 1:] = (e[:, 1:] * 2.0**-20 * 256).round() / 256
+    for dtype in (torch.float32, torch.float64):
+        zc, ec = z.to(dtype), e.to(dtype)
+        idx, _ = torch.ops.mage.vq_nearest(zc.to(DEV), ec.to(DEV), exact=True)
+        assert torch.equal(idx.cpu(), torch.ops.mage.vq_nearest(zc, ec, exact=True)[0])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

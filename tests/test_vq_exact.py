@@ -98,6 +98,39 @@ def test_planted_exact_argmin(backend, name):
     torch.testing.assert_close(sqdist, expected, rtol=1e-6, atol=0.0)
 
 
+def fp64_tied_case(dtype: torch.dtype, big: int, small: int, seed: int, device="cpu"):
+    """Rows whose distances to every code agree in fp64 (only exact arithmetic orders them): codes
+    [2^big, m_k 2^small], rows [0, u_i] or [c_i, 0], with 2^(2 small + 16) far below fp64's resolution at
+    4^big; the exact answer is the code with the nearest second entry, never code 0 alone (lowest-index ties
+    are wrong). The entries m 2^small (m < 256) are exact in every dtype the exponents allow."""
+    g = torch.Generator().manual_seed(seed)
+    m = torch.randperm(255, generator=g)[:40].double() + 1
+    m[0] = 255.0  # code 0 is the farthest for rows [c, 0]
+    e = torch.stack([torch.full_like(m, 2.0**big), m * 2.0**small], 1)
+    u = (torch.randint(-255, 256, (12,), generator=g).double()) * 2.0**small
+    z = torch.cat([torch.stack([torch.zeros_like(u), u], 1), torch.tensor([[1.0, 0.0], [-3.0, 0.0]]) * 2.0**small])
+    return z.to(device, dtype), e.to(device, dtype)
+
+
+# (dtype, big, small): fp16 subnormals, bf16 / fp32 in range, fp64 over ~700 and ~2000 bits of exponent.
+FP64_TIED = [(torch.float16, 14, -24), (torch.bfloat16, 14, -30), (torch.float32, 30, -60),
+             (torch.float64, 300, -400), (torch.float64, 1000, -1070)]
+
+
+@pytest.mark.parametrize("dtype,big,small", FP64_TIED, ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("backend", backend_params())
+def test_rows_fp64_cannot_separate_are_decided_exactly(backend, dtype, big, small):
+    # Every code ties with every other in fp64: the kernels' exact comparison (csrc/vq_exact.h on CPU and in
+    # the CUDA re-rank; the reference's integer stage; Triton through it) decides each row.
+    z, e = fp64_tied_case(dtype, big, small, seed=big)
+    indices, sqdist = nearest(backend, z, e)
+    want, _ = exact_nearest(z, e)
+    assert any(w != 0 for w in want) and indices.tolist() == want
+    z_q, q_indices, _, counts = kernel("vq_quantize", backend)(z, e, 0.25)
+    assert q_indices.tolist() == want and torch.equal(z_q, e[want])
+    assert counts.tolist() == torch.bincount(torch.tensor(want), minlength=e.shape[0]).tolist()
+
+
 @pytest.mark.parametrize("dtype,lo,hi", [(torch.float32, 19, 38), (torch.float64, 38, 307)])
 @pytest.mark.parametrize("backend", backend_params(VQ_EXACT_PENDING))
 def test_large_magnitudes_random(backend, dtype, lo, hi):

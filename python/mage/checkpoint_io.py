@@ -104,6 +104,12 @@ def _atomic_write(path: Path, chunks: list, keep_previous: bool, write_file=None
     return path
 
 
+def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
+    """`data` (str as UTF-8) written to `path` atomically, as `save_checkpoint` without `.prev`: a crash or a
+    full disk mid-write leaves the old file, never a truncated one."""
+    return _atomic_write(Path(path), [data.encode() if isinstance(data, str) else data], False)
+
+
 def save_checkpoint(obj: Any, path: str | os.PathLike, keep_previous: bool = True) -> Path:
     """Atomically write `obj` (anything `torch.save` takes) to `path`; the replaced file becomes `<path>.prev`.
 

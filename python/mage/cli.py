@@ -356,11 +356,11 @@ def _add_inception(p: argparse.ArgumentParser) -> None:
 
 
 def _write_json(result: dict, path: str | None) -> None:
+    from .checkpoint_io import write_atomic
+
     text = json.dumps(result, indent=1)
     if path:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
-            f.write(text + "\n")
+        write_atomic(path, text + "\n")
     print(text)
 
 
@@ -385,6 +385,9 @@ def run_fid(args) -> int:
 
     if args.b is None and not args.save_stats:
         raise ValueError("give a second source to compare with, or --save-stats to store the first's statistics")
+    if args.save_stats and not args.save_stats.endswith(".npz"):
+        raise ValueError(f"--save-stats must name a .npz file (so that mage fid reads it back as statistics), "
+                         f"got {args.save_stats!r}")
 
     def factory(total: int) -> InceptionMetric:
         return InceptionMetric(args.weights, _device(args.device), args.inception_batch_size, total=total)

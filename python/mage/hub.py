@@ -29,8 +29,10 @@ class _Folder:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         # Our single-file writer: the weights file alone also loads with mage.load / mage.load_tokenizer.
+        from .checkpoint_io import write_atomic
+
         self.save(folder / WEIGHTS_NAME)
-        (folder / CONFIG_NAME).write_text(json.dumps(self._config_dict(), indent=2, sort_keys=True) + "\n")
+        write_atomic(folder / CONFIG_NAME, json.dumps(self._config_dict(), indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def _read_folder(cls, folder: str | os.PathLike, *, device=None, dtype: torch.dtype | None = None):

@@ -28,14 +28,20 @@ from ._checks import all_finite, check_int, check_real, check_tensor, check_unit
 # ---- Frechet distance ----
 
 
-def _psd_sqrt(matrix: torch.Tensor) -> torch.Tensor:
+def _psd_sqrt(matrix: torch.Tensor, name: str = "sigma") -> torch.Tensor:
     """Square root of a symmetric positive semi-definite matrix through its eigendecomposition.
 
     Round-off can leave tiny negative eigenvalues in a covariance estimate; they are clamped to zero, which is
-    the nearest PSD matrix, instead of producing the complex parts an unsymmetric sqrtm would.
+    the nearest PSD matrix, instead of producing the complex parts an unsymmetric sqrtm would. A clearly
+    negative eigenvalue means `matrix` is no covariance (clamping it would give a meaningless distance, 0 for
+    -I against I), and is an error naming it.
     """
     sym = (matrix + matrix.T) / 2
     eigval, eigvec = torch.linalg.eigh(sym)
+    scale = float(eigval.abs().max()) if eigval.numel() else 0.0
+    if eigval.numel() and float(eigval.min()) < -1e-6 * scale:
+        raise ValueError(f"frechet_distance: {name} is not a covariance matrix (eigenvalue {float(eigval.min()):.3g} "
+                         f"< 0, largest magnitude {scale:.3g})")
     return (eigvec * eigval.clamp_min(0).sqrt()) @ eigvec.T
 
 
@@ -58,7 +64,11 @@ def frechet_distance(
             f"expected mu [D] and sigma [D, D] with one D, got mu1 {tuple(mu1.shape)}, sigma1 {tuple(sigma1.shape)}, "
             f"mu2 {tuple(mu2.shape)}, sigma2 {tuple(sigma2.shape)}"
         )
-    root1 = _psd_sqrt(sigma1)
+    for name, value in (("mu1", mu1), ("sigma1", sigma1), ("mu2", mu2), ("sigma2", sigma2)):
+        if not all_finite(value):
+            raise ValueError(f"frechet_distance: {name} has NaN or inf values")
+    root1 = _psd_sqrt(sigma1, "sigma1")
+    _psd_sqrt(sigma2, "sigma2")  # checked as sigma1 is
     middle = root1 @ sigma2 @ root1
     eig = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp_min(0)
     diff = mu1 - mu2
@@ -292,19 +302,41 @@ class FeatureStats:
         return frechet_distance(self.mu, self.sigma, other.mu, other.sigma)
 
     def save(self, path: str | os.PathLike) -> None:
-        np.savez(os.fspath(path), mu=self.mu.cpu().numpy(), sigma=self.sigma.cpu().numpy(), num_samples=self.n)
+        """A .npz at exactly `path` (np.savez would append .npz to another name), written atomically."""
+        import io
+
+        from .checkpoint_io import write_atomic
+
+        buffer = io.BytesIO()
+        np.savez(buffer, mu=self.mu.cpu().numpy(), sigma=self.sigma.cpu().numpy(), num_samples=self.n)
+        write_atomic(path, buffer.getvalue())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FeatureStats":
         """A .npz with mu [D] and sigma [D, D] (ours or another FID tool's); num_samples, when present, lets the
         statistics be merged further (without it they count as 2 samples, enough for FID)."""
-        with np.load(os.fspath(path)) as f:
-            if "mu" not in f or "sigma" not in f:
-                raise ValueError(f"{path} has no 'mu' and 'sigma' arrays (found {sorted(f.files)})")
-            mu, sigma = torch.from_numpy(f["mu"]).double(), torch.from_numpy(f["sigma"]).double()
-            n = int(f["num_samples"]) if "num_samples" in f else 2
+        import zipfile
+
+        try:
+            with np.load(os.fspath(path)) as f:
+                if "mu" not in f or "sigma" not in f:
+                    raise ValueError(f"{path} has no 'mu' and 'sigma' arrays (found {sorted(f.files)})")
+                mu, sigma = torch.from_numpy(f["mu"]).double(), torch.from_numpy(f["sigma"]).double()
+                count = f["num_samples"] if "num_samples" in f else np.array(2)
+        except (EOFError, zipfile.BadZipFile, KeyError, TypeError) as err:  # truncated, or not an .npz archive
+            raise ValueError(f"{path} is not a readable .npz of statistics ({type(err).__name__}: {err})") from err
+        except ValueError as err:
+            if str(err).startswith(str(path)):
+                raise
+            raise ValueError(f"{path} is not a readable .npz of statistics ({err})") from err
         if mu.dim() != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
             raise ValueError(f"{path}: mu must be [D] and sigma [D, D], got {tuple(mu.shape)} and {tuple(sigma.shape)}")
+        n = count.item() if count.shape == () and count.dtype.kind in "iuf" else None
+        if n is None or not math.isfinite(n) or n != int(n) or n < 2:
+            raise ValueError(f"{path}: num_samples must be a whole number >= 2, got {count.tolist()!r}")
+        n = int(n)
+        if not (bool(torch.isfinite(mu).all()) and bool(torch.isfinite(sigma).all())):
+            raise ValueError(f"{path}: mu and sigma must be finite (found NaN or inf)")
         stats = cls()
         stats.n, stats.mean, stats.m2 = n, mu, sigma * (n - 1)
         return stats

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import io
 import json
 import os
 import time
@@ -48,6 +49,7 @@ from .checkpoint_io import (
     resume_source,
     save_checkpoint,
     save_training_state,
+    write_atomic,
 )
 from .discriminator import DISC_LOSSES, DISC_NORMS, DiscriminatorObjective, PatchDiscriminator, adaptive_weight, \
     frozen, generator_loss
@@ -683,7 +685,7 @@ def train(cfg: TrainConfig, governor=None) -> dict:
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
         clean_stale_files(ckpt_path)  # temp files of a write that was killed
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+        write_atomic(out / "config.json", json.dumps(cfg.to_dict(), indent=1))
     torch.manual_seed(cfg.seed)
     model = build_model(cfg).to(d.device)
     perceptual = None
@@ -828,7 +830,27 @@ def _restore_extras(extra: dict, parts: dict, path: Path) -> None:
         if name not in extra:
             raise CheckpointError(f"cannot resume: {path} has no {name} state (it was written by a run without "
                                   f"one); start a new run or resume with the settings it was written with")
-        part.load_state_dict(extra[name])
+        bad = _non_finite_entry(extra[name])
+        if bad is not None:
+            raise CheckpointError(f"{path}: the {name} state has NaN or inf values ({bad}): the run diverged "
+                                  "before this checkpoint; resume from an earlier one")
+        try:
+            part.load_state_dict(extra[name])
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise CheckpointError(f"{path}: its {name} state cannot be restored ({type(err).__name__}: {err})") \
+                from None
+
+
+def _non_finite_entry(state, where: str = "") -> str | None:
+    """The key path of the first floating tensor with NaN/inf values in nested dicts / lists, else None."""
+    if isinstance(state, torch.Tensor):
+        return where or "the tensor" if state.is_floating_point() and not bool(torch.isfinite(state).all()) else None
+    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, (list, tuple)) else ()
+    for key, value in items:
+        found = _non_finite_entry(value, f"{where}.{key}" if where else str(key))
+        if found is not None:
+            return found
+    return None
 
 
 @torch.no_grad()
@@ -851,7 +873,9 @@ def save_final(cfg: TrainConfig, model: nn.Module, out: Path) -> None:
     if cfg.objective == "tokenizer":
         save_tokenizer(model, out / "tokenizer.safetensors")
     elif cfg.objective == "mae":
-        torch.save({"config": model.config.to_dict(), "state_dict": model.state_dict()}, out / "mae.pt")
+        buffer = io.BytesIO()  # a plain torch.save file, written atomically
+        torch.save({"config": model.config.to_dict(), "state_dict": model.state_dict()}, buffer)
+        write_atomic(out / "mae.pt", buffer.getvalue())
     else:
         model.save(str(out / "model.safetensors"))
 
