@@ -64,6 +64,8 @@ def test_busy_tick_parsing_counts_everything_but_idle(tmp_path, monkeypatch):
     monkeypatch.setattr("builtins.open", lambda p, *a, **k: real_open(stat if p == "/proc/stat" else p, *a, **k))
     assert threads._busy_ticks([0]) == 1 + 2 + 3 + 4 + 5 + 6
     assert threads._busy_ticks([0, 1]) == 21 + 210
+    # Niced programs' time (the second column) left out: they yield the core to a nice-0 process.
+    assert threads._busy_ticks([0], count_niced=False) == 1 + 3 + 4 + 5 + 6
 
 
 def test_passive_wait_is_set_by_re_executing_the_command(tmp_path):
@@ -73,16 +75,18 @@ def test_passive_wait_is_set_by_re_executing_the_command(tmp_path):
                       "spec = importlib.util.spec_from_file_location('threads', sys.argv[1])\n"
                       "mod = importlib.util.module_from_spec(spec)\nspec.loader.exec_module(mod)\n"
                       "print('before', os.getpid(), flush=True)\nmod.ensure_passive_wait()\n"
-                      "print('after', os.getpid(), os.environ.get('OMP_WAIT_POLICY'))\n")
+                      "print('after', os.getpid(), os.environ.get('OMP_WAIT_POLICY'),\n"
+                      "      os.environ.get('GOMP_SPINCOUNT'))\n")
     path = threads.__file__
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "MAGE_THREADS_REEXEC")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MAGE_THREADS_REEXEC")}
     out = subprocess.run([sys.executable, str(script), path], env=env, capture_output=True, text=True,
                          check=True).stdout.split("\n")
     # Re-executed once (same pid, "before" printed twice), then running with PASSIVE.
     assert [line.split()[0] for line in out if line] == ["before", "before", "after"]
-    assert out[2].split()[1] == out[0].split()[1] and out[2].split()[2] == "PASSIVE"
+    assert out[2].split()[1] == out[0].split()[1] and out[2].split()[2:] == ["PASSIVE", "20000"]
     # A user's own setting is kept: no re-exec.
     env["OMP_WAIT_POLICY"] = "ACTIVE"
     out = subprocess.run([sys.executable, str(script), path], env=env, capture_output=True, text=True,
                          check=True).stdout.split()
-    assert out.count("before") == 1 and out[-1] == "ACTIVE"
+    assert out.count("before") == 1 and out[-2:] == ["ACTIVE", "None"]

@@ -7,7 +7,8 @@ with one competing process, a small MAGE training step went from 0.25 s to 5 s. 
 
 - `OMP_WAIT_POLICY=PASSIVE`: idle OpenMP threads sleep instead of spinning. OpenMP reads it once, when
   torch loads, so it must be in the environment before `import torch`; `ensure_passive_wait` re-executes
-  the command with it set (`mage demo` and `mage train` call it first).
+  the command with it set (`mage demo` and `mage train` call it first), along with a short bounded spin
+  (`GOMP_SPINCOUNT`) before sleeping.
 - `ThreadGovernor`: uses only the cores other programs leave free, measured from /proc/stat over the
   last few seconds (our own CPU time subtracted), and re-checks while training runs.
 """
@@ -20,6 +21,11 @@ import sys
 import time
 
 WAIT_POLICY_ENV = "OMP_WAIT_POLICY"
+# GNU OpenMP (torch's on Linux) spins this many times before it sleeps; set, it overrides PASSIVE's 0. A
+# short spin (tens of microseconds) keeps a quiet machine's threads from sleeping between the many small
+# parallel regions of a small model: a demo MAGE step took about 10% less time beside niced background
+# jobs (docs/TRAINING.md), while a core shared with an equal-priority program still gets it back quickly.
+SPIN_ENV, SPIN_COUNT = "GOMP_SPINCOUNT", "20000"
 _REEXEC_MARK = "MAGE_THREADS_REEXEC"
 
 
@@ -29,6 +35,7 @@ def ensure_passive_wait() -> None:
     if WAIT_POLICY_ENV in os.environ or os.environ.get(_REEXEC_MARK) or not getattr(sys, "orig_argv", None):
         return
     env = {**os.environ, WAIT_POLICY_ENV: "PASSIVE", _REEXEC_MARK: "1"}
+    env.setdefault(SPIN_ENV, SPIN_COUNT)
     sys.stdout.flush()
     sys.stderr.flush()
     try:
@@ -44,8 +51,19 @@ def _cpus() -> list[int]:
         return list(range(os.cpu_count() or 1))
 
 
-def _busy_ticks(cpus: list[int]) -> int | None:
-    """Non-idle clock ticks of the given CPUs since boot (all processes), or None without /proc/stat."""
+def _own_niceness() -> int:
+    try:
+        return os.getpriority(os.PRIO_PROCESS, 0)
+    except (AttributeError, OSError):
+        return 0
+
+
+def _busy_ticks(cpus: list[int], count_niced: bool = True) -> int | None:
+    """Non-idle clock ticks of the given CPUs since boot (all processes), or None without /proc/stat.
+
+    count_niced=False leaves out the time of processes with a positive nice value: when we run at nice 0
+    they get a small share of a core we want (about 1.5% at nice 19), so a niced background build is not
+    a reason to drop a thread."""
     try:
         with open("/proc/stat") as f:
             lines = f.read().splitlines()
@@ -58,7 +76,7 @@ def _busy_ticks(cpus: list[int]) -> int | None:
         if parts and parts[0] in wanted:
             # user nice system idle iowait irq softirq steal ...: everything but idle and iowait is busy
             v = [int(x) for x in parts[1:9]]
-            total += v[0] + v[1] + v[2] + v[5] + v[6] + v[7]
+            total += v[0] + (v[1] if count_niced else 0) + v[2] + v[5] + v[6] + v[7]
     return total
 
 
@@ -78,8 +96,9 @@ class ThreadGovernor:
     threads = cores - ceil(others - slack), clamped to [1, max_threads], where `others` is the CPU time of
     every other process over the last window, in cores. A competing process using most of one core of
     two gives 1 thread (the free core runs at full speed, where 2 threads would wait on the shared one);
-    background use below `slack` cores is ignored. `update()` is cheap (two small /proc reads) and
-    re-decides at most every `interval` seconds.
+    background use below `slack` cores is ignored, and so are processes at a lower priority than ours
+    (a positive nice value while we run at nice 0 or below): the scheduler gives their core to us.
+    `update()` is cheap (two small /proc reads) and re-decides at most every `interval` seconds.
     """
 
     def __init__(self, max_threads: int | None = None, interval: float = 5.0, slack: float = 0.35):
@@ -91,11 +110,12 @@ class ThreadGovernor:
         self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
         self.history: list[tuple[float, int, float]] = []  # (elapsed s, threads, other cores)
         self._t0 = time.monotonic()
+        self.count_niced = _own_niceness() > 0  # niced ourselves: other niced programs are our equals
         self._mark = self._sample()
         self.threads = self.max_threads
 
     def _sample(self) -> tuple[float, int | None, int | None]:
-        return time.monotonic(), _busy_ticks(self.cpus), _own_ticks()
+        return time.monotonic(), _busy_ticks(self.cpus, self.count_niced), _own_ticks()
 
     def others(self, window: float = 0.0) -> float | None:
         """Cores used by other processes since the last decision (or over `window` seconds from now)."""
