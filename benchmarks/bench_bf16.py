@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import os
 import statistics
 import sys
@@ -29,6 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import cpu_roofline  # noqa: E402
+from common import write_csv  # noqa: E402
 
 import mage  # noqa: E402
 from mage import sampler  # noqa: E402
@@ -178,11 +178,7 @@ def main(argv=None) -> None:
               f"(rel {diff['loss_rel_diff']:.2e}), gradient cosine {diff['grad_cosine']:.5f}, "
               f"rel err {diff['grad_rel_err']:.3e}", flush=True)
     if args.csv:
-        os.makedirs(os.path.dirname(args.csv) or ".", exist_ok=True)
-        with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(rows, args.csv)
 
 
 if __name__ == "__main__":

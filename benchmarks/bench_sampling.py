@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import math
 import os
 import sys
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import Case  # noqa: E402
+from common import Case, write_csv  # noqa: E402
 
 import mage  # noqa: E402
 
@@ -153,10 +152,7 @@ def main(argv=None) -> None:
                          steps=args.steps, s_per_batch=f"{t:.4f}", images_per_s=f"{args.batch / t:.3f}",
                          tflops=tflops))
     if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["device"])
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(rows, args.csv)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ this script. Tokenization is left out (training reads a token cache); ids are ra
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import subprocess
@@ -21,6 +20,8 @@ import torch
 
 import mage
 from mage import train as T
+
+from common import write_csv
 
 SIZES = {"tiny": ("mage_vit_tiny", dict(depth=4, decoder_depth=2), mage.TokenizerConfig.tiny()),
          "base": ("mage_vit_base_patch16", {}, None)}
@@ -96,10 +97,7 @@ def main(argv=None) -> None:
               f"{row['images_per_s']} images/s", flush=True)
         rows.append(row)
     if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(rows, args.csv)
 
 
 if __name__ == "__main__":

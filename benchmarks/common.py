@@ -193,10 +193,11 @@ def measure(case: Case, device: str) -> Row:
     return make_row(case, device, times)
 
 
-def write_csv(rows: list[Row], path: str) -> None:
+def write_csv(rows: list[Row] | list[dict], path: str) -> None:
+    """Op rows (`Row`) or the end-to-end benchmarks' dict rows, columns in the first row's order."""
+    dicts = [dataclasses.asdict(r) if dataclasses.is_dataclass(r) else r for r in rows]
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[f.name for f in dataclasses.fields(Row)])
+        writer = csv.DictWriter(f, fieldnames=list(dicts[0]) if dicts else [f.name for f in dataclasses.fields(Row)])
         writer.writeheader()
-        for row in rows:
-            writer.writerow(dataclasses.asdict(row))
+        writer.writerows(dicts)
