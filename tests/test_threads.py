@@ -68,6 +68,20 @@ def test_busy_tick_parsing_counts_everything_but_idle(tmp_path, monkeypatch):
     assert threads._busy_ticks([0], count_niced=False) == 1 + 3 + 4 + 5 + 6
 
 
+def test_niced_programs_yield_only_without_autogroup(tmp_path, monkeypatch):
+    # With autogroup on, nice orders processes only within a session: a niced build from another terminal
+    # takes a full share of a core, so it must count as busy.
+    flag = tmp_path / "sched_autogroup_enabled"
+    monkeypatch.setattr(threads, "_own_niceness", lambda: 0)
+    flag.write_text("1\n")
+    assert not threads._niced_programs_yield(str(flag))
+    flag.write_text("0\n")
+    assert threads._niced_programs_yield(str(flag))
+    assert threads._niced_programs_yield(str(tmp_path / "absent"))  # a kernel without autogroup
+    monkeypatch.setattr(threads, "_own_niceness", lambda: 10)  # niced ourselves: niced programs are our equals
+    assert not threads._niced_programs_yield(str(flag))
+
+
 def test_passive_wait_is_set_by_re_executing_the_command(tmp_path):
     script = tmp_path / "probe.py"
     # Loads mage/threads.py alone (it imports no torch at module level), so the three starts stay cheap.

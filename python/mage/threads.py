@@ -58,6 +58,20 @@ def _own_niceness() -> int:
         return 0
 
 
+def _niced_programs_yield(autogroup_path: str = "/proc/sys/kernel/sched_autogroup_enabled") -> bool:
+    """Whether programs with a positive nice value give their core to us. Only when we are not niced
+    ourselves and the kernel's autogroup scheduling is off: with it on (most desktop kernels), the scheduler
+    first shares the CPU equally between sessions, and nice orders processes only within one session, so a
+    niced build started from another terminal still takes a full share."""
+    if _own_niceness() > 0:
+        return False
+    try:
+        with open(autogroup_path) as f:
+            return f.read().strip() == "0"
+    except OSError:  # no autogroup in this kernel: nice applies between all processes
+        return True
+
+
 def _busy_ticks(cpus: list[int], count_niced: bool = True) -> int | None:
     """Non-idle clock ticks of the given CPUs since boot (all processes), or None without /proc/stat.
 
@@ -97,7 +111,8 @@ class ThreadGovernor:
     every other process over the last window, in cores. A competing process using most of one core of
     two gives 1 thread (the free core runs at full speed, where 2 threads would wait on the shared one);
     background use below `slack` cores is ignored, and so are processes at a lower priority than ours
-    (a positive nice value while we run at nice 0 or below): the scheduler gives their core to us.
+    (a positive nice value while we run at nice 0 or below) where the scheduler gives their core to us
+    (autogroup scheduling off, see `_niced_programs_yield`).
     `update()` is cheap (two small /proc reads) and re-decides at most every `interval` seconds.
     """
 
@@ -110,7 +125,7 @@ class ThreadGovernor:
         self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
         self.history: list[tuple[float, int, float]] = []  # (elapsed s, threads, other cores)
         self._t0 = time.monotonic()
-        self.count_niced = _own_niceness() > 0  # niced ourselves: other niced programs are our equals
+        self.count_niced = not _niced_programs_yield()
         self._mark = self._sample()
         self.threads = self.max_threads
 
