@@ -36,7 +36,7 @@ import mage_kernels
 
 from . import data as data_lib
 from . import transforms as T
-from ._checks import check_config, check_int
+from ._checks import all_finite, check_config, check_int
 from .checkpoint_io import (
     CheckpointError,
     check_training_state,
@@ -844,7 +844,7 @@ def _restore_extras(extra: dict, parts: dict, path: Path) -> None:
 def _non_finite_entry(state, where: str = "") -> str | None:
     """The key path of the first floating tensor with NaN/inf values in nested dicts / lists, else None."""
     if isinstance(state, torch.Tensor):
-        return where or "the tensor" if state.is_floating_point() and not bool(torch.isfinite(state).all()) else None
+        return None if all_finite(state) else where or "the tensor"
     items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, (list, tuple)) else ()
     for key, value in items:
         found = _non_finite_entry(value, f"{where}.{key}" if where else str(key))
