@@ -88,6 +88,44 @@ def test_score_stats_split_as_torch_fidelity_in_any_order():
         ScoreStats(k, splits, total=n).update(probs[:5], 50)
 
 
+_P = torch.softmax(torch.randn(4, 6, generator=torch.Generator().manual_seed(0)), 1)
+
+
+@pytest.mark.parametrize("probs,start,err,words", [
+    (_P[:, :5], 0, ValueError, ["probs", "[B, 6]", "(4, 5)"]),                      # wrong class count
+    (_P.T, 0, ValueError, ["probs", "[B, 6]", "(6, 4)"]),                           # transposed
+    (_P[0], 0, ValueError, ["probs", "[B, 6]", "(6,)"]),
+    (_P.clone().index_fill_(0, torch.tensor([2]), float("nan")), 0, ValueError, ["probs", "NaN/inf"]),
+    (_P.clone().index_fill_(1, torch.tensor([1]), float("inf")), 0, ValueError, ["probs", "NaN/inf"]),
+    (torch.randn(4, 6), 0, ValueError, ["probs", "[0, 1]", "softmax"]),             # logits
+    (_P * 0.5, 0, ValueError, ["probs", "summing to 1", "0.5"]),                     # rows do not sum to 1
+    (_P.softmax(0), 0, ValueError, ["probs", "summing to 1"]),                       # softmax over the wrong axis
+    ((_P * 100).to(torch.uint8), 0, TypeError, ["probs", "uint8"]),
+    (_P.tolist(), 0, TypeError, ["probs", "list"]),
+    (_P, 1.5, TypeError, ["start"]),
+    (_P, -1, ValueError, ["start"]),
+])
+def test_score_stats_update_rejects_what_are_not_probabilities(probs, start, err, words):
+    """Before these checks NaN rows, logits and unnormalised rows were summed into the score without a word."""
+    stats = ScoreStats(6, splits=2, total=8)
+    with pytest.raises(err) as info:
+        stats.update(probs, start)
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+    assert stats.count.sum() == 0 and stats.prob_sum.abs().sum() == 0  # nothing half-added
+
+
+def test_score_stats_takes_float16_softmax_and_checks_its_own_arguments():
+    probs = torch.softmax(torch.randn(8, 1008, generator=torch.Generator().manual_seed(0)).half(), 1)
+    assert ScoreStats(1008, splits=2, total=8).update(probs, 0).count.tolist() == [4.0, 4.0]
+    with pytest.raises(ValueError, match="num_classes"):
+        ScoreStats(0)
+    with pytest.raises(TypeError, match="splits"):
+        ScoreStats(5, splits=2.0)
+    with pytest.raises(ValueError, match="splits <= total"):
+        ScoreStats(5, splits=4, total=3)
+
+
 # ------------------------------------------------------------------------------------ the Inception network
 
 

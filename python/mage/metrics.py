@@ -94,6 +94,25 @@ def frechet_distance_from_features(features1: torch.Tensor, features2: torch.Ten
 # ---- classifier score ----
 
 
+def _check_probs(op: str, name: str, p: torch.Tensor) -> None:
+    """p [N, K] float64 holds class probabilities: finite, in [0, 1], every row summing to 1 (within 1e-3, room for
+    a float16 softmax). The message says what came, so that logits or a wrong axis are recognisable."""
+    if p.numel() == 0:
+        return
+    if not all_finite(p):
+        raise ValueError(f"{op}: {name} must be class probabilities (finite, in [0, 1], rows summing to 1), got "
+                         f"{int((~torch.isfinite(p)).sum())} NaN/inf value(s)")
+    lo, hi = (float(v) for v in torch.aminmax(p))
+    if lo < 0 or hi > 1:
+        raise ValueError(f"{op}: {name} must be class probabilities in [0, 1], got min {lo:.4g}, max {hi:.4g} "
+                         "(logits? apply softmax over the class axis first)")
+    sums = p.sum(1)
+    worst = int((sums - 1).abs().argmax())
+    if abs(float(sums[worst]) - 1) > 1e-3:
+        raise ValueError(f"{op}: {name} must have rows (one per sample, over the class axis 1) summing to 1, got row "
+                         f"{worst} summing to {float(sums[worst]):.6g}")
+
+
 def classifier_score(probs: torch.Tensor, splits: int = 1) -> tuple[float, float]:
     """The Inception Score formula exp(E_x KL(p(y|x) || p(y))) on class probabilities [N, K] (rows sum to 1).
 
@@ -104,10 +123,7 @@ def classifier_score(probs: torch.Tensor, splits: int = 1) -> tuple[float, float
     p = torch.as_tensor(probs).to(torch.float64)
     if p.dim() != 2 or p.shape[0] < splits:
         raise ValueError(f"probs must have shape [N, K] with N >= splits={splits}, got {tuple(p.shape)}")
-    sums_to_one = torch.allclose(p.sum(1), torch.ones((), dtype=p.dtype), atol=1e-3, rtol=0)
-    if not all_finite(p) or bool((p < 0).any()) or not sums_to_one:
-        raise ValueError("classifier_score: probs must be class probabilities (finite, >= 0, rows summing to 1); "
-                         "apply softmax to logits first")
+    _check_probs("classifier_score", "probs", p)
     scores = []
     for chunk in p.tensor_split(splits):
         marginal = chunk.mean(0, keepdim=True)
@@ -351,8 +367,10 @@ class ScoreStats:
     processes add up."""
 
     def __init__(self, num_classes: int, splits: int = 10, total: int | None = None, shuffle: bool = True):
-        if splits < 1 or (total is not None and total < splits):
-            raise ValueError(f"need 1 <= splits <= total, got splits={splits}, total={total}")
+        check_int("ScoreStats", "num_classes", num_classes, 1)
+        check_int("ScoreStats", "splits", splits, 1)
+        if total is not None and check_int("ScoreStats", "total", total, 1) < splits:
+            raise ValueError(f"ScoreStats: need splits <= total, got splits={splits}, total={total}")
         self.splits, self.total = splits, total
         self.position = None  # sample index -> its place in the shuffled order
         if total is not None and shuffle:
@@ -365,8 +383,17 @@ class ScoreStats:
 
     @torch.no_grad()
     def update(self, probs: torch.Tensor, start: int) -> "ScoreStats":
-        """probs [B, K] of the samples with indices start .. start + B - 1."""
+        """probs [B, K] (class probabilities: rows summing to 1) of the samples with indices start .. start + B - 1."""
+        check_tensor("ScoreStats.update", "probs", probs)
+        start = check_int("ScoreStats.update", "start", start, None if self.total is None else 0)
+        k = self.prob_sum.shape[1]
+        if probs.dim() != 2 or probs.shape[1] != k:
+            raise ValueError(f"ScoreStats.update: probs must be [B, {k}] (num_classes={k}), got shape "
+                             f"{tuple(probs.shape)}")
+        if not probs.is_floating_point():
+            raise TypeError(f"ScoreStats.update: probs must be a float tensor of class probabilities, got {probs.dtype}")
         p = probs.detach().to(torch.float64).cpu()
+        _check_probs("ScoreStats.update", "probs", p)
         index = torch.arange(start, start + p.shape[0])
         if self.total is None:
             part = index % self.splits
