@@ -4,12 +4,16 @@
 # ptxas reports (-Xptxas -v) of that build, and sm_90 compiles of every Triton kernel configuration, then go
 # through scripts/static_sm90.py, which fails on spills, stack frames or shared memory over a launch's limit
 # and writes benchmarks/results/static-sm90.md.
+#   MAGE_CUDA_VENV   where that venv lives (default: .venv-cu); a relative path is from the repository root
+#   MAGE_CUDA_BUILD  the build folder (default: build/cuda-check), likewise
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${MAGE_CUDA_VENV:-.venv-cu}
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
+# FindPython ignores a relative Python_EXECUTABLE and takes the first Python on PATH: make it absolute.
+VENV=$(cd "$VENV" && pwd)
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check torch==2.14.1 "scikit-build-core>=0.11" ninja numpy
 BUILD=${MAGE_CUDA_BUILD:-build/cuda-check}
 cmake -S . -B "$BUILD" -G Ninja -DMAGE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90-real \
