@@ -11,6 +11,10 @@ namespace mage {
 
 // Validates shapes/dtypes/devices and returns z viewed as (B, R, D) without copying.
 at::Tensor vq_rows_view(const at::Tensor& z, const at::Tensor& codebook, const char* op);
+// An uninitialised per-row output of z's device in `dtype`: (N) for z (N, D), (B, H*W) for z (B, D, H, W).
+at::Tensor vq_index_shape_empty(const at::Tensor& z, at::ScalarType dtype);
+// The dtype of sqdist and of the loss: float64 for float64 z, float32 otherwise.
+at::ScalarType vq_sqdist_dtype(const at::Tensor& z);
 
 std::tuple<at::Tensor, at::Tensor> vq_nearest_cpu(const at::Tensor& z, const at::Tensor& codebook, bool exact);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vq_quantize_cpu(const at::Tensor& z,

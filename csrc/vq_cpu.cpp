@@ -131,36 +131,75 @@ int fit_exponent(const Norm& n, double norm_cap, double elem_cap) {
 
 
 #if defined(__x86_64__)
-// robust_norm of an fp64 array, four entries at a time.
-MAGE_AVX2 Norm robust_norm_f64_avx2(const double* x, int64_t n) {
-  const __m256d sign = _mm256_set1_pd(-0.0), inf = _mm256_set1_pd(std::numeric_limits<double>::infinity());
-  __m256d amax = _mm256_setzero_pd(), bad = _mm256_setzero_pd();
+// One vector of entries into the running max |x| and the running mask of entries that are inf or NaN (the
+// unordered compare is true for NaN).
+MAGE_AVX2_INLINE void abs_max_step(const float* x, __m256& amax, __m256& bad) {
+  const __m256 a = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), _mm256_loadu_ps(x));
+  bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, _mm256_set1_ps(kInf), _CMP_NLT_UQ));
+  amax = _mm256_max_ps(amax, a);
+}
+MAGE_AVX2_INLINE void abs_max_step(const double* x, __m256d& amax, __m256d& bad) {
+  const __m256d a = _mm256_andnot_pd(_mm256_set1_pd(-0.0), _mm256_loadu_pd(x));
+  bad = _mm256_or_pd(bad, _mm256_cmp_pd(a, _mm256_set1_pd(kInf), _CMP_NLT_UQ));
+  amax = _mm256_max_pd(amax, a);
+}
+
+template <typename T>
+struct AbsMax {
+  bool finite = true;
+  T amax = 0;  // max |x_i|; meaningless when not finite
+};
+
+// Whether every entry of an fp32 or fp64 array is finite, and its largest magnitude, a vector at a time: the
+// first scan of every row's scaling.
+// The AVX2 vector of T (a member type: as a template argument __m256 would lose its attributes).
+template <typename T>
+struct Avx2Of;
+template <>
+struct Avx2Of<float> { using V = __m256; };
+template <>
+struct Avx2Of<double> { using V = __m256d; };
+
+template <typename T>
+MAGE_AVX2_INLINE AbsMax<T> abs_max_avx2(const T* x, int64_t n) {
+  using V = typename Avx2Of<T>::V;
+  constexpr int64_t kLanes = sizeof(V) / sizeof(T);
+  V amax{}, bad{};
   int64_t i = 0;
-  for (; i + 4 <= n; i += 4) {
-    const __m256d a = _mm256_andnot_pd(sign, _mm256_loadu_pd(x + i));
-    bad = _mm256_or_pd(bad, _mm256_cmp_pd(a, inf, _CMP_NLT_UQ));  // inf or NaN
-    amax = _mm256_max_pd(amax, a);
-  }
-  alignas(32) double l[4];
-  _mm256_store_pd(l, amax);
-  Norm r;
-  r.amax = std::max(std::max(l[0], l[1]), std::max(l[2], l[3]));
-  r.finite = _mm256_movemask_pd(bad) == 0;
+  for (; i + kLanes <= n; i += kLanes) abs_max_step(x + i, amax, bad);
+  T lanes[kLanes];
+  uint64_t flags[4];
+  std::memcpy(lanes, &amax, sizeof(V));
+  std::memcpy(flags, &bad, sizeof(V));
+  AbsMax<T> r;
+  r.finite = (flags[0] | flags[1] | flags[2] | flags[3]) == 0;
+  for (const T v : lanes) r.amax = std::max(r.amax, v);
   for (; i < n; ++i) {
     r.finite = r.finite && std::isfinite(x[i]);
     r.amax = std::max(r.amax, std::fabs(x[i]));
   }
+  return r;
+}
+
+// robust_norm of an fp64 array, four entries at a time.
+MAGE_AVX2 Norm robust_norm_f64_avx2(const double* x, int64_t n) {
+  const AbsMax<double> scan = abs_max_avx2(x, n);
+  Norm r;
+  r.finite = scan.finite;
+  r.amax = scan.amax;
   if (!r.finite || r.amax == 0.0) return r;
   r.ex = exponent_of(r.amax);
   const Pow2 p(-r.ex);
   const __m256d pa = _mm256_set1_pd(p.a), pb = _mm256_set1_pd(p.b);
   __m256d s0 = _mm256_setzero_pd(), s1 = _mm256_setzero_pd();
-  for (i = 0; i + 8 <= n; i += 8) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
     const __m256d v0 = _mm256_mul_pd(_mm256_mul_pd(_mm256_loadu_pd(x + i), pa), pb);
     const __m256d v1 = _mm256_mul_pd(_mm256_mul_pd(_mm256_loadu_pd(x + i + 4), pa), pb);
     s0 = _mm256_fmadd_pd(v0, v0, s0);
     s1 = _mm256_fmadd_pd(v1, v1, s1);
   }
+  alignas(32) double l[4];
   _mm256_store_pd(l, _mm256_add_pd(s0, s1));
   r.n2 = (l[0] + l[1]) + (l[2] + l[3]);
   for (; i < n; ++i) {
@@ -665,24 +704,9 @@ MAGE_AVX2_INLINE void lane_update(__m256 x, __m256i k, __m256& min1, __m256& min
 // takes the generic code): the same zq, l1 and l2, eight entries at a time.
 MAGE_AVX2 RowInfo prepare_row_int16_avx2(const float* z, const Codebook& cb, int16_t* zq) {
   const int64_t D = cb.D;
-  const __m256 sign = _mm256_set1_ps(-0.0f), inf = _mm256_set1_ps(kInf);
-  __m256 amax = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
-  int64_t d = 0;
-  for (; d + 8 <= D; d += 8) {
-    const __m256 a = _mm256_andnot_ps(sign, _mm256_loadu_ps(z + d));
-    bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, inf, _CMP_NLT_UQ));  // inf or NaN
-    amax = _mm256_max_ps(amax, a);
-  }
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, amax);
-  float m = 0.0f;
-  for (int l = 0; l < 8; ++l) m = std::max(m, lanes[l]);
-  bool finite = _mm256_movemask_ps(bad) == 0;
-  for (int64_t j = d; j < D; ++j) {
-    finite = finite && std::isfinite(z[j]);
-    m = std::max(m, std::fabs(z[j]));
-  }
-  if (!finite) return RowInfo{};
+  const AbsMax<float> scan = abs_max_avx2(z, D);
+  if (!scan.finite) return RowInfo{};
+  const float m = scan.amax;
   if (m == 0.0f) {
     std::fill(zq, zq + cb.Dp, int16_t{0});
     return int16_row_info(cb, 0, 0.0, 0.0, 0.0);
@@ -693,10 +717,12 @@ MAGE_AVX2 RowInfo prepare_row_int16_avx2(const float* z, const Codebook& cb, int
   if (n.ex < -100 || n.ex > 100) return prepare_row_int16(z, cb, zq);
   const __m256 p = _mm256_set1_ps(std::ldexp(1.0f, -n.ex));
   __m256 acc = _mm256_setzero_ps();
-  for (d = 0; d + 8 <= D; d += 8) {
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) {
     const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(z + d), p);
     acc = _mm256_fmadd_ps(v, v, acc);
   }
+  alignas(32) float lanes[8];
   _mm256_store_ps(lanes, acc);
   double n2 = 0.0;
   for (int l = 0; l < 8; ++l) n2 += lanes[l];
@@ -1052,16 +1078,16 @@ void search(const at::Tensor& zv, const at::Tensor& codebook, bool exact, Sink& 
   }
 }
 
-at::Tensor index_shape_empty(const at::Tensor& z, at::ScalarType dtype) {
+}  // namespace
+
+at::Tensor vq_index_shape_empty(const at::Tensor& z, at::ScalarType dtype) {
   auto opts = z.options().dtype(dtype);
   return z.dim() == 2 ? at::empty({z.size(0)}, opts) : at::empty({z.size(0), z.size(2) * z.size(3)}, opts);
 }
 
-at::ScalarType sqdist_dtype(const at::Tensor& z) {
+at::ScalarType vq_sqdist_dtype(const at::Tensor& z) {
   return z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
-
-}  // namespace
 
 at::Tensor vq_rows_view(const at::Tensor& z, const at::Tensor& codebook, const char* op) {
   check_float(z, op, "z");
@@ -1081,8 +1107,8 @@ at::Tensor vq_rows_view(const at::Tensor& z, const at::Tensor& codebook, const c
 
 std::tuple<at::Tensor, at::Tensor> vq_nearest_cpu(const at::Tensor& z, const at::Tensor& codebook, bool exact) {
   const at::Tensor zv = vq_rows_view(z, codebook, "vq_nearest");
-  at::Tensor indices = index_shape_empty(z, at::kLong);
-  at::Tensor sqdist = index_shape_empty(z, sqdist_dtype(z));
+  at::Tensor indices = vq_index_shape_empty(z, at::kLong);
+  at::Tensor sqdist = vq_index_shape_empty(z, vq_sqdist_dtype(z));
   if (z.numel() == 0) return {indices, sqdist};
   const int64_t R = zv.size(1);
   int64_t* ip = indices.data_ptr<int64_t>();
@@ -1103,9 +1129,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vq_quantize_cpu(const
   const at::Tensor zv = vq_rows_view(z, codebook, "vq_quantize");
   const int64_t K = codebook.size(0), D = codebook.size(1), B = zv.size(0), R = zv.size(1);
   at::Tensor z_q = at::empty(z.sizes(), z.options());  // contiguous in z's logical layout (NCHW stays NCHW)
-  at::Tensor indices = index_shape_empty(z, at::kLong);
+  at::Tensor indices = vq_index_shape_empty(z, at::kLong);
   at::Tensor counts = at::zeros({K}, z.options().dtype(at::kLong));
-  const auto loss_dtype = sqdist_dtype(z);
+  const auto loss_dtype = vq_sqdist_dtype(z);
   if (z.numel() == 0) {
     return {z_q, indices, at::zeros({}, z.options().dtype(loss_dtype)), counts};
   }

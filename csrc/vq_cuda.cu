@@ -1181,22 +1181,13 @@ void nearest_rows(const at::Tensor& zv,
   });
 }
 
-at::Tensor index_shape_empty(const at::Tensor& z, at::ScalarType dtype) {
-  auto opts = z.options().dtype(dtype);
-  return z.dim() == 2 ? at::empty({z.size(0)}, opts) : at::empty({z.size(0), z.size(2) * z.size(3)}, opts);
-}
-
-at::ScalarType sqdist_dtype(const at::Tensor& z) {
-  return z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> vq_nearest_cuda(const at::Tensor& z, const at::Tensor& codebook, bool exact) {
   const at::Tensor zv = vq_rows_view(z, codebook, "vq_nearest");
   const c10::cuda::CUDAGuard guard(z.device());
-  at::Tensor indices = index_shape_empty(z, at::kLong);
-  at::Tensor sqdist = index_shape_empty(z, sqdist_dtype(z));
+  at::Tensor indices = vq_index_shape_empty(z, at::kLong);
+  at::Tensor sqdist = vq_index_shape_empty(z, vq_sqdist_dtype(z));
   if (z.numel() == 0) return {indices, sqdist};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const PreparedCodebook cb = prepare_codebook(codebook, use_tensor_cores(z, codebook, exact), stream);
@@ -1211,9 +1202,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vq_quantize_cuda(cons
   const c10::cuda::CUDAGuard guard(z.device());
   const int64_t K = codebook.size(0);
   at::Tensor z_q = at::empty(z.sizes(), z.options());  // contiguous in z's logical layout (NCHW stays NCHW)
-  at::Tensor indices = index_shape_empty(z, at::kLong);
+  at::Tensor indices = vq_index_shape_empty(z, at::kLong);
   at::Tensor counts = at::zeros({K}, z.options().dtype(at::kLong));
-  const auto loss_dtype = sqdist_dtype(z);
+  const auto loss_dtype = vq_sqdist_dtype(z);
   if (z.numel() == 0) return {z_q, indices, at::zeros({}, z.options().dtype(loss_dtype)), counts};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const PreparedCodebook cb = prepare_codebook(codebook, /*tensor_core=*/false, stream);
