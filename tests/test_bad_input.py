@@ -516,6 +516,20 @@ CLI_CASES = [
     ("fid {root}/empty.npz digits", 1, "empty.npz"),
     ("fid {root}/nan.npz {root}/nan.npz", 1, "nan.npz: mu and sigma must be finite"),
     ("fid {root}/one.npz {root}/one.npz", 1, "num_samples"),
+    # Raw tracebacks (ZeroDivisionError, RuntimeError, AssertionError) or errors after the sampling, not naming the flag.
+    ("sample --checkpoint {root}/model.safetensors --device cpu --num 1 --steps 1 --nrow 0", 1, "--nrow"),
+    ("sample --checkpoint {root}/model.safetensors --device gpu --num 1 --steps 1", 1, "--device"),
+    ("sample --checkpoint {root}/model.safetensors --device cuda:99 --num 1 --steps 1", 1, "--device"),
+    ("sample --checkpoint {root}/model.safetensors --device cpu --num 1 --steps 1 --images-dir {root}/image.png", 1,
+     "--images-dir"),
+    ("inpaint --checkpoint {root}/model.safetensors --image {root}/image.png --mask {root}/mask.png --out x.png "
+     "--device gpu", 1, "--device"),
+    # A negative --max-images / --train-images sliced off the last images without a word.
+    ("fid digits digits --max-images -5 --device cpu", 1, "--max-images"),
+    ("fid digits digits --max-images 2 --inception-batch-size 0 --device cpu", 1, "--inception-batch-size"),
+    ("eval --checkpoint {root}/model.safetensors --num 2 --inception-batch-size 0", 1, "--inception-batch-size"),
+    ("probe --checkpoint {root}/model.safetensors --data digits --train-images -1", 1, "--train-images"),
+    ("probe --checkpoint {root}/model.safetensors --data digits --device gpu", 1, "--device"),
 ]
 
 

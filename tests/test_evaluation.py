@@ -346,3 +346,16 @@ def test_cli_probe(tmp_path, capsys, tiny_checkpoint):
     assert result["train_images"] == 1437 and result["test_images"] == 200 and result["feature_dim"] == 32
     assert 0.2 < result["top1"] <= 1  # random-init features still beat chance (10 classes) on digits
     assert json.loads((tmp_path / "probe.json").read_text()) == result
+
+
+def test_image_limits_must_be_positive_not_slice_bounds():
+    """A negative limit was a slice bound: [:-5] silently dropped the last five images."""
+    from mage.evaluation import load_source, probe_images
+    from mage.metrics import InceptionMetric
+
+    with pytest.raises(ValueError, match="max_images must be >= 1, got -5"):
+        load_source("digits", lambda n: None, max_images=-5)
+    with pytest.raises(ValueError, match="limit must be >= 1, got -1"):
+        probe_images("digits", "train", 8, 1, limit=-1)
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        InceptionMetric(batch_size=0)

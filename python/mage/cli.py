@@ -62,9 +62,25 @@ def load_image(path: str, size: int, *, mode: str = "RGB", name: str = "--image"
 
 
 def _device(name: str | None) -> torch.device:
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """--device: a torch device this machine has (default: cuda if available, else cpu)."""
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device must be a torch device such as cpu, cuda or cuda:1, got {name!r}") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index is not None and device.index >= count):
+            raise ValueError(f"--device {name}: this machine has {count} CUDA device(s) usable by torch "
+                             f"{torch.__version__}" + ("" if count else " (a CPU-only build or no GPU): use --device cpu"))
+    return device
+
+
+def _require(flag: str, value, lo: int) -> None:
+    """A numeric flag's lower bound, checked before any model or data is loaded (not after minutes of work)."""
+    if value is not None and value < lo:
+        raise ValueError(f"{flag} must be >= {lo}, got {value}")
 
 
 def _load_model(args) -> "torch.nn.Module":
@@ -127,12 +143,16 @@ def run_sample(args) -> int:
     from .sampler import generate
 
     _check_output("--out", args.out)
+    _require("--nrow", args.nrow, 1)
+    images_dir = args.images_dir or os.path.splitext(args.out)[0]
+    if os.path.exists(images_dir) and not os.path.isdir(images_dir):
+        raise ValueError(f"--images-dir {images_dir} is a file, not a folder" +
+                         ("" if args.images_dir else " (the default, --out without its extension): set --images-dir"))
     model = _load_model(args)
     images = generate(model, args.num, steps=args.steps, choice_temperature=args.temperature,
                       generator=_generator(args.seed, model.device), batch_size=args.batch_size,
                       dtype=DTYPES[args.dtype], cuda_graph=args.cuda_graph, progress=True)
     save_image_grid(images, args.out, nrow=args.nrow)
-    images_dir = args.images_dir or os.path.splitext(args.out)[0]
     for i, img in enumerate(images):
         save_image(img, os.path.join(images_dir, f"{i:06d}.png"))
     print(f"wrote {args.out} and {len(images)} images in {images_dir}/")
@@ -336,8 +356,7 @@ def run_cache(args) -> int:
     from .tokenizer_io import load_tokenizer
     from .train import TrainConfig, build_token_cache, make_dataset
 
-    if args.crops < 1:
-        raise ValueError(f"--crops must be >= 1, got {args.crops}")
+    _require("--crops", args.crops, 1)
     tokenizer = load_tokenizer(args.tokenizer_checkpoint).to(_device(args.device)).eval()
     c = tokenizer.config
     dataset = make_dataset(TrainConfig(objective="mage", data=args.data, seed=args.seed), c.in_channels, c.resolution)
@@ -390,6 +409,8 @@ def run_fid(args) -> int:
     if args.save_stats and not args.save_stats.endswith(".npz"):
         raise ValueError(f"--save-stats must name a .npz file (so that mage fid reads it back as statistics), "
                          f"got {args.save_stats!r}")
+    _require("--max-images", args.max_images, 1)
+    _require("--inception-batch-size", args.inception_batch_size, 1)
 
     def factory(total: int) -> InceptionMetric:
         return InceptionMetric(args.weights, _device(args.device), args.inception_batch_size, total=total)
@@ -449,10 +470,11 @@ def run_eval(args) -> int:
     from .metrics import InceptionMetric
     from .train import init_distributed
 
-    if args.num < 1 or args.batch_size < 1:
-        raise ValueError(f"--num and --batch-size must be >= 1, got {args.num} and {args.batch_size}")
+    _require("--num", args.num, 1)
+    _require("--batch-size", args.batch_size, 1)
+    _require("--inception-batch-size", args.inception_batch_size, 1)
     d = init_distributed()
-    device = torch.device(args.device) if args.device else d.device
+    device = _device(args.device) if args.device else d.device
     model = load_any(args.checkpoint, trusted=args.trust_checkpoint).to(device).eval()
     metric = InceptionMetric(args.weights, device, args.inception_batch_size, total=args.num)
     cfg = EvalConfig(num=args.num, batch_size=args.batch_size, steps=args.steps, choice_temperature=args.choice_temperature,
@@ -510,6 +532,10 @@ def run_probe(args) -> int:
     from .evaluation import probe_images
     from .probe import ProbeConfig, extract_features, linear_probe
 
+    for flag, value, lo in (("--train-images", args.train_images, 1), ("--test-images", args.test_images, 1),
+                            ("--batch-size", args.batch_size, 1), ("--epochs", args.epochs, 1),
+                            ("--warmup-epochs", args.warmup_epochs, 0)):
+        _require(flag, value, lo)
     device = _device(args.device)
     model = load_any(args.checkpoint, trusted=args.trust_checkpoint).to(device).eval()
     tc = model.config.tokenizer

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from . import data as data_lib
+from ._checks import check_int
 from .metrics import FeatureStats, InceptionMetric
 
 BUILTIN_SOURCES = ("fashion-mnist", "fashion-mnist:train", "fashion-mnist:test", "digits")
@@ -76,6 +77,8 @@ def load_source(source: str, metric_factory, max_images: int | None = None, prog
                 chunk: int = 256) -> tuple[FeatureStats, InceptionMetric | None]:
     """Statistics of a source (see the module docstring). For images also the metric (its IS when the network
     has a classifier); for a .npz only the statistics. `metric_factory(total)` makes an InceptionMetric."""
+    if max_images is not None:
+        check_int("load_source", "max_images", max_images, 1)  # a negative slice bound would drop the last images
     kind = describe_source(source)
     if kind == "npz":
         return FeatureStats.load(source), None
@@ -168,6 +171,8 @@ def probe_images(source: str, split: str, size: int, channels: int,
     [0, 1] and labels) or an image folder with the evaluation view (resize + centre crop, section 6)."""
     from . import transforms as T
 
+    if limit is not None:
+        check_int("probe_images", "limit", limit, 1)  # a negative slice bound would drop the last images
     if source in ("fashion-mnist", "digits"):
         if source == "fashion-mnist":
             x, y = data_lib.load_fashion_mnist(split)

@@ -522,7 +522,7 @@ class InceptionMetric:
         from .inception import load_fid_inception
 
         self.device = _default_device(device)
-        self.weights, self.batch_size = weights, batch_size
+        self.weights, self.batch_size = weights, check_int("InceptionMetric", "batch_size", batch_size, 1)
         self.net = load_fid_inception(weights, str(self.device))
         self.features = FeatureStats()  # the dimension comes with the first features
         if total is not None:
