@@ -176,6 +176,7 @@ from pathlib import Path
 import torch, mage
 from mage import cli
 from mage.metrics import FeatureStats
+from mage.report import save_image
 
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
 src, out = Path(sys.argv[1]), Path(sys.argv[2])
@@ -188,6 +189,8 @@ writers = {
     "FeatureStats.save": (out / "s" / "stats.npz", lambda: stats.save(out / "s" / "stats.npz")),
     "mage fid --out": (out / "j" / "result.json",
                        lambda: cli._write_json({"fid": 1.5, "network": "tf-inception"}, str(out / "j" / "result.json"))),
+    "save_image (mage sample / inpaint --out)": (out / "i" / "x.png",
+                                                 lambda: save_image(torch.rand(3, 8, 8), out / "i" / "x.png")),
 }
 report = {}
 for name, (path, write) in writers.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -9,6 +10,9 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
+
+from ._checks import check_int
+from .checkpoint_io import write_atomic
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -61,6 +65,7 @@ class JsonlLogger:
 
 def image_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2, pad_value: float = 1.0) -> torch.Tensor:
     """[N, C, H, W] in [0, 1] (C = 1 or 3) -> one [3, H', W'] image, `nrow` images per row."""
+    check_int("image_grid", "nrow", nrow, 1)
     if images.dim() != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"images must have shape [N, 1 or 3, H, W], got {tuple(images.shape)}")
     n, _, h, w = images.shape
@@ -84,9 +89,12 @@ def save_image(image: torch.Tensor, path: str | os.PathLike, scale: int = 1) -> 
     if scale != 1:
         pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pil.save(path)
-    return path
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"{path}: unknown image file extension (use .png)")
+    encoded = io.BytesIO()
+    pil.save(encoded, format=fmt)
+    return write_atomic(path, encoded.getvalue())  # an interrupted overwrite leaves the old picture, not half of it
 
 
 def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int = 8, scale: int = 1) -> Path:
