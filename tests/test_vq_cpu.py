@@ -231,3 +231,21 @@ def test_isa_variable_is_validated(monkeypatch):
         monkeypatch.setenv("MAGE_CPU_ISA", "avx2")
         with pytest.raises(ValueError, match="this CPU lacks AVX2"):
             mk.vq_nearest(z, e)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("d", [8, 21])
+def test_every_path_non_finite_entry_anywhere_in_a_row(isa, dtype, d):
+    """One NaN / inf / -inf at every position of a row (the vectorised part of the row scan and its tail; at
+    D >= 8 fp32 rows take their own scan) makes that row's answer -1, and no other row's."""
+    g = torch.Generator().manual_seed(12)
+    e = torch.randn(40, d, generator=g, dtype=torch.float64).to(dtype)
+    bad = [(row, pos, v) for row, (pos, v) in enumerate((pos, v) for pos in range(d)
+                                                        for v in (float("nan"), float("inf"), -float("inf")))]
+    z = torch.randn(len(bad) + 5, d, generator=g, dtype=torch.float64).to(dtype)
+    for row, pos, v in bad:
+        z[row, pos] = v
+    idx, sq = torch.ops.mage.vq_nearest(z, e)
+    n_bad = len(bad)
+    assert (idx[:n_bad] == -1).all() and torch.isnan(sq[:n_bad]).all()
+    assert torch.equal(idx[n_bad:], oracle(z[n_bad:], e)[0])
