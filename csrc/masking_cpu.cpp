@@ -218,24 +218,27 @@ void zero_plain(void* dst, int64_t bytes) { std::memset(dst, 0, bytes); }
 void fence_none() {}
 
 #if defined(__x86_64__)
+// Bytes before d's first 32-byte boundary (written with plain stores), at most `bytes`.
+int64_t unaligned_head(const char* d, int64_t bytes) {
+  return std::min<int64_t>(bytes, (32 - (reinterpret_cast<uintptr_t>(d) & 31)) & 31);
+}
+
 __attribute__((target("avx2"))) void copy_stream_avx2(void* dst, const void* src, int64_t bytes) {
   char* d = static_cast<char*>(dst);
   const char* s = static_cast<const char*>(src);
-  int64_t i = 0;
-  if ((reinterpret_cast<uintptr_t>(d) & 31) == 0) {
-    for (; i + 32 <= bytes; i += 32) {
-      _mm256_stream_si256(reinterpret_cast<__m256i*>(d + i), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i)));
-    }
+  int64_t i = unaligned_head(d, bytes);
+  std::memcpy(d, s, i);
+  for (; i + 32 <= bytes; i += 32) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(d + i), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i)));
   }
   std::memcpy(d + i, s + i, bytes - i);
 }
 
 __attribute__((target("avx2"))) void zero_stream_avx2(void* dst, int64_t bytes) {
   char* d = static_cast<char*>(dst);
-  int64_t i = 0;
-  if ((reinterpret_cast<uintptr_t>(d) & 31) == 0) {
-    for (; i + 32 <= bytes; i += 32) _mm256_stream_si256(reinterpret_cast<__m256i*>(d + i), _mm256_setzero_si256());
-  }
+  int64_t i = unaligned_head(d, bytes);
+  std::memset(d, 0, i);
+  for (; i + 32 <= bytes; i += 32) _mm256_stream_si256(reinterpret_cast<__m256i*>(d + i), _mm256_setzero_si256());
   std::memset(d + i, 0, bytes - i);
 }
 

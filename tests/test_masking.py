@@ -680,8 +680,8 @@ def test_triton_kernels_compile_for_sm90():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("B,L,C", [(9, 255, 1811), (37, 31, 2051), (1, 1, 1)])
 def test_cpu_large_outputs_and_batch_blocks(isa, dtype, B, L, C, monkeypatch):
-    """Outputs of 8 MiB and up are written with streaming stores (rows of odd byte length, so unaligned
-    heads and tails too); pad_with_cls's backward sums grad_pos over fixed batch blocks of 16 and channel
+    """Outputs of 8 MiB and up are written with streaming stores (rows of odd byte length: unaligned heads
+    and tails written plainly); pad_with_cls's backward sums grad_pos over fixed batch blocks of 16 and channel
     chunks of 2048 (B = 37, C = 2051: a partial last block and chunk). Forward ops give the reference's
     bits, backward rows too, sums close to the fp64 oracle and the same bits on 1 and 2 threads."""
     if isa != "scalar" and mage_kernels.cpu_isa()["detected"] == "scalar":
