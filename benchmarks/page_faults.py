@@ -1,4 +1,4 @@
-"""Where the CPU masking backward's time goes: page faults on a fresh output (issue 14).
+"""Where the CPU masking ops' time goes: page faults on a fresh output (issue 14).
 
 gather_keep's backward writes a fresh [B, 1+L, C] gradient (48 MiB at B=64, L=256, C=768, fp32). glibc
 serves allocations above its mmap threshold (at most 32 MiB by default) with fresh pages from the kernel
@@ -41,12 +41,13 @@ def main(argv=None) -> None:
     M, D = 180 * L // 256, L // 2
     g = torch.Generator().manual_seed(0)
     noise = torch.rand(B, L, generator=g)
-    _, _, keep = mk.mask_plan(noise, M, D)
+    masked, _, keep = mk.mask_plan(noise, M, D)
     _, pub_drop = reference.published_mask_plan(noise, M, D)
     x = torch.randn(B, 1 + L, C, generator=g).requires_grad_()
     out_m, out_e = mk.gather_keep(x, keep), reference.published_gather_keep(x, pub_drop)
     grad_m, grad_e = torch.randn_like(out_m), torch.randn_like(out_e)
     buf = torch.empty(B, 1 + L, C)
+    y, pos = torch.randn(B, 1 + L - D, C, generator=g), torch.randn(1 + L, C, generator=g)
     cases = {
         "gather_keep backward, mage": lambda: torch.autograd.grad(out_m, (x,), grad_m, retain_graph=True),
         "gather_keep backward, eager-ref": lambda: torch.autograd.grad(out_e, (x,), grad_e, retain_graph=True),
@@ -54,6 +55,7 @@ def main(argv=None) -> None:
         "reused [B,1+L,C] zero fill": lambda: buf.fill_(0),
         "gather_keep forward, mage": lambda: mk.gather_keep(x.detach(), keep),
         "gather_keep forward, eager-ref": lambda: reference.published_gather_keep(x.detach(), pub_drop),
+        "pad_with_cls forward, mage": lambda: mk.pad_with_cls(y, keep, masked, pos_embed=pos),
     }
     times = {k: [] for k in cases}
     faults = {k: [] for k in cases}

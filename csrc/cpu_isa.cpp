@@ -1,4 +1,5 @@
 #include "cpu_isa.h"
+#include "cpu_parallel.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
@@ -14,6 +15,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <thread>
+#include <vector>
 
 namespace mage {
 namespace {
@@ -84,6 +87,31 @@ extern "C" int mage_parallel_threads() {
   std::atomic<int> calls{0};
   at::parallel_for(0, 1024, 1, [&](int64_t, int64_t) { calls.fetch_add(1); });
   return calls.load();
+}
+
+// For tests (ctypes): parallel_chunks over `chunks` chunks of one index each, on up to every torch thread,
+// where the first chunk stalls for `stall_ms`. Returns how many chunks the stalled thread ran (1 when the
+// others take the rest while it waits; half of them under a static split), or -1 unless every chunk ran
+// exactly once.
+extern "C" int mage_parallel_chunks_stalled(int chunks, int stall_ms) {
+  std::vector<std::atomic<int>> runs(chunks);
+  std::vector<int> thread_of(chunks, -1);
+  mage::parallel_chunks(
+      chunks, 1,
+      [&](int64_t begin, int64_t end) {
+        for (int64_t k = begin; k < end; ++k) {
+          if (k == 0) std::this_thread::sleep_for(std::chrono::milliseconds(stall_ms));
+          runs[k].fetch_add(1);
+          thread_of[k] = at::get_thread_num();
+        }
+      },
+      1);
+  int stalled = 0;
+  for (int k = 0; k < chunks; ++k) {
+    if (runs[k].load() != 1) return -1;
+    stalled += thread_of[k] == thread_of[0];
+  }
+  return stalled;
 }
 
 // The compute limit for the benchmarks' CPU roofline (benchmarks/cpu_roofline.py), measured on the calling

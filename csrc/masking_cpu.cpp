@@ -1,13 +1,17 @@
 // Masked-token ops on CPU (docs/OPS.md ops 2-4; docs/REFERENCE.md 4.4-4.5). See masking.h for shapes.
 //
 // The ops are data movement: every output row is a copy of one input row, a zero row, or (pad_with_cls
-// with pos_embed) a row plus the positional row. Work is split over output rows (b, slot) with
-// at::parallel_for; the inner loops run over C and are plain copies or element-wise adds. The mask plan
+// with pos_embed) a row plus the positional row. Work is split over output rows (b, slot) in chunks of
+// ~256 KiB handed out dynamically (cpu_parallel.h); the inner loops run over C and are plain copies or
+// element-wise adds. pad_with_cls's backward reads grad_z once: each task of (batch block, channel chunk)
+// copies or sums its rows and adds them to its block's partial positional sum; the partials are summed in
+// block order afterwards, so the bits do not depend on the thread count. The mask plan
 // selects the D-th and M-th smallest (noise, position) keys per row with nth_element instead of a sort.
 // Unlike the CUDA kernels, these validate keep_idx values (range, strictly increasing, -1 only at the
 // end) and the per-row counts, since reading them costs no host sync here.
 #include "checks.h"
 #include "cpu_isa.h"
+#include "cpu_parallel.h"
 #include "masking.h"
 
 #include <ATen/Dispatch.h>
@@ -18,6 +22,9 @@
 
 #if defined(__linux__)
 #include <sys/mman.h>
+#endif
+#if defined(__x86_64__)
+#include <immintrin.h>
 #endif
 
 #include <algorithm>
@@ -200,6 +207,44 @@ inline uint16_t float_to_bf16(float f) {
   return f != f ? uint16_t(0x7FC0) : rounded;
 }
 
+// Row writes into outputs too large to stay in cache (kStreamBytes and up) bypass the cache with
+// non-temporal stores where the CPU has them: a plain store first reads the line it writes (a third of a
+// copy's memory traffic), and the line would be evicted before anyone read it. Every streaming region
+// ends with a fence (sfence) before the parallel region's barrier publishes the rows.
+constexpr int64_t kStreamBytes = int64_t{8} << 20;
+
+void copy_plain(void* dst, const void* src, int64_t bytes) { std::memcpy(dst, src, bytes); }
+void zero_plain(void* dst, int64_t bytes) { std::memset(dst, 0, bytes); }
+void fence_none() {}
+
+#if defined(__x86_64__)
+// Bytes before d's first 32-byte boundary (written with plain stores), at most `bytes`.
+int64_t unaligned_head(const char* d, int64_t bytes) {
+  return std::min<int64_t>(bytes, (32 - (reinterpret_cast<uintptr_t>(d) & 31)) & 31);
+}
+
+__attribute__((target("avx2"))) void copy_stream_avx2(void* dst, const void* src, int64_t bytes) {
+  char* d = static_cast<char*>(dst);
+  const char* s = static_cast<const char*>(src);
+  int64_t i = unaligned_head(d, bytes);
+  std::memcpy(d, s, i);
+  for (; i + 32 <= bytes; i += 32) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(d + i), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i)));
+  }
+  std::memcpy(d + i, s + i, bytes - i);
+}
+
+__attribute__((target("avx2"))) void zero_stream_avx2(void* dst, int64_t bytes) {
+  char* d = static_cast<char*>(dst);
+  int64_t i = unaligned_head(d, bytes);
+  std::memset(d, 0, i);
+  for (; i + 32 <= bytes; i += 32) _mm256_stream_si256(reinterpret_cast<__m256i*>(d + i), _mm256_setzero_si256());
+  std::memset(d + i, 0, bytes - i);
+}
+
+void fence_stores() { _mm_sfence(); }
+#endif
+
 struct RowLoops {
   void (*add_f32)(float* out, const float* a, const float* b, int64_t n);
   void (*add_bf16)(uint16_t* out, const uint16_t* a, const uint16_t* b, int64_t n);
@@ -277,20 +322,39 @@ void store_row(const RowLoops& k, T* out, const at::opmath_type<T>* acc, int64_t
   }
 }
 
+// How a call writes the rows of `out`: streaming stores for outputs of kStreamBytes and up.
+struct RowWriter {
+  void (*copy)(void* dst, const void* src, int64_t bytes);
+  void (*zero)(void* dst, int64_t bytes);  // all-zero bits is +0.0 in every float type
+  void (*fence)();
+  bool streaming;
+};
+
+RowWriter row_writer(const at::Tensor& out) {
+#if defined(__x86_64__)
+  if (static_cast<int64_t>(out.nbytes()) >= kStreamBytes && cpu_isa() != CpuIsa::kScalar) {
+    return {copy_stream_avx2, zero_stream_avx2, fence_stores, true};
+  }
+#endif
+  return {copy_plain, zero_plain, fence_none, false};
+}
+
 // Copies (B, S_out) rows: out[b, s] = in[b, source(b, s)], or zeros for source -1.
 template <typename Source>
 void copy_rows(at::Tensor& out, const Rows& in, int64_t C, Source source) {
   const int64_t B = out.size(0), S = out.size(1), row_bytes = C * out.element_size();
   char* o = static_cast<char*>(out.data_ptr());
-  at::parallel_for(0, B * S, row_grain(row_bytes), [&](int64_t begin, int64_t end) {
+  const RowWriter w = row_writer(out);
+  parallel_chunks(B * S, row_grain(row_bytes), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / S, s = r % S, from = source(b, s);
       if (from >= 0) {
-        std::memcpy(o + r * row_bytes, in.row(b, from), row_bytes);
+        w.copy(o + r * row_bytes, in.row(b, from), row_bytes);
       } else {
-        std::memset(o + r * row_bytes, 0, row_bytes);  // all-zero bits is +0.0 in every float type
+        w.zero(o + r * row_bytes, row_bytes);
       }
     }
+    w.fence();
   });
 }
 
@@ -353,7 +417,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mask_plan_cpu(const at::Tensor& n
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, noise.scalar_type(), "mask_plan_cpu", [&] {
     using Key = typename RankKey<scalar_t>::type;
     const scalar_t* np = noise.const_data_ptr<scalar_t>();
-    at::parallel_for(0, B, std::max<int64_t>(1, 4096 / std::max<int64_t>(L, 1)), [&](int64_t begin, int64_t end) {
+    parallel_chunks(B, std::max<int64_t>(1, 4096 / std::max<int64_t>(L, 1)), [&](int64_t begin, int64_t end) {
       std::vector<Key> keys(L), work(L);
       for (int64_t b = begin; b < end; ++b) {
         const scalar_t* row = np + b * L;
@@ -459,7 +523,9 @@ at::Tensor pad_with_cls_cpu(const at::Tensor& y_in, const at::Tensor& keep_in, c
     scalar_t* zp = z.data_ptr<scalar_t>();
     const scalar_t* pep = pe.defined() ? pe.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* pdp = pd.defined() ? pd.const_data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, B * S, row_grain(C * es), [&](int64_t begin, int64_t end) {
+    const RowWriter w = row_writer(z);
+    parallel_chunks(B * S, row_grain(C * es), [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> sum(pep && w.streaming ? C : 0);  // row sums are streamed out from here (L1)
       for (int64_t r = begin; r < end; ++r) {
         const int64_t b = r / S, s = r % S;
         const int64_t j = s == 0 ? -1 : src[b * L + s - 1];
@@ -467,12 +533,16 @@ at::Tensor pad_with_cls_cpu(const at::Tensor& y_in, const at::Tensor& keep_in, c
                                : s > 0 && pdp ? pdp
                                               : reinterpret_cast<const scalar_t*>(yr.row(b, 0));
         scalar_t* out = zp + r * C;
-        if (pep) {
+        if (pep && w.streaming) {
+          add_row(loops, sum.data(), from, pep + s * C, C);
+          w.copy(out, sum.data(), C * es);
+        } else if (pep) {
           add_row(loops, out, from, pep + s * C, C);
         } else {
-          std::memcpy(out, from, C * es);
+          w.copy(out, from, C * es);
         }
       }
+      w.fence();
     });
   });
   return z;
@@ -497,48 +567,72 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pad_with_cls_backward_cpu(const a
   const std::vector<int64_t> src = slot_sources(keep, mk, B, Lk, L);
   const at::Tensor gz = unit_channel_stride(gz_in);
   const Rows gr = rows_of(gz);
-  // Rows 1..Lk: a kept, unmasked token's gradient comes back from its slot; others get zero.
-  copy_rows(grad_y, gr, C, [&](int64_t b, int64_t s) -> int64_t {
-    if (s == 0) return 0;  // overwritten below in the [C] mode
-    const int64_t t = keep[b * Lk + s - 1];
-    return t >= 0 && !mk[b * L + t] ? 1 + t : -1;
-  });
-  // One parallel region for both column sums, per chunk of channels, accumulated in fp32 / fp64:
-  // tasks [0, B * chunks) sum a row's padded tokens (into grad_y[:, 0] or pad_sum), the next
-  // S * chunks tasks sum a slot over the batch (grad_pos).
-  constexpr int64_t kChunk = 512;
-  const int64_t chunks = (C + kChunk - 1) / kChunk;
-  const int64_t pad_tasks = B * chunks, pos_tasks = pos ? S * chunks : 0;
+  // One pass over grad_z in tasks of (kBatchBlock batch rows, up to kChunk channels: whole rows at usual
+  // widths, which the prefetchers stream; 1 KiB pieces of rows read about 2x slower). The positional sums
+  // go to one fp32 / fp64 partial [S, C] per batch block (in cache while the block's rows stream past),
+  // then to grad_pos, summed over the blocks in order. The block size is fixed, so the sums do not depend
+  // on the thread count.
+  constexpr int64_t kBatchBlock = 16, kChunk = 2048;
+  const int64_t chunks = (C + kChunk - 1) / kChunk, blocks = (B + kBatchBlock - 1) / kBatchBlock;
+  at::Tensor partial = at::empty({pos ? blocks : 0, S, C}, gz_in.options().dtype(acc_dtype));
   const RowLoops& loops = row_loops();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gz.scalar_type(), "pad_with_cls_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     scalar_t* gy = grad_y.data_ptr<scalar_t>();
-    scalar_t* gp = pos ? grad_pos.data_ptr<scalar_t>() : nullptr;
     acc_t* ps = mae ? pad_sum.data_ptr<acc_t>() : nullptr;
+    acc_t* part = pos ? partial.data_ptr<acc_t>() : nullptr;
+    const int64_t es = gz.element_size();
     auto row = [&](int64_t b, int64_t s, int64_t c0) { return reinterpret_cast<const scalar_t*>(gr.row(b, s)) + c0; };
-    // Tasks per ~256 KiB of grad_z read (it is read twice), as row_grain: a small call stays on one thread.
-    const int64_t tasks = pad_tasks + pos_tasks, read_bytes = 2 * B * S * C * gz.element_size();
-    const int64_t grain = std::max<int64_t>(1, tasks * (256 << 10) / std::max<int64_t>(read_bytes, 1));
-    at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
-      acc_t acc[kChunk];
+    // At least ~512 KiB of grad_z per thread, as the row copies (row_grain, two chunks per thread).
+    const RowWriter w = row_writer(grad_y);
+    const int64_t task_bytes = std::min(B, kBatchBlock) * S * std::min(C, kChunk) * es;
+    parallel_chunks(blocks * chunks, 1, [&](int64_t begin, int64_t end) {
+      acc_t pad_acc[kChunk];
       for (int64_t task = begin; task < end; ++task) {
-        const bool is_pad = task < pad_tasks;
-        const int64_t k = is_pad ? task : task - pad_tasks;
-        const int64_t r = k / chunks, c0 = (k % chunks) * kChunk, n = std::min(kChunk, C - c0);
-        std::fill(acc, acc + n, acc_t(0));
-        if (!is_pad) {  // r = slot s
-          for (int64_t b = 0; b < B; ++b) accumulate_row(loops, acc, row(b, r, c0), n);
-          store_row(loops, gp + r * C + c0, acc, n);
-          continue;
+        const int64_t blk = task / chunks, c0 = (task % chunks) * kChunk, n = std::min(kChunk, C - c0);
+        acc_t* bp = part ? part + blk * S * C + c0 : nullptr;
+        if (bp) {
+          for (int64_t s = 0; s < S; ++s) std::fill(bp + s * C, bp + s * C + n, acc_t(0));
         }
-        for (int64_t t = 0; t < L; ++t) {  // r = batch row b
-          if (src[r * L + t] < 0) accumulate_row(loops, acc, row(r, 1 + t, c0), n);
+        for (int64_t b = blk * kBatchBlock; b < std::min(B, (blk + 1) * kBatchBlock); ++b) {
+          scalar_t* gyb = gy + b * (1 + Lk) * C + c0;
+          std::fill(pad_acc, pad_acc + n, acc_t(0));
+          for (int64_t s = 0; s < S; ++s) {
+            const scalar_t* g = row(b, s, c0);
+            if (bp) accumulate_row(loops, bp + s * C, g, n);
+            if (s == 0) continue;
+            const int64_t j = src[b * L + s - 1];
+            if (j >= 0) {  // a kept, unmasked token: its gradient goes back to its row
+              w.copy(gyb + (1 + j) * C, g, n * es);
+            } else {  // padded: summed into the row's [C] (or pad) gradient, in token order
+              accumulate_row(loops, pad_acc, g, n);
+            }
+          }
+          for (int64_t j = 0; j < Lk; ++j) {  // rows whose token is dropped or masked get zero
+            const int64_t t = keep[b * Lk + j];
+            if (t < 0 || mk[b * L + t]) w.zero(gyb + (1 + j) * C, n * es);
+          }
+          if (mae) {
+            std::copy(pad_acc, pad_acc + n, ps + b * C + c0);
+            w.copy(gyb, row(b, 0, c0), n * es);
+          } else {
+            accumulate_row(loops, pad_acc, row(b, 0, c0), n);
+            store_row(loops, gyb, pad_acc, n);
+          }
         }
-        if (mae) {
-          std::copy(acc, acc + n, ps + r * C + c0);
-        } else {
-          accumulate_row(loops, acc, row(r, 0, c0), n);
-          store_row(loops, gy + r * (1 + Lk) * C + c0, acc, n);
+      }
+      w.fence();
+    }, std::max<int64_t>(1, (512 << 10) / std::max<int64_t>(task_bytes, 1)));
+    if (!pos) return;
+    scalar_t* gp = grad_pos.data_ptr<scalar_t>();
+    parallel_chunks(S, row_grain(blocks * C * partial.element_size()), [&](int64_t begin, int64_t end) {
+      acc_t acc[kChunk];
+      for (int64_t s = begin; s < end; ++s) {
+        for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
+          const int64_t n = std::min(kChunk, C - c0);
+          std::fill(acc, acc + n, acc_t(0));
+          for (int64_t blk = 0; blk < blocks; ++blk) accumulate_row<acc_t>(loops, acc, part + (blk * S + s) * C + c0, n);
+          store_row(loops, gp + s * C + c0, acc, n);
         }
       }
     });

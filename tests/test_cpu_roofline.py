@@ -61,3 +61,24 @@ def test_kernels_run_parallel_regions_on_torch_threads():
         assert fn() == 2
     finally:
         torch.set_num_threads(threads)
+
+
+def test_parallel_chunks_hand_out_work_dynamically():
+    """The CPU kernels split work into fixed chunks taken from a shared counter: when one thread stalls
+    (on a shared machine, descheduled), the others run the rest instead of waiting for it. Under a static
+    split the stalled thread would still owe half the chunks."""
+    import ctypes
+
+    from mage_kernels import _cpu_isa
+
+    fn = _cpu_isa._lib().mage_parallel_chunks_stalled
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_int, ctypes.c_int]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert fn(16, 1) == 16  # one thread runs every chunk, each once
+        torch.set_num_threads(2)
+        assert fn(16, 200) <= 2
+    finally:
+        torch.set_num_threads(threads)

@@ -674,3 +674,37 @@ def test_triton_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,L,C", [(9, 255, 1811), (37, 31, 2051), (1, 1, 1)])
+def test_cpu_large_outputs_and_batch_blocks(isa, dtype, B, L, C, monkeypatch):
+    """Outputs of 8 MiB and up are written with streaming stores (rows of odd byte length: unaligned heads
+    and tails written plainly); pad_with_cls's backward sums grad_pos over fixed batch blocks of 16 and channel
+    chunks of 2048 (B = 37, C = 2051: a partial last block and chunk). Forward ops give the reference's
+    bits, backward rows too, sums close to the fp64 oracle and the same bits on 1 and 2 threads."""
+    if isa != "scalar" and mage_kernels.cpu_isa()["detected"] == "scalar":
+        pytest.skip("this CPU lacks AVX2/FMA")
+    monkeypatch.setenv("MAGE_CPU_ISA", isa)
+    y, keep, masked, pos, pad = _pad_inputs(B, L, C, dtype, "cpu")
+    x = _rand((B, 1 + L, C), dtype, "cpu", seed=3)
+    gz = _rand((B, 1 + L, C), dtype, "cpu", seed=5)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            gathered = mage_kernels.gather_keep(x, keep)
+            _equal(gathered, ref.gather_keep(x, keep))
+            _equal(torch.ops.mage.scatter_keep(gathered, keep, L), ref.scatter_keep(gathered, keep, L))
+            z = mage_kernels.pad_with_cls(y, keep, masked, pos_embed=pos)
+            _equal(z, ref.pad_with_cls(y, keep, masked, pos, None))
+            _equal(mage_kernels.pad_with_cls(y, keep, masked, pad=pad), ref.pad_with_cls(y, keep, masked, None, pad))
+            backward = [torch.ops.mage.pad_with_cls_backward(gz, keep, masked, mae, p) for mae, p in BACKWARD_FLAGS]
+            for (mae, p), actual in zip(BACKWARD_FLAGS, backward):
+                _check_pad_backward(actual, _pad_with_cls_backward_reference(gz, keep, masked, mae, p), L)
+            results.append([t for r in backward for t in r])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
