@@ -98,6 +98,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="allow arbitrary pickled objects in a .pth (only for files whose origin you trust)")
     p.add_argument("--steps", type=int, default=20, help="decoding steps (default 20, as the README)")
     p.add_argument("--temperature", type=float, default=6.0, help="choice (Gumbel) temperature (default 6.0)")
+    p.add_argument("--temperature-power", type=float, default=1.0,
+                   help="the choice temperature is annealed as temperature * (1 - r) ** power over the steps "
+                        "(default 1, the papers' linear annealing; the demo uses 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
@@ -130,7 +133,8 @@ def run_sample(args) -> int:
     model = _load_model(args)
     images = generate(model, args.num, steps=args.steps, choice_temperature=args.temperature,
                       generator=_generator(args.seed, model.device), batch_size=args.batch_size,
-                      dtype=DTYPES[args.dtype], cuda_graph=args.cuda_graph, progress=True)
+                      dtype=DTYPES[args.dtype], cuda_graph=args.cuda_graph, progress=True,
+                      choice_temperature_power=args.temperature_power)
     save_image_grid(images, args.out, nrow=args.nrow)
     images_dir = args.images_dir or os.path.splitext(args.out)[0]
     for i, img in enumerate(images):
@@ -172,7 +176,8 @@ def run_inpaint(args) -> int:
     if args.outpaint:
         mask = ~mask
     out = inpaint(model, image, mask, ring=args.ring, steps=args.steps, choice_temperature=args.temperature,
-                  generator=_generator(args.seed, model.device), dtype=DTYPES[args.dtype], paste=args.paste)
+                  generator=_generator(args.seed, model.device), dtype=DTYPES[args.dtype], paste=args.paste,
+                  choice_temperature_power=args.temperature_power)
     save_image(out[0], args.out)
     print(f"wrote {args.out}")
     return 0
