@@ -42,7 +42,7 @@ MODEL = dict(embed_dim=128, depth=6, num_heads=4, decoder_embed_dim=128, decoder
 
 @dataclasses.dataclass
 class DemoConfig:
-    """Sizes of the demo. The defaults take about 15 minutes on 2 CPU cores (docs/TRAINING.md), `quick()`
+    """Sizes of the demo. The defaults take about 14 minutes on 2 quiet CPU cores (docs/TRAINING.md), `quick()`
     about 1.5; most of the time is MAGE pre-training (steps x batch) and the tokenizer (steps)."""
 
     out_dir: str = "report"
