@@ -204,11 +204,13 @@ def cosine_mask_ratio(step: int, num_steps: int) -> float:
     return math.cos(math.pi / 2.0 * (step + 1) / num_steps)
 
 
-def annealed_choice_temperature(step: int, num_steps: int, choice_temperature: float) -> float:
-    """The confidence noise scale at `step`: choice_temperature * (1 - (step+1)/num_steps), 0 at the last step."""
+def annealed_choice_temperature(step: int, num_steps: int, choice_temperature: float, power: float = 1.0) -> float:
+    """The confidence noise scale at `step`: choice_temperature * (1 - (step+1)/num_steps) ** power, 0 at the
+    last step. power 1 is MaskGIT's and MAGE's linear annealing; a larger power lowers the noise sooner."""
     _check_step("annealed_choice_temperature", step, num_steps)
     choice_temperature = check_real("annealed_choice_temperature", "choice_temperature", choice_temperature, 0.0)
-    return choice_temperature * (1.0 - (step + 1) / num_steps)
+    power = check_real("annealed_choice_temperature", "power", power, 0.0, lo_open=True)
+    return choice_temperature * (1.0 - (step + 1) / num_steps) ** power
 
 
 def remask_count(

@@ -70,6 +70,7 @@ def maskgit_step(
     head_bias: torch.Tensor | None = None,
     reference_ties: bool = False,
     seed: torch.Tensor | None = None,
+    choice_temperature_power: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One decoding step of `maskgit_sample`: (sampled, new_ids), both [B, L]. No host sync and static
     shapes, so it compiles with fullgraph=True (pass `seed`, see `draw_seed`, instead of a generator)."""
@@ -79,7 +80,8 @@ def maskgit_step(
     check_int(op, "step", step, 0, steps - 1)
     check_counts(op, "num_initial", num_initial, ids.shape[0], ids.shape[1], ids.device, like="ids")
     num_masked = schedule_counts(ids, num_initial, step, steps, mask_id=mask_id, schedule=schedule)
-    kw = dict(mask_id=mask_id, choice_temperature=annealed_choice_temperature(step, steps, choice_temperature),
+    kw = dict(mask_id=mask_id, choice_temperature=annealed_choice_temperature(step, steps, choice_temperature,
+                                                                               choice_temperature_power),
               temperature=temperature, generator=generator, vocab_size=vocab_size, reference_ties=reference_ties,
               seed=seed)
     if hidden_fn is not None:
@@ -108,6 +110,7 @@ def maskgit_sample(
     head_bias: torch.Tensor | None = None,
     reference_ties: bool = False,
     on_step: Callable[[int, torch.Tensor], None] | None = None,
+    choice_temperature_power: float = 1.0,
 ) -> torch.Tensor:
     """Fill every `mask_id` of ids [B, L] by iterative decoding (MaskGIT, Chang et al. 2022, sec. 3.2;
     MAGE, Li et al. 2023, sec. 3): at each of `steps` steps, sample every unknown token, keep the most
@@ -124,6 +127,8 @@ def maskgit_sample(
         mask_id: the [MASK] id your model reads.
         schedule: "cosine" (MaskGIT, MAGE), "linear", "square", "cubic", "sqrt" or a callable r -> ratio.
         choice_temperature: scale of the confidence noise (MaskGIT's default 4.5; MAGE's reported FIDs use 6.0).
+        choice_temperature_power: the noise is annealed as choice_temperature * (1 - r) ** power (1: both
+            papers' linear annealing; 2 lowers it sooner).
         temperature: the sampling temperature of the tokens (1: softmax of the raw logits, as both papers).
         generator: source of randomness (on ids' device or the CPU); the same seed gives the same tokens.
         vocab_size: sample only ids [0, vocab_size) (e.g. the codebook, when the logits also cover [MASK] or
@@ -145,10 +150,11 @@ def maskgit_sample(
         raise TypeError(f"{op}: on_step must be None or callable (step, ids), got {type(on_step).__name__}")
     for t in range(steps):
         mask_ratio(schedule, t, steps, op=op)  # a bad schedule fails before the model runs
+    annealed_choice_temperature(0, steps, choice_temperature, choice_temperature_power)  # so does a bad power
     num_initial = (ids == mask_id).sum(1)
     kw = dict(mask_id=mask_id, schedule=schedule, choice_temperature=choice_temperature, temperature=temperature,
               generator=generator, vocab_size=vocab_size, hidden_fn=hidden_fn, head_weight=head_weight,
-              head_bias=head_bias, reference_ties=reference_ties)
+              head_bias=head_bias, reference_ties=reference_ties, choice_temperature_power=choice_temperature_power)
     sampled = ids
     with torch.no_grad():
         for t in range(steps):

@@ -401,6 +401,8 @@ def test_schedule_matches_published_table():
         assert got[:-1] == expected and got[-1] == 1
     assert mk.annealed_choice_temperature(19, 20, 6.0) == 0.0
     assert mk.annealed_choice_temperature(0, 20, 6.0) == pytest.approx(5.7)
+    assert mk.annealed_choice_temperature(0, 20, 6.0, power=2.0) == pytest.approx(6.0 * 0.95**2)
+    assert mk.annealed_choice_temperature(19, 20, 6.0, power=2.0) == 0.0
     ids = torch.tensor([[MASK] * 4, [MASK, 0, 0, 0], [0, 0, 0, 0]])
     assert mk.remask_count(ids, mask_id=MASK, mask_ratio=1.0).tolist() == [3, 1, 0]
 

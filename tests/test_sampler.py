@@ -92,6 +92,31 @@ def test_generate_is_reproducible_per_seed(model):
     assert model.training is False and mage.generate(model, 0).shape == (0, 3, 32, 32)
 
 
+def test_choice_temperature_power_anneals_the_confidence_noise(model):
+    """power 1 is the default (the papers' linear annealing); each step's noise is temperature * (1 - r) ** power."""
+    seen = []
+    original = mage_kernels.remask_step_from_hidden
+
+    def spy(*args, **kw):
+        seen.append(kw["choice_temperature"])
+        return original(*args, **kw)
+
+    def run(**kw):
+        return mage.generate(model, 2, steps=4, generator=torch.Generator().manual_seed(0), **kw)
+
+    assert torch.equal(run(), run(choice_temperature_power=1.0))
+    import mage_kernels.sampling as sampling
+
+    sampling.remask_step_from_hidden, saved = spy, sampling.remask_step_from_hidden
+    try:
+        run(choice_temperature=3.0, choice_temperature_power=2.0)
+    finally:
+        sampling.remask_step_from_hidden = saved
+    assert seen == pytest.approx([3.0 * (1 - r / 4) ** 2 for r in (1, 2, 3, 4)])
+    with pytest.raises(ValueError, match="power"):
+        run(choice_temperature_power=0.0)
+
+
 def test_generate_restores_training_mode(model):
     m = mage.MAGE(tiny_config())
     m.train()

@@ -260,11 +260,13 @@ def _weights(out_dir) -> dict[str, torch.Tensor]:
     return load_checkpoint(os.path.join(out_dir, "checkpoint.pt"))["model"]
 
 
-@pytest.mark.parametrize("case", ["mage", "vqgan"])
+@pytest.mark.parametrize("case", ["mage", "mage-per-sample", "vqgan"])
 def test_gradient_accumulation_is_the_large_batch_step(tmp_path, case):
     """4 micro-batches of 8 give the step of one batch of 32: same losses and weights up to summation order. For
-    VQGAN the adaptive weight comes from the whole batch's gradients and the discriminator steps once."""
-    objective, over = ("mage", {}) if case == "mage" else ("tokenizer", dict(VQGAN, disc_start=1))
+    VQGAN the adaptive weight comes from the whole batch's gradients and the discriminator steps once; with a
+    mask ratio per image each micro-batch takes its rows' counts."""
+    objective, over = {"mage": ("mage", {}), "mage-per-sample": ("mage", dict(mask_ratio_per_sample=True)),
+                       "vqgan": ("tokenizer", dict(VQGAN, disc_start=1))}[case]
     big = tiny(tmp_path / "big", objective, steps=4, **over)
     train(big)
     train(dataclasses.replace(big, out_dir=str(tmp_path / "acc"), accum_steps=4))
@@ -400,14 +402,33 @@ def test_training_masks_follow_the_truncated_normal():
     assert not torch.equal(plans[0]["noise"], other_seed["noise"])
 
 
-def test_a_rank_sees_its_rows_of_the_global_plan():
-    cfg = TrainConfig(objective="mage-c", batch_size=6)
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_a_rank_sees_its_rows_of_the_global_plan(per_sample):
+    cfg = TrainConfig(objective="mage-c", batch_size=6, mask_ratio_per_sample=per_sample)
     whole = plan_masks(cfg, 3, 16, torch.arange(6), "cpu")
     for rank in range(2):
         part = plan_masks(cfg, 3, 16, torch.arange(3) * 2 + rank, "cpu")
-        assert part["num_masked"] == whole["num_masked"]
+        if per_sample:
+            assert torch.equal(part["num_masked"], whole["num_masked"][rank::2])
+        else:
+            assert part["num_masked"] == whole["num_masked"]
         assert torch.equal(part["noise"], whole["noise"][:, rank::2])
     assert whole["noise"].shape == (2, 6, 16)
+    if per_sample:  # one ratio per image, within [min, max]: counts in [8, 16], not all equal
+        counts = torch.cat([plan_masks(cfg, s, 16, torch.arange(6), "cpu")["num_masked"] for s in range(4)])
+        assert counts.shape == (24,) and 8 <= int(counts.min()) and int(counts.max()) <= 16
+        assert len(counts.unique()) > 1
+
+
+def test_mage_loss_with_a_mask_count_per_row_is_the_mean_of_the_rows_losses():
+    module, ids, plan = _mage_step_inputs()
+    counts = torch.tensor([9, 11, 16, 12])
+    per_row = module(ids, {**plan, "num_masked": counts})[0]
+    rows = [module(ids[b : b + 1], {**plan, "noise": plan["noise"][:, b : b + 1], "num_masked": int(counts[b])})[0]
+            for b in range(4)]
+    torch.testing.assert_close(per_row, torch.stack(rows).mean())
+    # Equal counts in every row give the reference's loss (a mean over all masked tokens).
+    torch.testing.assert_close(module(ids, {**plan, "num_masked": torch.full((4,), 11)})[0], module(ids, plan)[0])
 
 
 def test_masked_positions_are_the_masked_tokens_in_order():
@@ -544,6 +565,15 @@ def test_cli_train_under_torchrun(tmp_path):
     one, two = logged(tmp_path / "one"), logged(tmp_path / "two")
     assert list(two) == [1, 2]
     torch.testing.assert_close(torch.tensor(list(two.values())), torch.tensor(list(one.values())))
+
+
+def test_crop_scale_reaches_the_augmentation():
+    """TrainConfig.crop_scale is the random resized crop's area range of every objective that reads images."""
+    for objective, views in (("tokenizer", lambda t: t), ("mae", lambda t: t), ("mage-c", lambda t: t.transform)):
+        ds = train_mod.make_dataset(TrainConfig(objective=objective, data="digits", crop_scale=(0.8, 1.0)), 1, 8)
+        assert views(ds.transform).transforms[0].scale == (0.8, 1.0), objective
+    reference = train_mod.make_dataset(TrainConfig(objective="tokenizer", data="digits"), 1, 8)
+    assert reference.transform.transforms[0].scale == (0.2, 1.0)  # the reference's (4.10)
 
 
 # ------------------------------------------------------------------------------------ demo

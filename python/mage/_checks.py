@@ -33,7 +33,7 @@ _RUN_BOUNDS = {
     "mask_ratio_min": (0.0, 1.0, False), "mask_ratio_max": (0.0, 1.0, False), "mask_ratio_mu": (-INF, INF, False),
     "mask_ratio_std": (0.0, INF, True), "label_smoothing": (0.0, 1.0, False), "mae_mask_ratio": (0.0, 1.0, True),
     "contrastive_weight": (0.0, INF, False), "contrastive_temperature": (0.0, INF, True),
-    "betas": (0.0, 1.0, False),
+    "betas": (0.0, 1.0, False), "crop_scale": (0.0, 1.0, False),
 }
 _RUN_CONFIGS = ("TrainConfig", "ProbeConfig")
 

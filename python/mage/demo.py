@@ -42,18 +42,22 @@ MODEL = dict(embed_dim=128, depth=6, num_heads=4, decoder_embed_dim=128, decoder
 
 @dataclasses.dataclass
 class DemoConfig:
-    """Sizes of the demo. The defaults take about 18 minutes on 2 CPU cores (docs/TRAINING.md), `quick()`
+    """Sizes of the demo. The defaults take about 14 minutes on 2 quiet CPU cores (docs/TRAINING.md), `quick()`
     about 1.5; most of the time is MAGE pre-training (steps x batch) and the tokenizer (steps)."""
 
     out_dir: str = "report"
     tokenizer: dict = dataclasses.field(default_factory=lambda: dict(TOKENIZER))
-    tokenizer_steps: int = 1000
+    tokenizer_steps: int = 500
     tokenizer_batch_size: int = 64
+    # RandomResizedCrop scale of the tokenizer's training images: whole garments, as it encodes (the reference's
+    # 0.2-1 needed 1000 steps for the same test PSNR, docs/TRAINING.md)
+    tokenizer_crop_scale: tuple = (0.8, 1.0)
     model: dict = dataclasses.field(default_factory=lambda: dict(MODEL))
     objective: str = "mage"  # or "mage-c" (MAGE with the contrastive term, section 7)
-    mage_steps: int = 1500
+    mage_steps: int = 1600
     batch_size: int = 64  # MAGE
     lr: float = 1e-3
+    mask_ratio_per_sample: bool = True  # a mask ratio per image, not per step (docs/TRAINING.md)
     contrastive_weight: float = 0.1
     train_images: int = 30000  # images whose tokens MAGE pre-trains on (`crops` augmented views each)
     crops: int = 2
@@ -64,7 +68,10 @@ class DemoConfig:
     probe_epochs: int = 30
     num_samples: int = 1000  # for the Frechet distance (a grid of 64 is saved)
     sample_steps: int = 8  # measured at 49 tokens: 4, 6, 8, 12, 20 steps; 8 was best (docs/TRAINING.md)
-    choice_temperature: float = 3.0
+    # Confidence noise 4.5 * (1 - r)^3 (MaskGIT's 4.5, annealed sooner than the papers' linear 4.5 * (1 - r)):
+    # measured in docs/TRAINING.md
+    choice_temperature: float = 4.5
+    choice_temperature_power: float = 3.0
     temperature: float = 1.0
     classifier_train_images: int | None = None  # the Frechet-distance classifier's training set (None: 60000)
     classifier_epochs: int = 2
@@ -160,6 +167,7 @@ def _run_demo(cfg: DemoConfig, governor) -> dict:
         tok_cfg = TrainConfig(objective="tokenizer", data="fashion-mnist", image_size=28, tokenizer=cfg.tokenizer,
                               steps=cfg.tokenizer_steps, batch_size=cfg.tokenizer_batch_size, lr=2e-3,
                               warmup_steps=min(50, cfg.tokenizer_steps // 10), weight_decay=0.0,
+                              crop_scale=tuple(cfg.tokenizer_crop_scale),
                               out_dir=str(out / "tokenizer"), log_every=10, ckpt_every=10**9,
                               codebook_restart_every=50, seed=cfg.seed, overwrite=True)
         train(tok_cfg, governor=governor)
@@ -185,6 +193,7 @@ def _run_demo(cfg: DemoConfig, governor) -> dict:
                                tokenizer_checkpoint=str(out / "tokenizer" / "tokenizer.safetensors"),
                                token_cache=str(out / "tokens.ckpt"), steps=cfg.mage_steps, batch_size=cfg.batch_size,
                                lr=cfg.lr, warmup_steps=max(cfg.mage_steps // 20, 1),
+                               mask_ratio_per_sample=cfg.mask_ratio_per_sample,
                                contrastive_weight=cfg.contrastive_weight, out_dir=str(out / "mage"), log_every=10,
                                ckpt_every=10**9, seed=cfg.seed, overwrite=True)
         train(mage_cfg, governor=governor)
@@ -200,13 +209,15 @@ def _run_demo(cfg: DemoConfig, governor) -> dict:
     g = torch.Generator().manual_seed(cfg.seed)
     with stage("sampling_s"):
         samples = generate(model, cfg.num_samples, steps=cfg.sample_steps, choice_temperature=cfg.choice_temperature,
-                           temperature=cfg.temperature, generator=g, batch_size=INFER_BATCH)
+                           temperature=cfg.temperature, generator=g, batch_size=INFER_BATCH,
+                           choice_temperature_power=cfg.choice_temperature_power)
     report["sampling_images_per_s"] = cfg.num_samples / stage.times["sampling_s"]
     _save_grid(samples[:64], out / "samples.png")
     hole = torch.zeros(8, 28, 28, dtype=torch.bool)
     hole[:, 8:20, 8:20] = True
     filled = inpaint(model, test_x[:8], hole, ring=0, steps=cfg.sample_steps,
-                     choice_temperature=cfg.choice_temperature, temperature=cfg.temperature, generator=g)
+                     choice_temperature=cfg.choice_temperature, temperature=cfg.temperature, generator=g,
+                     choice_temperature_power=cfg.choice_temperature_power)
     holed = test_x[:8].clone()
     holed[:, :, 8:20, 8:20] = 0.5
     _save_grid(torch.cat([test_x[:8], holed, filled]), out / "inpainting.png")
@@ -216,6 +227,7 @@ def _run_demo(cfg: DemoConfig, governor) -> dict:
     report["inpaint_command"] = (f"mage inpaint --checkpoint {out / 'mage' / 'model.safetensors'} --image "
                                  f"{out / 'inpaint_example.png'} --mask {out / 'inpaint_mask.png'} --ring 0 "
                                  f"--steps {cfg.sample_steps} --temperature {cfg.choice_temperature} "
+                                 f"--temperature-power {cfg.choice_temperature_power} "
                                  f"--out {out / 'inpainted.png'}")
 
     # 5a. Frechet distance and classifier score in our classifier's feature space.

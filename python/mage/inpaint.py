@@ -57,6 +57,7 @@ def inpaint(
     dtype: torch.dtype | None = None,
     paste: bool = False,
     return_tokens: bool = False,
+    choice_temperature_power: float = 1.0,
 ):
     """Fill the hole of each image.
 
@@ -70,6 +71,7 @@ def inpaint(
             either way; their decoded pixels differ from the input only by the tokenizer's error).
         dtype: None (fp32, as the reference) or a low-precision autocast dtype.
         return_tokens: also return (tokens [B, L], token_mask [B, L]).
+        choice_temperature_power: annealing of the confidence noise (see `mage.sampler.generate`).
 
     Returns:
         images [B, C, H, W] float32 in [0, 1] (and tokens, token_mask if asked). Tokens outside the
@@ -97,7 +99,8 @@ def inpaint(
         ids = torch.where(token_mask, c.mask_id, ids)
         with autocast:
             tokens = decode_tokens(model, ids, steps=steps, choice_temperature=choice_temperature,
-                                   temperature=temperature, generator=generator)
+                                   temperature=temperature, generator=generator,
+                                   choice_temperature_power=choice_temperature_power)
             out = model.vqgan.decode(tokens).float()
     finally:
         model.train(was_training)

@@ -22,6 +22,7 @@ def masked_token_loss(
     positions: torch.Tensor,
     codebook_size: int,
     label_smoothing: float = 0.1,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Label-smoothed cross entropy over masked tokens only (section 4.7, after the 2023-02-08 fix).
 
@@ -29,12 +30,19 @@ def masked_token_loss(
     layer; targets: int64 [B, L] token ids; positions: int64 [B, M] the masked positions. Only the first
     `codebook_size` logit columns are classes, and the logits are computed for the M masked rows only,
     so the full [B, L, V] logits never exist. Every masked token weighs 1 (dropped or kept alike).
+    valid: optional bool [B, M], the positions that count, for rows masking different numbers of tokens;
+    the loss is then the mean over rows of each row's mean over its valid positions, so every image weighs
+    the same and equal slices of a batch (micro-batches, processes) average to the whole batch's loss.
     """
     c = hidden.shape[-1]
     h = hidden.gather(1, positions[..., None].expand(-1, -1, c))  # (B, M, C)
     logits = F.linear(h, weight[:codebook_size], bias[:codebook_size])  # (B, M, K)
     t = targets.gather(1, positions)  # (B, M)
-    return F.cross_entropy(logits.flatten(0, 1).float(), t.flatten(), label_smoothing=label_smoothing)
+    if valid is None:
+        return F.cross_entropy(logits.flatten(0, 1).float(), t.flatten(), label_smoothing=label_smoothing)
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), t.flatten(), label_smoothing=label_smoothing, reduction="none")
+    w = valid.to(ce.dtype)
+    return ((ce.view_as(w) * w).sum(1) / w.sum(1).clamp_min(1)).mean()
 
 
 class _GatherWithGrad(torch.autograd.Function):

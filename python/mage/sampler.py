@@ -73,6 +73,7 @@ def sample_step(
     fused_head: bool = True,
     reference_ties: bool = False,
     seed: torch.Tensor | None = None,
+    choice_temperature_power: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One decoding step (section 5.2.1-5.2.10) on ids [B, L]: returns (sampled, new_ids), both [B, L].
 
@@ -84,7 +85,8 @@ def sample_step(
     fns = _model_fns(model, fused_head)
     return mage_kernels.maskgit_step(fns.pop("logits_fn"), ids, num_initial, step, steps, mask_id=model.config.mask_id,
                                      choice_temperature=choice_temperature, temperature=temperature,
-                                     generator=generator, reference_ties=reference_ties, seed=seed, **fns)
+                                     generator=generator, reference_ties=reference_ties, seed=seed,
+                                     choice_temperature_power=choice_temperature_power, **fns)
 
 
 def decode_tokens(
@@ -98,6 +100,7 @@ def decode_tokens(
     fused_head: bool = True,
     reference_ties: bool = False,
     on_step: Callable[[int, torch.Tensor], None] | None = None,
+    choice_temperature_power: float = 1.0,
 ) -> torch.Tensor:
     """Fill every [MASK] of ids [B, L] (int64; other tokens are kept exactly) in `steps` steps, with
     `mage_kernels.maskgit_sample` on this model.
@@ -112,7 +115,8 @@ def decode_tokens(
     fns = _model_fns(model, fused_head)
     return mage_kernels.maskgit_sample(fns.pop("logits_fn"), ids, steps=steps, mask_id=model.config.mask_id,
                                        choice_temperature=choice_temperature, temperature=temperature,
-                                       generator=generator, reference_ties=reference_ties, on_step=on_step, **fns)
+                                       generator=generator, reference_ties=reference_ties, on_step=on_step,
+                                       choice_temperature_power=choice_temperature_power, **fns)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None, cache_enabled: bool = True):
@@ -160,11 +164,14 @@ def generate(
     fused_head: bool = True,
     reference_ties: bool = False,
     progress: bool = False,
+    choice_temperature_power: float = 1.0,
 ) -> torch.Tensor:
     """Class-unconditional samples: images [num_images, 3, H, W] float32 in [0, 1], on the model's device.
 
     Args:
         steps, choice_temperature: the README's settings for the reported FIDs are 20 and 6.0.
+        choice_temperature_power: the confidence noise is choice_temperature * (1 - r) ** power at the step
+            that ends at r = (t+1)/T (1: the papers' linear annealing).
         temperature: divides the logits (1.0, the reference: no temperature; below 1 sharpens them).
         generator: torch.Generator on the model's device (or CPU); the same seed gives the same images.
         batch_size: images decoded together; the last batch is run at full size and cut.
@@ -191,7 +198,7 @@ def generate(
         with _autocast(device, dtype, cache_enabled=not cuda_graph):
             tokens = decode_tokens(model, ids, steps=steps, choice_temperature=choice_temperature,
                                    temperature=temperature, generator=generator, fused_head=fused_head,
-                                   reference_ties=reference_ties)
+                                   reference_ties=reference_ties, choice_temperature_power=choice_temperature_power)
             return model.vqgan.decode(tokens).float()
 
     was_training = model.training

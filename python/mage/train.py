@@ -94,12 +94,16 @@ class TrainConfig:
     grad_checkpointing: bool = False  # recompute block activations in backward (transformer / residual blocks)
     compile: bool = False  # torch.compile the training forward (and with it its backward)
     compile_backend: str = "inductor"  # torch.compile's backend; "aot_eager" traces without generating code
-    # Masking (4.4): truncated normal ratio in [min, max], one per step for the whole global batch.
+    # Masking (4.4): truncated normal ratio in [min, max], one per step for the whole global batch (or, a
+    # deviation, one per image: less noisy steps; the dropped count stays the same, so does the step's cost).
     mask_ratio_min: float = 0.5
     mask_ratio_max: float = 1.0
     mask_ratio_mu: float = 0.55
     mask_ratio_std: float = 0.25
+    mask_ratio_per_sample: bool = False  # one ratio per image instead of one per step (the reference's)
     label_smoothing: float = 0.1
+    # RandomResizedCrop area range of the training images (4.10: 0.2-1; no effect with a token_cache).
+    crop_scale: tuple = (0.2, 1.0)
     # MAGE-C (section 7; the paper's weight 0.1; temperature 0.2 and the projector widths are assumed).
     contrastive_weight: float = 0.1
     contrastive_temperature: float = 0.2
@@ -156,6 +160,10 @@ class TrainConfig:
                              f"got objective {self.objective!r}")
         self.betas = tuple(self.betas)
         self.disc_betas = tuple(self.disc_betas)
+        self.crop_scale = tuple(self.crop_scale)
+        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1]:
+            raise ValueError(f"TrainConfig.crop_scale must be (low, high) with 0 < low <= high <= 1, "
+                             f"got {self.crop_scale}")
 
     @property
     def warmup(self) -> int:
@@ -280,27 +288,37 @@ def tokenizer_loss(tok: VQGANTokenizer, images: torch.Tensor, perceptual: nn.Mod
 
 
 def plan_masks(cfg: TrainConfig, step: int, num_tokens: int, rows: torch.Tensor, device) -> dict:
-    """The masking of one step (4.4): one ratio for the global batch, noise per global sample row."""
+    """The masking of one step (4.4): one ratio for the global batch (or one per global sample row with
+    mask_ratio_per_sample), noise per global sample row."""
     g = step_generator(cfg.seed, step, stream=1)
     if cfg.objective == "mae":
         num_masked = num_dropped = mae_masked_count(num_tokens, cfg.mae_mask_ratio)
     else:
         num_masked, num_dropped = mage_kernels.sample_mask_counts(
-            num_tokens, generator=g, mask_ratio_min=cfg.mask_ratio_min, mask_ratio_max=cfg.mask_ratio_max,
+            num_tokens, batch=cfg.batch_size if cfg.mask_ratio_per_sample else None, generator=g,
+            mask_ratio_min=cfg.mask_ratio_min, mask_ratio_max=cfg.mask_ratio_max,
             mask_ratio_mu=cfg.mask_ratio_mu, mask_ratio_std=cfg.mask_ratio_std)
+        if cfg.mask_ratio_per_sample:
+            num_masked = num_masked[rows].to(device)  # this rank's rows of the global batch's draw
     views = 2 if cfg.objective == "mage-c" else 1
     noise = torch.rand(views, cfg.batch_size, num_tokens, generator=g)[:, rows]  # this rank's rows
     return {"num_masked": num_masked, "num_dropped": num_dropped, "noise": noise.to(device)}
 
 
-def _masked_forward(model: MAGE, ids: torch.Tensor, noise: torch.Tensor, num_masked: int, num_dropped: int,
-                    label_smoothing: float):
+def _masked_forward(model: MAGE, ids: torch.Tensor, noise: torch.Tensor, num_masked: int | torch.Tensor,
+                    num_dropped: int, label_smoothing: float):
     masked, _, keep_idx = mage_kernels.mask_plan(noise, num_masked, num_dropped)
     x = model.forward_encoder(ids, masked, keep_idx)  # (B, 1+Lk, D)
     hidden = model.mlm_layer(model.forward_decoder(x, masked, keep_idx))[:, 1:]  # (B, L, D)
     weight, bias = model.head_weight()
-    positions = masked_positions(masked, num_masked)
-    loss = masked_token_loss(hidden, weight, bias, ids, positions, model.config.codebook_size, label_smoothing)
+    valid = None
+    if isinstance(num_masked, torch.Tensor):  # a count per row: every position, the first num_masked[b] count
+        L = masked.shape[1]
+        positions = masked_positions(masked, L)
+        valid = torch.arange(L, device=masked.device) < num_masked[:, None]
+    else:
+        positions = masked_positions(masked, num_masked)
+    loss = masked_token_loss(hidden, weight, bias, ids, positions, model.config.codebook_size, label_smoothing, valid)
     return loss, x
 
 
@@ -353,9 +371,9 @@ def make_dataset(cfg: TrainConfig, channels: int, size: int, split: str = "train
         ids, labels = data_lib.load_token_cache(cfg.token_cache)
         return data_lib.TokenCacheDataset(ids, labels, seed=cfg.seed, views=2 if cfg.objective == "mage-c" else 1)
     if cfg.objective == "mage-c":
-        views = T.TwoViews(T.contrastive_transform(size))
+        views = T.TwoViews(T.contrastive_transform(size, cfg.crop_scale))
     else:
-        views = T.pretrain_transform(size)
+        views = T.pretrain_transform(size, cfg.crop_scale)
     source = load_images(cfg.data, split)
     if isinstance(source, data_lib.ImageFolder):
         if channels != 3:
@@ -464,7 +482,10 @@ def restart_dead_codes(
 
 def micro_batches(batch: torch.Tensor, plan: dict, n: int) -> list[tuple[torch.Tensor, dict]]:
     """`n` equal slices of this process's batch and of its mask plan (gradient accumulation)."""
-    return [(b, {**plan, "noise": noise}) for b, noise in zip(batch.chunk(n), plan["noise"].chunk(n, dim=1))]
+    counts = plan["num_masked"]
+    counts = counts.chunk(n) if isinstance(counts, torch.Tensor) else [counts] * n  # a count per row, or one
+    return [(b, {**plan, "noise": noise, "num_masked": m})
+            for b, noise, m in zip(batch.chunk(n), plan["noise"].chunk(n, dim=1), counts)]
 
 
 def _sync_if(trained: nn.Module, last: bool):
