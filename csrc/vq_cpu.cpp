@@ -150,8 +150,6 @@ struct AbsMax {
   T amax = 0;  // max |x_i|; meaningless when not finite
 };
 
-// Whether every entry of an fp32 or fp64 array is finite, and its largest magnitude, a vector at a time: the
-// first scan of every row's scaling.
 // The AVX2 vector of T (a member type: as a template argument __m256 would lose its attributes).
 template <typename T>
 struct Avx2Of;
@@ -160,6 +158,8 @@ struct Avx2Of<float> { using V = __m256; };
 template <>
 struct Avx2Of<double> { using V = __m256d; };
 
+// Whether every entry of an fp32 or fp64 array is finite, and its largest magnitude, a vector at a time: the
+// first scan of every row's scaling.
 template <typename T>
 MAGE_AVX2_INLINE AbsMax<T> abs_max_avx2(const T* x, int64_t n) {
   using V = typename Avx2Of<T>::V;

@@ -320,6 +320,18 @@ def _close_sums(actual, expected, n_terms):
 BACKWARD_FLAGS = [(False, True), (True, False)]
 
 
+def _on_1_and_2_threads(fn):
+    """[fn() on 1 torch thread, fn() on 2], restoring the thread count."""
+    threads, results = torch.get_num_threads(), []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(fn())
+        return results
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _check_pad_backward(actual, expected, L):
     """Gathered rows bit for bit; the sums (row 0 and pad_sum over L tokens, grad_pos over B rows) closely."""
     (gy, ps, gp), (ey, es, ep) = [[t.cpu() for t in r] for r in (actual, expected)]
@@ -384,16 +396,13 @@ def test_cpu_row_loops_every_isa_path_and_thread_count(isa, dtype, monkeypatch):
     B, L, C = 6, 37, 1027  # C: whole vectors and a tail
     y, keep, masked, pos, _ = _pad_inputs(B, L, C, dtype, "cpu")
     gz = _rand((B, 1 + L, C), dtype, "cpu", seed=5)
-    threads = torch.get_num_threads()
-    results = []
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            z = mage_kernels.pad_with_cls(y, keep, masked, pos_embed=pos)
-            _equal(z, ref.pad_with_cls(y, keep, masked, pos, None))
-            results.append([z, *torch.ops.mage.pad_with_cls_backward(gz, keep, masked, False, True)])
-    finally:
-        torch.set_num_threads(threads)
+
+    def run():
+        z = mage_kernels.pad_with_cls(y, keep, masked, pos_embed=pos)
+        _equal(z, ref.pad_with_cls(y, keep, masked, pos, None))
+        return [z, *torch.ops.mage.pad_with_cls_backward(gz, keep, masked, False, True)]
+
+    results = _on_1_and_2_threads(run)
     _check_pad_backward(results[0][1:], _pad_with_cls_backward_reference(gz, keep, masked, False, True), L)
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
@@ -690,21 +699,18 @@ def test_cpu_large_outputs_and_batch_blocks(isa, dtype, B, L, C, monkeypatch):
     y, keep, masked, pos, pad = _pad_inputs(B, L, C, dtype, "cpu")
     x = _rand((B, 1 + L, C), dtype, "cpu", seed=3)
     gz = _rand((B, 1 + L, C), dtype, "cpu", seed=5)
-    threads = torch.get_num_threads()
-    results = []
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            gathered = mage_kernels.gather_keep(x, keep)
-            _equal(gathered, ref.gather_keep(x, keep))
-            _equal(torch.ops.mage.scatter_keep(gathered, keep, L), ref.scatter_keep(gathered, keep, L))
-            z = mage_kernels.pad_with_cls(y, keep, masked, pos_embed=pos)
-            _equal(z, ref.pad_with_cls(y, keep, masked, pos, None))
-            _equal(mage_kernels.pad_with_cls(y, keep, masked, pad=pad), ref.pad_with_cls(y, keep, masked, None, pad))
-            backward = [torch.ops.mage.pad_with_cls_backward(gz, keep, masked, mae, p) for mae, p in BACKWARD_FLAGS]
-            for (mae, p), actual in zip(BACKWARD_FLAGS, backward):
-                _check_pad_backward(actual, _pad_with_cls_backward_reference(gz, keep, masked, mae, p), L)
-            results.append([t for r in backward for t in r])
-    finally:
-        torch.set_num_threads(threads)
+
+    def run():
+        gathered = mage_kernels.gather_keep(x, keep)
+        _equal(gathered, ref.gather_keep(x, keep))
+        _equal(torch.ops.mage.scatter_keep(gathered, keep, L), ref.scatter_keep(gathered, keep, L))
+        z = mage_kernels.pad_with_cls(y, keep, masked, pos_embed=pos)
+        _equal(z, ref.pad_with_cls(y, keep, masked, pos, None))
+        _equal(mage_kernels.pad_with_cls(y, keep, masked, pad=pad), ref.pad_with_cls(y, keep, masked, None, pad))
+        backward = [torch.ops.mage.pad_with_cls_backward(gz, keep, masked, mae, p) for mae, p in BACKWARD_FLAGS]
+        for (mae, p), actual in zip(BACKWARD_FLAGS, backward):
+            _check_pad_backward(actual, _pad_with_cls_backward_reference(gz, keep, masked, mae, p), L)
+        return [t for r in backward for t in r]
+
+    results = _on_1_and_2_threads(run)
     assert all(torch.equal(a, b) for a, b in zip(*results))

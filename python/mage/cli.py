@@ -116,7 +116,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=6.0, help="choice (Gumbel) temperature (default 6.0)")
     p.add_argument("--temperature-power", type=float, default=1.0,
                    help="the choice temperature is annealed as temperature * (1 - r) ** power over the steps "
-                        "(default 1, the papers' linear annealing; the demo uses 2)")
+                        "(default 1, the papers' linear annealing; the demo uses 3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
