@@ -15,6 +15,7 @@
 #include "masking.h"
 
 #include <ATen/Dispatch.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -30,8 +31,12 @@
 #include <algorithm>
 #include <bit>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <iterator>
 #include <limits>
+#include <mutex>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -173,23 +178,115 @@ Rows rows_of(const at::Tensor& t) {
 
 at::Tensor unit_channel_stride(const at::Tensor& t) { return t.stride(2) == 1 ? t : t.contiguous(); }
 
-// A new output of `rows_of` size, on 2 MiB pages where that pays. glibc serves blocks above its mmap
-// threshold (at most 32 MiB) with fresh pages on every call, so writing a [64, 257, 768] fp32 output
-// takes ~12,000 4 KiB page faults, several times the copy itself on a VM. Advising huge pages for such a
-// block (its own mapping, freed with it) lets the kernel fault it in 2 MiB at a time where transparent
-// huge pages are enabled ("madvise" or "always"); elsewhere the advice is ignored. Smaller blocks may
-// share the heap with other allocations and are left alone.
-at::Tensor new_rows(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  at::Tensor t = at::empty(sizes, options);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-  if (t.nbytes() >= (size_t{32} << 20)) {
-    const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-    const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1), hi = (begin + t.nbytes()) & ~(kHuge - 1);
-    if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);  // advice only: errors ignored
+// Large outputs (kCachedBytes and up) come from a small cache of freed blocks. A new block of that size is
+// fresh pages from the kernel (glibc maps blocks above its mmap threshold, at most 32 MiB, and unmaps
+// them on free), and the kernel zeroes every page on its first touch: for a [64, 257, 768] fp32 output
+// (48 MiB) that is 12,337 page faults on 4 KiB pages, several times the copy itself. A training loop
+// asks for the same sizes every step, so a block freed by the last step is taken again with its pages
+// already in place. New blocks are 2 MiB-aligned and advised as huge pages, so where transparent huge
+// pages are enabled ("madvise" or "always") the first touch faults 2 MiB at a time. The cache keeps at
+// most MAGE_CPU_OUTPUT_CACHE_MIB (default 256; 0 turns it off) of freed blocks, oldest given back first.
+constexpr size_t kCachedBytes = size_t{8} << 20, kHugePage = size_t{2} << 20;
+
+class OutputCache final : public c10::Allocator {
+ public:
+  // Never destroyed: a tensor may outlive static destruction.
+  static OutputCache& get() {
+    static OutputCache* cache = new OutputCache();
+    return *cache;
   }
+
+  c10::DataPtr allocate(size_t n) override {
+    void* p = take(n);
+    if (p == nullptr) p = fresh(n);
+    return {p, new Block{p, n}, &release, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  void copy_data(void* dest, const void* src, size_t count) const override { default_copy_data(dest, src, count); }
+
+  size_t cached_bytes() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return cached_;
+  }
+
+ private:
+  struct Block {
+    void* p;
+    size_t n;
+  };
+
+  OutputCache() {
+    const char* env = std::getenv("MAGE_CPU_OUTPUT_CACHE_MIB");
+    if (env != nullptr && *env != '\0') {
+      char* end = nullptr;
+      const long long mib = std::strtoll(env, &end, 10);
+      TORCH_CHECK_VALUE(*end == '\0' && mib >= 0, "MAGE_CPU_OUTPUT_CACHE_MIB must be a whole number of MiB >= 0, got '",
+                        env, "'");
+      limit_ = static_cast<size_t>(mib) << 20;
+    }
+  }
+
+  static void* fresh(size_t n) {
+    void* p = nullptr;
+    const size_t rounded = (std::max<size_t>(n, 1) + kHugePage - 1) / kHugePage * kHugePage;
+    if (posix_memalign(&p, kHugePage, rounded) != 0) {
+      C10_THROW_ERROR(OutOfMemoryError, "CPU out of memory: tried to allocate " + std::to_string(n) + " bytes");
+    }
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    madvise(p, rounded, MADV_HUGEPAGE);  // advice only: errors ignored
 #endif
-  return t;
+    return p;
+  }
+
+  void* take(size_t n) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto it = blocks_.rbegin(); it != blocks_.rend(); ++it) {  // the most recently freed first
+      if (it->n == n) {
+        void* p = it->p;
+        cached_ -= n;
+        blocks_.erase(std::next(it).base());
+        return p;
+      }
+    }
+    return nullptr;
+  }
+
+  static void release(void* ctx) {
+    const Block b = *static_cast<Block*>(ctx);
+    delete static_cast<Block*>(ctx);
+    get().put(b);
+  }
+
+  void put(const Block& b) {
+    std::vector<void*> evicted;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (b.n > limit_) {
+        evicted.push_back(b.p);
+      } else {
+        while (cached_ + b.n > limit_) {
+          evicted.push_back(blocks_.front().p);
+          cached_ -= blocks_.front().n;
+          blocks_.erase(blocks_.begin());
+        }
+        blocks_.push_back(b);
+        cached_ += b.n;
+      }
+    }
+    for (void* p : evicted) std::free(p);
+  }
+
+  std::mutex mutex_;
+  std::vector<Block> blocks_;  // freed blocks, oldest first
+  size_t cached_ = 0, limit_ = size_t{256} << 20;
+};
+
+// A new output of `rows_of` size: from the cache above when large, else at::empty.
+at::Tensor new_rows(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  const size_t bytes = c10::multiply_integers(sizes) * options.dtype().itemsize();
+  if (bytes < kCachedBytes) return at::empty(sizes, options);
+  return at::detail::empty_generic(sizes, &OutputCache::get(), c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                   options.dtype().toScalarType(), std::nullopt);
 }
 
 // Output rows per parallel task: about 256 KiB of data each (~25 us of copying), so a small call stays on
@@ -649,3 +746,6 @@ TORCH_LIBRARY_IMPL(mage, CPU, m) {
 }
 
 }  // namespace mage
+
+// Bytes of freed outputs the cache holds now (for tests; ctypes, as cpu_isa.cpp's entry points).
+extern "C" size_t mage_output_cache_bytes() { return mage::OutputCache::get().cached_bytes(); }

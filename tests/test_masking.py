@@ -4,6 +4,7 @@ bad inputs, opcheck, a compiled masked encoder-decoder step, and the Triton kern
 interpreter."""
 
 import math
+import sys
 
 import pytest
 import torch
@@ -714,3 +715,75 @@ def test_cpu_large_outputs_and_batch_blocks(isa, dtype, B, L, C, monkeypatch):
 
     results = _on_1_and_2_threads(run)
     assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def _output_cache_bytes() -> int:
+    import ctypes
+
+    from mage_kernels import _cpu_isa
+
+    fn = _cpu_isa._lib().mage_output_cache_bytes
+    fn.restype = ctypes.c_size_t
+    return fn()
+
+
+requires_native = pytest.mark.skipif(mage_kernels.build_info()["native"] is None, reason="needs the native library")
+
+
+@requires_native
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts the process's page faults (Linux)")
+def test_cpu_large_output_reuses_the_block_a_freed_one_left():
+    """A new output above glibc's mmap threshold (32 MiB at most) is fresh pages, each zeroed by the kernel
+    on first touch: ~8,300 page faults for this 32.4 MiB one, every call. A training loop asks for the same
+    sizes every step, so the next call takes the block the last one freed, pages in place; stale contents
+    are overwritten."""
+    import resource
+
+    L, C = 256, 33_000  # scatter_keep's output [1, 1 + L, C] fp32: 32.4 MiB, from a 2-row input
+    keep = torch.tensor([[5]])
+    grad = _rand((1, 2, C), torch.float32, "cpu", seed=1)
+    first = torch.ops.mage.scatter_keep(grad, keep, L)
+    ptr = first.data_ptr()
+    first.fill_(float("nan"))
+    del first
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    second = torch.ops.mage.scatter_keep(grad, keep, L)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    assert second.data_ptr() == ptr
+    assert faults < second.nbytes // 4096 // 100, f"{faults} page faults for {second.nbytes // 4096} pages"
+    _equal(second, ref.scatter_keep(grad, keep, L))
+
+
+_OUTPUT_CACHE_LIMITS = r"""
+import ctypes, os, torch, mage_kernels
+from mage_kernels import _cpu_isa
+fn = _cpu_isa._lib().mage_output_cache_bytes
+fn.restype = ctypes.c_size_t
+keep = torch.tensor([[0]])
+
+def out(C):  # scatter_keep's output [1, 257, C] fp32: 8.04 MiB and up
+    return torch.ops.mage.scatter_keep(torch.ones(1, 2, C), keep, 256)
+
+os.environ["MAGE_CPU_OUTPUT_CACHE_MIB"] = "lots"
+try:
+    out(8200)
+    raise SystemExit("no error for MAGE_CPU_OUTPUT_CACHE_MIB=lots")
+except ValueError as e:
+    assert "MAGE_CPU_OUTPUT_CACHE_MIB" in str(e) and "'lots'" in str(e), e
+os.environ["MAGE_CPU_OUTPUT_CACHE_MIB"] = "20"
+for C in (8200, 8300, 8400):
+    t = out(C)
+    assert t.data_ptr() % (2 << 20) == 0  # 2 MiB-aligned: huge pages can back all of it
+    del t
+assert fn() == 257 * 4 * (8300 + 8400), fn()  # the oldest block went back when the third came
+"""
+
+
+@requires_native
+def test_cpu_output_cache_limit_comes_from_the_environment():
+    """MAGE_CPU_OUTPUT_CACHE_MIB bounds the freed outputs kept (oldest given back first); a bad value is a
+    clear error naming the variable."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-c", _OUTPUT_CACHE_LIMITS], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
