@@ -1,15 +1,17 @@
 // Confidence re-masking on CPU (docs/OPS.md op 5; one step of MAGE's iterative decoding, docs/REFERENCE.md 5).
 //
-// Phase 1, parallel over tokens: an unknown token's candidate logits are read once into a per-thread
+// Phase 1, parallel over tokens: an unknown token's candidate logits are read once into a per-chunk
 // fp32 row (L1-resident: 4 KB for 1024 codes), then one vectorized loop computes exp for the
 // log-sum-exp, the counter-based noise and the Gumbel-max argmax (exponential-race form, which reuses
 // that exp) together. Known tokens are
 // skipped: their logits are never read. Phase 2, parallel over rows: exactly k least confident
 // unknown tokens are re-masked with a linear-time selection (nth_element), ties to the lower position.
 // The fused-head variant runs phase 1 on logits it computes itself for a tile of unknown tokens at a
-// time (one small GEMM per tile), so the (B, L, V) logits never exist.
+// time (one small GEMM per tile), so the (B, L, V) logits never exist. Both phases hand out chunks from a
+// shared counter (cpu_parallel.h), so a thread that loses its core does not hold the step back.
 #include "checks.h"
 #include "cpu_isa.h"
+#include "cpu_parallel.h"
 #include "remask.h"
 // remask_rng's helpers take eight-lane vectors here; they are always inlined, so the ABI of an out-of-line
 // copy (what -Wpsabi warns about) never matters.
@@ -257,7 +259,8 @@ void prepare_rows(const char* op, const Context& c, const at::Tensor& num_masked
 // Phase 2: re-mask k[b] unknown tokens of each row (see reference.remask_select).
 void select_rows(const Context& c, const at::Tensor& num_masked, bool reference_ties, int64_t* new_ids) {
   const auto k = num_masked.accessor<int64_t, 1>();
-  at::parallel_for(0, c.B, 1, [&](int64_t begin, int64_t end) {
+  // Rows of ~4096 tokens per chunk: one row of 256 takes about a microsecond.
+  parallel_chunks(c.B, std::max<int64_t>(1, 4096 / std::max<int64_t>(c.L, 1)), [&](int64_t begin, int64_t end) {
     std::vector<int64_t> pos;
     for (int64_t b = begin; b < end; ++b) {
       const int64_t row = b * c.L;
@@ -336,7 +339,7 @@ std::tuple<at::Tensor, at::Tensor> remask_step_cpu(const at::Tensor& logits, con
   const int64_t s0 = logits.stride(0), s1 = logits.stride(1), s2 = logits.stride(2);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "remask_step_cpu", [&] {
     const scalar_t* lp = logits.const_data_ptr<scalar_t>();
-    at::parallel_for(0, c.B * c.L, 16, [&](int64_t begin, int64_t end) {
+    parallel_chunks(c.B * c.L, 16, [&](int64_t begin, int64_t end) {
       std::vector<float> row(padded(c.vocab));
       for (int64_t t = begin; t < end; ++t) {
         if (c.ids[t] != c.mask_id) continue;
@@ -380,7 +383,7 @@ std::tuple<at::Tensor, at::Tensor> remask_step_from_hidden_cpu(
     for (int64_t first = 0; first < n; first += kChunk) {
       const int64_t rows = std::min(kChunk, n - first);
       float* xp = x.data_ptr<float>();
-      at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+      parallel_chunks(rows, 16, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
           const int64_t t = todo[first + r];
           const scalar_t* src = hp + (t / c.L) * h0 + (t % c.L) * h1;
@@ -390,7 +393,7 @@ std::tuple<at::Tensor, at::Tensor> remask_step_from_hidden_cpu(
       at::Tensor o = out.narrow(0, 0, rows);
       at::mm_out(o, x.narrow(0, 0, rows), wT);
       const float* op_ = o.const_data_ptr<float>();
-      at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+      parallel_chunks(rows, 8, [&](int64_t begin, int64_t end) {
         std::vector<float> row(padded(c.vocab));
         for (int64_t r = begin; r < end; ++r) {
           load_scaled(row.data(), op_ + r * vocab_size, 1, c.vocab, c.inv_t, bp);
