@@ -257,7 +257,6 @@ MODEL_CASES = [
     ("generate", lambda: mage.generate(MODEL, 2, steps=17), ValueError, "steps must be in [1, 16]"),
     ("generate", lambda: mage.generate(MODEL, 0, steps=17), ValueError, "steps must be in [1, 16]"),
     ("decode_tokens", lambda: mage.decode_tokens(MODEL, ALL_MASKED, steps=17), ValueError, "steps must be in [1, 16]"),
-    ("mask_schedule", lambda: mage.mask_schedule(16, 17), ValueError, "steps must be in [1, 16]"),
     ("inpaint", lambda: mage.inpaint(MODEL, IMAGES, HOLE, steps=17), ValueError, "steps must be in [1, 16]"),
     # A ring beyond the grid silently regenerated every token.
     ("inpaint", lambda: mage.inpaint(MODEL, IMAGES, HOLE, ring=4, steps=2), ValueError, "ring must be in [0, 3]"),
