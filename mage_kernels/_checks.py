@@ -57,6 +57,17 @@ def check_real(op: str, name: str, v, lo: float = -math.inf, hi: float = math.in
     return v
 
 
+def check_steps(op: str, steps, num_tokens) -> int:
+    """Decoding steps T for a grid of `num_tokens` positions: 1 <= T <= num_tokens (at least 1). Every step
+    but the last commits at least one token, so steps beyond the token count would only rerun the model on
+    the one token left masked (docs/REFERENCE.md 5.2.9)."""
+    check_int(op, "steps", steps, 1)
+    if isinstance(steps, numbers.Integral) and isinstance(num_tokens, numbers.Integral) and steps > max(num_tokens, 1):
+        raise ValueError(f"{op}: steps must be in [1, {max(num_tokens, 1)}] for {num_tokens} token positions (each "
+                         f"step commits at least one token), got {steps}")
+    return steps
+
+
 def check_generator(op: str, name: str, g) -> None:
     if g is not None and not isinstance(g, torch.Generator):
         raise TypeError(f"{op}: {name} must be a torch.Generator or None, got {_type_name(g)} {g!r}"
@@ -325,7 +336,7 @@ def check_maskgit_args(op: str, logits_fn, hidden_fn, head_weight, head_bias, id
     check_tensor(op, "ids", ids)
     if ids.dtype != torch.int64 or ids.dim() != 2:
         raise TypeError(f"{op}: ids must be an int64 tensor [B, L], got {ids.dtype} of shape {tuple(ids.shape)}")
-    check_int(op, "steps", steps, 1)
+    check_steps(op, steps, ids.shape[1])
     check_int(op, "mask_id", mask_id)
     check_real(op, "choice_temperature", choice_temperature, 0.0)
     check_real(op, "temperature", temperature, 0.0, lo_open=True)

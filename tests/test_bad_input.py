@@ -207,6 +207,11 @@ OP_CASES = [
                                                  head_weight=WEIGHT.tolist()), TypeError, "head_weight"),
     ("maskgit_step", lambda: mk.maskgit_step(FN, IDS, torch.tensor([8, 8]), 2, 2, **SAMPLE_KW), ValueError, "step"),
     ("maskgit_step", lambda: mk.maskgit_step(FN, IDS, [8, 8], 0, 2, **SAMPLE_KW), TypeError, "num_initial"),
+    # More steps than token positions (each step commits at least one) only reran the model on the last token.
+    ("maskgit_sample", lambda: mk.maskgit_sample(FN, IDS, steps=IDS.shape[1] + 1, **SAMPLE_KW), ValueError,
+     "steps"),
+    ("maskgit_step", lambda: mk.maskgit_step(FN, IDS, torch.tensor([8, 8]), 0, IDS.shape[1] + 1, **SAMPLE_KW),
+     ValueError, "steps"),
     ("maskgit_step", lambda: mk.maskgit_step(FN, IDS, torch.tensor([8, 9]), 0, 2, **SAMPLE_KW), ValueError,
      "num_initial"),
 ]
@@ -249,6 +254,14 @@ MODEL_CASES = [
     ("generate", lambda: mage.generate(MODEL, -1, steps=2), ValueError, "num_images"),
     ("generate", lambda: mage.generate(MODEL, 2, steps=2, generator=0), TypeError, "generator"),
     ("generate", lambda: mage.generate(MODEL, 2, steps=0), ValueError, "steps"),
+    ("generate", lambda: mage.generate(MODEL, 2, steps=17), ValueError, "steps must be in [1, 16]"),
+    ("generate", lambda: mage.generate(MODEL, 0, steps=17), ValueError, "steps must be in [1, 16]"),
+    ("decode_tokens", lambda: mage.decode_tokens(MODEL, ALL_MASKED, steps=17), ValueError, "steps must be in [1, 16]"),
+    ("inpaint", lambda: mage.inpaint(MODEL, IMAGES, HOLE, steps=17), ValueError, "steps must be in [1, 16]"),
+    # A ring beyond the grid silently regenerated every token.
+    ("inpaint", lambda: mage.inpaint(MODEL, IMAGES, HOLE, ring=4, steps=2), ValueError, "ring must be in [0, 3]"),
+    ("token_mask_from_pixels", lambda: mage.token_mask_from_pixels(HOLE, 4, ring=4), ValueError,
+     "ring must be in [0, 3]"),
     ("generate", lambda: mage.generate(MODEL, 2, steps=2, batch_size=0), ValueError, "batch_size"),
     ("generate", lambda: mage.generate(MODEL, 2, steps=2, choice_temperature=NAN), ValueError, "choice_temperature"),
     ("generate", lambda: mage.generate(MODEL, 2, steps=2, dtype=torch.int8), ValueError, "dtype"),
@@ -452,6 +465,10 @@ def cli_files(tmp_path_factory):
 
     Image.new("RGB", (20, 20)).save(root / "image.png")
     Image.new("L", (20, 20)).save(root / "mask.png")
+    hole = Image.new("L", (20, 20))
+    hole.paste(255, (0, 0, 4, 4))  # the top-left corner
+    hole.save(root / "hole.png")
+    (root / "zero_batch.json").write_text('{"batch_size": 0}')
     (root / "notes.txt").write_text("not an image")
     (root / "bad.json").write_text("{steps: 3")
     (root / "list.json").write_text("[1, 2]")
@@ -473,13 +490,13 @@ def cli_files(tmp_path_factory):
 CLI_CASES = [
     ("sample --checkpoint {root}/missing.safetensors", 1, "missing.safetensors"),
     ("sample --checkpoint {root}/notes.txt", 1, "notes.txt"),
-    ("sample --checkpoint {root}/model.safetensors --num -1", 1, "num_images"),
+    ("sample --checkpoint {root}/model.safetensors --num -1", 1, "--num must be >= 1"),
     ("sample --checkpoint {root}/model.safetensors --num 2.5", 2, "--num"),
-    ("sample --checkpoint {root}/model.safetensors --steps 0", 1, "steps"),
-    ("sample --checkpoint {root}/model.safetensors --temperature nan", 1, "choice_temperature"),
-    ("sample --checkpoint {root}/model.safetensors --batch-size 0", 1, "batch_size"),
+    ("sample --checkpoint {root}/model.safetensors --steps 0", 1, "--steps"),
+    ("sample --checkpoint {root}/model.safetensors --temperature nan", 1, "--temperature"),
+    ("sample --checkpoint {root}/model.safetensors --batch-size 0", 1, "--batch-size"),
     ("sample --checkpoint {root}/model.safetensors --dtype fp8", 2, "--dtype"),
-    ("sample --checkpoint {root}/model.safetensors --cuda-graph --device cpu", 1, "cuda_graph"),
+    ("sample --checkpoint {root}/model.safetensors --cuda-graph --device cpu", 1, "--cuda-graph"),
     ("sample --checkpoint {root}/model.safetensors --device cpu --num 1 --steps 1 --out {root}", 1, "directory"),
     ("inpaint --checkpoint {root}/model.safetensors --image {root}/missing.png --mask {root}/mask.png --out x.png",
      1, "--image"),
@@ -488,12 +505,13 @@ CLI_CASES = [
     ("inpaint --checkpoint {root}/model.safetensors --image {root}/image.png --mask {root}/notes.txt --out x.png",
      1, "--mask"),
     ("inpaint --checkpoint {root}/model.safetensors --image {root}/image.png --mask {root}/mask.png --out x.png "
-     "--ring -1 --device cpu", 1, "ring"),
+     "--ring -1 --device cpu", 1, "--ring"),
     ("inpaint --checkpoint {root}/model.safetensors --image {root}/image.png --mask {root}/mask.png", 2, "--out"),
-    ("train --batch-size 0 --out-dir {root}/run", 1, "batch_size"),
-    ("train --steps -5 --out-dir {root}/run", 1, "steps"),
-    ("train --lr nan --out-dir {root}/run", 1, "lr"),
-    ("train --model-overrides '{{\"depth\": 0}}' --data digits --out-dir {root}/run", 1, "depth"),
+    ("train --batch-size 0 --out-dir {root}/run", 1, "--batch-size"),
+    ("train --steps -5 --out-dir {root}/run", 1, "--steps"),
+    ("train --lr nan --out-dir {root}/run", 1, "--lr"),
+    ("train --model-overrides '{{\"depth\": 0}}' --data digits --out-dir {root}/run", 1,
+     "--model-overrides: TrainConfig.model_overrides: MAGEConfig: depth"),
     ("train --model-overrides '{{depth: 0}}' --out-dir {root}/run", 2, "--model-overrides"),
     ("train --config {root}/missing.json", 1, "missing.json"),
     ("train --config {root}/bad.json", 1, "bad.json"),
@@ -506,7 +524,7 @@ CLI_CASES = [
     ("probe --checkpoint {root}/missing.safetensors --data digits", 1, "missing.safetensors"),
     ("probe --checkpoint {root}/model.safetensors --data digits --optimizer adam", 2, "--optimizer"),
     ("probe --checkpoint {root}/model.safetensors --data {root}/nowhere", 1, "nowhere"),
-    ("probe --checkpoint {root}/model.safetensors --data digits --epochs 0", 1, "epochs"),
+    ("probe --checkpoint {root}/model.safetensors --data digits --epochs 0", 1, "--epochs"),
     ("eval --checkpoint {root}/notes.txt", 1, "notes.txt"),
     ("eval --checkpoint {root}/model.safetensors --num 0", 1, "--num"),
     ("cache --tokenizer-checkpoint {root}/missing.safetensors --data digits --out c.pt", 1, "missing.safetensors"),
@@ -535,6 +553,30 @@ CLI_CASES = [
     ("eval --checkpoint {root}/model.safetensors --num 2 --inception-batch-size 0", 1, "--inception-batch-size"),
     ("probe --checkpoint {root}/model.safetensors --data digits --train-images -1", 1, "--train-images"),
     ("probe --checkpoint {root}/model.safetensors --data digits --device gpu", 1, "--device"),
+    # Ran 100000 steps on 16 tokens (each step fills at least one), wrote an empty grid, named the library's
+    # argument (choice_temperature, num_images) instead of the flag, or silently regenerated the whole image.
+    ("sample --checkpoint {root}/model.safetensors --device cpu --num 1 --steps 100000", 1,
+     "--steps must be in [1, 16]"),
+    ("sample --checkpoint {root}/model.safetensors --device cpu --num 0", 1, "--num must be >= 1, got 0"),
+    ("sample --checkpoint {root}/model.safetensors --device cpu --temperature -1", 1, "--temperature"),
+    ("sample --checkpoint {root}/model.safetensors --device cpu --temperature-power 0", 1, "--temperature-power"),
+    ("sample --checkpoint {root}/model.safetensors --device cpu --temperature-power inf", 1, "--temperature-power"),
+    ("inpaint --checkpoint {root}/model.safetensors --image {root}/image.png --mask {root}/hole.png --out x.png "
+     "--device cpu --steps 2 --ring 1000", 1, "--ring must be in [0, 3]"),
+    ("inpaint --checkpoint {root}/model.safetensors --image {root}/image.png --mask {root}/hole.png --out x.png "
+     "--device cpu --steps 17", 1, "--steps must be in [1, 16]"),
+    ("inpaint --checkpoint {root}/model.safetensors --image {root}/image.png --mask {root}/hole.png --out x.png "
+     "--device cpu --temperature nan", 1, "--temperature"),
+    ("inpaint --checkpoint {root}/model.safetensors --image {root}/image.png --mask {root}/mask.png --out x.png "
+     "--device cpu --steps 2", 1, "--mask"),  # all black: nothing to regenerate
+    ("inpaint --checkpoint {root}/model.safetensors --image {root}/image.png --mask {root}/hole.png --out x.png "
+     "--device cpu --steps 2 --ring 3", 1, "--ring 3"),  # the ring reaches every token of the 4x4 grid
+    ("train --config {root}/zero_batch.json --out-dir {root}/run", 1, "--config"),
+    ("train --tokenizer '{{\"n_embed\": 0}}' --objective tokenizer --out-dir {root}/run", 1, "--tokenizer"),
+    ("eval --checkpoint {root}/model.safetensors --num 2 --steps 17", 1, "--steps must be in [1, 16]"),
+    ("eval --checkpoint {root}/model.safetensors --num 2 --choice-temperature nan", 1, "--choice-temperature"),
+    ("eval --checkpoint {root}/model.safetensors --num 2 --batch-size 0", 1, "--batch-size"),
+    ("probe --checkpoint {root}/model.safetensors --data digits --blr 0", 1, "--blr"),
 ]
 
 

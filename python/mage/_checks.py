@@ -12,10 +12,10 @@ import math
 
 import torch
 
-from mage_kernels._checks import check_generator, check_int, check_real, check_tensor
+from mage_kernels._checks import check_generator, check_int, check_real, check_steps, check_tensor
 
 __all__ = ["all_finite", "check_config", "check_dtype", "check_generation", "check_ids", "check_images", "check_model", "check_pixel_mask",
-           "check_generator", "check_int", "check_real", "check_tensor", "to_model_dtype"]
+           "check_generator", "check_int", "check_real", "check_steps", "check_tensor", "to_model_dtype"]
 
 INF = math.inf
 # Bounds of config fields: (low, high, low excluded). Model configs: every int not listed is >= 1. Run configs
@@ -172,8 +172,9 @@ def check_model(op: str, model, cls: type) -> None:
                          "e.g. with mage.load or mage.load_official")
 
 
-def check_generation(op: str, *, steps, choice_temperature, generator, dtype, device: torch.device) -> None:
-    """The arguments every decoding entry point shares."""
+def check_generation(op: str, *, steps, choice_temperature, generator, dtype, device: torch.device,
+                     num_tokens: int) -> None:
+    """The arguments every decoding entry point shares; steps at most the model's `num_tokens`."""
     check_int(op, "steps", steps, 1)
     check_real(op, "choice_temperature", choice_temperature, 0.0)
     check_generator(op, "generator", generator)
@@ -182,3 +183,4 @@ def check_generation(op: str, *, steps, choice_temperature, generator, dtype, de
                          f"the model's device or the CPU")
     if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"{op}: dtype must be None, torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}")
+    check_steps(op, steps, num_tokens)

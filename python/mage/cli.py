@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -77,10 +78,30 @@ def _device(name: str | None) -> torch.device:
     return device
 
 
-def _require(flag: str, value, lo: int) -> None:
-    """A numeric flag's lower bound, checked before any model or data is loaded (not after minutes of work)."""
-    if value is not None and value < lo:
-        raise ValueError(f"{flag} must be >= {lo}, got {value}")
+def _require(flag: str, value, lo, hi=None, *, lo_open: bool = False, why: str = "") -> None:
+    """A numeric flag's bounds (floats also finite), checked before the work that needs it (not after minutes)."""
+    if value is None:
+        return
+    if lo_open:
+        ok, text = value > lo, f"> {lo}"
+    else:
+        ok, text = value >= lo, f">= {lo}"
+    if hi is not None:
+        ok, text = ok and value <= hi, f"in {'(' if lo_open else '['}{lo}, {hi}]"
+    if not (ok and math.isfinite(value)):
+        raise ValueError(f"{flag} must be {'a finite number ' if isinstance(value, float) else ''}{text}"
+                         f"{f' ({why})' if why else ''}, got {value}")
+
+
+def _check_decoding(args, model=None) -> None:
+    """The decoding flags of sample and inpaint; --steps against the model's token count once it is loaded."""
+    _require("--temperature", args.temperature, 0.0)
+    _require("--temperature-power", args.temperature_power, 0.0, lo_open=True)
+    if model is None:
+        _require("--steps", args.steps, 1)
+    else:
+        n = model.config.num_tokens
+        _require("--steps", args.steps, 1, n, why=f"the model has {n} token positions and each step fills at least one")
 
 
 def _load_model(args) -> "torch.nn.Module":
@@ -146,12 +167,17 @@ def run_sample(args) -> int:
     from .sampler import generate
 
     _check_output("--out", args.out)
-    _require("--nrow", args.nrow, 1)
+    for flag, value in (("--num", args.num), ("--nrow", args.nrow), ("--batch-size", args.batch_size)):
+        _require(flag, value, 1)
+    _check_decoding(args)
+    if args.cuda_graph and _device(args.device).type != "cuda":
+        raise ValueError(f"--cuda-graph needs a CUDA --device, got {_device(args.device)}")
     images_dir = args.images_dir or os.path.splitext(args.out)[0]
     if os.path.exists(images_dir) and not os.path.isdir(images_dir):
         raise ValueError(f"--images-dir {images_dir} is a file, not a folder" +
                          ("" if args.images_dir else " (the default, --out without its extension): set --images-dir"))
     model = _load_model(args)
+    _check_decoding(args, model)
     images = generate(model, args.num, steps=args.steps, choice_temperature=args.temperature,
                       generator=_generator(args.seed, model.device), batch_size=args.batch_size,
                       dtype=DTYPES[args.dtype], cuda_graph=args.cuda_graph, progress=True,
@@ -182,9 +208,11 @@ def add_inpaint(subparsers) -> None:
 
 
 def run_inpaint(args) -> int:
-    from .inpaint import inpaint
+    from .inpaint import inpaint, token_mask_from_pixels
 
     _check_output("--out", args.out)
+    _check_decoding(args)
+    _require("--ring", args.ring, 0)
     model = _load_model(args)
     size = model.config.tokenizer.resolution
     mode = {1: "L", 3: "RGB"}.get(model.config.tokenizer.in_channels)
@@ -193,8 +221,19 @@ def run_inpaint(args) -> int:
                          "image files are read as grey (1) or RGB (3)")
     image = load_image(args.image, size, mode=mode).to(model.device)
     mask = load_image(args.mask, size, mode="L", name="--mask").to(model.device) > 0.5
+    _check_decoding(args, model)
+    grid = model.config.tokenizer.grid
+    _require("--ring", args.ring, 0, grid - 1, why=f"the model's token grid is {grid}x{grid}: a ring of {grid - 1} "
+                                                  "already reaches every token")
     if args.outpaint:
         mask = ~mask
+    if not mask.any():
+        raise ValueError(f"--mask {args.mask}: nothing to regenerate, " + (
+            "it is all white (with --outpaint white = keep)" if args.outpaint else "it has no white pixel (white = hole)"))
+    if not mask.all() and token_mask_from_pixels(mask, grid, args.ring).all():
+        raise ValueError(f"--ring {args.ring} with --mask {args.mask} regenerates every token: each of the {grid}x{grid} "
+                         "tokens has a hole pixel within that many tokens, so nothing of --image is kept; lower --ring "
+                         "or keep a larger region")
     out = inpaint(model, image, mask, ring=args.ring, steps=args.steps, choice_temperature=args.temperature,
                   generator=_generator(args.seed, model.device), dtype=DTYPES[args.dtype], paste=args.paste,
                   choice_temperature_power=args.temperature_power)
@@ -315,6 +354,19 @@ def add_train(subparsers) -> None:
     p.set_defaults(func=run_train)
 
 
+def _name_train_flag(message: str, flags: dict, config: str | None) -> str:
+    """An error about a TrainConfig field ("TrainConfig: lr ...", "TrainConfig.lr ...") led by the flag that
+    set it, or by --config when the value came from that file."""
+    import re
+
+    match = re.search(r"TrainConfig[.:] ?(\w+)", message)
+    if match is None:
+        return message
+    field = match.group(1)
+    flag = "--" + field.replace("_", "-")
+    return f"{flag}: {message}" if field in flags or not config else f"--config {config} ({field}): {message}"
+
+
 def run_train(args) -> int:
     from .train import TrainConfig, train
 
@@ -331,8 +383,16 @@ def run_train(args) -> int:
     unknown = sorted(set(values) - names)
     if unknown:
         raise ValueError(f"--config {args.config} has unknown fields {unknown}")
-    values.update({k: v for k, v in vars(args).items() if k in names and v is not None})
-    last = train(TrainConfig(**values), governor=_governor(args.threads))
+    flags = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    values.update(flags)
+    try:
+        cfg = TrainConfig(**values)
+        last = train(cfg, governor=_governor(args.threads))
+    except (TypeError, ValueError) as err:
+        named = _name_train_flag(str(err), flags, args.config)
+        if named == str(err):
+            raise
+        raise (TypeError if isinstance(err, TypeError) else ValueError)(named) from None
     if last and int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: v for k, v in last.items() if k != "time"}))
     return 0
@@ -478,9 +538,13 @@ def run_eval(args) -> int:
     _require("--num", args.num, 1)
     _require("--batch-size", args.batch_size, 1)
     _require("--inception-batch-size", args.inception_batch_size, 1)
+    _require("--choice-temperature", args.choice_temperature, 0.0)
+    _require("--steps", args.steps, 1)
     d = init_distributed()
     device = _device(args.device) if args.device else d.device
     model = load_any(args.checkpoint, trusted=args.trust_checkpoint).to(device).eval()
+    n = model.config.num_tokens
+    _require("--steps", args.steps, 1, n, why=f"the model has {n} token positions and each step fills at least one")
     metric = InceptionMetric(args.weights, device, args.inception_batch_size, total=args.num)
     cfg = EvalConfig(num=args.num, batch_size=args.batch_size, steps=args.steps, choice_temperature=args.choice_temperature,
                      seed=args.seed, dtype=None if args.dtype == "fp32" else DTYPES[args.dtype], images_dir=args.images_dir)
@@ -541,6 +605,7 @@ def run_probe(args) -> int:
                             ("--batch-size", args.batch_size, 1), ("--epochs", args.epochs, 1),
                             ("--warmup-epochs", args.warmup_epochs, 0)):
         _require(flag, value, lo)
+    _require("--blr", args.blr, 0.0, lo_open=True)
     device = _device(args.device)
     model = load_any(args.checkpoint, trusted=args.trust_checkpoint).to(device).eval()
     tc = model.config.tokenizer

@@ -23,10 +23,11 @@ from .sampler import decode_tokens
 def token_mask_from_pixels(pixel_mask: torch.Tensor, grid: int, ring: int = 0) -> torch.Tensor:
     """pixel_mask [B, H, W] or [B, 1, H, W] (bool, or numbers: nonzero = hole) -> bool [B, grid*grid],
     row-major like the token ids: True for each token whose patch has a hole pixel, dilated by `ring`
-    tokens (a (2 ring + 1)^2 square neighbourhood)."""
+    tokens (a (2 ring + 1)^2 square neighbourhood). ring is at most grid - 1, which already reaches every
+    token from any hole."""
     check_tensor("token_mask_from_pixels", "pixel_mask", pixel_mask)
     check_int("token_mask_from_pixels", "grid", grid, 1)
-    check_int("token_mask_from_pixels", "ring", ring, 0)
+    check_int("token_mask_from_pixels", "ring", ring, 0, grid - 1)
     m = pixel_mask
     if m.dim() == 4 and m.shape[1] == 1:
         m = m[:, 0]
@@ -66,7 +67,8 @@ def inpaint(
             (converted to the model's); B = 0 returns empty results.
         pixel_mask: [B, H, W] or [B, 1, H, W]; nonzero / True = regenerate (the hole). For outpainting
             pass the region outside what should be kept.
-        ring: extra tokens around the hole to regenerate too, so the seam is re-synthesised.
+        ring: extra tokens around the hole to regenerate too, so the seam is re-synthesised; at most
+            grid - 1 (that already reaches every token).
         paste: copy the original pixels back outside the pixel hole (the tokens outside are kept
             either way; their decoded pixels differ from the input only by the tokenizer's error).
         dtype: None (fp32, as the reference) or a low-precision autocast dtype.
@@ -81,9 +83,9 @@ def inpaint(
     c = model.config
     check_images(images, c.tokenizer, device=model.device)
     check_pixel_mask(pixel_mask, images)
-    check_int("inpaint", "ring", ring, 0)
+    check_int("inpaint", "ring", ring, 0, c.tokenizer.grid - 1)
     check_generation("inpaint", steps=steps, choice_temperature=choice_temperature, generator=generator,
-                     dtype=dtype, device=model.device)
+                     dtype=dtype, device=model.device, num_tokens=c.num_tokens)
     if images.shape[0] == 0:  # nothing to fill
         empty = torch.empty(0, c.num_tokens, dtype=torch.long, device=images.device)
         out = images.float()

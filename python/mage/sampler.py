@@ -32,7 +32,7 @@ def mask_schedule(num_tokens: int, steps: int) -> list[int]:
     """Tokens still masked after each step when decoding `num_tokens` from all-[MASK] (host-side, for
     inspection): 256 tokens in 20 steps -> 255, 252, 248, ..., 40, 20, 0 (section 5.2)."""
     check_int("mask_schedule", "num_tokens", num_tokens, 0)
-    check_int("mask_schedule", "steps", steps, 1)
+    check_int("mask_schedule", "steps", steps, 1)  # num_tokens may be an inpainted row's few: steps may exceed it
     out, unknown = [], num_tokens
     for t in range(steps):
         want = math.floor(num_tokens * mage_kernels.cosine_mask_ratio(t, steps))
@@ -109,9 +109,9 @@ def decode_tokens(
     (still-masked tokens hold config.mask_id). Call under autocast as wanted; no host sync.
     """
     check_model("decode_tokens", model, MAGE)
-    check_generation("decode_tokens", steps=steps, choice_temperature=choice_temperature, generator=generator,
-                     dtype=None, device=model.device)
     model._check_inputs(ids, None)
+    check_generation("decode_tokens", steps=steps, choice_temperature=choice_temperature, generator=generator,
+                     dtype=None, device=model.device, num_tokens=model.config.num_tokens)
     fns = _model_fns(model, fused_head)
     return mage_kernels.maskgit_sample(fns.pop("logits_fn"), ids, steps=steps, mask_id=model.config.mask_id,
                                        choice_temperature=choice_temperature, temperature=temperature,
@@ -184,7 +184,7 @@ def generate(
     num_images = check_int("generate", "num_images", num_images, 0)
     batch_size = check_int("generate", "batch_size", batch_size, 1)
     check_generation("generate", steps=steps, choice_temperature=choice_temperature, generator=generator,
-                     dtype=dtype, device=device)
+                     dtype=dtype, device=device, num_tokens=model.config.num_tokens)
     if cuda_graph and device.type != "cuda":
         raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {device}")
     if cuda_graph and generator is not None and generator.device.type != "cuda":

@@ -212,23 +212,31 @@ def step_generator(seed: int, step: int, stream: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step * 8191 + stream) % (2**62))
 
 
+def _config_from(field: str, make):
+    """A nested config built from a dict field of TrainConfig; its errors name that field."""
+    try:
+        return make()
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"TrainConfig.{field}: {err}") from None
+
+
 def make_tokenizer_config(cfg: TrainConfig) -> TokenizerConfig:
-    fields = {"resolution": cfg.image_size, **cfg.tokenizer}
-    return TokenizerConfig(**fields)
+    return _config_from("tokenizer", lambda: TokenizerConfig(**{"resolution": cfg.image_size, **cfg.tokenizer}))
 
 
 def build_model(cfg: TrainConfig) -> nn.Module:
     if cfg.objective == "tokenizer":
         return VQGANTokenizer(make_tokenizer_config(cfg))
     if cfg.objective == "mae":
-        return MAE(MAEConfig(**{"image_size": cfg.image_size, **cfg.mae}))
+        return MAE(_config_from("mae", lambda: MAEConfig(**{"image_size": cfg.image_size, **cfg.mae})))
     if cfg.tokenizer_checkpoint:
         tokenizer = load_tokenizer(cfg.tokenizer_checkpoint)
     else:
         warnings.warn(f"objective {cfg.objective!r} without tokenizer_checkpoint: the model's tokenizer is randomly "
                       "initialised (train one with objective='tokenizer' first)", UserWarning, stacklevel=3)
         tokenizer = VQGANTokenizer(make_tokenizer_config(cfg))
-    model = CONSTRUCTORS[cfg.model](tokenizer=tokenizer.config, **cfg.model_overrides)
+    model = _config_from("model_overrides", lambda: CONSTRUCTORS[cfg.model](tokenizer=tokenizer.config,
+                                                                             **cfg.model_overrides))
     model.vqgan.load_state_dict(tokenizer.state_dict())
     return model
 
@@ -881,7 +889,7 @@ def save_samples(cfg: TrainConfig, model: nn.Module, path: Path, batch: torch.Te
 
     model.eval()
     if cfg.objective in ("mage", "mage-c"):
-        images = generate(model, 16, steps=8, generator=torch.Generator(model.device).manual_seed(cfg.seed))
+        images = generate(model, 16, steps=min(8, model.config.num_tokens), generator=torch.Generator(model.device).manual_seed(cfg.seed))
     elif cfg.objective == "tokenizer":
         x = batch[:8]
         images = torch.cat([x, model.decode(model.encode(x, check_range=False))])
