@@ -31,6 +31,23 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def on_threads():
+    """`on_threads(fn, *counts)`: [fn() under each torch thread count], counts (1, 2) by default; the test's
+    thread count is restored after it, whatever fails."""
+    threads = torch.get_num_threads()
+
+    def run(fn, *counts):
+        results = []
+        for n in counts or (1, 2):
+            torch.set_num_threads(n)
+            results.append(fn())
+        return results
+
+    yield run
+    torch.set_num_threads(threads)
+
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 

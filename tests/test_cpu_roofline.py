@@ -44,7 +44,7 @@ def test_rows_carry_isa_load_and_roofline():
     assert flops_row.roofline_pct == pytest.approx(100 * 1e6 / (flops_row.median_ms * 1e-3) / 1e9 / peak)
 
 
-def test_kernels_run_parallel_regions_on_torch_threads():
+def test_kernels_run_parallel_regions_on_torch_threads(on_threads):
     """at::parallel_for is inline in torch's headers: a library built without OpenMP runs every region on
     one thread. Ours must follow torch.set_num_threads."""
     import ctypes
@@ -53,17 +53,10 @@ def test_kernels_run_parallel_regions_on_torch_threads():
 
     fn = _cpu_isa._lib().mage_parallel_threads
     fn.restype = ctypes.c_int
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        assert fn() == 1
-        torch.set_num_threads(2)
-        assert fn() == 2
-    finally:
-        torch.set_num_threads(threads)
+    assert on_threads(fn) == [1, 2]
 
 
-def test_parallel_chunks_hand_out_work_dynamically():
+def test_parallel_chunks_hand_out_work_dynamically(on_threads):
     """The CPU kernels split work into fixed chunks taken from a shared counter: when one thread stalls
     (on a shared machine, descheduled), the others run the rest instead of waiting for it. Under a static
     split the stalled thread would still owe half the chunks."""
@@ -74,11 +67,5 @@ def test_parallel_chunks_hand_out_work_dynamically():
     fn = _cpu_isa._lib().mage_parallel_chunks_stalled
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_int, ctypes.c_int]
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        assert fn(16, 1) == 16  # one thread runs every chunk, each once
-        torch.set_num_threads(2)
-        assert fn(16, 200) <= 2
-    finally:
-        torch.set_num_threads(threads)
+    assert on_threads(lambda: fn(16, 1), 1) == [16]  # one thread runs every chunk, each once
+    assert on_threads(lambda: fn(16, 200), 2)[0] <= 2

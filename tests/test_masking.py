@@ -321,18 +321,6 @@ def _close_sums(actual, expected, n_terms):
 BACKWARD_FLAGS = [(False, True), (True, False)]
 
 
-def _on_1_and_2_threads(fn):
-    """[fn() on 1 torch thread, fn() on 2], restoring the thread count."""
-    threads, results = torch.get_num_threads(), []
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            results.append(fn())
-        return results
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _check_pad_backward(actual, expected, L):
     """Gathered rows bit for bit; the sums (row 0 and pad_sum over L tokens, grad_pos over B rows) closely."""
     (gy, ps, gp), (ey, es, ep) = [[t.cpu() for t in r] for r in (actual, expected)]
@@ -386,7 +374,7 @@ def test_pad_with_cls_backward_op_matches_reference(device, dtype, mae, pos):
 
 @pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512_bf16"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_row_loops_every_isa_path_and_thread_count(isa, dtype, monkeypatch):
+def test_cpu_row_loops_every_isa_path_and_thread_count(isa, dtype, monkeypatch, on_threads):
     """MAGE_CPU_ISA picks the row loops' portable or AVX2 build per call (avx512_bf16 takes the AVX2 loops);
     each, on 1 or 2 threads, gives the reference's bits (forward) and the same bits on 1 and 2 threads
     (backward sums in a fixed order)."""
@@ -403,7 +391,7 @@ def test_cpu_row_loops_every_isa_path_and_thread_count(isa, dtype, monkeypatch):
         _equal(z, ref.pad_with_cls(y, keep, masked, pos, None))
         return [z, *torch.ops.mage.pad_with_cls_backward(gz, keep, masked, False, True)]
 
-    results = _on_1_and_2_threads(run)
+    results = on_threads(run)
     _check_pad_backward(results[0][1:], _pad_with_cls_backward_reference(gz, keep, masked, False, True), L)
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
@@ -689,7 +677,7 @@ def test_triton_kernels_compile_for_sm90():
 @pytest.mark.parametrize("isa", ["scalar", "avx2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("B,L,C", [(9, 255, 1811), (37, 31, 2051), (1, 1, 1)])
-def test_cpu_large_outputs_and_batch_blocks(isa, dtype, B, L, C, monkeypatch):
+def test_cpu_large_outputs_and_batch_blocks(isa, dtype, B, L, C, monkeypatch, on_threads):
     """Outputs of 8 MiB and up are written with streaming stores (rows of odd byte length: unaligned heads
     and tails written plainly); pad_with_cls's backward sums grad_pos over fixed batch blocks of 16 and channel
     chunks of 2048 (B = 37, C = 2051: a partial last block and chunk). Forward ops give the reference's
@@ -713,7 +701,7 @@ def test_cpu_large_outputs_and_batch_blocks(isa, dtype, B, L, C, monkeypatch):
             _check_pad_backward(actual, _pad_with_cls_backward_reference(gz, keep, masked, mae, p), L)
         return [t for r in backward for t in r]
 
-    results = _on_1_and_2_threads(run)
+    results = on_threads(run)
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
 

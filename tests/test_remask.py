@@ -57,16 +57,9 @@ def test_cpu_kernel_matches_reference(B, L, V, dtype, ties):
     torch.testing.assert_close(new_ids, ref_new, rtol=0, atol=0)
 
 
-def test_cpu_kernel_independent_of_threads():
+def test_cpu_kernel_independent_of_threads(on_threads):
     logits, ids, k = make_case(5, 33, 200, seed=2)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = OP(logits, ids, k, SEED, **kwargs(200))
-        torch.set_num_threads(2)
-        two = OP(logits, ids, k, SEED, **kwargs(200))
-    finally:
-        torch.set_num_threads(threads)
+    one, two = on_threads(lambda: OP(logits, ids, k, SEED, **kwargs(200)))
     assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
 
 

@@ -204,17 +204,10 @@ def test_every_path_fast_mode_is_near(isa):
     assert (chosen >= ref_sq - 1e-9).all() and (chosen - ref_sq <= 1e-2 * (z.double() ** 2).sum(1) + 1).all()
 
 
-def test_thread_count_does_not_change_results(isa):
+def test_thread_count_does_not_change_results(isa, on_threads):
     g = torch.Generator().manual_seed(13)
     z, e = torch.randn(700, 64, generator=g), torch.randn(300, 64, generator=g)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = mk.vq_quantize(z, e)
-        torch.set_num_threads(max(2, threads))
-        many = mk.vq_quantize(z, e)
-    finally:
-        torch.set_num_threads(threads)
+    one, many = on_threads(lambda: mk.vq_quantize(z, e), 1, max(2, torch.get_num_threads()))
     for a, b in zip(one, many):
         assert torch.equal(a, b)
 
