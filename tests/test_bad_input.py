@@ -231,6 +231,8 @@ def test_every_public_op_function_has_bad_input_cases():
 # ------------------------------------------------------------------------------------- model layer
 
 import mage  # noqa: E402
+from mage.evaluation import EvalConfig, generate_into  # noqa: E402
+from mage.fmnist_classifier import ClassifierConfig  # noqa: E402
 from mage.tokenizer import TokenizerConfig  # noqa: E402
 
 TOK = TokenizerConfig.tiny(resolution=16, n_embed=32)
@@ -246,6 +248,13 @@ ALL_MASKED = torch.full((1, 16), MASK_ID)
 def meta_model():
     with torch.device("meta"):
         return mage.mage_vit_tiny(**SMALL)
+
+
+def changed(config, **fields):
+    """`config` with fields set after it was made (and checked), as user code can do to a dataclass."""
+    for name, value in fields.items():
+        setattr(config, name, value)
+    return config
 
 
 # (function name, call, error type, argument the message must name)
@@ -367,6 +376,52 @@ MODEL_CASES = [
      "/nonexistent/folder"),
     ("MAGE.from_pretrained", lambda: mage.MAGE.from_pretrained(__file__), FileNotFoundError, "mage.load"),
     ("load", lambda: mage.load(__file__, dtype="bf16"), TypeError, "dtype"),
+    # Left at the last stop: EvalConfig checked nothing (batch_size=0 was a ZeroDivisionError in generate_into,
+    # rank >= world generated nothing); linear_probe took any num_classes and config; ProbeConfig.optimizer was
+    # checked only after feature extraction; ClassifierConfig checked nothing; nested TrainConfig dicts only when
+    # the model was built (after config.json was written).
+    ("EvalConfig", lambda: EvalConfig(batch_size=0), ValueError, "batch_size"),
+    ("EvalConfig", lambda: EvalConfig(num=0), ValueError, "num"),
+    ("EvalConfig", lambda: EvalConfig(steps=2.5), TypeError, "steps"),
+    ("EvalConfig", lambda: EvalConfig(choice_temperature=NAN), ValueError, "choice_temperature"),
+    ("EvalConfig", lambda: EvalConfig(dtype=torch.int8), ValueError, "dtype"),
+    ("EvalConfig", lambda: EvalConfig(images_dir=3), TypeError, "images_dir"),
+    ("generate_into", lambda: generate_into(MODEL, None, changed(EvalConfig(num=2, steps=2), batch_size=0)),
+     ValueError, "batch_size"),
+    ("generate_into", lambda: generate_into(MODEL, None, EvalConfig(num=2, steps=17)), ValueError,
+     "steps must be in [1, 16]"),
+    ("generate_into", lambda: generate_into(MODEL, None, {"num": 2}), TypeError, "cfg"),
+    ("generate_into", lambda: generate_into(MODEL, None, EvalConfig(num=2, steps=2), rank=2, world=2), ValueError,
+     "rank"),
+    ("generate_into", lambda: generate_into(MODEL, None, EvalConfig(num=2, steps=2), world=0), ValueError, "world"),
+    ("generate_into", lambda: generate_into(MODEL, None, EvalConfig(num=2, steps=2)), TypeError, "metric"),
+    ("generate_into", lambda: generate_into(meta_model(), None, EvalConfig(num=2, steps=2)), ValueError, "model"),
+    ("ProbeConfig", lambda: mage.ProbeConfig(optimizer="adam"), ValueError, "optimizer"),
+    ("linear_probe", lambda: mage.linear_probe(torch.randn(8, 4), torch.arange(8) % 4, torch.randn(4, 4),
+                                               torch.arange(4), num_classes=2), ValueError, "num_classes"),
+    ("linear_probe", lambda: mage.linear_probe(torch.randn(8, 4), torch.arange(8) % 4, torch.randn(4, 4),
+                                               torch.arange(4), config={"epochs": 1}), TypeError, "config"),
+    ("linear_probe", lambda: mage.linear_probe(torch.randn(1, 4), torch.zeros(1, dtype=torch.long),
+                                               torch.randn(4, 4), torch.arange(4)), ValueError, "train_features"),
+    ("linear_probe", lambda: mage.linear_probe(torch.randn(8, 4).tolist(), torch.arange(8), torch.randn(4, 4),
+                                               torch.arange(4)), TypeError, "train_features"),
+    ("ClassifierConfig", lambda: ClassifierConfig(batch_size=0), ValueError, "batch_size"),
+    ("ClassifierConfig", lambda: ClassifierConfig(train_size=0), ValueError, "train_size"),
+    ("ClassifierConfig", lambda: ClassifierConfig(lr=NAN), ValueError, "lr"),
+    ("TrainConfig", lambda: mage.TrainConfig(model_overrides={"depth": 0}), ValueError, "model_overrides"),
+    ("TrainConfig", lambda: mage.TrainConfig(model_overrides={"depth": 0}), ValueError, "depth"),
+    ("TrainConfig", lambda: mage.TrainConfig(model_overrides={"stepz": 3}), ValueError, "stepz"),
+    ("TrainConfig", lambda: mage.TrainConfig(model_overrides={"tokenizer": {}}), ValueError,
+     "tokenizer cannot be set here"),
+    ("TrainConfig", lambda: mage.TrainConfig(objective="mae", mae={"patch_size": 0}), ValueError, "patch_size"),
+    ("TrainConfig", lambda: mage.TrainConfig(objective="tokenizer", tokenizer={"n_embed": 0}), ValueError, "n_embed"),
+    ("TrainConfig", lambda: mage.TrainConfig(disc_weight=0.8), ValueError, "TrainConfig.disc_weight"),
+    ("TrainConfig", lambda: mage.TrainConfig(perceptual_weights="lpips.pth"), ValueError,
+     "TrainConfig.perceptual_weights"),
+    ("TrainConfig", lambda: mage.TrainConfig(objective="tokenizer", token_cache="ids.ckpt"), ValueError,
+     "TrainConfig.token_cache"),
+    ("TrainConfig", lambda: mage.TrainConfig(objective="mae", tokenizer_checkpoint="tok.safetensors"), ValueError,
+     "TrainConfig.tokenizer_checkpoint"),
 ]
 # Names of mage.__all__ that take no user input worth a row (results, errors, the demo as a whole).
 NOT_INPUT = {"CheckpointError", "LoadReport", "ProbeResult", "DemoConfig", "run_demo"}

@@ -546,6 +546,38 @@ def test_cli_train_flags_reach_the_config(tmp_path, capsys):
         main(["train", "--objective", "bert"])
 
 
+def test_a_run_that_fails_on_its_settings_leaves_the_run_folder_as_it_was(tmp_path, capsys):
+    # config.json was written before the model was built, so a resume whose settings failed (a bad
+    # --model-overrides, a data set smaller than the batch) replaced the good run's config.json.
+    from mage.cli import main
+
+    cfg = tiny(tmp_path, "mage", steps=2)
+    train(cfg)
+    files = {name: (tmp_path / name).read_bytes() for name in ("config.json", "metrics.jsonl", "checkpoint.pt")}
+    changed = dict(resume=True, resume_with_changes=True)
+    with pytest.raises(ValueError, match="TrainConfig.batch_size 4096 is larger than the data set"):
+        train(dataclasses.replace(cfg, batch_size=4096, **changed))
+    with pytest.raises(SystemExit):
+        main(["train", "--config", str(tmp_path / "config.json"), "--resume", "--resume-with-changes",
+              "--model-overrides", json.dumps({**MODEL, "depth": 0})])
+    assert "--model-overrides: TrainConfig.model_overrides: MAGEConfig: depth" in capsys.readouterr().err
+    assert {name: (tmp_path / name).read_bytes() for name in files} == files
+
+
+def test_a_bug_while_building_the_model_is_not_reported_as_bad_settings(tmp_path, monkeypatch):
+    # Every TypeError / ValueError raised while the model was built came out as "TrainConfig.model_overrides:
+    # ...", a user error. Configs are now checked first; what the model's code raises keeps its own message.
+    def broken(self, *args, **kwargs):
+        raise TypeError("a bug in Block.__init__")
+
+    cfg = tiny(tmp_path, "mage", steps=1)
+    monkeypatch.setattr(train_mod.Block, "__init__", broken)
+    with pytest.raises(TypeError) as info:
+        train(cfg)
+    assert str(info.value) == "a bug in Block.__init__"
+    assert not (tmp_path / "config.json").exists()
+
+
 def test_cli_train_under_torchrun(tmp_path):
     import subprocess
     import sys

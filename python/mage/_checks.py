@@ -19,7 +19,7 @@ __all__ = ["all_finite", "check_config", "check_dtype", "check_generation", "che
 
 INF = math.inf
 # Bounds of config fields: (low, high, low excluded). Model configs: every int not listed is >= 1. Run configs
-# (TrainConfig, ProbeConfig): every int not listed is >= 0.
+# (TrainConfig, ProbeConfig, EvalConfig, ClassifierConfig): every int not listed is >= 0.
 _MODEL_BOUNDS = {
     "dropout": (0.0, 1.0, False), "mlp_ratio": (0.0, INF, True), "norm_eps": (0.0, 1.0, True),
     "head_norm_eps": (0.0, 1.0, True), "embed_std": (0.0, INF, True),
@@ -34,13 +34,15 @@ _RUN_BOUNDS = {
     "mask_ratio_std": (0.0, INF, True), "label_smoothing": (0.0, 1.0, False), "mae_mask_ratio": (0.0, 1.0, True),
     "contrastive_weight": (0.0, INF, False), "contrastive_temperature": (0.0, INF, True),
     "betas": (0.0, 1.0, False), "crop_scale": (0.0, 1.0, False),
+    "num": (1, None, False), "width": (1, None, False), "feature_dim": (1, None, False),
+    "train_size": (1, None, False),
 }
-_RUN_CONFIGS = ("TrainConfig", "ProbeConfig")
+_RUN_CONFIGS = ("TrainConfig", "ProbeConfig", "EvalConfig", "ClassifierConfig")
 
 
 def check_config(config) -> None:
     """Types and ranges of every field of a config dataclass (MAGEConfig, TokenizerConfig, MAEConfig,
-    TrainConfig, ProbeConfig), from its annotations: ints are ints (not 3.0, not "32") within bounds, floats
+    TrainConfig, ProbeConfig, EvalConfig, ClassifierConfig), from its annotations: ints are ints (not 3.0, not "32") within bounds, floats
     finite numbers within bounds, bools bools, strs strs, dicts dicts, tuples sequences of such numbers;
     `X | None` also takes None. Nested configs check themselves."""
     what = type(config).__name__

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from . import data as data_lib
-from ._checks import check_int
+from ._checks import check_config, check_int, check_model, check_steps
 from .metrics import FeatureStats, InceptionMetric
 
 BUILTIN_SOURCES = ("fashion-mnist", "fashion-mnist:train", "fashion-mnist:test", "digits")
@@ -79,6 +79,7 @@ def load_source(source: str, metric_factory, max_images: int | None = None, prog
     has a classifier); for a .npz only the statistics. `metric_factory(total)` makes an InceptionMetric."""
     if max_images is not None:
         check_int("load_source", "max_images", max_images, 1)  # a negative slice bound would drop the last images
+    check_int("load_source", "chunk", chunk, 1)
     kind = describe_source(source)
     if kind == "npz":
         return FeatureStats.load(source), None
@@ -104,8 +105,14 @@ def load_source(source: str, metric_factory, max_images: int | None = None, prog
 # ------------------------------------------------------------------------------------ mage eval
 
 
+SAMPLING_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
+
+
 @dataclasses.dataclass
 class EvalConfig:
+    """What `mage eval` generates: `num` images in batches of `batch_size`, decoded in `steps` steps (at most the
+    model's token count) at `choice_temperature`; `dtype` None (the model's) or an autocast dtype."""
+
     num: int = 50000
     batch_size: int = 64
     steps: int = 20
@@ -113,6 +120,16 @@ class EvalConfig:
     seed: int = 0
     dtype: torch.dtype | None = None
     images_dir: str | None = None  # PNGs of the samples; an interrupted run resumes from those written
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self) -> None:
+        """Every field's type and range (run again by generate_into: a dataclass field can change after init)."""
+        check_config(self)
+        if self.dtype not in SAMPLING_DTYPES:
+            raise ValueError(f"EvalConfig: dtype must be None, torch.float32, torch.bfloat16 or torch.float16, "
+                             f"got {self.dtype!r}")
 
 
 def batch_seed(seed: int, index: int) -> int:
@@ -127,8 +144,18 @@ def generate_into(model, metric: InceptionMetric, cfg: EvalConfig, rank: int = 0
     quantized to uint8 as the saved PNGs are. With images_dir, each batch whose PNGs all exist is read back instead
     of generated (so a resumed run reproduces the uninterrupted one exactly); new batches are written there.
     Returns {"generated", "reused", "sampling_s"} for this process."""
+    from .model import MAGE
     from .sampler import generate
 
+    check_model("generate_into", model, MAGE)
+    if not isinstance(cfg, EvalConfig):
+        raise TypeError(f"generate_into: cfg must be an EvalConfig, got {type(cfg).__name__}")
+    cfg.check()
+    check_steps("generate_into", cfg.steps, model.config.num_tokens)
+    world = check_int("generate_into", "world", world, 1)
+    check_int("generate_into", "rank", rank, 0, world - 1)
+    if not isinstance(metric, InceptionMetric):
+        raise TypeError(f"generate_into: metric must be a mage.metrics.InceptionMetric, got {type(metric).__name__}")
     out = Path(cfg.images_dir) if cfg.images_dir else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)

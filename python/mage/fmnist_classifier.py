@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import all_finite
+from ._checks import all_finite, check_config
 from .checkpoint_io import CheckpointError, load_checkpoint, save_checkpoint
 from .metrics import classifier_score, frechet_distance_from_features
 
@@ -36,6 +36,9 @@ class ClassifierConfig:
     feature_dim: int = 128
     train_size: int | None = None  # first N train images; None: all 60000
     seed: int = 0
+
+    def __post_init__(self):
+        check_config(self)
 
     def key(self) -> str:
         """Hash of the config and architecture version: the cache file name."""

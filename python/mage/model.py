@@ -433,40 +433,51 @@ class MAGE(nn.Module, HubMixin):
 
 # ------------------------------------------------------------------------------------ named sizes
 
+# MAGEConfig fields of each named size (the constructors below); overrides replace them.
+SIZES = {
+    "mage_vit_tiny": dict(embed_dim=192, depth=12, num_heads=3, decoder_embed_dim=192, decoder_depth=4,
+                          decoder_num_heads=3, vocab="compact", legacy_params=False),
+    "mage_vit_small": dict(embed_dim=384, depth=12, num_heads=6, decoder_embed_dim=384, decoder_depth=4,
+                           decoder_num_heads=6, vocab="compact", legacy_params=False),
+    "mage_vit_base_patch16": dict(embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=768, decoder_depth=8,
+                                  decoder_num_heads=16),
+    "mage_vit_large_patch16": dict(embed_dim=1024, depth=24, num_heads=16, decoder_embed_dim=1024, decoder_depth=8,
+                                   decoder_num_heads=16),
+    "mage_vit_huge_patch16": dict(embed_dim=1280, depth=32, num_heads=16, decoder_embed_dim=1280, decoder_depth=8,
+                                  decoder_num_heads=16),
+}
 
-def _build(defaults: dict, overrides: dict) -> MAGE:
-    return MAGE(MAGEConfig(**{**defaults, **overrides}))
+
+def named_config(name: str, **overrides) -> MAGEConfig:
+    """The MAGEConfig of a named size (a key of SIZES) with MAGEConfig fields in `overrides` replacing its own:
+    checked without building anything."""
+    return MAGEConfig(**{**SIZES[name], **overrides})
 
 
 def mage_vit_tiny(**overrides) -> MAGE:
     """ViT-Ti encoder (192/12/3) and a 4-block decoder; compact vocabulary, no legacy parameters.
     Not an official size: for CPU experiments (override `tokenizer` for small images)."""
-    return _build(dict(embed_dim=192, depth=12, num_heads=3, decoder_embed_dim=192, decoder_depth=4,
-                       decoder_num_heads=3, vocab="compact", legacy_params=False), overrides)
+    return MAGE(named_config("mage_vit_tiny", **overrides))
 
 
 def mage_vit_small(**overrides) -> MAGE:
     """ViT-S encoder (384/12/6) and a 4-block decoder; compact vocabulary, no legacy parameters."""
-    return _build(dict(embed_dim=384, depth=12, num_heads=6, decoder_embed_dim=384, decoder_depth=4,
-                       decoder_num_heads=6, vocab="compact", legacy_params=False), overrides)
+    return MAGE(named_config("mage_vit_small", **overrides))
 
 
 def mage_vit_base_patch16(**overrides) -> MAGE:
     """The released ViT-B: encoder 768/12/12, decoder 768/8/16 (section 4.1)."""
-    return _build(dict(embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=768, decoder_depth=8,
-                       decoder_num_heads=16), overrides)
+    return MAGE(named_config("mage_vit_base_patch16", **overrides))
 
 
 def mage_vit_large_patch16(**overrides) -> MAGE:
     """The released ViT-L: encoder 1024/24/16, decoder 1024/8/16 (section 4.1)."""
-    return _build(dict(embed_dim=1024, depth=24, num_heads=16, decoder_embed_dim=1024, decoder_depth=8,
-                       decoder_num_heads=16), overrides)
+    return MAGE(named_config("mage_vit_large_patch16", **overrides))
 
 
 def mage_vit_huge_patch16(**overrides) -> MAGE:
     """ViT-H of the RCG fork: encoder 1280/32/16, decoder 1280/8/16 (section 4.1)."""
-    return _build(dict(embed_dim=1280, depth=32, num_heads=16, decoder_embed_dim=1280, decoder_depth=8,
-                       decoder_num_heads=16), overrides)
+    return MAGE(named_config("mage_vit_huge_patch16", **overrides))
 
 
 CONSTRUCTORS = {

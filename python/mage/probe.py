@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import all_finite, check_config, check_int
+from ._checks import all_finite, check_config, check_int, check_tensor
 from .schedule import cosine_lr, scaled_lr, set_lr
 
 
@@ -103,6 +103,8 @@ class ProbeConfig:
 
     def __post_init__(self):
         check_config(self)
+        if self.optimizer not in ("lars", "sgd"):
+            raise ValueError(f"ProbeConfig: optimizer must be 'lars' or 'sgd', got {self.optimizer!r}")
 
 
 @dataclass
@@ -140,13 +142,21 @@ def linear_probe(
 
     The schedule is per iteration: warm-up over `warmup_epochs`, cosine to 0 at the end (4.10, 6).
     """
+    for name, t in (("train_features", train_features), ("train_labels", train_labels),
+                    ("test_features", test_features), ("test_labels", test_labels)):
+        check_tensor("linear_probe", name, t)
     if train_features.dim() != 2 or test_features.dim() != 2 or train_features.shape[1] != test_features.shape[1]:
         raise ValueError(
-            "features must be [N, D] with one D, got train "
-            f"{tuple(train_features.shape)}, test {tuple(test_features.shape)}"
+            "linear_probe: train_features and test_features must be [N, D] with one D, got train_features "
+            f"{tuple(train_features.shape)}, test_features {tuple(test_features.shape)}"
         )
+    if train_features.shape[0] < 2:
+        raise ValueError(f"linear_probe: train_features must have at least 2 rows (the head's BatchNorm trains on "
+                         f"batches of them), got {train_features.shape[0]}")
     if train_labels.shape != train_features.shape[:1] or test_labels.shape != test_features.shape[:1]:
-        raise ValueError("labels must have one entry per feature row")
+        raise ValueError(f"linear_probe: train_labels and test_labels must be [N], one per feature row, got "
+                         f"train_labels {tuple(train_labels.shape)} for {train_features.shape[0]} rows, test_labels "
+                         f"{tuple(test_labels.shape)} for {test_features.shape[0]} rows")
     for name, labels in (("train_labels", train_labels), ("test_labels", test_labels)):
         if labels.is_floating_point() or labels.dtype == torch.bool or (labels.numel() and int(labels.min()) < 0):
             raise ValueError(f"linear_probe: {name} must be non-negative integer class ids, got {labels.dtype}"
@@ -154,13 +164,18 @@ def linear_probe(
     for name, features in (("train_features", train_features), ("test_features", test_features)):
         if not all_finite(features):
             raise ValueError(f"linear_probe: {name} has NaN or inf values")
-    if config.optimizer not in ("lars", "sgd"):
-        raise ValueError(f"optimizer must be 'lars' or 'sgd', got {config.optimizer!r}")
+    if not isinstance(config, ProbeConfig):
+        raise TypeError(f"linear_probe: config must be a ProbeConfig, got {type(config).__name__}")
     device = train_features.device
     train_labels, test_labels = train_labels.long().to(device), test_labels.long().to(device)
     x_train, x_test = train_features.float(), test_features.float().to(device)
+    seen = int(max(int(train_labels.max()) if train_labels.numel() else 0,
+                   int(test_labels.max()) if test_labels.numel() else 0)) + 1
     if num_classes is None:
-        num_classes = int(max(int(train_labels.max()), int(test_labels.max()) if test_labels.numel() else 0)) + 1
+        num_classes = seen
+    elif check_int("linear_probe", "num_classes", num_classes, 1) < seen:
+        raise ValueError(f"linear_probe: num_classes must be at least the largest label + 1 ({seen}), "
+                         f"got {num_classes}")
     generator = torch.Generator().manual_seed(config.seed)
     head = LinearProbeHead(x_train.shape[1], num_classes, config.layer_norm, generator).to(device)
     lr = scaled_lr(config.base_lr, config.batch_size)

@@ -56,13 +56,18 @@ from .discriminator import DISC_LOSSES, DISC_NORMS, DiscriminatorObjective, Patc
 from .ema import EMA
 from .losses import info_nce, masked_positions, masked_token_loss, patch_pixel_loss
 from .mae import MAE, MAEConfig, mae_masked_count
-from .model import CONSTRUCTORS, MAGE, Block
+from .model import CONSTRUCTORS, MAGE, SIZES, Block, MAGEConfig
 from .report import JsonlLogger, plot_curves, read_jsonl, save_image_grid
 from .schedule import build_adamw, cosine_lr, scaled_lr, set_lr
 from .tokenizer import ResnetBlock, TokenizerConfig, VQGANTokenizer
 from .tokenizer_io import load_tokenizer, save_tokenizer
 
 OBJECTIVES = ("tokenizer", "mage", "mage-c", "mae")
+
+
+# Fields that only one kind of run reads: set for another objective they would be ignored, or fail much later.
+_OBJECTIVE_FIELDS = {"disc_weight": ("tokenizer",), "perceptual_weights": ("tokenizer",),
+                     "tokenizer_checkpoint": ("mage", "mage-c"), "token_cache": ("mage", "mage-c")}
 
 
 @dataclasses.dataclass
@@ -155,15 +160,30 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.disc_norm must be one of {DISC_NORMS}, got {self.disc_norm!r}")
         if self.disc_weight < 0:
             raise ValueError(f"TrainConfig.disc_weight must be >= 0, got {self.disc_weight}")
-        if self.objective != "tokenizer" and (self.disc_weight > 0 or self.perceptual_weights):
-            raise ValueError("disc_weight and perceptual_weights belong to objective 'tokenizer' (VQGAN training), "
-                             f"got objective {self.objective!r}")
+        for name, objectives in _OBJECTIVE_FIELDS.items():
+            value = getattr(self, name)
+            if value and self.objective not in objectives:  # the field is named first: the CLI leads with its flag
+                raise ValueError(f"TrainConfig.{name} belongs to objective {' or '.join(map(repr, objectives))}: "
+                                 f"unset it for objective {self.objective!r}, got {value!r}")
         self.betas = tuple(self.betas)
         self.disc_betas = tuple(self.disc_betas)
         self.crop_scale = tuple(self.crop_scale)
         if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1]:
             raise ValueError(f"TrainConfig.crop_scale must be (low, high) with 0 < low <= high <= 1, "
                              f"got {self.crop_scale}")
+        self._check_nested()
+
+    def _check_nested(self) -> None:
+        """The dict fields as the configs they become (MAGEConfig, TokenizerConfig, MAEConfig), so a bad override
+        fails here, before anything is built or written; their errors name the field."""
+        if self.objective == "mae":
+            make_mae_config(self)
+            return
+        # MAGE with a tokenizer_checkpoint: the tokenizer's config comes from that file, read when the model is built.
+        from_file = self.tokenizer_checkpoint and self.objective != "tokenizer"
+        tokenizer = TokenizerConfig() if from_file else make_tokenizer_config(self)
+        if self.objective in ("mage", "mage-c"):
+            make_model_config(self, tokenizer)
 
     @property
     def warmup(self) -> int:
@@ -212,31 +232,53 @@ def step_generator(seed: int, step: int, stream: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step * 8191 + stream) % (2**62))
 
 
-def _config_from(field: str, make):
-    """A nested config built from a dict field of TrainConfig; its errors name that field."""
+def _config_from(field: str, kind: type, values: dict, defaults: dict | None = None, fixed: dict | None = None):
+    """kind(**defaults, **values, **fixed): a nested config built from the dict field `field` of TrainConfig (its
+    `values`). Only the config, never a model, so every error it raises is about the user's values; they name the
+    field. `fixed`: fields that come from elsewhere and that `values` may not set."""
+    fixed = fixed or {}
+    allowed = {f.name for f in dataclasses.fields(kind)} - set(fixed)
+    unknown = sorted(str(k) for k in set(values) - allowed)
+    if unknown:
+        raise ValueError(f"TrainConfig.{field}: unknown {kind.__name__} fields {unknown}" +
+                         (f" ({', '.join(fixed)} cannot be set here)" if set(unknown) & set(fixed) else "") +
+                         f"; the fields are {sorted(allowed)}")
     try:
-        return make()
+        return kind(**{**(defaults or {}), **values, **fixed})
     except (TypeError, ValueError) as err:
         raise type(err)(f"TrainConfig.{field}: {err}") from None
 
 
 def make_tokenizer_config(cfg: TrainConfig) -> TokenizerConfig:
-    return _config_from("tokenizer", lambda: TokenizerConfig(**{"resolution": cfg.image_size, **cfg.tokenizer}))
+    return _config_from("tokenizer", TokenizerConfig, cfg.tokenizer, defaults={"resolution": cfg.image_size})
+
+
+def make_mae_config(cfg: TrainConfig) -> MAEConfig:
+    return _config_from("mae", MAEConfig, cfg.mae, defaults={"image_size": cfg.image_size})
+
+
+def make_model_config(cfg: TrainConfig, tokenizer: TokenizerConfig) -> MAGEConfig:
+    """cfg.model's MAGEConfig with cfg.model_overrides; its tokenizer is `tokenizer` (from TrainConfig.tokenizer or
+    the tokenizer_checkpoint), which the overrides cannot replace."""
+    return _config_from("model_overrides", MAGEConfig, cfg.model_overrides, defaults=SIZES[cfg.model],
+                        fixed={"tokenizer": tokenizer})
 
 
 def build_model(cfg: TrainConfig) -> nn.Module:
+    """The objective's model. Configs are built (and their errors turned into errors about TrainConfig fields)
+    before any module, so an error raised while building a module is a bug, not bad input, and keeps its
+    traceback."""
     if cfg.objective == "tokenizer":
         return VQGANTokenizer(make_tokenizer_config(cfg))
     if cfg.objective == "mae":
-        return MAE(_config_from("mae", lambda: MAEConfig(**{"image_size": cfg.image_size, **cfg.mae})))
+        return MAE(make_mae_config(cfg))
     if cfg.tokenizer_checkpoint:
         tokenizer = load_tokenizer(cfg.tokenizer_checkpoint)
     else:
         warnings.warn(f"objective {cfg.objective!r} without tokenizer_checkpoint: the model's tokenizer is randomly "
                       "initialised (train one with objective='tokenizer' first)", UserWarning, stacklevel=3)
         tokenizer = VQGANTokenizer(make_tokenizer_config(cfg))
-    model = _config_from("model_overrides", lambda: CONSTRUCTORS[cfg.model](tokenizer=tokenizer.config,
-                                                                             **cfg.model_overrides))
+    model = MAGE(make_model_config(cfg, tokenizer.config))
     model.vqgan.load_state_dict(tokenizer.state_dict())
     return model
 
@@ -409,17 +451,19 @@ class Batches:
 
     def __init__(self, dataset, cfg: TrainConfig, d: Dist):
         if cfg.batch_size % d.world:
-            raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes {d.world}")
+            raise ValueError(f"TrainConfig.batch_size {cfg.batch_size} must be divisible by the number of processes "
+                             f"{d.world}")
         self.dataset, self.cfg, self.d = dataset, cfg, d
         self.local = cfg.batch_size // d.world
         if self.local % cfg.accum_steps:
-            raise ValueError(f"each process's batch ({self.local} = batch_size / processes) must be divisible by "
-                             f"accum_steps {cfg.accum_steps}")
+            raise ValueError(f"TrainConfig.accum_steps: each process's batch ({self.local} = batch_size / processes) "
+                             f"must be divisible by accum_steps {cfg.accum_steps}")
         self.sampler = data_lib.EpochSampler(len(dataset), seed=cfg.seed, rank=d.rank, world_size=d.world,
                                              drop_last=True)
         self.steps_per_epoch = self.sampler.num_per_rank() // self.local
         if self.steps_per_epoch < 1:
-            raise ValueError(f"the data set ({len(dataset)} items) is smaller than one global batch ({cfg.batch_size})")
+            raise ValueError(f"TrainConfig.batch_size {cfg.batch_size} is larger than the data set ({len(dataset)} "
+                             "items): one global batch must fit in it")
 
     def from_step(self, step: int):
         while True:
@@ -561,8 +605,8 @@ def build_adversary(cfg: TrainConfig, tok: VQGANTokenizer, lr: float, d: Dist) -
     net = PatchDiscriminator(tok.config.in_channels, cfg.disc_channels, cfg.disc_layers, cfg.disc_norm)
     size = tok.config.resolution
     if net.output_size(size) < 1:
-        raise ValueError(f"disc_layers={cfg.disc_layers} is too deep for {size}x{size} images (the discriminator "
-                         "would output no patch); use fewer disc_layers")
+        raise ValueError(f"TrainConfig.disc_layers={cfg.disc_layers} is too deep for {size}x{size} images (the "
+                         "discriminator would output no patch); use fewer disc_layers")
     objective = DiscriminatorObjective(net, cfg.disc_loss).to(d.device)
     trained: nn.Module = objective
     if d.world > 1:
@@ -711,10 +755,6 @@ def train(cfg: TrainConfig, governor=None) -> dict:
     out = Path(cfg.out_dir)
     ckpt_path = out / "checkpoint.pt"
     resumed, resumed_from = _resume_state(cfg, ckpt_path, d.main)  # before anything in out_dir changes
-    if d.main:
-        out.mkdir(parents=True, exist_ok=True)
-        clean_stale_files(ckpt_path)  # temp files of a write that was killed
-        write_atomic(out / "config.json", json.dumps(cfg.to_dict(), indent=1))
     torch.manual_seed(cfg.seed)
     model = build_model(cfg).to(d.device)
     perceptual = None
@@ -746,6 +786,12 @@ def train(cfg: TrainConfig, governor=None) -> dict:
     if cfg.token_cache:
         data_lib.check_token_cache(cfg.token_cache, batches.dataset.ids, model.config.num_tokens,
                                    model.config.codebook_size)
+    # Only now, with everything built and checked, does out_dir change: a run that fails on its settings leaves
+    # an earlier run's config.json and log as they were.
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        clean_stale_files(ckpt_path)  # temp files of a write that was killed
+        write_atomic(out / "config.json", json.dumps(cfg.to_dict(), indent=1))
     log_path = out / "metrics.jsonl"
     logger = JsonlLogger(log_path, resume_step=start if start else None) if d.main else None
     board = _tensorboard(out / "tensorboard") if cfg.tensorboard and d.main else None
