@@ -460,6 +460,38 @@ def test_hostile_pretrained_folders(tmp_path):
                   lambda: mage.create_model("mage_vit_tiny", checkpoint_path=tmp_path / "m", **SMALL))
 
 
+def test_writers_refuse_a_missing_folder_and_create_none(tmp_path):
+    # Every file writer made the missing folders of the path it was given (as root, save_image made
+    # /nonexistent/dir): a typo became a tree of folders. Now the folder must exist; the message names it.
+    from mage.checkpoint_io import save_checkpoint, write_atomic
+    from mage.metrics import FeatureStats
+    from mage.report import JsonlLogger, plot_curves, save_image, save_image_grid
+
+    missing = tmp_path / "no" / "such"
+    writers = {
+        "save_image": lambda p: save_image(IMAGES[0], p),
+        "save_image_grid": lambda p: save_image_grid(IMAGES, p),
+        "plot_curves": lambda p: plot_curves([{"step": 1, "loss": 1.0}], p),
+        "JsonlLogger": lambda p: JsonlLogger(p),
+        "save": lambda p: mage.save(MODEL, p),
+        "MAGE.save": lambda p: MODEL.save(p),
+        "save_tokenizer": lambda p: mage.save_tokenizer(MODEL.vqgan, p),
+        "build_token_cache": lambda p: mage.build_token_cache(MODEL.vqgan, None, p),  # checked before any work
+        "FeatureStats.save": lambda p: FeatureStats().update(torch.randn(4, 3)).save(p),
+        "save_checkpoint": lambda p: save_checkpoint({"x": 1}, p),
+        "write_atomic": lambda p: write_atomic(p, "{}"),
+    }
+    for name, write in writers.items():
+        message = raises_naming(FileNotFoundError, str(missing), lambda: write(missing / "out.png"))
+        assert "does not exist" in message, (name, message)
+        assert not (tmp_path / "no").exists(), f"{name} created the missing folder"
+    (tmp_path / "file").write_text("")
+    raises_naming(FileNotFoundError, str(tmp_path / "file"), lambda: save_image(IMAGES[0], tmp_path / "file" / "x.png"))
+    # Folders a writer is asked to fill are made: a pretrained folder, as huggingface_hub does.
+    MODEL.save_pretrained(tmp_path / "new" / "model")
+    assert (tmp_path / "new" / "model" / "config.json").is_file()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
 def test_loaders_cast_to_the_asked_dtype_not_back_to_float32(tmp_path, dtype):
     # load_checked casts floating tensors to the model's dtype unless a dtype is asked for.
@@ -541,6 +573,11 @@ def cli_files(tmp_path_factory):
     return root
 
 
+# `mage train` flags of a run that builds in milliseconds (8x8 digits, a tiny tokenizer and MAGE).
+TINY_RUN = ("--data digits --image-size 8 --tokenizer '{{\"in_channels\": 1, \"ch\": 8, \"ch_mult\": [1, 2], "
+            "\"num_res_blocks\": 1, \"embed_dim\": 8, \"n_embed\": 32, \"norm_groups\": 4}}' --model-overrides "
+            "'{{\"embed_dim\": 32, \"depth\": 1, \"num_heads\": 2, \"decoder_embed_dim\": 32, \"decoder_depth\": 1, "
+            "\"decoder_num_heads\": 2}}' --no-progress")
 # (command line with {root} for the fixture folder, exit status, what stderr must name)
 CLI_CASES = [
     ("sample --checkpoint {root}/missing.safetensors", 1, "missing.safetensors"),
@@ -632,6 +669,30 @@ CLI_CASES = [
     ("eval --checkpoint {root}/model.safetensors --num 2 --choice-temperature nan", 1, "--choice-temperature"),
     ("eval --checkpoint {root}/model.safetensors --num 2 --batch-size 0", 1, "--batch-size"),
     ("probe --checkpoint {root}/model.safetensors --data digits --blr 0", 1, "--blr"),
+    # Left at the last stop: errors that named a TrainConfig field (or nothing) rather than the flag, checks that
+    # came after minutes of work, and output files whose missing folder was created (each row its own folder).
+    ("train --objective mage --disc-weight 0.8 --out-dir {root}/run", 1, "--disc-weight"),
+    ("train --objective mae --perceptual-weights {root}/lpips.pth --out-dir {root}/run", 1, "--perceptual-weights"),
+    ("train --model-overrides '{{\"stepz\": 3}}' --out-dir {root}/run", 1,
+     "--model-overrides: TrainConfig.model_overrides: unknown MAGEConfig fields ['stepz']"),
+    ("train " + TINY_RUN + " --batch-size 4096 --out-dir {root}/run", 1, "--batch-size"),
+    ("train " + TINY_RUN + " --batch-size 32 --accum-steps 3 --out-dir {root}/run", 1, "--accum-steps"),
+    ("train " + TINY_RUN + " --objective tokenizer --disc-weight 0.8 --disc-layers 2 --out-dir {root}/run", 1,
+     "--disc-layers"),
+    ("sample --checkpoint {root}/model.safetensors --device cpu --num 1 --steps 1 --out {root}/no_dir_1/x.png", 1,
+     "--out {root}/no_dir_1/x.png: the folder {root}/no_dir_1 does not exist"),
+    ("inpaint --checkpoint {root}/model.safetensors --image {root}/image.png --mask {root}/hole.png --steps 2 "
+     "--device cpu --out {root}/no_dir_2/x.png", 1, "the folder {root}/no_dir_2 does not exist"),
+    ("fid digits --max-images 2 --device cpu --save-stats {root}/no_dir_3/s.npz", 1, "--save-stats"),
+    ("fid digits digits --max-images 2 --device cpu --out {root}/no_dir_4/r.json", 1, "--out"),
+    ("eval --checkpoint {root}/model.safetensors --num 2 --steps 2 --device cpu --out {root}/no_dir_5/e.json", 1,
+     "--out"),
+    ("probe --checkpoint {root}/model.safetensors --data digits --epochs 1 --out {root}/no_dir_6/p.json", 1, "--out"),
+    ("cache --tokenizer-checkpoint {root}/notes.txt --data digits --out {root}/no_dir_7/c.pt", 1, "--out"),
+    ("cache --tokenizer-checkpoint {root}/notes.txt --data digits --out c.pt --batch-size 0", 1, "--batch-size"),
+    ("cache --tokenizer-checkpoint {root}/notes.txt --data digits --out c.pt --seed -1", 1, "--seed"),
+    ("eval --checkpoint {root}/model.safetensors --num 2 --steps 2 --seed -1", 1, "--seed"),
+    ("probe --checkpoint {root}/model.safetensors --data digits --epochs 1 --seed -1", 1, "--seed"),
 ]
 
 
@@ -646,8 +707,10 @@ def test_cli_bad_input(cli_files, capsys, line, status, word, monkeypatch, tmp_p
         cli.main(shlex.split(line.format(root=cli_files)))
     err = capsys.readouterr().err
     assert info.value.code == status, err
-    assert word in err, err
+    assert word.format(root=cli_files) in err, err
     assert "Traceback" not in err
+    for folder in re.findall(r"no_dir_\d+", line):
+        assert not (cli_files / folder).exists(), "an output file's missing folder was created"
 
 
 def test_every_cli_command_has_bad_input_cases():

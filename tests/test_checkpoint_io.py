@@ -32,6 +32,7 @@ def _assert_same(a: dict, b: dict) -> None:
 
 def test_round_trip_and_previous_kept(tmp_path):
     path = tmp_path / "sub" / "ckpt.pt"
+    path.parent.mkdir()  # a writer makes no folder (test_bad_input.py)
     save_checkpoint(_state(1), path)
     assert not previous_path(path).exists()
     save_checkpoint(_state(2), path)

@@ -380,6 +380,15 @@ def test_cli_cache_then_train_from_the_cache(tmp_path, capsys):
     assert "1437 images x 2 crops" in capsys.readouterr().out
     train(tiny(tmp_path / "mage", "mage-c", steps=2, tokenizer_checkpoint=tok, token_cache=str(tmp_path / "ids.ckpt")))
     assert list(logged(tmp_path / "mage")) == [1, 2]
+    # An RGB image folder for the 1-channel tokenizer: the error names the flag, not TrainConfig's field alone.
+    (tmp_path / "rgb" / "cls").mkdir(parents=True)
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "rgb" / "cls" / "a.png")
+    with pytest.raises(SystemExit):
+        main(["cache", "--tokenizer-checkpoint", tok, "--data", str(tmp_path / "rgb"), "--out", str(tmp_path / "c")])
+    assert f"error: --data: TrainConfig.data {tmp_path / 'rgb'}: image folders are read as RGB" in \
+        capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------ masking

@@ -77,13 +77,25 @@ def _keep_previous(path: Path) -> None:
         os.unlink(staging)
 
 
+def check_writable(path: str | os.PathLike, name: str | None = None) -> None:
+    """`path` can be written as a file: not a folder, in a folder that exists. Writers of a path the user gives
+    do not create its folder (a typo would make a tree of folders); folders the library owns (a run's out_dir,
+    a report folder) are made by their owners. `name`: what the message calls the path (an argument, a flag)."""
+    path = Path(path)
+    what = f"{name} {path}" if name else str(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{what} is a directory: give the path of a file to write")
+    parent = path.parent
+    if not parent.is_dir():
+        raise FileNotFoundError(f"{what}: the folder {parent} " + ("is a file" if parent.exists() else
+                                "does not exist") + ": create it first, or write somewhere else")
+
+
 def _atomic_write(path: Path, chunks: list, keep_previous: bool, write_file=None) -> Path:
     """Write `chunks` (bytes-like), or call `write_file(temp_path)`, into a temp file next to `path`, fsync it,
     keep the old file as `<path>.prev` if asked, and rename the temp file over `path`: a crash at any moment
     leaves the old file or the new one."""
-    if path.is_dir():
-        raise IsADirectoryError(f"{path} is a directory: give the path of a file to write")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    check_writable(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "r+b") as f:

@@ -114,12 +114,22 @@ def _load_model(args) -> "torch.nn.Module":
     return model.to(_device(args.device)).eval()
 
 
+def _check_file(flag: str, path: str | None) -> None:
+    """An output file path (when given) is not a folder and its folder exists: checked before the work, not after
+    it. The folder is not created: a mistyped path should not make a tree of folders."""
+    from .checkpoint_io import check_writable
+
+    if path:
+        check_writable(path, flag)
+
+
 def _check_output(flag: str, path: str) -> None:
     """An output image path must be writable as an image, checked before minutes of sampling, not after."""
     from PIL import Image
 
     if os.path.isdir(path):
         raise ValueError(f"{flag} {path} is a directory: give an image file name, e.g. {os.path.join(path, 'out.png')}")
+    _check_file(flag, path)
     Image.init()
     if os.path.splitext(path)[1].lower() not in Image.registered_extensions():
         raise ValueError(f"{flag} {path}: unknown image file extension (use .png)")
@@ -178,6 +188,7 @@ def run_sample(args) -> int:
                          ("" if args.images_dir else " (the default, --out without its extension): set --images-dir"))
     model = _load_model(args)
     _check_decoding(args, model)
+    os.makedirs(images_dir, exist_ok=True)  # a folder of outputs, made as train makes --out-dir
     images = generate(model, args.num, steps=args.steps, choice_temperature=args.temperature,
                       generator=_generator(args.seed, model.device), batch_size=args.batch_size,
                       dtype=DTYPES[args.dtype], cuda_graph=args.cuda_graph, progress=True,
@@ -422,9 +433,16 @@ def run_cache(args) -> int:
     from .train import TrainConfig, build_token_cache, make_dataset
 
     _require("--crops", args.crops, 1)
+    _require("--batch-size", args.batch_size, 1)
+    _require("--seed", args.seed, 0)
+    _check_file("--out", args.out)
     tokenizer = load_tokenizer(args.tokenizer_checkpoint).to(_device(args.device)).eval()
     c = tokenizer.config
-    dataset = make_dataset(TrainConfig(objective="mage", data=args.data, seed=args.seed), c.in_channels, c.resolution)
+    try:
+        dataset = make_dataset(TrainConfig(objective="mage", data=args.data, seed=args.seed), c.in_channels,
+                               c.resolution)
+    except ValueError as err:  # about TrainConfig.data: said in terms of --data
+        raise ValueError(_name_train_flag(str(err), {"data": args.data}, None)) from None
     build_token_cache(tokenizer, dataset, args.out, crops=args.crops, batch_size=args.batch_size)
     print(f"wrote {args.out}: {len(dataset)} images x {args.crops} crops x {c.num_tokens} tokens")
     return 0
@@ -476,6 +494,8 @@ def run_fid(args) -> int:
                          f"got {args.save_stats!r}")
     _require("--max-images", args.max_images, 1)
     _require("--inception-batch-size", args.inception_batch_size, 1)
+    _check_file("--save-stats", args.save_stats)
+    _check_file("--out", args.out)
 
     def factory(total: int) -> InceptionMetric:
         return InceptionMetric(args.weights, _device(args.device), args.inception_batch_size, total=total)
@@ -540,6 +560,8 @@ def run_eval(args) -> int:
     _require("--inception-batch-size", args.inception_batch_size, 1)
     _require("--choice-temperature", args.choice_temperature, 0.0)
     _require("--steps", args.steps, 1)
+    _require("--seed", args.seed, 0)
+    _check_file("--out", args.out)
     d = init_distributed()
     device = _device(args.device) if args.device else d.device
     model = load_any(args.checkpoint, trusted=args.trust_checkpoint).to(device).eval()
@@ -606,6 +628,8 @@ def run_probe(args) -> int:
                             ("--warmup-epochs", args.warmup_epochs, 0)):
         _require(flag, value, lo)
     _require("--blr", args.blr, 0.0, lo_open=True)
+    _require("--seed", args.seed, 0)
+    _check_file("--out", args.out)
     device = _device(args.device)
     model = load_any(args.checkpoint, trusted=args.trust_checkpoint).to(device).eval()
     tc = model.config.tokenizer

@@ -131,6 +131,7 @@ def load_or_train_classifier(
         except (CheckpointError, RuntimeError):
             pass  # a stale, damaged or poisoned cache is retrained below and overwritten
     model = train_classifier(config)
+    path.parent.mkdir(parents=True, exist_ok=True)  # the cache folder is ours to make
     save_checkpoint({"model": model.state_dict(), "config": dataclasses.asdict(config)}, path, keep_previous=False)
     return model
 

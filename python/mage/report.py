@@ -12,7 +12,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from ._checks import check_int
-from .checkpoint_io import write_atomic
+from .checkpoint_io import check_writable, write_atomic
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -34,11 +34,12 @@ class JsonlLogger:
 
     `resume_step`: records with "step" > resume_step (written after the checkpoint being resumed) are dropped,
     so a resumed run's log has no duplicates. Without `resume_step` an existing file is replaced (a fresh run).
+    The folder of `path` must exist.
     """
 
     def __init__(self, path: str | os.PathLike, resume_step: int | None = None):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        check_writable(self.path, "JsonlLogger: path")
         if resume_step is not None and self.path.exists():
             kept = [r for r in read_jsonl(self.path) if r.get("step", -1) <= resume_step]
             tmp = self.path.with_name(self.path.name + ".tmp")
@@ -80,9 +81,11 @@ def image_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2, pad_value:
 
 
 def save_image(image: torch.Tensor, path: str | os.PathLike, scale: int = 1) -> Path:
-    """Write [C, H, W] in [0, 1] as PNG, optionally enlarged `scale` times with nearest neighbours (28px images)."""
+    """Write [C, H, W] in [0, 1] as PNG, optionally enlarged `scale` times with nearest neighbours (28px images).
+    The folder of `path` must exist."""
     from PIL import Image
 
+    check_writable(path, "save_image: path")
     arr = (image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
     arr = arr.expand(3, -1, -1) if arr.shape[0] == 1 else arr
     pil = Image.fromarray(arr.permute(1, 2, 0).contiguous().numpy(), "RGB")
@@ -91,7 +94,7 @@ def save_image(image: torch.Tensor, path: str | os.PathLike, scale: int = 1) -> 
     path = Path(path)
     fmt = Image.registered_extensions().get(path.suffix.lower())
     if fmt is None:
-        raise ValueError(f"{path}: unknown image file extension (use .png)")
+        raise ValueError(f"save_image: path {path}: unknown image file extension (use .png)")
     encoded = io.BytesIO()
     pil.save(encoded, format=fmt)
     return write_atomic(path, encoded.getvalue())  # an interrupted overwrite leaves the old picture, not half of it
@@ -123,10 +126,11 @@ def plot_curves(
 
     keys: the metrics to draw (default: every numeric key except `x_key`); records without a key are skipped in
     that panel. Keys in `log_y` use a log scale where all values are positive. A "time" key (Unix seconds) is
-    drawn as "elapsed_min", minutes since the first record.
+    drawn as "elapsed_min", minutes since the first record. The folder of `path` must exist.
     """
     from PIL import Image, ImageDraw
 
+    check_writable(path, "plot_curves: path")
     records = [dict(r) for r in records if x_key in r]
     start = next((r["time"] for r in records if isinstance(r.get("time"), (int, float))), None)
     for r in records:
@@ -168,7 +172,6 @@ def plot_curves(
         draw.text((x1 - draw.textlength(right), y1 + 4), right, fill="black")
         name = _LABELS.get(x_key, x_key)
         draw.text(((x0 + x1 - draw.textlength(name)) / 2, y1 + 15), name, fill=(90, 90, 90))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
-    return path
+    encoded = io.BytesIO()
+    canvas.save(encoded, format="PNG")
+    return write_atomic(path, encoded.getvalue())

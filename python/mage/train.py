@@ -40,6 +40,7 @@ from ._checks import all_finite, check_config, check_int
 from .checkpoint_io import (
     CheckpointError,
     check_training_state,
+    check_writable,
     clean_stale_files,
     config_changes,
     damaged_checkpoint_error,
@@ -427,7 +428,8 @@ def make_dataset(cfg: TrainConfig, channels: int, size: int, split: str = "train
     source = load_images(cfg.data, split)
     if isinstance(source, data_lib.ImageFolder):
         if channels != 3:
-            raise ValueError(f"image folders are read as RGB; the model expects {channels} channel(s)")
+            raise ValueError(f"TrainConfig.data {cfg.data}: image folders are read as RGB, but the model takes "
+                             f"{channels} channel(s) (set the tokenizer's in_channels to 3)")
         source.transform, source.seed = views, cfg.seed
         return source
     return data_lib.TensorImageDataset(*source, transform=views, channels=channels, seed=cfg.seed)
@@ -439,6 +441,7 @@ def build_token_cache(tokenizer: VQGANTokenizer, dataset, path: str, crops: int 
     (the online tokenizer is ~40% of MAGE's training compute, docs/REFERENCE.md 4.12)."""
     check_int("build_token_cache", "crops", crops, 1)
     check_int("build_token_cache", "batch_size", batch_size, 1)
+    check_writable(path, "build_token_cache: path")  # before the minutes of tokenizing, not after
     tokenizer.eval()
     device = tokenizer.codebook.device
     ids = data_lib.build_token_cache(lambda x: tokenizer.encode(x, check_range=False), dataset, crops, batch_size,
@@ -941,6 +944,7 @@ def save_samples(cfg: TrainConfig, model: nn.Module, path: Path, batch: torch.Te
         images = torch.cat([x, model.decode(model.encode(x, check_range=False))])
     else:
         return
+    path.parent.mkdir(exist_ok=True)  # out_dir/samples/, the run's own folder
     save_image_grid(images, path, nrow=8)
 
 
