@@ -351,29 +351,87 @@ struct RowLoops {
 };
 
 #define MAGE_ROW_LOOPS(NAME, ATTR)                                                                          \
-  static ATTR void add_f32_##NAME(float* out, const float* a, const float* b, int64_t n) {                         \
+  static ATTR void add_f32_##NAME(float* out, const float* a, const float* b, int64_t n) {                 \
     for (int64_t i = 0; i < n; ++i) out[i] = a[i] + b[i];                                                   \
   }                                                                                                         \
-  static ATTR void add_bf16_##NAME(uint16_t* out, const uint16_t* a, const uint16_t* b, int64_t n) {               \
-    for (int64_t i = 0; i < n; ++i) out[i] = float_to_bf16(bf16_to_float(a[i]) + bf16_to_float(b[i]));     \
-  }                                                                                                         \
-  static ATTR void accumulate_f32_##NAME(float* acc, const float* g, int64_t n) {                                  \
+  static ATTR void accumulate_f32_##NAME(float* acc, const float* g, int64_t n) {                          \
     for (int64_t i = 0; i < n; ++i) acc[i] += g[i];                                                         \
   }                                                                                                         \
-  static ATTR void accumulate_bf16_##NAME(float* acc, const uint16_t* g, int64_t n) {                              \
+  static ATTR void accumulate_bf16_##NAME(float* acc, const uint16_t* g, int64_t n) {                      \
     for (int64_t i = 0; i < n; ++i) acc[i] += bf16_to_float(g[i]);                                          \
-  }                                                                                                         \
-  static ATTR void round_to_bf16_##NAME(uint16_t* out, const float* acc, int64_t n) {                              \
-    for (int64_t i = 0; i < n; ++i) out[i] = float_to_bf16(acc[i]);                                        \
-  }                                                                                                         \
-  constexpr RowLoops kRowLoops_##NAME{add_f32_##NAME, add_bf16_##NAME, accumulate_f32_##NAME,                \
-                                      accumulate_bf16_##NAME, round_to_bf16_##NAME};
+  }
 
 MAGE_ROW_LOOPS(portable, )
 #if defined(__x86_64__)
 MAGE_ROW_LOOPS(avx2, __attribute__((target("avx2"))))
 #endif
 #undef MAGE_ROW_LOOPS
+
+void add_bf16_portable(uint16_t* out, const uint16_t* a, const uint16_t* b, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = float_to_bf16(bf16_to_float(a[i]) + bf16_to_float(b[i]));
+}
+
+void round_to_bf16_portable(uint16_t* out, const float* acc, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = float_to_bf16(acc[i]);
+}
+
+constexpr RowLoops kRowLoops_portable{add_f32_portable, add_bf16_portable, accumulate_f32_portable,
+                                      accumulate_bf16_portable, round_to_bf16_portable};
+
+#if defined(__x86_64__)
+// bf16 adds and roundings by hand. GCC vectorizes the portable loop to 42 instructions per 16 elements
+// (widen by zero-extension, NaN mask packed separately, two lane permutes); the version below takes 23 and
+// no shuffle, and took pad_with_cls forward bf16 with pos_embed at B=64 from 7.8 to 5.9 ms on one thread
+// (53% -> 70% of the copy bandwidth). Eight fp32 lanes rounded as float_to_bf16 (to nearest even, any
+// NaN -> 0x7FC0), the bf16 bits in the high half of each 32-bit lane (the low half is garbage).
+__attribute__((target("avx2"))) inline __m256i round_bf16_high(__m256 f) {
+  const __m256i u = _mm256_castps_si256(f);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb);
+  return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC00000), _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q)));
+}
+
+// The same in the low half of each lane, the high half zero.
+__attribute__((target("avx2"))) inline __m256i round_bf16_lanes(__m256 f) {
+  return _mm256_srli_epi32(round_bf16_high(f), 16);
+}
+
+// a + b for 16 bf16 values, without shuffles: the even elements widen by a shift into their 32-bit lane,
+// the odd ones by masking off the low half; the rounded sums' high halves go back to the same places
+// (even: shifted down, odd: in place) and one word blend interleaves them.
+__attribute__((target("avx2"))) inline __m256i add_bf16x16(__m256i a, __m256i b) {
+  const __m256i high = _mm256_set1_epi32(int32_t(0xFFFF0000u));
+  const __m256 even = _mm256_add_ps(_mm256_castsi256_ps(_mm256_slli_epi32(a, 16)),
+                                    _mm256_castsi256_ps(_mm256_slli_epi32(b, 16)));
+  const __m256 odd = _mm256_add_ps(_mm256_castsi256_ps(_mm256_and_si256(a, high)),
+                                   _mm256_castsi256_ps(_mm256_and_si256(b, high)));
+  return _mm256_blend_epi16(_mm256_srli_epi32(round_bf16_high(even), 16), round_bf16_high(odd), 0xAA);
+}
+
+__attribute__((target("avx2"))) void add_bf16_avx2(uint16_t* out, const uint16_t* a, const uint16_t* b, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256i va = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + i));
+    const __m256i vb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + i));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), add_bf16x16(va, vb));
+  }
+  for (; i < n; ++i) out[i] = float_to_bf16(bf16_to_float(a[i]) + bf16_to_float(b[i]));
+}
+
+__attribute__((target("avx2"))) void round_to_bf16_avx2(uint16_t* out, const float* acc, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256i packed = _mm256_packus_epi32(round_bf16_lanes(_mm256_loadu_ps(acc + i)),
+                                               round_bf16_lanes(_mm256_loadu_ps(acc + i + 8)));
+    // packus interleaves the two sources' 128-bit halves: put the 64-bit quarters back in order.
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm256_permute4x64_epi64(packed, 0xD8));
+  }
+  for (; i < n; ++i) out[i] = float_to_bf16(acc[i]);
+}
+
+constexpr RowLoops kRowLoops_avx2{add_f32_avx2, add_bf16_avx2, accumulate_f32_avx2, accumulate_bf16_avx2,
+                                  round_to_bf16_avx2};
+#endif
 
 // The loops for this call's path (read once per op call, not per row).
 const RowLoops& row_loops() {

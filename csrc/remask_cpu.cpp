@@ -99,8 +99,8 @@ namespace {
 
 using namespace remask_rng;
 constexpr float kInf = std::numeric_limits<float>::infinity();
-// The vector helpers are always inlined into sample_token's two builds, so no vector crosses a call ABI.
-#pragma GCC diagnostic ignored "-Wpsabi"
+// The vector helpers are always inlined into sample_token's two builds, so no vector crosses a call ABI
+// (CMakeLists.txt silences GCC's note about the ABI of 32-byte vector arguments for this file).
 constexpr int kW = 8;  // lanes of the GCC vector types below (one AVX2 register; two SSE ones otherwise)
 typedef float vf __attribute__((vector_size(4 * kW)));
 typedef int32_t vi __attribute__((vector_size(4 * kW)));

@@ -396,6 +396,39 @@ def test_cpu_row_loops_every_isa_path_and_thread_count(isa, dtype, monkeypatch, 
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
+def _bf16_bits_equal(actual, expected):
+    """Bit for bit where expected is a number; every NaN as c10::BFloat16's 0x7FC0 (torch's own vector
+    conversion writes other NaN payloads)."""
+    a, e = actual.view(torch.int16), expected.view(torch.int16)
+    nan = expected.isnan()
+    assert torch.equal(actual.isnan(), nan)
+    assert torch.equal(a[~nan], e[~nan])
+    assert (a[nan] == 0x7FC0).all()
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2"])
+def test_cpu_bf16_add_and_round_every_bit_pattern(isa, monkeypatch):
+    """The bf16 adds and roundings of the CPU row loops (hand-vectorized on the AVX2 path: widen, fp32 add,
+    round to nearest even, NaN, pack) on every one of the 65,536 bf16 bit patterns: forward y + pos_embed
+    against fp32 add rounded by torch, in an output of >= 8 MiB (rows streamed out) and a small one; the
+    backward's grad_pos, two rows summed in fp32 from +0 and rounded once, likewise."""
+    if isa != "scalar" and mage_kernels.cpu_isa()["detected"] == "scalar":
+        pytest.skip("this CPU lacks AVX2/FMA")
+    monkeypatch.setenv("MAGE_CPU_ISA", isa)
+    L, C = 255, 257  # (1 + L) * C >= 2^16; C: whole vectors and a tail
+    patterns = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    flat = torch.cat([patterns, patterns[: (1 + L) * C - 2**16]]).view(torch.bfloat16)
+    pos = _rand((1 + L, C), torch.bfloat16, seed=1)
+    pos.view(-1)[:8] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1.0, 2.0**-133, 3e38])
+    for B in (64, 2):  # 64 * 256 * 257 * 2 bytes >= 8 MiB
+        y = torch.stack([flat.roll(1031 * b).view(1 + L, C) for b in range(B)])
+        masked, _, keep = mage_kernels.mask_plan(_noise(B, L), 0, 0)  # every row is y's own
+        z = mage_kernels.pad_with_cls(y, keep, masked, pos_embed=pos)
+        _bf16_bits_equal(z, (y.float() + pos.float()).to(torch.bfloat16))
+    gy, _, gp = torch.ops.mage.pad_with_cls_backward(y, keep, masked, False, True)
+    _bf16_bits_equal(gp, (torch.zeros(1 + L, C) + y[0].float() + y[1].float()).to(torch.bfloat16))
+
+
 # ---------------------------------------------------------------------------------------- bad inputs
 
 
