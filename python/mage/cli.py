@@ -633,7 +633,7 @@ def run_probe(args) -> int:
 
 def add_demo(subparsers) -> None:
     p = subparsers.add_parser(
-        "demo", help="tokenizer + small MAGE on Fashion-MNIST, then a report (about 14 min on 2 quiet CPU cores)",
+        "demo", help="tokenizer + small MAGE on Fashion-MNIST, then a report (14-17 min on 2 quiet CPU cores)",
         description="Trains a VQGAN tokenizer and a small MAGE on Fashion-MNIST and writes a report folder: "
                     "samples, inpainting, curves, linear probe (MAGE vs raw pixels vs random init), Frechet "
                     "distance of samples vs a shuffled-token baseline, report.json.")

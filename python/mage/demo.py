@@ -42,7 +42,7 @@ MODEL = dict(embed_dim=128, depth=6, num_heads=4, decoder_embed_dim=128, decoder
 
 @dataclasses.dataclass
 class DemoConfig:
-    """Sizes of the demo. The defaults take about 14 minutes on 2 quiet CPU cores (docs/TRAINING.md), `quick()`
+    """Sizes of the demo. The defaults take 14-17 minutes on 2 quiet CPU cores (docs/TRAINING.md), `quick()`
     about 1.5; most of the time is MAGE pre-training (steps x batch) and the tokenizer (steps)."""
 
     out_dir: str = "report"
@@ -54,9 +54,9 @@ class DemoConfig:
     tokenizer_crop_scale: tuple = (0.8, 1.0)
     model: dict = dataclasses.field(default_factory=lambda: dict(MODEL))
     objective: str = "mage"  # or "mage-c" (MAGE with the contrastive term, section 7)
-    mage_steps: int = 1600
+    mage_steps: int = 1750
     batch_size: int = 64  # MAGE
-    lr: float = 1e-3
+    lr: float = 2e-3
     mask_ratio_per_sample: bool = True  # a mask ratio per image, not per step (docs/TRAINING.md)
     contrastive_weight: float = 0.1
     train_images: int = 30000  # images whose tokens MAGE pre-trains on (`crops` augmented views each)
