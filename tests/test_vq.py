@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import DEVICES, FLOAT_DTYPES, assert_close, requires_triton_on_cpu
+from conftest import DEVICES, FLOAT_DTYPES, assert_close, requires_cuda, requires_triton, requires_triton_on_cpu
 
 import mage_kernels as mk
 from mage_kernels import reference
@@ -289,6 +289,23 @@ def test_triton_interpreter_nchw_ties_and_quantize():
     assert_close(sq, ref_sq, equal_nan=True)
     for a, b in zip(tv.vq_quantize(z, e, 0.25), reference.vq_quantize(z, e, 0.25)):
         torch.testing.assert_close(a, b, equal_nan=True)
+
+
+@requires_cuda
+@requires_triton
+@pytest.mark.parametrize("n,k,d", [(1, 1, 1), (7, 3, 8), (130, 200, 33), (65, 1024, 256), (3000, 8192, 256)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_triton_on_cuda_matches_reference(n, k, d, dtype):
+    """The Triton kernels compiled for the GPU (the tests above interpret them): exact=True gives the
+    reference's argmin in every dtype, and vq_quantize the reference's outputs."""
+    tv = triton_vq()
+    z, e = make(n, k, d, dtype, device="cuda")
+    idx, sq = tv.vq_nearest(z, e)
+    ref_idx, ref_sq = reference.vq_nearest(z, e)
+    assert torch.equal(idx, ref_idx)
+    assert_close(sq, ref_sq)
+    for a, b in zip(tv.vq_quantize(z, e, 0.25), reference.vq_quantize(z, e, 0.25)):
+        torch.testing.assert_close(a, b)
 
 
 def _fp64_nearest(z: torch.Tensor, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
