@@ -111,10 +111,12 @@ def time_cpu(fn: Callable, setup: Callable | None, min_time: float = 0.5, max_ro
 
 
 def time_cuda(fn: Callable, setup: Callable | None) -> list[float]:
+    """Every timed call in ms, for make_row's median and quantiles (given `quantiles`, do_bench returns
+    those three numbers instead, whatever return_mode says)."""
     import triton.testing
 
     if setup is None:
-        return triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], return_mode="all")  # type: ignore[return-value]
+        return triton.testing.do_bench(fn, return_mode="all")  # type: ignore[return-value]
 
     def call():
         setup()

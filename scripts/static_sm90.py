@@ -52,6 +52,22 @@ ALLOWED: dict[str, tuple[int, str]] = {
                             "STL at kernel entry and a few LDL per listed row (a rare row, re-ranked against "
                             "every code in fp64: K * D loads and FMAs), none in the per-code loops"),
 }
+# Triton before 3.8 (3.6 is on the GPU machines; it ships CUDA 12.8's ptxas, 3.8 ships 12.9's) keeps a value or
+# two of these kernels on the stack that 3.8 holds in registers. Allowed only when such a Triton compiles.
+ALLOWED_BEFORE_TRITON_3_8: dict[str, tuple[int, str]] = {
+    r"^_rerank_kernel$": (16, "fp64 rows, D = 256 (Triton 3.6): STLs at kernel entry and once per listed row, LDLs "
+                          "after each row's loop over the codes, none inside the per-code loops (rows are rare)"),
+    r"^_pad_sum_kernel$": (8, "fp64, 128-channel blocks (Triton 3.6): one STL before the loop over the tokens and "
+                           "one LDL after it, per program"),
+}
+
+
+def allowed() -> dict[str, tuple[int, str]]:
+    """ALLOWED, plus the entries for the Triton in use."""
+    import triton
+
+    major, minor = (int(x) for x in triton.__version__.split(".")[:2])
+    return {**ALLOWED, **(ALLOWED_BEFORE_TRITON_3_8 if (major, minor) < (3, 8) else {})}
 
 
 @dataclasses.dataclass
@@ -86,7 +102,7 @@ class Stat:
             return [f"does not compile: {self.error}"]
         out = []
         if self.spill_stores or self.spill_loads or self.stack:
-            limit = next((n for pat, (n, _) in ALLOWED.items() if re.search(pat, self.kernel)), -1)
+            limit = next((n for pat, (n, _) in allowed().items() if re.search(pat, self.kernel)), -1)
             if max(self.spill_stores, self.spill_loads, self.stack) > limit:
                 out.append(f"spills {self.spill_stores}/{self.spill_loads} B, stack {self.stack} B")
         if self.smem_static + self.smem_dynamic > self.smem_limit:
@@ -381,6 +397,9 @@ def check_cuda(log_path: str, lib: str | None) -> list[Stat]:
 
 
 def write_table(stats: list[Stat], path: str, seconds: float) -> None:
+    import torch
+    import triton
+
     lines = [
         "# Static resource use for sm_90 (H100/H200)",
         "",
@@ -389,7 +408,8 @@ def write_table(stats: list[Stat], path: str, seconds: float) -> None:
         "(`-Xptxas -v`). Blocks/SM: resident blocks per SM from registers, threads and shared memory",
         "(65536 registers, 2048 threads, 228 KB per SM). Shared memory: static + dynamic bytes per block.",
         "",
-        f"{len(stats)} kernel configurations, checked in {seconds:.0f} s.",
+        f"{len(stats)} kernel configurations, checked in {seconds:.0f} s with Triton {triton.__version__} "
+        f"(torch {torch.__version__}).",
         "",
         "| source | kernel | dtype / config | threads | registers | spills (st/ld B) | stack B | smem B | blocks/SM | problems |",
         "|---|---|---|---:|---:|---|---:|---:|---:|---|",
@@ -399,9 +419,9 @@ def write_table(stats: list[Stat], path: str, seconds: float) -> None:
         problems = "; ".join(s.problems()) or ""
         lines.append(f"| {s.source} | {s.kernel} | {s.config} | {s.threads or '-'} | {s.regs} | "
                      f"{s.spill_stores}/{s.spill_loads} | {s.stack} | {smem} | {s.blocks_per_sm} | {problems} |")
-    if ALLOWED:
+    if allowed():
         lines += ["", "Allowed exceptions (at most this many bytes of spills or stack):", ""]
-        lines += [f"- `{k}` ({n} B): {why}" for k, (n, why) in ALLOWED.items()]
+        lines += [f"- `{k}` ({n} B): {why}" for k, (n, why) in allowed().items()]
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")

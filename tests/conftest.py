@@ -60,6 +60,12 @@ def has_triton() -> bool:
 
 
 requires_triton = pytest.mark.skipif(not has_triton(), reason="triton is not installed")
+# Triton runs kernels on CPU tensors only under its interpreter (set above when there is no GPU); on a GPU
+# machine the tests that hand it CPU tensors skip, and the CUDA tests cover the kernels there.
+requires_triton_on_cpu = pytest.mark.skipif(
+    not has_triton() or os.environ.get("TRITON_INTERPRET") != "1",
+    reason="runs Triton kernels on CPU tensors, which needs TRITON_INTERPRET=1 (set when there is no GPU)",
+)
 
 
 def assert_close(actual, expected, dtype=None, **kwargs):

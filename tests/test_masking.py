@@ -4,6 +4,7 @@ bad inputs, opcheck, a compiled masked encoder-decoder step, and the Triton kern
 interpreter."""
 
 import math
+import os
 import sys
 
 import pytest
@@ -18,7 +19,10 @@ from conftest import DEVICES, FLOAT_DTYPES, has_triton, requires_cuda, requires_
 
 ALL_DTYPES = FLOAT_DTYPES + [torch.float64]
 # Triton launchers run on CUDA tensors, or on CPU tensors under the interpreter (no GPU).
-TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Where Triton kernels run here: CUDA tensors on a GPU, else CPU tensors under the interpreter, else nowhere.
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else None
+requires_triton_here = pytest.mark.skipif(not has_triton() or TRITON_DEVICE is None,
+                                          reason="Triton needs a GPU or TRITON_INTERPRET=1")
 # (B, L, C): 1s, primes, non-powers of two, MAGE's L = 256 and an odd, large C.
 SHAPES = [(1, 1, 1), (3, 7, 5), (2, 13, 33), (5, 256, 12), (2, 31, 1027)]
 
@@ -593,7 +597,7 @@ def test_sample_mask_counts_feed_mask_plan():
 # ------------------------------------------------------------------------------------------- Triton
 
 
-@requires_triton
+@requires_triton_here
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_triton_kernels_match_reference(dtype):
     from mage_kernels.triton import masking as tri

@@ -11,7 +11,7 @@ import torch
 import mage_kernels as mk
 from mage_kernels import reference as R
 
-from conftest import DEVICES, FLOAT_DTYPES, requires_cuda, requires_triton
+from conftest import DEVICES, FLOAT_DTYPES, requires_cuda, requires_triton_on_cpu
 
 MASK = 2024
 OP = torch.ops.mage.remask_step
@@ -295,7 +295,7 @@ def test_compile_fullgraph():
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 
 
-@requires_triton
+@requires_triton_on_cpu
 @pytest.mark.parametrize("ties", [False, True])
 def test_triton_matches_reference(ties):
     from mage_kernels.triton import remask as T
@@ -309,7 +309,7 @@ def test_triton_matches_reference(ties):
         T.remask_step(logits, ids, k + 100, SEED, **kw)
 
 
-@requires_triton
+@requires_triton_on_cpu
 def test_triton_fused_head_and_non_finite():
     from mage_kernels.triton import remask as T
 
@@ -333,7 +333,7 @@ def test_triton_fused_head_and_non_finite():
     assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
 
 
-@requires_triton
+@requires_triton_on_cpu
 def test_triton_fused_head_non_finite_logits_match_the_logits_kernels():
     """+inf logits share all the mass, an all -inf (or NaN) token is sampled uniformly, as remask_step does:
     the fused head's online softmax once turned inf - inf into NaN."""
@@ -357,7 +357,7 @@ def test_triton_fused_head_non_finite_logits_match_the_logits_kernels():
     assert set(got.flatten().tolist()) == {1, 4} and 0.3 < (got == 1).float().mean() < 0.7
 
 
-@requires_triton
+@requires_triton_on_cpu
 def test_triton_fused_head_skips_known_tokens_and_packs_unknown_ones():
     """Tokens are packed per row (unknown ones first) into tiles: rows with few, none or only unknown tokens,
     and rows longer than one tile, all give the logits kernels' tokens."""

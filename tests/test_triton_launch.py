@@ -7,7 +7,7 @@ import types
 
 import pytest
 import torch
-from conftest import requires_triton
+from conftest import requires_triton, requires_triton_on_cpu
 
 from mage_kernels import reference as R
 
@@ -58,6 +58,7 @@ def _entry_points():
     ]
 
 
+@requires_triton_on_cpu
 def test_every_launch_runs_under_the_inputs_device(monkeypatch):
     """Triton launches on the current CUDA device; each entry point makes its inputs' device current (a CUDA
     device context) around all of its launches, and hands the guard every tensor argument."""
@@ -162,6 +163,7 @@ def _fill(view, g):
     return values
 
 
+@requires_triton_on_cpu
 def test_64bit_offsets_masking(sparse):
     """pad_with_cls_backward of a sequence-first (L, B, C) gradient: (1 + t) * stride of a slot passes 2^31."""
     _, tm, _, _ = _modules()
@@ -180,6 +182,7 @@ def test_64bit_offsets_masking(sparse):
             torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
 
 
+@requires_triton_on_cpu
 def test_64bit_offsets_vq(sparse):
     """An NCHW map whose channel stride H*W times D passes 2^31: d * stride_zd must not wrap."""
     _, _, _, tv = _modules()
@@ -195,6 +198,7 @@ def test_64bit_offsets_vq(sparse):
         assert torch.equal(got[0], ref[0])
 
 
+@requires_triton_on_cpu
 def test_64bit_offsets_remask(sparse):
     """Logits read with a vocabulary stride, and a head weight with a row stride, whose products with the
     code index pass 2^31."""

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import DEVICES, FLOAT_DTYPES, assert_close, requires_triton
+from conftest import DEVICES, FLOAT_DTYPES, assert_close, requires_cuda, requires_triton, requires_triton_on_cpu
 
 import mage_kernels as mk
 from mage_kernels import reference
@@ -262,7 +262,7 @@ def test_compile_fullgraph():
         assert_close(grad, ref_grad)
 
 
-@requires_triton
+@requires_triton_on_cpu
 @pytest.mark.parametrize("n,k,d", [(1, 1, 1), (7, 3, 8), (130, 200, 33), (65, 1024, 256)])
 @pytest.mark.parametrize("exact", [True, False])
 def test_triton_interpreter(n, k, d, exact):
@@ -274,7 +274,7 @@ def test_triton_interpreter(n, k, d, exact):
     assert_close(sq, ref_sq, dtype=torch.float32 if exact else torch.bfloat16)
 
 
-@requires_triton
+@requires_triton_on_cpu
 def test_triton_interpreter_nchw_ties_and_quantize():
     tv = triton_vq()
     g = torch.Generator().manual_seed(7)
@@ -291,12 +291,29 @@ def test_triton_interpreter_nchw_ties_and_quantize():
         torch.testing.assert_close(a, b, equal_nan=True)
 
 
+@requires_cuda
+@requires_triton
+@pytest.mark.parametrize("n,k,d", [(1, 1, 1), (7, 3, 8), (130, 200, 33), (65, 1024, 256), (3000, 8192, 256)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_triton_on_cuda_matches_reference(n, k, d, dtype):
+    """The Triton kernels compiled for the GPU (the tests above interpret them): exact=True gives the
+    reference's argmin in every dtype, and vq_quantize the reference's outputs."""
+    tv = triton_vq()
+    z, e = make(n, k, d, dtype, device="cuda")
+    idx, sq = tv.vq_nearest(z, e)
+    ref_idx, ref_sq = reference.vq_nearest(z, e)
+    assert torch.equal(idx, ref_idx)
+    assert_close(sq, ref_sq)
+    for a, b in zip(tv.vq_quantize(z, e, 0.25), reference.vq_quantize(z, e, 0.25)):
+        torch.testing.assert_close(a, b)
+
+
 def _fp64_nearest(z: torch.Tensor, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     d = ((z.double()[:, None, :] - e.double()[None, :, :]) ** 2).sum(-1)
     return d.argmin(1), d.amin(1)
 
 
-@requires_triton
+@requires_triton_on_cpu
 def test_triton_large_magnitudes():
     """Finite inputs whose squares overflow fp32 (fp32 near 1e19-3e38, fp64 beyond the fp32 range) rank
     exactly: the search runs on values scaled by a power of two, the re-rank on the values as given."""
@@ -323,7 +340,7 @@ def test_triton_large_magnitudes():
     assert tv.vq_nearest(z64, e64)[0].tolist() == [1]
 
 
-@requires_triton
+@requires_triton_on_cpu
 def test_triton_rows_fp64_cannot_decide_take_the_exact_decision(monkeypatch):
     """Distances 1 + 2^-60 and 1 (fp64 sees a tie), distances 1e-340 and 0 (fp64 underflows), 1e300 + 1 and
     1e300 + (1 - 1e-170)^2, and an exact tie between distinct codes: the re-rank marks these rows and the reference decides them; rows fp64 can
@@ -354,7 +371,7 @@ def test_triton_rows_fp64_cannot_decide_take_the_exact_decision(monkeypatch):
     assert calls == []
 
 
-@requires_triton
+@requires_triton_on_cpu
 def test_triton_duplicate_codes_are_dropped_once_per_call():
     """Exact copies of an earlier code (also -0.0 for 0.0) can never win, so the prepare step drops them from
     the search and the re-rank; non-finite codes are dropped too; everything else stays."""
@@ -376,7 +393,7 @@ def test_triton_duplicate_codes_are_dropped_once_per_call():
     assert_close(sq, ref[1])
 
 
-@requires_triton
+@requires_triton_on_cpu
 def test_triton_prepare_scale_is_an_exact_power_of_two():
     tv = triton_vq()
     for big, expected in ((1.0, 1.0), (3e9, 1.0), (1e19, 2.0**-63), (3e38, 2.0**-127), (1e-20, 2.0**67)):
