@@ -657,11 +657,11 @@ def run_probe(args) -> int:
 
 def add_demo(subparsers) -> None:
     p = subparsers.add_parser(
-        "demo", help="tokenizer + small MAGE on Fashion-MNIST, then a report (14-17 min on 2 quiet CPU cores)",
+        "demo", help="tokenizer + small MAGE on Fashion-MNIST, then a report (11.5-17 min on 2 quiet CPU cores)",
         description="Trains a VQGAN tokenizer and a small MAGE on Fashion-MNIST and writes a report folder: "
                     "samples, inpainting, curves, linear probe (MAGE vs raw pixels vs random init), Frechet "
                     "distance of samples vs a shuffled-token baseline, report.json.")
-    p.add_argument("--quick", action="store_true", help="the CI-sized run (about 2 minutes on 2 CPU cores)")
+    p.add_argument("--quick", action="store_true", help="the CI-sized run (1-2 minutes on 2 CPU cores)")
     p.add_argument("--out", default="report", help="report folder (default ./report)")
     p.add_argument("--seed", type=int, default=0)
     _add_threads(p)

@@ -42,8 +42,8 @@ MODEL = dict(embed_dim=128, depth=6, num_heads=4, decoder_embed_dim=128, decoder
 
 @dataclasses.dataclass
 class DemoConfig:
-    """Sizes of the demo. The defaults take 14-17 minutes on 2 quiet CPU cores (docs/TRAINING.md), `quick()`
-    about 1.5; most of the time is MAGE pre-training (steps x batch) and the tokenizer (steps)."""
+    """Sizes of the demo. The defaults take 11.5-17 minutes on 2 quiet CPU cores (docs/TRAINING.md), `quick()`
+    1-2; most of the time is MAGE pre-training (steps x batch) and the tokenizer (steps)."""
 
     out_dir: str = "report"
     tokenizer: dict = dataclasses.field(default_factory=lambda: dict(TOKENIZER))
