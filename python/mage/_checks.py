@@ -42,9 +42,9 @@ _RUN_CONFIGS = ("TrainConfig", "ProbeConfig", "EvalConfig", "ClassifierConfig")
 
 def check_config(config) -> None:
     """Types and ranges of every field of a config dataclass (MAGEConfig, TokenizerConfig, MAEConfig,
-    TrainConfig, ProbeConfig, EvalConfig, ClassifierConfig), from its annotations: ints are ints (not 3.0, not "32") within bounds, floats
-    finite numbers within bounds, bools bools, strs strs, dicts dicts, tuples sequences of such numbers;
-    `X | None` also takes None. Nested configs check themselves."""
+    TrainConfig, ProbeConfig, EvalConfig, ClassifierConfig), from its annotations: ints are ints (not 3.0,
+    not "32") within bounds, floats finite numbers within bounds, bools bools, strs strs, dicts dicts, tuples
+    sequences of such numbers; `X | None` also takes None. Nested configs check themselves."""
     what = type(config).__name__
     run = what in _RUN_CONFIGS
     bounds = _RUN_BOUNDS if run else _MODEL_BOUNDS
