@@ -357,7 +357,17 @@ struct RowLoops {
   void (*accumulate2_bf16)(float* acc, float* pad, const uint16_t* g, int64_t n);
   void (*accumulate_copy_f32)(float* acc, float* out, const float* g, int64_t n, bool stream);
   void (*accumulate_copy_bf16)(float* acc, uint16_t* out, const uint16_t* g, int64_t n, bool stream);
+  // Two batch rows' gradients at one position in one pass over the positional partial: acc += g0, then
+  // acc += g1 (acc = (0 + g0) + g1 without reading acc when `init`); row r's gradient also goes by kind kr:
+  // kPairSumOnly (the class slot), kPairCopy (dr = the row's output, streaming stores when `stream`) or
+  // kPairPad (dr = the row's opmath pad sum, += gr).
+  void (*pair_f32)(float* acc, const float* g0, const float* g1, int k0, void* d0, int k1, void* d1, int64_t n,
+                   bool stream, bool init);
+  void (*pair_bf16)(float* acc, const uint16_t* g0, const uint16_t* g1, int k0, void* d0, int k1, void* d1,
+                    int64_t n, bool stream, bool init);
 };
+
+constexpr int kPairSumOnly = 0, kPairCopy = 1, kPairPad = 2;
 
 #define MAGE_ROW_LOOPS(NAME, ATTR)                                                                          \
   static ATTR void add_f32_##NAME(float* out, const float* a, const float* b, int64_t n) {                 \
@@ -541,6 +551,96 @@ __attribute__((target("avx2"))) void accumulate_copy_bf16_avx2(float* acc, uint1
   }
 }
 
+// The pair loops (RowLoops::pair_*). Per element the same adds in the same order as two calls of the
+// single-row loops after a zero fill (0 + g0 is g0 except that -0.0 becomes +0.0, as in the zero-filled
+// partial), so the same bits; the partial is read and written once per two rows instead of once per row.
+template <bool kInit>
+__attribute__((target("avx2"))) inline __m256 pair_sum(const float* acc, __m256 a, __m256 b) {
+  const __m256 p = kInit ? _mm256_add_ps(_mm256_setzero_ps(), a) : _mm256_add_ps(_mm256_loadu_ps(acc), a);
+  return _mm256_add_ps(p, b);
+}
+
+template <bool kInit>
+__attribute__((target("avx2"))) void pair_f32_impl(float* acc, const float* g0, const float* g1, int k0, void* d0,
+                                                   int k1, void* d1, int64_t n, bool stream) {
+  const bool s0 = stream && k0 == kPairCopy && reinterpret_cast<uintptr_t>(d0) % 32 == 0;
+  const bool s1 = stream && k1 == kPairCopy && reinterpret_cast<uintptr_t>(d1) % 32 == 0;
+  float* f0 = static_cast<float*>(d0);
+  float* f1 = static_cast<float*>(d1);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 a = _mm256_loadu_ps(g0 + i), b = _mm256_loadu_ps(g1 + i);
+    _mm256_storeu_ps(acc + i, pair_sum<kInit>(acc + i, a, b));
+    if (k0 == kPairCopy) {
+      s0 ? _mm256_stream_ps(f0 + i, a) : _mm256_storeu_ps(f0 + i, a);
+    } else if (k0 == kPairPad) {
+      add_into(f0 + i, a);
+    }
+    if (k1 == kPairCopy) {
+      s1 ? _mm256_stream_ps(f1 + i, b) : _mm256_storeu_ps(f1 + i, b);
+    } else if (k1 == kPairPad) {
+      add_into(f1 + i, b);
+    }
+  }
+  for (; i < n; ++i) {
+    acc[i] = ((kInit ? 0.0f : acc[i]) + g0[i]) + g1[i];
+    if (k0 == kPairCopy) f0[i] = g0[i];
+    if (k0 == kPairPad) f0[i] += g0[i];
+    if (k1 == kPairCopy) f1[i] = g1[i];
+    if (k1 == kPairPad) f1[i] += g1[i];
+  }
+}
+
+__attribute__((target("avx2"))) void pair_f32_avx2(float* acc, const float* g0, const float* g1, int k0, void* d0,
+                                                   int k1, void* d1, int64_t n, bool stream, bool init) {
+  init ? pair_f32_impl<true>(acc, g0, g1, k0, d0, k1, d1, n, stream)
+       : pair_f32_impl<false>(acc, g0, g1, k0, d0, k1, d1, n, stream);
+}
+
+template <bool kInit>
+__attribute__((target("avx2"))) void pair_bf16_impl(float* acc, const uint16_t* g0, const uint16_t* g1, int k0,
+                                                    void* d0, int k1, void* d1, int64_t n, bool stream) {
+  const bool s0 = stream && k0 == kPairCopy && reinterpret_cast<uintptr_t>(d0) % 32 == 0;
+  const bool s1 = stream && k1 == kPairCopy && reinterpret_cast<uintptr_t>(d1) % 32 == 0;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256i ra = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g0 + i));
+    const __m256i rb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g1 + i));
+    const __m256 a0 = widen_bf16x8(_mm256_castsi256_si128(ra)), a1 = widen_bf16x8(_mm256_extracti128_si256(ra, 1));
+    const __m256 b0 = widen_bf16x8(_mm256_castsi256_si128(rb)), b1 = widen_bf16x8(_mm256_extracti128_si256(rb, 1));
+    _mm256_storeu_ps(acc + i, pair_sum<kInit>(acc + i, a0, b0));
+    _mm256_storeu_ps(acc + i + 8, pair_sum<kInit>(acc + i + 8, a1, b1));
+    if (k0 == kPairCopy) {
+      __m256i* o = reinterpret_cast<__m256i*>(static_cast<uint16_t*>(d0) + i);
+      s0 ? _mm256_stream_si256(o, ra) : _mm256_storeu_si256(o, ra);
+    } else if (k0 == kPairPad) {
+      add_into(static_cast<float*>(d0) + i, a0);
+      add_into(static_cast<float*>(d0) + i + 8, a1);
+    }
+    if (k1 == kPairCopy) {
+      __m256i* o = reinterpret_cast<__m256i*>(static_cast<uint16_t*>(d1) + i);
+      s1 ? _mm256_stream_si256(o, rb) : _mm256_storeu_si256(o, rb);
+    } else if (k1 == kPairPad) {
+      add_into(static_cast<float*>(d1) + i, b0);
+      add_into(static_cast<float*>(d1) + i + 8, b1);
+    }
+  }
+  for (; i < n; ++i) {
+    const float a = bf16_to_float(g0[i]), b = bf16_to_float(g1[i]);
+    acc[i] = ((kInit ? 0.0f : acc[i]) + a) + b;
+    if (k0 == kPairCopy) static_cast<uint16_t*>(d0)[i] = g0[i];
+    if (k0 == kPairPad) static_cast<float*>(d0)[i] += a;
+    if (k1 == kPairCopy) static_cast<uint16_t*>(d1)[i] = g1[i];
+    if (k1 == kPairPad) static_cast<float*>(d1)[i] += b;
+  }
+}
+
+__attribute__((target("avx2"))) void pair_bf16_avx2(float* acc, const uint16_t* g0, const uint16_t* g1, int k0,
+                                                    void* d0, int k1, void* d1, int64_t n, bool stream, bool init) {
+  init ? pair_bf16_impl<true>(acc, g0, g1, k0, d0, k1, d1, n, stream)
+       : pair_bf16_impl<false>(acc, g0, g1, k0, d0, k1, d1, n, stream);
+}
+
 constexpr RowLoops kRowLoops_avx2{add_f32_avx2,
                                   add_bf16_avx2,
                                   accumulate_f32_avx2,
@@ -551,7 +651,9 @@ constexpr RowLoops kRowLoops_avx2{add_f32_avx2,
                                   accumulate2_f32_avx2,
                                   accumulate2_bf16_avx2,
                                   accumulate_copy_f32_avx2,
-                                  accumulate_copy_bf16_avx2};
+                                  accumulate_copy_bf16_avx2,
+                                  pair_f32_avx2,
+                                  pair_bf16_avx2};
 #endif
 
 // The loops for this call's path (read once per op call, not per row).
@@ -898,6 +1000,18 @@ at::Tensor pad_with_cls_cpu(const at::Tensor& y_in, const at::Tensor& keep_in, c
   return z;
 }
 
+// RowLoops::pair_* for T (null for types without them).
+template <typename T>
+auto pair_loop(const RowLoops& k) {
+  if constexpr (std::is_same_v<T, float>) {
+    return k.pair_f32;
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    return k.pair_bf16;
+  } else {
+    return static_cast<decltype(k.pair_bf16)>(nullptr);
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pad_with_cls_backward_cpu(const at::Tensor& gz_in,
                                                                          const at::Tensor& keep_in,
                                                                          const at::Tensor& masked_in, bool mae,
@@ -923,7 +1037,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pad_with_cls_backward_cpu(const a
   // rows stream past), then to grad_pos, summed over the blocks in order. The block size is fixed, so the
   // sums do not depend on the thread count. Walking positions in tiles across the block's rows, so that the
   // partial's rows stay in L1 / L2, measured no faster at B = 64 (cpu-avx2-masking-ab.txt): what the
-  // positional sum cost was the extra loop over each row, now fused with the copy or the padded sum.
+  // positional sum cost was the extra loop over each row, now fused with the copy or the padded sum. Two
+  // batch rows go through the partial per pass (fp32 and bf16 on AVX2: each element gets the same adds in
+  // the same order, so the same bits), and the block's first pass stores instead of adding to a zero fill.
   constexpr int64_t kBatchBlock = 16, kChunk = 2048;
   const int64_t chunks = (C + kChunk - 1) / kChunk, blocks = (B + kBatchBlock - 1) / kBatchBlock;
   at::Tensor partial = at::empty({pos ? blocks : 0, S, C}, gz_in.options().dtype(acc_dtype));
@@ -939,16 +1055,74 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pad_with_cls_backward_cpu(const a
     const RowWriter w = row_writer(grad_y);
     const int64_t task_bytes = std::min(B, kBatchBlock) * S * std::min(C, kChunk) * es;
     parallel_chunks(blocks * chunks, 1, [&](int64_t begin, int64_t end) {
-      acc_t pad_acc[kChunk];
+      acc_t pad_accs[2][kChunk];
+      acc_t* pad_acc = pad_accs[0];
       for (int64_t task = begin; task < end; ++task) {
         const int64_t blk = task / chunks, c0 = (task % chunks) * kChunk, n = std::min(kChunk, C - c0);
         acc_t* bp = part ? part + blk * S * C + c0 : nullptr;
-        if (bp) {
+        const int64_t b0 = blk * kBatchBlock, b_end = std::min(B, (blk + 1) * kBatchBlock);
+        const Prefetch prefetch(n * es);
+        // Rows whose token is dropped or masked get zero; then the class row's gradient.
+        auto finish_row = [&](int64_t b, acc_t* pa) {
+          scalar_t* gyb = gy + b * (1 + Lk) * C + c0;
+          for (int64_t j = 0; j < Lk; ++j) {
+            const int64_t t = keep[b * Lk + j];
+            if (t < 0 || mk[b * L + t]) w.zero(gyb + (1 + j) * C, n * es);
+          }
+          if (mae) {
+            std::copy(pa, pa + n, ps + b * C + c0);
+            w.copy(gyb, row(b, 0, c0), n * es);
+          } else {
+            accumulate_row(loops, pa, row(b, 0, c0), n);
+            store_row(loops, gyb, pa, n);
+          }
+        };
+        // Two batch rows per pass over the block's partial where the loops have it (fp32, bf16 on AVX2); the
+        // partial's first pass stores (0 + g0) + g1 instead of adding to a zero fill.
+        constexpr bool kPairTypes = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>;
+        using raw_t = std::conditional_t<std::is_same_v<scalar_t, float>, float, uint16_t>;
+        using PairFn = void (*)(float*, const raw_t*, const raw_t*, int, void*, int, void*, int64_t, bool, bool);
+        const PairFn pair_fn = pair_loop<scalar_t>(loops);
+        const bool pairs = bp && pair_fn && b_end - b0 >= 2;
+        int64_t b = b0;
+        if constexpr (kPairTypes) {
+        if (pairs) {
+          for (; b + 2 <= b_end; b += 2) {
+            scalar_t* gyb[2] = {gy + b * (1 + Lk) * C + c0, gy + (b + 1) * (1 + Lk) * C + c0};
+            std::fill(pad_accs[0], pad_accs[0] + n, acc_t(0));
+            std::fill(pad_accs[1], pad_accs[1] + n, acc_t(0));
+            for (int64_t s = 0; s < S; ++s) {
+              if (prefetch.rows) {  // both rows' rest, then the next pair's
+                if (s + prefetch.rows < S) {
+                  prefetch(row(b, s + prefetch.rows, c0));
+                  prefetch(row(b + 1, s + prefetch.rows, c0));
+                } else if (b + 3 < b_end && s + prefetch.rows - S < S) {
+                  prefetch(row(b + 2, s + prefetch.rows - S, c0));
+                  prefetch(row(b + 3, s + prefetch.rows - S, c0));
+                }
+              }
+              int kind[2];
+              void* dst[2];
+              for (int r = 0; r < 2; ++r) {
+                const int64_t j = s == 0 ? -1 : src[(b + r) * L + s - 1];
+                kind[r] = s == 0 ? kPairSumOnly : j >= 0 ? kPairCopy : kPairPad;
+                dst[r] = s == 0 ? nullptr
+                         : j >= 0 ? static_cast<void*>(gyb[r] + (1 + j) * C)
+                                  : static_cast<void*>(pad_accs[r]);
+              }
+              pair_fn(reinterpret_cast<float*>(bp + s * C), reinterpret_cast<const raw_t*>(row(b, s, c0)),
+                      reinterpret_cast<const raw_t*>(row(b + 1, s, c0)), kind[0], dst[0], kind[1], dst[1], n,
+                      w.streaming, b == b0);
+            }
+            finish_row(b, pad_accs[0]);
+            finish_row(b + 1, pad_accs[1]);
+          }
+        }
+        }
+        if (!pairs && bp) {
           for (int64_t s = 0; s < S; ++s) std::fill(bp + s * C, bp + s * C + n, acc_t(0));
         }
-        const int64_t b_end = std::min(B, (blk + 1) * kBatchBlock);
-        const Prefetch prefetch(n * es);
-        for (int64_t b = blk * kBatchBlock; b < b_end; ++b) {
+        for (; b < b_end; ++b) {  // one row per pass (an odd block's last row, or no pair loops)
           scalar_t* gyb = gy + b * (1 + Lk) * C + c0;
           std::fill(pad_acc, pad_acc + n, acc_t(0));
           for (int64_t s = 0; s < S; ++s) {
@@ -961,7 +1135,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pad_with_cls_backward_cpu(const a
             }
             const scalar_t* g = row(b, s, c0);
             const int64_t j = s == 0 ? -1 : src[b * L + s - 1];
-            if (s == 0) {  // the class slot: handled below
+            if (s == 0) {  // the class slot: handled in finish_row
               if (bp) accumulate_row(loops, bp, g, n);
             } else if (j >= 0) {  // a kept, unmasked token: its gradient goes back to its row
               if (bp) {
@@ -975,17 +1149,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pad_with_cls_backward_cpu(const a
               accumulate_row(loops, pad_acc, g, n);
             }
           }
-          for (int64_t j = 0; j < Lk; ++j) {  // rows whose token is dropped or masked get zero
-            const int64_t t = keep[b * Lk + j];
-            if (t < 0 || mk[b * L + t]) w.zero(gyb + (1 + j) * C, n * es);
-          }
-          if (mae) {
-            std::copy(pad_acc, pad_acc + n, ps + b * C + c0);
-            w.copy(gyb, row(b, 0, c0), n * es);
-          } else {
-            accumulate_row(loops, pad_acc, row(b, 0, c0), n);
-            store_row(loops, gyb, pad_acc, n);
-          }
+          finish_row(b, pad_acc);
         }
       }
       w.fence();
