@@ -44,13 +44,23 @@ def read_image(path: str | os.PathLike) -> torch.Tensor:
 
 
 def write_png(image: torch.Tensor, path: Path) -> None:
-    """uint8 [1 or 3, H, W] -> RGB PNG, written to a temporary name and renamed: a killed run leaves whole files."""
+    """uint8 [1 or 3, H, W] -> RGB PNG, written to a temporary name of its own and renamed: a killed run leaves
+    whole files, and two processes writing one folder never write into each other's temp file. (No fsync: a
+    sample folder is cheap to regenerate, and 50,000 syncs are not.)"""
     from PIL import Image
 
+    from .checkpoint_io import create_temp
+
     arr = image.expand(3, -1, -1).permute(1, 2, 0).contiguous().cpu().numpy()
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(arr, "RGB").save(tmp, format="PNG")
-    os.replace(tmp, path)
+    fd, tmp = create_temp(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            Image.fromarray(arr, "RGB").save(f, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def builtin_images(name: str) -> torch.Tensor:

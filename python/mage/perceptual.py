@@ -140,8 +140,9 @@ def canonical_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 
 
 def convert(vgg_path: str, lin_path: str, out_path: str) -> None:
-    """Merge torchvision's VGG16 state dict and LPIPS's `vgg.pth` into one .safetensors in our layout."""
-    from safetensors.torch import save_file
+    """Merge torchvision's VGG16 state dict and LPIPS's `vgg.pth` into one .safetensors in our layout (written
+    atomically: an interrupted conversion leaves no half file)."""
+    from .checkpoint_io import save_safetensors
 
     state = {**canonical_state_dict(read_state_dict(vgg_path)), **canonical_state_dict(read_state_dict(lin_path))}
     with torch.device("meta"):
@@ -149,7 +150,7 @@ def convert(vgg_path: str, lin_path: str, out_path: str) -> None:
     missing = sorted(set(keys) - set(state))
     if missing:
         raise ValueError(f"{vgg_path} + {lin_path} lack {missing[:4]} ...: expected torchvision's vgg16 and LPIPS's vgg.pth")
-    save_file({k: state[k].contiguous() for k in keys}, out_path)
+    save_safetensors({k: state[k] for k in keys}, {}, out_path)
 
 
 if __name__ == "__main__":
