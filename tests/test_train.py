@@ -353,6 +353,7 @@ def test_tensorboard_logs_the_jsonl_scalars(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # not installed
     with pytest.raises(ImportError, match="pip install tensorboard"):
         train(tiny(tmp_path / "none", "mae", steps=1, tensorboard=True))
+    assert not (tmp_path / "none").exists()  # it failed before out_dir changed (it wrote config.json, a log)
 
 
 def test_train_on_a_flat_webp_folder(tmp_path):

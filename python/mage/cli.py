@@ -300,6 +300,8 @@ _HELP = {
     "lr": "absolute learning rate (default: blr * batch_size / 256)",
     "amp": "autocast dtype; fp16 adds a GradScaler; bf16 on a CPU without native bf16 is several times slower",
     "resume": "continue from out_dir/checkpoint.pt when it exists",
+    "overwrite": "start afresh in an --out-dir holding an earlier run: its checkpoint, weights and log are deleted "
+                 "(once the new settings are checked)",
     "warmup_steps": "linear warm-up steps, capped by --max-warmup-fraction",
     "max_warmup_fraction": "the warm-up lasts at most this fraction of --steps (1: no cap)",
     "accum_steps": "gradient accumulation: micro-batches per optimizer step (the same step as the large batch)",

@@ -45,7 +45,6 @@ from .checkpoint_io import (
     config_changes,
     damaged_checkpoint_error,
     load_checkpoint,
-    previous_path,
     restore_training_state,
     resume_source,
     save_checkpoint,
@@ -137,7 +136,7 @@ class TrainConfig:
     sample_every: int = 0
     resume: bool = False
     resume_with_changes: bool = False  # resume although settings that change the run's math differ
-    overwrite: bool = False  # start afresh in an out_dir that holds another run's checkpoint
+    overwrite: bool = False  # start afresh in an out_dir holding an earlier run (its checkpoint, weights, log: deleted)
     progress: bool = True
     tensorboard: bool = False  # also log to out_dir/tensorboard (needs the tensorboard package)
 
@@ -696,13 +695,14 @@ def enable_grad_checkpointing(model: nn.Module, block_type: type) -> int:
     return len(blocks)
 
 
-def _tensorboard(path: Path):
+def _tensorboard_writer() -> type:
+    """tensorboard's SummaryWriter class, imported before out_dir changes (a missing package fails first)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as err:
         raise ImportError("tensorboard=True needs the tensorboard package (pip install tensorboard); the JSONL "
                           "log needs nothing") from err
-    return SummaryWriter(str(path))
+    return SummaryWriter
 
 
 def _averaged(ema: EMA | None, model: nn.Module):
@@ -710,16 +710,25 @@ def _averaged(ema: EMA | None, model: nn.Module):
     return ema.applied(model) if ema is not None else contextlib.nullcontext()
 
 
+# What a run writes at the top of out_dir besides config.json. A fresh run refuses to start where RESULT_FILES of
+# an earlier run exist, unless told to overwrite; then it removes all of them first, so that no file of the earlier
+# run is left beside the new run's config.json (a crash before the first checkpoint would otherwise leave the old
+# checkpoint there, and a resume would continue it).
+RESULT_FILES = ("checkpoint.pt", "checkpoint.pt.prev", "model.safetensors", "tokenizer.safetensors", "mae.pt")
+RUN_FILES = RESULT_FILES + ("metrics.jsonl", "curves.png")
+
+
 def _resume_state(cfg: TrainConfig, ckpt_path: Path, main: bool) -> tuple[dict | None, Path | None]:
     """The training state a run continues from and its file ((None, None): a fresh start), after the checks
-    that keep an earlier run's checkpoint and log from being overwritten (docs/TRAINING.md)."""
+    that keep an earlier run's checkpoint, weights and log from being overwritten (docs/TRAINING.md)."""
     if not cfg.resume:
-        existing = [p for p in (ckpt_path, previous_path(ckpt_path)) if p.exists()]
+        existing = [name for name in RESULT_FILES if (ckpt_path.parent / name).exists()]
         if existing and not cfg.overwrite:
             raise CheckpointError(
-                f"{cfg.out_dir} holds the checkpoint of an earlier run ({existing[0].name}): continue it with "
-                "--resume (TrainConfig.resume=True), or start afresh over it with --overwrite "
-                "(TrainConfig.overwrite=True) or in another --out-dir")
+                f"{cfg.out_dir} holds the {'checkpoint' if 'checkpoint' in existing[0] else 'weights'} of an "
+                f"earlier run ({existing[0]}): continue it with --resume (TrainConfig.resume=True), or start afresh "
+                "over it with --overwrite (TrainConfig.overwrite=True; deletes its checkpoint, weights and log) or "
+                "in another --out-dir")
         return None, None
     source, note = resume_source(ckpt_path)
     if source is None:
@@ -789,19 +798,23 @@ def train(cfg: TrainConfig, governor=None) -> dict:
     if cfg.token_cache:
         data_lib.check_token_cache(cfg.token_cache, batches.dataset.ids, model.config.num_tokens,
                                    model.config.codebook_size)
+    writer = _tensorboard_writer() if cfg.tensorboard and d.main else None
+    if d.main and cfg.progress:
+        from tqdm import tqdm
     # Only now, with everything built and checked, does out_dir change: a run that fails on its settings leaves
     # an earlier run's config.json and log as they were.
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
         clean_stale_files(ckpt_path)  # temp files of a write that was killed
+        if resumed is None and cfg.overwrite:  # a crash before this run's first checkpoint must not leave the
+            for name in RUN_FILES:             # earlier run's checkpoint (or weights) beside this run's config
+                (out / name).unlink(missing_ok=True)
         write_atomic(out / "config.json", json.dumps(cfg.to_dict(), indent=1))
     log_path = out / "metrics.jsonl"
     logger = JsonlLogger(log_path, resume_step=start if start else None) if d.main else None
-    board = _tensorboard(out / "tensorboard") if cfg.tensorboard and d.main else None
+    board = writer(str(out / "tensorboard")) if writer is not None else None
     bar = None
     if d.main and cfg.progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=cfg.steps, initial=start, desc=cfg.objective, dynamic_ncols=True)
     last: dict = {}
     t0, seen = time.perf_counter(), 0
