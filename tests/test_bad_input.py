@@ -422,6 +422,21 @@ MODEL_CASES = [
      "TrainConfig.token_cache"),
     ("TrainConfig", lambda: mage.TrainConfig(objective="mae", tokenizer_checkpoint="tok.safetensors"), ValueError,
      "TrainConfig.tokenizer_checkpoint"),
+    # Settings the run would have ignored without a word.
+    ("TrainConfig", lambda: mage.TrainConfig(objective="tokenizer", model_overrides={"depth": 2}), ValueError,
+     "TrainConfig.model_overrides belongs to objective 'mage' or 'mage-c'"),
+    ("TrainConfig", lambda: mage.TrainConfig(objective="mae", model="mage_vit_base_patch16"), ValueError,
+     "TrainConfig.model belongs to objective"),
+    ("TrainConfig", lambda: mage.TrainConfig(objective="mae", tokenizer={"n_embed": 64}), ValueError,
+     "TrainConfig.tokenizer belongs to objective"),
+    ("TrainConfig", lambda: mage.TrainConfig(objective="mage", mae={"depth": 2}), ValueError,
+     "TrainConfig.mae belongs to objective 'mae'"),
+    ("TrainConfig", lambda: mage.TrainConfig(objective="tokenizer", disc_layers=2), ValueError,
+     "TrainConfig.disc_layers sets up the discriminator, which trains only with disc_weight > 0"),
+    ("TrainConfig", lambda: mage.TrainConfig(objective="tokenizer", disc_betas=[0.5, 0.99]), ValueError,
+     "TrainConfig.disc_betas"),
+    ("TrainConfig", lambda: mage.TrainConfig(objective="tokenizer", perceptual_weight=0.5), ValueError,
+     "TrainConfig.perceptual_weight weighs the LPIPS term, which needs perceptual_weights"),
 ]
 # Names of mage.__all__ that take no user input worth a row (results, errors, the demo as a whole).
 NOT_INPUT = {"CheckpointError", "LoadReport", "ProbeResult", "DemoConfig", "run_demo"}
@@ -574,10 +589,10 @@ def cli_files(tmp_path_factory):
 
 
 # `mage train` flags of a run that builds in milliseconds (8x8 digits, a tiny tokenizer and MAGE).
-TINY_RUN = ("--data digits --image-size 8 --tokenizer '{{\"in_channels\": 1, \"ch\": 8, \"ch_mult\": [1, 2], "
-            "\"num_res_blocks\": 1, \"embed_dim\": 8, \"n_embed\": 32, \"norm_groups\": 4}}' --model-overrides "
-            "'{{\"embed_dim\": 32, \"depth\": 1, \"num_heads\": 2, \"decoder_embed_dim\": 32, \"decoder_depth\": 1, "
-            "\"decoder_num_heads\": 2}}' --no-progress")
+TINY_TOKENIZER = ("--data digits --image-size 8 --no-progress --tokenizer '{{\"in_channels\": 1, \"ch\": 8, "
+                  "\"ch_mult\": [1, 2], \"num_res_blocks\": 1, \"embed_dim\": 8, \"n_embed\": 32, \"norm_groups\": 4}}'")
+TINY_RUN = (TINY_TOKENIZER + " --model-overrides '{{\"embed_dim\": 32, \"depth\": 1, \"num_heads\": 2, "
+            "\"decoder_embed_dim\": 32, \"decoder_depth\": 1, \"decoder_num_heads\": 2}}'")
 # (command line with {root} for the fixture folder, exit status, what stderr must name)
 CLI_CASES = [
     ("sample --checkpoint {root}/missing.safetensors", 1, "missing.safetensors"),
@@ -677,7 +692,7 @@ CLI_CASES = [
      "--model-overrides: TrainConfig.model_overrides: unknown MAGEConfig fields ['stepz']"),
     ("train " + TINY_RUN + " --batch-size 4096 --out-dir {root}/run", 1, "--batch-size"),
     ("train " + TINY_RUN + " --batch-size 32 --accum-steps 3 --out-dir {root}/run", 1, "--accum-steps"),
-    ("train " + TINY_RUN + " --objective tokenizer --disc-weight 0.8 --disc-layers 2 --out-dir {root}/run", 1,
+    ("train " + TINY_TOKENIZER + " --objective tokenizer --disc-weight 0.8 --disc-layers 2 --out-dir {root}/run", 1,
      "--disc-layers"),
     ("sample --checkpoint {root}/model.safetensors --device cpu --num 1 --steps 1 --out {root}/no_dir_1/x.png", 1,
      "--out {root}/no_dir_1/x.png: the folder {root}/no_dir_1 does not exist"),
@@ -693,6 +708,16 @@ CLI_CASES = [
     ("cache --tokenizer-checkpoint {root}/notes.txt --data digits --out c.pt --seed -1", 1, "--seed"),
     ("eval --checkpoint {root}/model.safetensors --num 2 --steps 2 --seed -1", 1, "--seed"),
     ("probe --checkpoint {root}/model.safetensors --data digits --epochs 1 --seed -1", 1, "--seed"),
+    # Settings the run would have ignored without a word, named by their flag; demo named TrainConfig's seed.
+    ("train --objective tokenizer --disc-layers 2 --out-dir {root}/run", 1,
+     "--disc-layers: TrainConfig.disc_layers sets up the discriminator, which trains only with disc_weight > 0 "
+     "(--disc-weight"),
+    ("train --objective tokenizer --perceptual-weight 0.5 --out-dir {root}/run", 1,
+     "--perceptual-weight: TrainConfig.perceptual_weight weighs the LPIPS term, which needs perceptual_weights "
+     "(--perceptual-weights"),
+    ("train --objective mae --model-overrides '{{\"depth\": 2}}' --out-dir {root}/run", 1,
+     "--model-overrides: TrainConfig.model_overrides belongs to objective 'mage' or 'mage-c'"),
+    ("demo --seed -1 --out {root}/no_dir_8", 1, "--seed must be >= 0, got -1"),
 ]
 
 

@@ -673,6 +673,7 @@ def add_demo(subparsers) -> None:
 def run_demo(args) -> int:
     from .demo import DemoConfig, run_demo as demo, summary
 
+    _require("--seed", args.seed, 0)  # before anything is written (it reached TrainConfig, named "seed")
     cfg = DemoConfig.quick(args.out) if args.quick else DemoConfig(out_dir=args.out)
     cfg.seed = args.seed
     print(summary(demo(cfg, governor=_governor(args.threads))))

@@ -65,9 +65,14 @@ from .tokenizer_io import load_tokenizer, save_tokenizer
 OBJECTIVES = ("tokenizer", "mage", "mage-c", "mae")
 
 
-# Fields that only one kind of run reads: set for another objective they would be ignored, or fail much later.
+# Fields that only some kinds of run read: set (away from their default) for another objective they would be
+# ignored, or fail much later.
 _OBJECTIVE_FIELDS = {"disc_weight": ("tokenizer",), "perceptual_weights": ("tokenizer",),
-                     "tokenizer_checkpoint": ("mage", "mage-c"), "token_cache": ("mage", "mage-c")}
+                     "tokenizer_checkpoint": ("mage", "mage-c"), "token_cache": ("mage", "mage-c"),
+                     "model": ("mage", "mage-c"), "model_overrides": ("mage", "mage-c"),
+                     "tokenizer": ("tokenizer", "mage", "mage-c"), "mae": ("mae",)}
+# The discriminator's settings: read only when disc_weight > 0.
+_DISC_FIELDS = ("disc_start", "disc_loss", "disc_lr", "disc_betas", "disc_layers", "disc_channels", "disc_norm")
 
 
 @dataclasses.dataclass
@@ -160,18 +165,36 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.disc_norm must be one of {DISC_NORMS}, got {self.disc_norm!r}")
         if self.disc_weight < 0:
             raise ValueError(f"TrainConfig.disc_weight must be >= 0, got {self.disc_weight}")
-        for name, objectives in _OBJECTIVE_FIELDS.items():
-            value = getattr(self, name)
-            if value and self.objective not in objectives:  # the field is named first: the CLI leads with its flag
-                raise ValueError(f"TrainConfig.{name} belongs to objective {' or '.join(map(repr, objectives))}: "
-                                 f"unset it for objective {self.objective!r}, got {value!r}")
         self.betas = tuple(self.betas)
         self.disc_betas = tuple(self.disc_betas)
         self.crop_scale = tuple(self.crop_scale)
         if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1]:
             raise ValueError(f"TrainConfig.crop_scale must be (low, high) with 0 < low <= high <= 1, "
                              f"got {self.crop_scale}")
+        self._check_unused()
         self._check_nested()
+
+    def _check_unused(self) -> None:
+        """Settings this run would ignore are errors (each message names the field first: the CLI leads with its
+        flag): fields of another objective, the discriminator's without disc_weight, perceptual_weight without
+        perceptual_weights. Only values away from the default count: a replayed config.json holds every field."""
+        default = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                   for f in dataclasses.fields(self)}
+        changed = [f.name for f in dataclasses.fields(self) if getattr(self, f.name) != default[f.name]]
+        for name in changed:
+            objectives = _OBJECTIVE_FIELDS.get(name, (self.objective,))
+            if self.objective not in objectives:
+                raise ValueError(f"TrainConfig.{name} belongs to objective {' or '.join(map(repr, objectives))}: "
+                                 f"unset it for objective {self.objective!r}, got {getattr(self, name)!r}")
+        for name in changed:
+            if name in _DISC_FIELDS and not self.disc_weight:
+                raise ValueError(f"TrainConfig.{name} sets up the discriminator, which trains only with disc_weight "
+                                 f"> 0 (--disc-weight; taming uses 0.8): set disc_weight or leave {name} at its "
+                                 f"default {default[name]!r}, got {getattr(self, name)!r}")
+        if "perceptual_weight" in changed and not self.perceptual_weights:
+            raise ValueError(f"TrainConfig.perceptual_weight weighs the LPIPS term, which needs perceptual_weights "
+                             f"(--perceptual-weights, an LPIPS-VGG16 weights file, see mage.perceptual): give it or "
+                             f"leave perceptual_weight at {default['perceptual_weight']}, got {self.perceptual_weight}")
 
     def _check_nested(self) -> None:
         """The dict fields as the configs they become (MAGEConfig, TokenizerConfig, MAEConfig), so a bad override
@@ -274,6 +297,7 @@ def build_model(cfg: TrainConfig) -> nn.Module:
         return MAE(make_mae_config(cfg))
     if cfg.tokenizer_checkpoint:
         tokenizer = load_tokenizer(cfg.tokenizer_checkpoint)
+        _check_tokenizer_settings(cfg, tokenizer.config)
     else:
         warnings.warn(f"objective {cfg.objective!r} without tokenizer_checkpoint: the model's tokenizer is randomly "
                       "initialised (train one with objective='tokenizer' first)", UserWarning, stacklevel=3)
@@ -281,6 +305,28 @@ def build_model(cfg: TrainConfig) -> nn.Module:
     model = MAGE(make_model_config(cfg, tokenizer.config))
     model.vqgan.load_state_dict(tokenizer.state_dict())
     return model
+
+
+def _check_tokenizer_settings(cfg: TrainConfig, file: TokenizerConfig) -> None:
+    """With a tokenizer_checkpoint the tokenizer and the image size are the file's: `tokenizer` and `image_size`
+    given beside it must say the same (they cannot change it; anything else would be silently ignored)."""
+    def plain(v):
+        return list(v) if isinstance(v, (tuple, list)) else v
+
+    missing, differ = object(), []
+    for k, v in cfg.tokenizer.items():
+        ours = getattr(file, k, missing)
+        if plain(ours) != plain(v):
+            differ.append(f"{k}={v!r} (the file's: {'no such field' if ours is missing else repr(ours)})")
+    if differ:
+        raise ValueError(f"TrainConfig.tokenizer: the tokenizer comes from tokenizer_checkpoint "
+                         f"{cfg.tokenizer_checkpoint}, and these settings differ from it: {', '.join(differ)}; leave "
+                         "tokenizer unset (the file's settings are used)")
+    default = TrainConfig.__dataclass_fields__["image_size"].default
+    if cfg.image_size not in (default, file.resolution):
+        raise ValueError(f"TrainConfig.image_size: MAGE trains at the resolution of its tokenizer_checkpoint "
+                         f"{cfg.tokenizer_checkpoint}, {file.resolution}x{file.resolution}; leave image_size unset or "
+                         f"give {file.resolution}, got {cfg.image_size}")
 
 
 class Projector(nn.Module):
