@@ -231,7 +231,7 @@ def test_every_public_op_function_has_bad_input_cases():
 # ------------------------------------------------------------------------------------- model layer
 
 import mage  # noqa: E402
-from mage.evaluation import EvalConfig, generate_into  # noqa: E402
+from mage.evaluation import EvalConfig, generate_into, load_source, probe_images  # noqa: E402
 from mage.fmnist_classifier import ClassifierConfig  # noqa: E402
 from mage.tokenizer import TokenizerConfig  # noqa: E402
 
@@ -396,6 +396,12 @@ MODEL_CASES = [
     ("generate_into", lambda: generate_into(MODEL, None, EvalConfig(num=2, steps=2), world=0), ValueError, "world"),
     ("generate_into", lambda: generate_into(MODEL, None, EvalConfig(num=2, steps=2)), TypeError, "metric"),
     ("generate_into", lambda: generate_into(meta_model(), None, EvalConfig(num=2, steps=2)), ValueError, "model"),
+    ("load_source", lambda: load_source(3, lambda n: None), TypeError, "source must be a str"),
+    ("load_source", lambda: load_source("digits", None), TypeError, "metric_factory"),
+    # digits took any split but "train" for its test split; size and channels failed inside torch.
+    ("probe_images", lambda: probe_images("digits", "val", 8, 1), ValueError, "split must be 'train' or 'test'"),
+    ("probe_images", lambda: probe_images("digits", "train", 0, 1), ValueError, "size must be >= 1"),
+    ("probe_images", lambda: probe_images("digits", "train", 8, 0), ValueError, "channels must be >= 1"),
     ("ProbeConfig", lambda: mage.ProbeConfig(optimizer="adam"), ValueError, "optimizer"),
     ("linear_probe", lambda: mage.linear_probe(torch.randn(8, 4), torch.arange(8) % 4, torch.randn(4, 4),
                                                torch.arange(4), num_classes=2), ValueError, "num_classes"),

@@ -87,6 +87,12 @@ def load_source(source: str, metric_factory, max_images: int | None = None, prog
                 chunk: int = 256) -> tuple[FeatureStats, InceptionMetric | None]:
     """Statistics of a source (see the module docstring). For images also the metric (its IS when the network
     has a classifier); for a .npz only the statistics. `metric_factory(total)` makes an InceptionMetric."""
+    if not isinstance(source, str):
+        raise TypeError(f"load_source: source must be a str (a .npz, an image folder or one of {BUILTIN_SOURCES}), "
+                        f"got {type(source).__name__}")
+    if not callable(metric_factory):
+        raise TypeError(f"load_source: metric_factory must be a callable total -> InceptionMetric, "
+                        f"got {type(metric_factory).__name__}")
     if max_images is not None:
         check_int("load_source", "max_images", max_images, 1)  # a negative slice bound would drop the last images
     check_int("load_source", "chunk", chunk, 1)
@@ -208,6 +214,13 @@ def probe_images(source: str, split: str, size: int, channels: int,
     [0, 1] and labels) or an image folder with the evaluation view (resize + centre crop, section 6)."""
     from . import transforms as T
 
+    if not isinstance(source, str):
+        raise TypeError(f"probe_images: source must be a str (fashion-mnist, digits or a folder), "
+                        f"got {type(source).__name__}")
+    if split not in ("train", "test"):  # digits took any other split for "test"
+        raise ValueError(f"probe_images: split must be 'train' or 'test', got {split!r}")
+    check_int("probe_images", "size", size, 1)
+    check_int("probe_images", "channels", channels, 1)
     if limit is not None:
         check_int("probe_images", "limit", limit, 1)  # a negative slice bound would drop the last images
     if source in ("fashion-mnist", "digits"):
