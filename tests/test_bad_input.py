@@ -445,13 +445,15 @@ MODEL_CASES = [
      "TrainConfig.perceptual_weight weighs the LPIPS term, which needs perceptual_weights"),
 ]
 # Names of mage.__all__ that take no user input worth a row (results, errors, the demo as a whole).
-NOT_INPUT = {"CheckpointError", "LoadReport", "ProbeResult", "DemoConfig", "run_demo"}
+NOT_INPUT = {"CheckpointError", "InputError", "LoadReport", "ProbeResult", "DemoConfig", "run_demo"}
 
 
 @pytest.mark.parametrize("name,call,err,arg", MODEL_CASES,
                          ids=[f"{c[0]}-{c[3]}-{i}" for i, c in enumerate(MODEL_CASES)])
 def test_model_layer_bad_input(name, call, err, arg):
     raises_naming(err, arg, call)
+    # An InputError or OSError, which the CLI prints as one line (any other exception keeps its traceback there).
+    raises_naming(OSError if issubclass(err, OSError) else mage.InputError, arg, call)
 
 
 def test_every_public_model_function_has_bad_input_cases():
@@ -749,3 +751,17 @@ def test_every_cli_command_has_bad_input_cases():
 
     commands = set(cli.build_parser()._subparsers._group_actions[0].choices)
     assert commands <= {c[0].split()[0] for c in CLI_CASES}
+
+
+@pytest.mark.skipif(mk.build_info()["native"] is None, reason="needs the native library")
+def test_cli_checks_the_cpu_isa_variable_first(monkeypatch, capsys):
+    # The C++ kernels raise a plain ValueError at their first call, which the CLI no longer takes for a user
+    # error: the CLI checks the variable before the command runs.
+    from mage import cli
+
+    monkeypatch.setenv("MAGE_CPU_ISA", "avx1024")
+    with pytest.raises(SystemExit) as info:
+        cli.main(["fid", "digits"])
+    err = capsys.readouterr().err
+    assert info.value.code == 1 and "Traceback" not in err
+    assert err == "mage fid: error: MAGE_CPU_ISA must be one of auto, scalar, avx2, avx512_bf16, got 'avx1024'\n"

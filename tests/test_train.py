@@ -606,6 +606,19 @@ def test_a_bug_while_building_the_model_is_not_reported_as_bad_settings(tmp_path
     assert not (tmp_path / "config.json").exists()
 
 
+def test_cli_keeps_the_traceback_of_a_bug(tmp_path, monkeypatch):
+    # The CLI printed every TypeError / ValueError / OSError as "mage train: error: <message>", a user error,
+    # bugs included. Only our checks' InputError (and OSError) are; anything else propagates.
+    from mage.cli import main
+
+    def broken(self, *args, **kwargs):
+        raise TypeError("a bug in Block.__init__")
+
+    monkeypatch.setattr(train_mod.Block, "__init__", broken)
+    with pytest.raises(TypeError, match="a bug in Block.__init__"):
+        main(_cli_flags(tmp_path, 1))
+
+
 def test_cli_train_under_torchrun(tmp_path):
     import subprocess
     import sys

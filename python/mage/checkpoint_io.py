@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._checks import all_finite
+from ._checks import InputValueError, all_finite
 
 MAGIC = b"MAGECKPT"
 FORMAT_VERSION = 1
@@ -38,7 +38,7 @@ TOKENIZER_FORMAT = "mage-kernels/tokenizer-v1"
 _HEADER = struct.Struct("<8sQQ32s")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputValueError):
     """A checkpoint or weights file that cannot be read (missing, truncated, corrupted, not in a format we
     read, unsafe to unpickle) or does not match the model; the message says which and what to do."""
 

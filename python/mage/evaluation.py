@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from . import data as data_lib
-from ._checks import check_config, check_int, check_model, check_steps
+from ._checks import InputTypeError, InputValueError, check_config, check_int, check_model, check_steps
 from .metrics import FeatureStats, InceptionMetric
 
 BUILTIN_SOURCES = ("fashion-mnist", "fashion-mnist:train", "fashion-mnist:test", "digits")
@@ -69,7 +69,7 @@ def builtin_images(name: str) -> torch.Tensor:
         return data_lib.load_fashion_mnist("test" if name.endswith(":test") else "train")[0]
     if name == "digits":
         return (data_lib.load_digits()[0] * 255).round().to(torch.uint8)
-    raise ValueError(f"unknown built-in data set {name!r}; choose from {BUILTIN_SOURCES}")
+    raise InputValueError(f"unknown built-in data set {name!r}; choose from {BUILTIN_SOURCES}")
 
 
 def describe_source(source: str) -> str:
@@ -79,7 +79,7 @@ def describe_source(source: str) -> str:
         return "folder"
     if source in BUILTIN_SOURCES:
         return "builtin"
-    raise ValueError(f"{source!r} is not a .npz of statistics, an existing image folder or a built-in data set "
+    raise InputValueError(f"{source!r} is not a .npz of statistics, an existing image folder or a built-in data set "
                      f"({', '.join(BUILTIN_SOURCES)})")
 
 
@@ -88,10 +88,10 @@ def load_source(source: str, metric_factory, max_images: int | None = None, prog
     """Statistics of a source (see the module docstring). For images also the metric (its IS when the network
     has a classifier); for a .npz only the statistics. `metric_factory(total)` makes an InceptionMetric."""
     if not isinstance(source, str):
-        raise TypeError(f"load_source: source must be a str (a .npz, an image folder or one of {BUILTIN_SOURCES}), "
+        raise InputTypeError(f"load_source: source must be a str (a .npz, an image folder or one of {BUILTIN_SOURCES}), "
                         f"got {type(source).__name__}")
     if not callable(metric_factory):
-        raise TypeError(f"load_source: metric_factory must be a callable total -> InceptionMetric, "
+        raise InputTypeError(f"load_source: metric_factory must be a callable total -> InceptionMetric, "
                         f"got {type(metric_factory).__name__}")
     if max_images is not None:
         check_int("load_source", "max_images", max_images, 1)  # a negative slice bound would drop the last images
@@ -102,7 +102,7 @@ def load_source(source: str, metric_factory, max_images: int | None = None, prog
     if kind == "folder":
         files = image_files(source)[:max_images]
         if not files:
-            raise ValueError(f"no png/jpg/jpeg/webp images under {source}")
+            raise InputValueError(f"no png/jpg/jpeg/webp images under {source}")
         total, get = len(files), lambda i, j: [read_image(f) for f in files[i:j]]
     else:
         images = builtin_images(source)[:max_images]
@@ -144,7 +144,7 @@ class EvalConfig:
         """Every field's type and range (run again by generate_into: a dataclass field can change after init)."""
         check_config(self)
         if self.dtype not in SAMPLING_DTYPES:
-            raise ValueError(f"EvalConfig: dtype must be None, torch.float32, torch.bfloat16 or torch.float16, "
+            raise InputValueError(f"EvalConfig: dtype must be None, torch.float32, torch.bfloat16 or torch.float16, "
                              f"got {self.dtype!r}")
 
 
@@ -165,13 +165,13 @@ def generate_into(model, metric: InceptionMetric, cfg: EvalConfig, rank: int = 0
 
     check_model("generate_into", model, MAGE)
     if not isinstance(cfg, EvalConfig):
-        raise TypeError(f"generate_into: cfg must be an EvalConfig, got {type(cfg).__name__}")
+        raise InputTypeError(f"generate_into: cfg must be an EvalConfig, got {type(cfg).__name__}")
     cfg.check()
     check_steps("generate_into", cfg.steps, model.config.num_tokens)
     world = check_int("generate_into", "world", world, 1)
     check_int("generate_into", "rank", rank, 0, world - 1)
     if not isinstance(metric, InceptionMetric):
-        raise TypeError(f"generate_into: metric must be a mage.metrics.InceptionMetric, got {type(metric).__name__}")
+        raise InputTypeError(f"generate_into: metric must be a mage.metrics.InceptionMetric, got {type(metric).__name__}")
     out = Path(cfg.images_dir) if cfg.images_dir else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -215,10 +215,10 @@ def probe_images(source: str, split: str, size: int, channels: int,
     from . import transforms as T
 
     if not isinstance(source, str):
-        raise TypeError(f"probe_images: source must be a str (fashion-mnist, digits or a folder), "
+        raise InputTypeError(f"probe_images: source must be a str (fashion-mnist, digits or a folder), "
                         f"got {type(source).__name__}")
     if split not in ("train", "test"):  # digits took any other split for "test"
-        raise ValueError(f"probe_images: split must be 'train' or 'test', got {split!r}")
+        raise InputValueError(f"probe_images: split must be 'train' or 'test', got {split!r}")
     check_int("probe_images", "size", size, 1)
     check_int("probe_images", "channels", channels, 1)
     if limit is not None:
@@ -240,9 +240,9 @@ def probe_images(source: str, split: str, size: int, channels: int,
     names = ("train",) if split == "train" else ("val", "test")
     folder = next((root / n for n in names if (root / n).is_dir()), None)
     if folder is None:
-        raise ValueError(f"a probe folder needs {root}/train/ and {root}/val/ (or test/), each root/<class>/<image>")
+        raise InputValueError(f"a probe folder needs {root}/train/ and {root}/val/ (or test/), each root/<class>/<image>")
     if channels != 3:
-        raise ValueError(f"image folders are read as RGB; the model's tokenizer takes {channels} channel(s)")
+        raise InputValueError(f"image folders are read as RGB; the model's tokenizer takes {channels} channel(s)")
     ds = data_lib.ImageFolder(folder, transform=T.eval_transform(size))
     if limit is not None and limit < len(ds):
         # Folders are sorted by class: a fixed random subset keeps every class.

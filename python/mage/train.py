@@ -36,7 +36,7 @@ import mage_kernels
 
 from . import data as data_lib
 from . import transforms as T
-from ._checks import all_finite, check_config, check_int
+from ._checks import InputError, InputValueError, all_finite, check_config, check_int
 from .checkpoint_io import (
     CheckpointError,
     check_training_state,
@@ -148,28 +148,28 @@ class TrainConfig:
     def __post_init__(self):
         check_config(self)
         if self.objective not in OBJECTIVES:
-            raise ValueError(f"TrainConfig.objective must be one of {OBJECTIVES}, got {self.objective!r}")
+            raise InputValueError(f"TrainConfig.objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.amp not in ("none", "bf16", "fp16"):
-            raise ValueError(f"TrainConfig.amp must be 'none', 'bf16' or 'fp16', got {self.amp!r}")
+            raise InputValueError(f"TrainConfig.amp must be 'none', 'bf16' or 'fp16', got {self.amp!r}")
         if self.model not in CONSTRUCTORS:
-            raise ValueError(f"TrainConfig.model must be one of {sorted(CONSTRUCTORS)}, got {self.model!r}")
+            raise InputValueError(f"TrainConfig.model must be one of {sorted(CONSTRUCTORS)}, got {self.model!r}")
         if self.accum_steps < 1:
-            raise ValueError(f"TrainConfig.accum_steps must be >= 1, got {self.accum_steps}")
+            raise InputValueError(f"TrainConfig.accum_steps must be >= 1, got {self.accum_steps}")
         if not 0.0 <= self.max_warmup_fraction <= 1.0:
-            raise ValueError(f"TrainConfig.max_warmup_fraction must be in [0, 1], got {self.max_warmup_fraction}")
+            raise InputValueError(f"TrainConfig.max_warmup_fraction must be in [0, 1], got {self.max_warmup_fraction}")
         if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"TrainConfig.ema_decay must be in [0, 1) (0: off), got {self.ema_decay}")
+            raise InputValueError(f"TrainConfig.ema_decay must be in [0, 1) (0: off), got {self.ema_decay}")
         if self.disc_loss not in DISC_LOSSES:
-            raise ValueError(f"TrainConfig.disc_loss must be one of {DISC_LOSSES}, got {self.disc_loss!r}")
+            raise InputValueError(f"TrainConfig.disc_loss must be one of {DISC_LOSSES}, got {self.disc_loss!r}")
         if self.disc_norm not in DISC_NORMS:
-            raise ValueError(f"TrainConfig.disc_norm must be one of {DISC_NORMS}, got {self.disc_norm!r}")
+            raise InputValueError(f"TrainConfig.disc_norm must be one of {DISC_NORMS}, got {self.disc_norm!r}")
         if self.disc_weight < 0:
-            raise ValueError(f"TrainConfig.disc_weight must be >= 0, got {self.disc_weight}")
+            raise InputValueError(f"TrainConfig.disc_weight must be >= 0, got {self.disc_weight}")
         self.betas = tuple(self.betas)
         self.disc_betas = tuple(self.disc_betas)
         self.crop_scale = tuple(self.crop_scale)
         if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1]:
-            raise ValueError(f"TrainConfig.crop_scale must be (low, high) with 0 < low <= high <= 1, "
+            raise InputValueError(f"TrainConfig.crop_scale must be (low, high) with 0 < low <= high <= 1, "
                              f"got {self.crop_scale}")
         self._check_unused()
         self._check_nested()
@@ -184,15 +184,15 @@ class TrainConfig:
         for name in changed:
             objectives = _OBJECTIVE_FIELDS.get(name, (self.objective,))
             if self.objective not in objectives:
-                raise ValueError(f"TrainConfig.{name} belongs to objective {' or '.join(map(repr, objectives))}: "
+                raise InputValueError(f"TrainConfig.{name} belongs to objective {' or '.join(map(repr, objectives))}: "
                                  f"unset it for objective {self.objective!r}, got {getattr(self, name)!r}")
         for name in changed:
             if name in _DISC_FIELDS and not self.disc_weight:
-                raise ValueError(f"TrainConfig.{name} sets up the discriminator, which trains only with disc_weight "
+                raise InputValueError(f"TrainConfig.{name} sets up the discriminator, which trains only with disc_weight "
                                  f"> 0 (--disc-weight; taming uses 0.8): set disc_weight or leave {name} at its "
                                  f"default {default[name]!r}, got {getattr(self, name)!r}")
         if "perceptual_weight" in changed and not self.perceptual_weights:
-            raise ValueError(f"TrainConfig.perceptual_weight weighs the LPIPS term, which needs perceptual_weights "
+            raise InputValueError(f"TrainConfig.perceptual_weight weighs the LPIPS term, which needs perceptual_weights "
                              f"(--perceptual-weights, an LPIPS-VGG16 weights file, see mage.perceptual): give it or "
                              f"leave perceptual_weight at {default['perceptual_weight']}, got {self.perceptual_weight}")
 
@@ -263,12 +263,12 @@ def _config_from(field: str, kind: type, values: dict, defaults: dict | None = N
     allowed = {f.name for f in dataclasses.fields(kind)} - set(fixed)
     unknown = sorted(str(k) for k in set(values) - allowed)
     if unknown:
-        raise ValueError(f"TrainConfig.{field}: unknown {kind.__name__} fields {unknown}" +
+        raise InputValueError(f"TrainConfig.{field}: unknown {kind.__name__} fields {unknown}" +
                          (f" ({', '.join(fixed)} cannot be set here)" if set(unknown) & set(fixed) else "") +
                          f"; the fields are {sorted(allowed)}")
     try:
         return kind(**{**(defaults or {}), **values, **fixed})
-    except (TypeError, ValueError) as err:
+    except InputError as err:
         raise type(err)(f"TrainConfig.{field}: {err}") from None
 
 
@@ -319,12 +319,12 @@ def _check_tokenizer_settings(cfg: TrainConfig, file: TokenizerConfig) -> None:
         if plain(ours) != plain(v):
             differ.append(f"{k}={v!r} (the file's: {'no such field' if ours is missing else repr(ours)})")
     if differ:
-        raise ValueError(f"TrainConfig.tokenizer: the tokenizer comes from tokenizer_checkpoint "
+        raise InputValueError(f"TrainConfig.tokenizer: the tokenizer comes from tokenizer_checkpoint "
                          f"{cfg.tokenizer_checkpoint}, and these settings differ from it: {', '.join(differ)}; leave "
                          "tokenizer unset (the file's settings are used)")
     default = TrainConfig.__dataclass_fields__["image_size"].default
     if cfg.image_size not in (default, file.resolution):
-        raise ValueError(f"TrainConfig.image_size: MAGE trains at the resolution of its tokenizer_checkpoint "
+        raise InputValueError(f"TrainConfig.image_size: MAGE trains at the resolution of its tokenizer_checkpoint "
                          f"{cfg.tokenizer_checkpoint}, {file.resolution}x{file.resolution}; leave image_size unset or "
                          f"give {file.resolution}, got {cfg.image_size}")
 
@@ -473,7 +473,7 @@ def make_dataset(cfg: TrainConfig, channels: int, size: int, split: str = "train
     source = load_images(cfg.data, split)
     if isinstance(source, data_lib.ImageFolder):
         if channels != 3:
-            raise ValueError(f"TrainConfig.data {cfg.data}: image folders are read as RGB, but the model takes "
+            raise InputValueError(f"TrainConfig.data {cfg.data}: image folders are read as RGB, but the model takes "
                              f"{channels} channel(s) (set the tokenizer's in_channels to 3)")
         source.transform, source.seed = views, cfg.seed
         return source
@@ -499,18 +499,18 @@ class Batches:
 
     def __init__(self, dataset, cfg: TrainConfig, d: Dist):
         if cfg.batch_size % d.world:
-            raise ValueError(f"TrainConfig.batch_size {cfg.batch_size} must be divisible by the number of processes "
+            raise InputValueError(f"TrainConfig.batch_size {cfg.batch_size} must be divisible by the number of processes "
                              f"{d.world}")
         self.dataset, self.cfg, self.d = dataset, cfg, d
         self.local = cfg.batch_size // d.world
         if self.local % cfg.accum_steps:
-            raise ValueError(f"TrainConfig.accum_steps: each process's batch ({self.local} = batch_size / processes) "
+            raise InputValueError(f"TrainConfig.accum_steps: each process's batch ({self.local} = batch_size / processes) "
                              f"must be divisible by accum_steps {cfg.accum_steps}")
         self.sampler = data_lib.EpochSampler(len(dataset), seed=cfg.seed, rank=d.rank, world_size=d.world,
                                              drop_last=True)
         self.steps_per_epoch = self.sampler.num_per_rank() // self.local
         if self.steps_per_epoch < 1:
-            raise ValueError(f"TrainConfig.batch_size {cfg.batch_size} is larger than the data set ({len(dataset)} "
+            raise InputValueError(f"TrainConfig.batch_size {cfg.batch_size} is larger than the data set ({len(dataset)} "
                              "items): one global batch must fit in it")
 
     def from_step(self, step: int):
@@ -653,7 +653,7 @@ def build_adversary(cfg: TrainConfig, tok: VQGANTokenizer, lr: float, d: Dist) -
     net = PatchDiscriminator(tok.config.in_channels, cfg.disc_channels, cfg.disc_layers, cfg.disc_norm)
     size = tok.config.resolution
     if net.output_size(size) < 1:
-        raise ValueError(f"TrainConfig.disc_layers={cfg.disc_layers} is too deep for {size}x{size} images (the "
+        raise InputValueError(f"TrainConfig.disc_layers={cfg.disc_layers} is too deep for {size}x{size} images (the "
                          "discriminator would output no patch); use fewer disc_layers")
     objective = DiscriminatorObjective(net, cfg.disc_loss).to(d.device)
     trained: nn.Module = objective
