@@ -566,7 +566,9 @@ def test_cli_train_flags_reach_the_config(tmp_path, capsys):
     # schedule, so it must be asked for).
     with pytest.raises(SystemExit):
         main(["train", "--config", str(tmp_path / "config.json"), "--steps", "4", "--resume"])
-    assert "steps: 2 -> 4" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "steps: 2 -> 4" in err and err.startswith("mage train: error: cannot resume from")  # was led by a flag:
+    # "--resume-with-changes: cannot resume ...", after the first field the message mentioned
     assert main(["train", "--config", str(tmp_path / "config.json"), "--steps", "4", "--resume",
                  "--resume-with-changes"]) == 0
     assert list(logged(tmp_path)) == [1, 2, 3, 4]

@@ -369,11 +369,12 @@ def add_train(subparsers) -> None:
 
 
 def _name_train_flag(message: str, flags: dict, config: str | None) -> str:
-    """An error about a TrainConfig field ("TrainConfig: lr ...", "TrainConfig.lr ...") led by the flag that
-    set it, or by --config when the value came from that file."""
+    """An error about a TrainConfig field (a message that starts "TrainConfig: lr ..." or "TrainConfig.lr ...") led
+    by the flag that set it, or by --config when the value came from that file. Other messages are left as they
+    are (they may mention fields, as in "--resume (TrainConfig.resume=True)", without being about them)."""
     import re
 
-    match = re.search(r"TrainConfig[.:] ?(\w+)", message)
+    match = re.match(r"TrainConfig[.:] ?(\w+)", message)
     if match is None:
         return message
     field = match.group(1)
