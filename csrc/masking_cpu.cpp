@@ -3,9 +3,10 @@
 // The ops are data movement: every output row is a copy of one input row, a zero row, or (pad_with_cls
 // with pos_embed) a row plus the positional row. Work is split over output rows (b, slot) in chunks of
 // ~256 KiB handed out dynamically (cpu_parallel.h); the inner loops run over C and are plain copies or
-// element-wise adds. pad_with_cls's backward reads grad_z once: each task of (batch block, channel chunk)
-// copies or sums its rows and adds them to its block's partial positional sum; the partials are summed in
-// block order afterwards, so the bits do not depend on the thread count. The mask plan
+// element-wise adds. The loops prefetch the rows about 4 KiB ahead (hardware prefetchers stop at 4 KiB
+// pages). pad_with_cls's backward reads grad_z once: each task of (batch block, channel chunk) copies or
+// sums its rows and adds them to its block's partial positional sum, in one pass over each row; the
+// partials are summed in block order afterwards, so the bits do not depend on the thread count. The mask plan
 // selects the D-th and M-th smallest (noise, position) keys per row with nth_element instead of a sort.
 // Unlike the CUDA kernels, these validate keep_idx values (range, strictly increasing, -1 only at the
 // end) and the per-row counts, since reading them costs no host sync here.
@@ -348,6 +349,14 @@ struct RowLoops {
   void (*accumulate_f32)(float* acc, const float* g, int64_t n);
   void (*accumulate_bf16)(float* acc, const uint16_t* g, int64_t n);
   void (*round_to_bf16)(uint16_t* out, const float* acc, int64_t n);
+  // One pass over a row where two would read it twice (AVX2 only; null: the separate loops above). out = a + b
+  // with streaming stores; acc += g and pad += g; acc += g and out = g (streaming stores when `stream`).
+  void (*add_stream_f32)(float* out, const float* a, const float* b, int64_t n);
+  void (*add_stream_bf16)(uint16_t* out, const uint16_t* a, const uint16_t* b, int64_t n);
+  void (*accumulate2_f32)(float* acc, float* pad, const float* g, int64_t n);
+  void (*accumulate2_bf16)(float* acc, float* pad, const uint16_t* g, int64_t n);
+  void (*accumulate_copy_f32)(float* acc, float* out, const float* g, int64_t n, bool stream);
+  void (*accumulate_copy_bf16)(float* acc, uint16_t* out, const uint16_t* g, int64_t n, bool stream);
 };
 
 #define MAGE_ROW_LOOPS(NAME, ATTR)                                                                          \
@@ -429,8 +438,120 @@ __attribute__((target("avx2"))) void round_to_bf16_avx2(uint16_t* out, const flo
   for (; i < n; ++i) out[i] = float_to_bf16(acc[i]);
 }
 
-constexpr RowLoops kRowLoops_avx2{add_f32_avx2, add_bf16_avx2, accumulate_f32_avx2, accumulate_bf16_avx2,
-                                  round_to_bf16_avx2};
+// One pass where two loops would each read the row: pad_with_cls forward's sums streamed out as computed
+// (no L1 buffer and copy), and its backward's gradient rows added to the positional sum while they are
+// copied or added to the padded sum. Same adds, same bits. Streaming stores start at out's first 32-byte
+// boundary (plain stores before it and for the tail). See benchmarks/results/cpu-avx2-masking-ab.txt.
+__attribute__((target("avx2"))) void add_stream_f32_avx2(float* out, const float* a, const float* b, int64_t n) {
+  int64_t i = unaligned_head(reinterpret_cast<const char*>(out), n * 4) / 4;
+  for (int64_t k = 0; k < i; ++k) out[k] = a[k] + b[k];
+  for (; i + 8 <= n; i += 8) _mm256_stream_ps(out + i, _mm256_add_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i)));
+  for (; i < n; ++i) out[i] = a[i] + b[i];
+}
+
+__attribute__((target("avx2"))) void add_stream_bf16_avx2(uint16_t* out, const uint16_t* a, const uint16_t* b,
+                                                           int64_t n) {
+  int64_t i = unaligned_head(reinterpret_cast<const char*>(out), n * 2) / 2;
+  for (int64_t k = 0; k < i; ++k) out[k] = float_to_bf16(bf16_to_float(a[k]) + bf16_to_float(b[k]));
+  for (; i + 16 <= n; i += 16) {
+    const __m256i va = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + i));
+    const __m256i vb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + i));
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(out + i), add_bf16x16(va, vb));
+  }
+  for (; i < n; ++i) out[i] = float_to_bf16(bf16_to_float(a[i]) + bf16_to_float(b[i]));
+}
+
+// Eight bf16 values widened to fp32 (exact: the bits go to the high half).
+__attribute__((target("avx2"))) inline __m256 widen_bf16x8(__m128i h) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+__attribute__((target("avx2"))) inline void add_into(float* acc, __m256 v) {
+  _mm256_storeu_ps(acc, _mm256_add_ps(_mm256_loadu_ps(acc), v));
+}
+
+__attribute__((target("avx2"))) void accumulate2_f32_avx2(float* acc, float* pad, const float* g, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(g + i);
+    add_into(acc + i, v);
+    add_into(pad + i, v);
+  }
+  for (; i < n; ++i) {
+    acc[i] += g[i];
+    pad[i] += g[i];
+  }
+}
+
+__attribute__((target("avx2"))) void accumulate2_bf16_avx2(float* acc, float* pad, const uint16_t* g, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = widen_bf16x8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(g + i)));
+    add_into(acc + i, v);
+    add_into(pad + i, v);
+  }
+  for (; i < n; ++i) {
+    acc[i] += bf16_to_float(g[i]);
+    pad[i] += bf16_to_float(g[i]);
+  }
+}
+
+__attribute__((target("avx2"))) void accumulate_copy_f32_avx2(float* acc, float* out, const float* g, int64_t n,
+                                                              bool stream) {
+  int64_t i = stream ? unaligned_head(reinterpret_cast<const char*>(out), n * 4) / 4 : 0;
+  for (int64_t k = 0; k < i; ++k) {
+    acc[k] += g[k];
+    out[k] = g[k];
+  }
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(g + i);
+    add_into(acc + i, v);
+    if (stream) {
+      _mm256_stream_ps(out + i, v);
+    } else {
+      _mm256_storeu_ps(out + i, v);
+    }
+  }
+  for (; i < n; ++i) {
+    acc[i] += g[i];
+    out[i] = g[i];
+  }
+}
+
+__attribute__((target("avx2"))) void accumulate_copy_bf16_avx2(float* acc, uint16_t* out, const uint16_t* g,
+                                                               int64_t n, bool stream) {
+  int64_t i = stream ? unaligned_head(reinterpret_cast<const char*>(out), n * 2) / 2 : 0;
+  for (int64_t k = 0; k < i; ++k) {
+    acc[k] += bf16_to_float(g[k]);
+    out[k] = g[k];
+  }
+  for (; i + 16 <= n; i += 16) {
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g + i));
+    add_into(acc + i, widen_bf16x8(_mm256_castsi256_si128(raw)));
+    add_into(acc + i + 8, widen_bf16x8(_mm256_extracti128_si256(raw, 1)));
+    if (stream) {
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(out + i), raw);
+    } else {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), raw);
+    }
+  }
+  for (; i < n; ++i) {
+    acc[i] += bf16_to_float(g[i]);
+    out[i] = g[i];
+  }
+}
+
+constexpr RowLoops kRowLoops_avx2{add_f32_avx2,
+                                  add_bf16_avx2,
+                                  accumulate_f32_avx2,
+                                  accumulate_bf16_avx2,
+                                  round_to_bf16_avx2,
+                                  add_stream_f32_avx2,
+                                  add_stream_bf16_avx2,
+                                  accumulate2_f32_avx2,
+                                  accumulate2_bf16_avx2,
+                                  accumulate_copy_f32_avx2,
+                                  accumulate_copy_bf16_avx2};
 #endif
 
 // The loops for this call's path (read once per op call, not per row).
@@ -494,14 +615,85 @@ RowWriter row_writer(const at::Tensor& out) {
   return {copy_plain, zero_plain, fence_none, false};
 }
 
+// out = a + b as add_row, written by w (streamed in one pass where the loops have it).
+template <typename T>
+void add_row_to(const RowLoops& k, const RowWriter& w, T* out, const T* a, const T* b, int64_t n, T* buf) {
+  if (w.streaming) {
+    if constexpr (std::is_same_v<T, float>) {
+      if (k.add_stream_f32) return k.add_stream_f32(out, a, b, n);
+    } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      if (k.add_stream_bf16) {
+        return k.add_stream_bf16(reinterpret_cast<uint16_t*>(out), reinterpret_cast<const uint16_t*>(a),
+                                 reinterpret_cast<const uint16_t*>(b), n);
+      }
+    }
+    add_row(k, buf, a, b, n);  // the sums go out from here (L1)
+    w.copy(out, buf, n * sizeof(T));
+  } else {
+    add_row(k, out, a, b, n);
+  }
+}
+
+// acc += g and pad += g, in opmath.
+template <typename T>
+void accumulate_row2(const RowLoops& k, at::opmath_type<T>* acc, at::opmath_type<T>* pad, const T* g, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (k.accumulate2_f32) return k.accumulate2_f32(acc, pad, g, n);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (k.accumulate2_bf16) return k.accumulate2_bf16(acc, pad, reinterpret_cast<const uint16_t*>(g), n);
+  }
+  accumulate_row(k, acc, g, n);
+  accumulate_row(k, pad, g, n);
+}
+
+// acc += g in opmath, and out = g written by w.
+template <typename T>
+void accumulate_copy_row(const RowLoops& k, const RowWriter& w, at::opmath_type<T>* acc, T* out, const T* g,
+                         int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (k.accumulate_copy_f32) return k.accumulate_copy_f32(acc, out, g, n, w.streaming);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (k.accumulate_copy_bf16) {
+      return k.accumulate_copy_bf16(acc, reinterpret_cast<uint16_t*>(out), reinterpret_cast<const uint16_t*>(g), n,
+                                    w.streaming);
+    }
+  }
+  accumulate_row(k, acc, g, n);
+  w.copy(out, g, n * sizeof(T));
+}
+
+// Rows read ahead of their use. The rows a call reads are scattered (a gather) or start a new 4 KiB page
+// every few rows, and the hardware prefetchers stop at page boundaries and need a few misses to pick up
+// each new run, so the loops ask for the lines of the row about 4 KiB ahead while working on the current one.
+// Rows over 16 KiB are left to the hardware (most of their lines are mid-page). Prefetch only: no result
+// depends on it.
+struct Prefetch {
+  int64_t rows = 0, bytes = 0;  // rows ahead (0: none), bytes of each
+  explicit Prefetch(int64_t row_bytes) {
+    if (row_bytes > 0 && row_bytes <= (16 << 10)) {
+      rows = std::min<int64_t>(16, ((4 << 10) + row_bytes - 1) / row_bytes);
+      bytes = row_bytes;
+    }
+  }
+  void operator()(const void* row) const {
+    const char* p = static_cast<const char*>(row);
+    for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(p + i, 0, 3);
+  }
+};
+
 // Copies (B, S_out) rows: out[b, s] = in[b, source(b, s)], or zeros for source -1.
 template <typename Source>
 void copy_rows(at::Tensor& out, const Rows& in, int64_t C, Source source) {
   const int64_t B = out.size(0), S = out.size(1), row_bytes = C * out.element_size();
   char* o = static_cast<char*>(out.data_ptr());
   const RowWriter w = row_writer(out);
+  const Prefetch prefetch(row_bytes);
   parallel_chunks(B * S, row_grain(row_bytes), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
+      if (prefetch.rows && r + prefetch.rows < end) {
+        const int64_t ahead = r + prefetch.rows, from = source(ahead / S, ahead % S);
+        if (from >= 0) prefetch(in.row(ahead / S, from));
+      }
       const int64_t b = r / S, s = r % S, from = source(b, s);
       if (from >= 0) {
         w.copy(o + r * row_bytes, in.row(b, from), row_bytes);
@@ -679,20 +871,23 @@ at::Tensor pad_with_cls_cpu(const at::Tensor& y_in, const at::Tensor& keep_in, c
     const scalar_t* pep = pe.defined() ? pe.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* pdp = pd.defined() ? pd.const_data_ptr<scalar_t>() : nullptr;
     const RowWriter w = row_writer(z);
+    const Prefetch prefetch(C * es);
     parallel_chunks(B * S, row_grain(C * es), [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> sum(pep && w.streaming ? C : 0);  // row sums are streamed out from here (L1)
+      std::vector<scalar_t> sum(pep && w.streaming ? C : 0);  // for row sums streamed out by a copy
       for (int64_t r = begin; r < end; ++r) {
         const int64_t b = r / S, s = r % S;
+        if (prefetch.rows && r + prefetch.rows < end) {  // rows of y (the class row and pad stay in cache)
+          const int64_t ahead = r + prefetch.rows, sa = ahead % S;
+          const int64_t ja = sa == 0 ? -1 : src[(ahead / S) * L + sa - 1];
+          if (ja >= 0) prefetch(yr.row(ahead / S, 1 + ja));
+        }
         const int64_t j = s == 0 ? -1 : src[b * L + s - 1];
         const scalar_t* from = j >= 0     ? reinterpret_cast<const scalar_t*>(yr.row(b, 1 + j))
                                : s > 0 && pdp ? pdp
                                               : reinterpret_cast<const scalar_t*>(yr.row(b, 0));
         scalar_t* out = zp + r * C;
-        if (pep && w.streaming) {
-          add_row(loops, sum.data(), from, pep + s * C, C);
-          w.copy(out, sum.data(), C * es);
-        } else if (pep) {
-          add_row(loops, out, from, pep + s * C, C);
+        if (pep) {
+          add_row_to(loops, w, out, from, pep + s * C, C, sum.data());
         } else {
           w.copy(out, from, C * es);
         }
@@ -724,9 +919,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pad_with_cls_backward_cpu(const a
   const Rows gr = rows_of(gz);
   // One pass over grad_z in tasks of (kBatchBlock batch rows, up to kChunk channels: whole rows at usual
   // widths, which the prefetchers stream; 1 KiB pieces of rows read about 2x slower). The positional sums
-  // go to one fp32 / fp64 partial [S, C] per batch block (in cache while the block's rows stream past),
-  // then to grad_pos, summed over the blocks in order. The block size is fixed, so the sums do not depend
-  // on the thread count.
+  // go to one fp32 / fp64 partial [S, C] per batch block (790 KB at S = 257, C = 768: in L3 as the block's
+  // rows stream past), then to grad_pos, summed over the blocks in order. The block size is fixed, so the
+  // sums do not depend on the thread count. Walking positions in tiles across the block's rows, so that the
+  // partial's rows stay in L1 / L2, measured no faster at B = 64 (cpu-avx2-masking-ab.txt): what the
+  // positional sum cost was the extra loop over each row, now fused with the copy or the padded sum.
   constexpr int64_t kBatchBlock = 16, kChunk = 2048;
   const int64_t chunks = (C + kChunk - 1) / kChunk, blocks = (B + kBatchBlock - 1) / kBatchBlock;
   at::Tensor partial = at::empty({pos ? blocks : 0, S, C}, gz_in.options().dtype(acc_dtype));
@@ -749,17 +946,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pad_with_cls_backward_cpu(const a
         if (bp) {
           for (int64_t s = 0; s < S; ++s) std::fill(bp + s * C, bp + s * C + n, acc_t(0));
         }
-        for (int64_t b = blk * kBatchBlock; b < std::min(B, (blk + 1) * kBatchBlock); ++b) {
+        const int64_t b_end = std::min(B, (blk + 1) * kBatchBlock);
+        const Prefetch prefetch(n * es);
+        for (int64_t b = blk * kBatchBlock; b < b_end; ++b) {
           scalar_t* gyb = gy + b * (1 + Lk) * C + c0;
           std::fill(pad_acc, pad_acc + n, acc_t(0));
           for (int64_t s = 0; s < S; ++s) {
+            if (prefetch.rows) {  // the rows are read in order: this row's rest, then the next batch row's
+              if (s + prefetch.rows < S) {
+                prefetch(row(b, s + prefetch.rows, c0));
+              } else if (b + 1 < b_end && s + prefetch.rows - S < S) {
+                prefetch(row(b + 1, s + prefetch.rows - S, c0));
+              }
+            }
             const scalar_t* g = row(b, s, c0);
-            if (bp) accumulate_row(loops, bp + s * C, g, n);
-            if (s == 0) continue;
-            const int64_t j = src[b * L + s - 1];
-            if (j >= 0) {  // a kept, unmasked token: its gradient goes back to its row
-              w.copy(gyb + (1 + j) * C, g, n * es);
-            } else {  // padded: summed into the row's [C] (or pad) gradient, in token order
+            const int64_t j = s == 0 ? -1 : src[b * L + s - 1];
+            if (s == 0) {  // the class slot: handled below
+              if (bp) accumulate_row(loops, bp, g, n);
+            } else if (j >= 0) {  // a kept, unmasked token: its gradient goes back to its row
+              if (bp) {
+                accumulate_copy_row(loops, w, bp + s * C, gyb + (1 + j) * C, g, n);
+              } else {
+                w.copy(gyb + (1 + j) * C, g, n * es);
+              }
+            } else if (bp) {  // padded: summed into the row's [C] (or pad) gradient, in token order
+              accumulate_row2(loops, bp + s * C, pad_acc, g, n);
+            } else {
               accumulate_row(loops, pad_acc, g, n);
             }
           }

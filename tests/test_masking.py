@@ -742,6 +742,61 @@ def test_cpu_large_outputs_and_batch_blocks(isa, dtype, B, L, C, monkeypatch, on
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
+def _pad_backward_in_cpu_order(gz, keep, masked, mae, pos):
+    """pad_with_cls_backward with the CPU kernel's summation order spelled out, one fp32 (fp64) add at a time:
+    grad_pos sums batch blocks of 16 rows (rows in order, from +0), then the blocks in order (from +0); a
+    row's padded tokens sum in token order from +0, and without `mae` its class-slot gradient is added last."""
+    B, S, C = gz.shape
+    L = S - 1
+    acc = torch.float64 if gz.dtype == torch.float64 else torch.float32
+    g = gz.to(acc)
+    own = (keep >= 0) & ~masked.gather(1, keep.clamp_min(0))
+    padded = ref._slot_source(keep, L, own) < 0
+    pad_sum = torch.zeros(B, C, dtype=acc)
+    for s in range(1, S):
+        pad_sum = torch.where(padded[:, s - 1, None], pad_sum + g[:, s], pad_sum)
+    rows = ref.gather_slots(gz, torch.where(own, keep, -1))
+    grad_pos = gz.new_empty((0, C))
+    if pos:
+        total = torch.zeros(S, C, dtype=acc)
+        for b0 in range(0, B, 16):
+            block = torch.zeros(S, C, dtype=acc)
+            for b in range(b0, min(B, b0 + 16)):
+                block = block + g[b]
+            total = total + block
+        grad_pos = total.to(gz.dtype)
+    if mae:
+        return rows, pad_sum, grad_pos
+    rows[:, 0] = (pad_sum + g[:, 0]).to(gz.dtype)
+    return rows, pad_sum.new_empty((0, C)), grad_pos
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("B,L,C", [(37, 31, 2051), (20, 9, 13), (64, 64, 96), (24, 255, 1027)])
+def test_cpu_pad_backward_sums_in_a_fixed_order(isa, dtype, B, L, C, monkeypatch, on_threads):
+    """The CPU backward's sums (grad_pos, pad_sum, the class slot) give exactly the bits of the order that
+    `_pad_backward_in_cpu_order` spells out, on 1 and 2 threads, for every (mae, pos): B = 37, 20 and 24 end in
+    a partial batch block, C = 2051 spans two channel chunks, C = 13, 1027 and 2051 end in a vector tail, and
+    grad_y at (24, 255, 1027) is >= 8 MiB in every dtype (rows streamed out, unaligned)."""
+    if isa != "scalar" and mage_kernels.cpu_isa()["detected"] == "scalar":
+        pytest.skip("this CPU lacks AVX2/FMA")
+    monkeypatch.setenv("MAGE_CPU_ISA", isa)
+    m, d = _counts(B, L, seed=8)
+    masked, _, keep = mage_kernels.mask_plan(_noise(B, L, seed=8), m, d)
+    gz = _rand((B, 1 + L, C), dtype, "cpu", seed=9)
+    flags = [(False, True), (True, False), (False, False), (True, True)]
+
+    def run():
+        return [t for mae, pos in flags for t in torch.ops.mage.pad_with_cls_backward(gz, keep, masked, mae, pos)]
+
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+    expected = [t for mae, pos in flags for t in _pad_backward_in_cpu_order(gz, keep, masked, mae, pos)]
+    for actual in on_threads(run):
+        for a, e in zip(actual, expected):
+            assert a.dtype == e.dtype and torch.equal(a.view(bits[a.element_size()]), e.view(bits[e.element_size()]))
+
+
 def _output_cache_bytes() -> int:
     import ctypes
 
