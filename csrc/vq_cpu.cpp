@@ -443,15 +443,22 @@ RowInfo int16_row_info(const Codebook& cb, int t, double l1, double l2sq, double
 // |sum zq eq| < 2^31 for every code: the int32 accumulators cannot overflow.
 bool int16_fits(const Codebook& cb, double l2sq) { return l2sq * cb.max_l2q * cb.max_l2q < 0x1p62 * (1.0 - 0x1p-20); }
 
+// The int16 rows' loops lower t from t0 = fit_exponent(...) until the row fits. For a finite row t0 puts every
+// |z 2^t0| <= 32767 < 2^15, so at t0 - 16 every entry rounds to 0 (|zq|^2 = 0 fits): the loops end within 17
+// passes. They stop there in any case: a NaN or inf that got past the row scans (which reject them first, and
+// the finite sum of squares checked before fit_exponent) ends as an invalid row, never as an endless loop.
+constexpr int kMaxShrink = 16;
+
 // int16 row, any input: zq = round(2^t z) with t from fit_exponent. `zq` has cb.Dp entries (padding 0).
 template <typename Buf>
 RowInfo prepare_row_int16(const Buf* z, const Codebook& cb, int16_t* zq) {
   const int64_t D = cb.D;
   std::fill(zq, zq + cb.Dp, int16_t{0});
   const Norm n = robust_norm(z, D);
-  if (!n.finite) return RowInfo{};
+  if (!n.finite || !std::isfinite(n.n2)) return RowInfo{};
   if (n.amax == 0.0) return int16_row_info(cb, 0, 0.0, 0.0, 0.0);
-  for (int t = fit_exponent(n, kInt16Norm, 32767.0);; --t) {  // t drops only if the sum could overflow
+  const int t0 = fit_exponent(n, kInt16Norm, 32767.0);
+  for (int t = t0; t >= t0 - kMaxShrink; --t) {  // t drops only if the sum could overflow
     const Pow2 scale(t);
     double l1 = 0.0, l2 = 0.0;
     for (int64_t d = 0; d < D; ++d) {
@@ -462,6 +469,7 @@ RowInfo prepare_row_int16(const Buf* z, const Codebook& cb, int16_t* zq) {
     }
     if (int16_fits(cb, l2)) return int16_row_info(cb, t, l1, l2, n.amax);
   }
+  return RowInfo{};  // only for a non-finite row (kMaxShrink)
 }
 
 // GEMM row (fp32 or bf16 ranking): z' = 2^t z with |z'|_2 <= 1, rounded to fp32 into `zs`.
@@ -682,13 +690,15 @@ void pack_tiles(const int16_t* zq, int64_t rows, int64_t Dp, int32_t* tiles) {
 MAGE_AVX2 RowInfo prepare_row_int16_f64_avx2(const double* z, const Codebook& cb, int16_t* zq) {
   std::fill(zq, zq + cb.Dp, int16_t{0});
   const Norm n = robust_norm_f64_avx2(z, cb.D);
-  if (!n.finite) return RowInfo{};
+  if (!n.finite || !std::isfinite(n.n2)) return RowInfo{};
   if (n.amax == 0.0) return int16_row_info(cb, 0, 0.0, 0.0, 0.0);
-  for (int t = fit_exponent(n, kInt16Norm, 32767.0);; --t) {
+  const int t0 = fit_exponent(n, kInt16Norm, 32767.0);
+  for (int t = t0; t >= t0 - kMaxShrink; --t) {
     double l1, l2;
     quantize_f64_avx2(z, cb.D, t, zq, l1, l2);
     if (int16_fits(cb, l2)) return int16_row_info(cb, t, l1, l2, n.amax);
   }
+  return RowInfo{};  // only for a non-finite row (kMaxShrink)
 }
 
 // One vector of r values into a row's lane state: the running minimum, its index (the first, as codes
@@ -728,7 +738,9 @@ MAGE_AVX2 RowInfo prepare_row_int16_avx2(const float* z, const Codebook& cb, int
   for (int l = 0; l < 8; ++l) n2 += lanes[l];
   for (int64_t j = d; j < D; ++j) n2 += std::ldexp(static_cast<double>(z[j]), -n.ex) * std::ldexp(static_cast<double>(z[j]), -n.ex);
   n.n2 = n2 * (1.0 + 0x1p-16);  // fp32 sum: only an estimate, for choosing t (the int16 sums are exact)
-  for (int t = fit_exponent(n, kInt16Norm, 32767.0);; --t) {
+  if (!std::isfinite(n.n2)) return RowInfo{};  // a NaN or inf the scan missed (kMaxShrink)
+  const int t0 = fit_exponent(n, kInt16Norm, 32767.0);
+  for (int t = t0; t >= t0 - kMaxShrink; --t) {
     const __m256 s = _mm256_set1_ps(std::ldexp(1.0f, t));  // |t| < 128 here: z 2^t is exact or rounds to 0
     __m256i l1v = _mm256_setzero_si256();
     __m256d l2a = _mm256_setzero_pd(), l2b = _mm256_setzero_pd();
@@ -760,6 +772,7 @@ MAGE_AVX2 RowInfo prepare_row_int16_avx2(const float* z, const Codebook& cb, int
     for (; d < cb.Dp; ++d) zq[d] = 0;
     if (int16_fits(cb, l2)) return int16_row_info(cb, t, l1, l2, m);
   }
+  return RowInfo{};  // only for a non-finite row (kMaxShrink)
 }
 
 // The int32 dot products of 6 rows with the 16 codes of a panel, over `pairs` (even) pairs of entries:

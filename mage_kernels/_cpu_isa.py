@@ -28,3 +28,19 @@ def cpu_isa() -> dict:
     if lib is None:
         return {"path": None, "detected": None}
     return {"path": lib.mage_cpu_isa().decode(), "detected": lib.mage_cpu_isa_detected().decode()}
+
+
+def check_cpu_isa() -> None:
+    """MAGE_CPU_ISA names a path this CPU runs (the C++ kernels check it at each call; the `mage` command checks it
+    first, so the error is a one-line user error there)."""
+    import os
+
+    from ._checks import InputValueError
+
+    if cpu_isa()["path"] != "invalid":
+        return
+    name = os.environ.get("MAGE_CPU_ISA", "")
+    if name != "avx2":
+        raise InputValueError(f"MAGE_CPU_ISA must be one of auto, scalar, avx2, avx512_bf16, got {name!r}")
+    raise InputValueError("MAGE_CPU_ISA=avx2 asks for AVX2/FMA kernels, but this CPU lacks AVX2 or FMA; unset "
+                          "MAGE_CPU_ISA or set it to scalar")

@@ -18,6 +18,7 @@ import warnings
 from typing import Callable
 
 import torch
+from ._checks import InputValueError
 
 BACKENDS = ("cuda", "triton", "cpu", "reference")
 
@@ -25,7 +26,7 @@ BACKENDS = ("cuda", "triton", "cpu", "reference")
 def _requested_backend() -> str | None:
     name = os.environ.get("MAGE_KERNELS_BACKEND", "").strip().lower()
     if name and name not in BACKENDS:
-        raise ValueError(f"MAGE_KERNELS_BACKEND must be one of {BACKENDS}, got {name!r}")
+        raise InputValueError(f"MAGE_KERNELS_BACKEND must be one of {BACKENDS}, got {name!r}")
     return name or None
 
 

@@ -23,7 +23,8 @@ import math
 import torch
 
 from . import reference
-from ._checks import check_generator, check_int, check_pad_with_cls_backward_args, check_real, check_tensor
+from ._checks import (InputValueError, check_generator, check_int, check_pad_with_cls_backward_args, check_real,
+                      check_tensor)
 from ._registry import define, register_kernels
 
 define(
@@ -168,7 +169,7 @@ def mask_plan(
     """
     check_tensor("mask_plan", "noise", noise)
     if noise.dim() != 2:
-        raise ValueError(f"mask_plan: noise must be [B, L], got shape {tuple(noise.shape)}")
+        raise InputValueError(f"mask_plan: noise must be [B, L], got shape {tuple(noise.shape)}")
     if num_kept is not None:
         check_int("mask_plan", "num_kept", num_kept)
     masked_t = _count_tensor("num_masked", num_masked, noise)

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import reference
-from ._checks import check_bool, check_int, check_real, check_tensor
+from ._checks import InputTypeError, InputValueError, check_bool, check_int, check_real, check_tensor
 from .vq import vq_nearest, vq_quantize
 
 # Usage decay for dead-code detection when the codebook is learned by gradient (decay=None):
@@ -62,7 +62,7 @@ def kmeans(
     the average of its rows, summed over all ranks when `sync`; a mean with no rows stays where it is.
     """
     if rows.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(torch.isfinite(rows).all()):
-        raise ValueError(f"kmeans: rows has {int((~torch.isfinite(rows)).sum())} non-finite value(s) (NaN or inf); "
+        raise InputValueError(f"kmeans: rows has {int((~torch.isfinite(rows)).sum())} non-finite value(s) (NaN or inf); "
                          "k-means needs finite vectors")
     if sync and dist.get_rank() != 0:
         means = rows.new_empty(num_clusters, rows.shape[1])
@@ -175,7 +175,7 @@ class VectorQuantize(nn.Module):
         if decay is not None:
             decay = check_real(op, "decay", decay, 0.0, 1.0)
             if decay == 1.0:
-                raise ValueError(f"{op}: decay must be None (codebook learned by gradient) or in [0, 1), got {decay}")
+                raise InputValueError(f"{op}: decay must be None (codebook learned by gradient) or in [0, 1), got {decay}")
         for name, value in (("commitment_weight", commitment_weight), ("codebook_weight", codebook_weight),
                             ("threshold_ema_dead_code", threshold_ema_dead_code), ("eps", eps)):
             check_real(op, name, value, 0.0)
@@ -232,7 +232,7 @@ class VectorQuantize(nn.Module):
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
-            raise TypeError(f"VectorQuantize: x must be a float tensor, got {got}")
+            raise InputTypeError(f"VectorQuantize: x must be a float tensor, got {got}")
         if x.dim() == 2:
             expected, channel = f"[B, {self.dim}]", 1
         elif self.accept_image_fmap:
@@ -244,7 +244,7 @@ class VectorQuantize(nn.Module):
         else:
             expected, channel = f"[B, {self.dim}, N] (channel_last=False)", 1 if x.dim() == 3 else None
         if channel is None or x.shape[channel] != self.dim:
-            raise ValueError(f"VectorQuantize: x must be {expected} or [B, {self.dim}], got shape {list(x.shape)}")
+            raise InputValueError(f"VectorQuantize: x must be {expected} or [B, {self.dim}], got shape {list(x.shape)}")
 
     def _channel_first(self, x: torch.Tensor) -> bool:
         return x.dim() > 2 and (self.accept_image_fmap or not self.channel_last)
@@ -306,12 +306,12 @@ class VectorQuantize(nn.Module):
     def _raise_non_finite(self, x: torch.Tensor, z: torch.Tensor) -> None:
         bad = int((~torch.isfinite(x)).sum())
         if bad:
-            raise ValueError(f"VectorQuantize: x has {bad} non-finite value(s) (NaN or inf); no nearest code "
+            raise InputValueError(f"VectorQuantize: x has {bad} non-finite value(s) (NaN or inf); no nearest code "
                              "exists for them")
         if not bool(torch.isfinite(z).all()):
-            raise ValueError("VectorQuantize: project_in maps the finite x to non-finite values (its weights are "
+            raise InputValueError("VectorQuantize: project_in maps the finite x to non-finite values (its weights are "
                              "not finite, or the values overflow)")
-        raise ValueError("VectorQuantize: the codebook has no finite code (every code has a NaN or inf entry)")
+        raise InputValueError("VectorQuantize: the codebook has no finite code (every code has a NaN or inf entry)")
 
     def _quantize_and_update(self, x: torch.Tensor, z: torch.Tensor):
         updates = self.decay is not None or self.threshold_ema_dead_code > 0
@@ -411,11 +411,11 @@ class VectorQuantize(nn.Module):
         """Integer code indices in [0, codebook_size) (values read on CPU only: a host sync elsewhere)."""
         check_tensor(f"VectorQuantize.{op}", "indices", indices)
         if indices.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"VectorQuantize.{op}: indices must be int64 or int32, got {indices.dtype}")
+            raise InputTypeError(f"VectorQuantize.{op}: indices must be int64 or int32, got {indices.dtype}")
         if indices.device.type == "cpu" and indices.numel() and not torch.compiler.is_compiling():
             lo, hi = int(indices.min()), int(indices.max())
             if lo < 0 or hi >= self.codebook_size:
-                raise ValueError(f"VectorQuantize.{op}: indices must lie in [0, {self.codebook_size}), "
+                raise InputValueError(f"VectorQuantize.{op}: indices must lie in [0, {self.codebook_size}), "
                                  f"got min {lo}, max {hi}")
         return indices
 

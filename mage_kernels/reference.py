@@ -21,6 +21,7 @@ from ._checks import (
     check_remask_logits,
     check_vq_args,
 )
+from ._checks import InputValueError
 
 # --------------------------------------------------------------------------------------------------
 # Nearest-code quantization (docs/OPS.md op 1, docs/REFERENCE.md 3.3)
@@ -260,7 +261,7 @@ def _check_counts(op: str, num_masked: torch.Tensor, unknown: torch.Tensor) -> t
         bad = (num_masked < 0) | (num_masked > unknown)
         if bool(bad.any()):
             row = int(bad.int().argmax())
-            raise ValueError(
+            raise InputValueError(
                 f"{op}: num_masked must lie in [0, number of unknown tokens] per row; row {row} has "
                 f"num_masked = {int(num_masked[row])} but {int(unknown[row])} unknown tokens"
             )

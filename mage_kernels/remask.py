@@ -33,6 +33,7 @@ from ._checks import (
     check_tensor,
 )
 from ._registry import define, register_kernels
+from ._checks import InputTypeError, InputValueError
 
 _COMMON = "Tensor seed, *, int mask_id, float choice_temperature, int vocab_size, float temperature, bool reference_ties"
 define(f"remask_step(Tensor logits, Tensor ids, Tensor num_masked, {_COMMON}) -> (Tensor sampled, Tensor new_ids)")
@@ -227,9 +228,9 @@ def remask_count(
     op = "remask_count"
     check_tensor(op, "ids", ids)
     if ids.dtype != torch.int64:
-        raise TypeError(f"{op}: ids must be int64, got {ids.dtype}")
+        raise InputTypeError(f"{op}: ids must be int64, got {ids.dtype}")
     if ids.dim() != 2:
-        raise ValueError(f"{op}: ids must be [B, L], got shape {tuple(ids.shape)}")
+        raise InputValueError(f"{op}: ids must be [B, L], got shape {tuple(ids.shape)}")
     check_int(op, "mask_id", mask_id)
     mask_ratio = check_real(op, "mask_ratio", mask_ratio, 0.0, 1.0)
     if isinstance(num_initial, torch.Tensor):

@@ -14,7 +14,8 @@ from typing import Callable, Union
 
 import torch
 
-from ._checks import check_counts, check_int, check_maskgit_args, check_real, check_sampled_vocab
+from ._checks import (InputTypeError, InputValueError, check_counts, check_int, check_maskgit_args, check_real,
+                      check_sampled_vocab)
 from .remask import annealed_choice_temperature, cosine_mask_ratio, remask_count, remask_step, remask_step_from_hidden
 
 Schedule = Union[str, Callable[[float], float]]
@@ -36,7 +37,7 @@ def mask_ratio(schedule: Schedule, step: int, steps: int, *, op: str = "mask_rat
         return cosine_mask_ratio(step, steps)
     fn = SCHEDULES.get(schedule) if isinstance(schedule, str) else schedule
     if not callable(fn):
-        raise ValueError(f"{op}: schedule must be 'cosine', one of {sorted(SCHEDULES)} or a callable, got {schedule!r}")
+        raise InputValueError(f"{op}: schedule must be 'cosine', one of {sorted(SCHEDULES)} or a callable, got {schedule!r}")
     return check_real(op, "schedule(r)", fn((step + 1) / steps), 0.0, 1.0)
 
 
@@ -147,7 +148,7 @@ def maskgit_sample(
     check_maskgit_args(op, logits_fn, hidden_fn, head_weight, head_bias, ids, steps, mask_id, choice_temperature,
                        temperature, generator, vocab_size, reference_ties)
     if on_step is not None and not callable(on_step):
-        raise TypeError(f"{op}: on_step must be None or callable (step, ids), got {type(on_step).__name__}")
+        raise InputTypeError(f"{op}: on_step must be None or callable (step, ids), got {type(on_step).__name__}")
     for t in range(steps):
         mask_ratio(schedule, t, steps, op=op)  # a bad schedule fails before the model runs
     annealed_choice_temperature(0, steps, choice_temperature, choice_temperature_power)  # so does a bad power
@@ -172,7 +173,7 @@ def _checked_logits_fn(logits_fn, mask_id: int, vocab_size: int | None):
         logits = logits_fn(ids)
         if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[:2] != ids.shape:
             got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-            raise ValueError(f"maskgit_sample: logits_fn(ids) must return logits [B, L, V] = [{ids.shape[0]}, "
+            raise InputValueError(f"maskgit_sample: logits_fn(ids) must return logits [B, L, V] = [{ids.shape[0]}, "
                              f"{ids.shape[1]}, V] for ids {tuple(ids.shape)} (slice off class slots), got {got}")
         check_sampled_vocab("maskgit_sample", mask_id, logits.shape[2] if vocab_size is None else vocab_size)
         return logits

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference
-from ._checks import check_bool, check_real, check_tensor, check_vq_args
+from ._checks import InputValueError, check_bool, check_real, check_tensor, check_vq_args
 from ._registry import define, register_kernels
 
 define("vq_nearest(Tensor z, Tensor codebook, *, bool exact=True) -> (Tensor indices, Tensor sqdist)")
@@ -105,7 +105,7 @@ def _raise_on_invalid(op: str, indices: torch.Tensor, check_finite: bool | None)
         bad = indices.reshape(-1) < 0
         if bool(bad.any()):
             first = int(bad.nonzero()[0])
-            raise ValueError(
+            raise InputValueError(
                 f"{op}: {int(bad.sum())} row(s) of z (first: flat row {first}) have non-finite values, or the "
                 f"codebook has no finite code; no nearest code exists for them"
             )

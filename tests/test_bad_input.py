@@ -231,7 +231,7 @@ def test_every_public_op_function_has_bad_input_cases():
 # ------------------------------------------------------------------------------------- model layer
 
 import mage  # noqa: E402
-from mage.evaluation import EvalConfig, generate_into  # noqa: E402
+from mage.evaluation import EvalConfig, generate_into, load_source, probe_images  # noqa: E402
 from mage.fmnist_classifier import ClassifierConfig  # noqa: E402
 from mage.tokenizer import TokenizerConfig  # noqa: E402
 
@@ -396,6 +396,12 @@ MODEL_CASES = [
     ("generate_into", lambda: generate_into(MODEL, None, EvalConfig(num=2, steps=2), world=0), ValueError, "world"),
     ("generate_into", lambda: generate_into(MODEL, None, EvalConfig(num=2, steps=2)), TypeError, "metric"),
     ("generate_into", lambda: generate_into(meta_model(), None, EvalConfig(num=2, steps=2)), ValueError, "model"),
+    ("load_source", lambda: load_source(3, lambda n: None), TypeError, "source must be a str"),
+    ("load_source", lambda: load_source("digits", None), TypeError, "metric_factory"),
+    # digits took any split but "train" for its test split; size and channels failed inside torch.
+    ("probe_images", lambda: probe_images("digits", "val", 8, 1), ValueError, "split must be 'train' or 'test'"),
+    ("probe_images", lambda: probe_images("digits", "train", 0, 1), ValueError, "size must be >= 1"),
+    ("probe_images", lambda: probe_images("digits", "train", 8, 0), ValueError, "channels must be >= 1"),
     ("ProbeConfig", lambda: mage.ProbeConfig(optimizer="adam"), ValueError, "optimizer"),
     ("linear_probe", lambda: mage.linear_probe(torch.randn(8, 4), torch.arange(8) % 4, torch.randn(4, 4),
                                                torch.arange(4), num_classes=2), ValueError, "num_classes"),
@@ -422,15 +428,32 @@ MODEL_CASES = [
      "TrainConfig.token_cache"),
     ("TrainConfig", lambda: mage.TrainConfig(objective="mae", tokenizer_checkpoint="tok.safetensors"), ValueError,
      "TrainConfig.tokenizer_checkpoint"),
+    # Settings the run would have ignored without a word.
+    ("TrainConfig", lambda: mage.TrainConfig(objective="tokenizer", model_overrides={"depth": 2}), ValueError,
+     "TrainConfig.model_overrides belongs to objective 'mage' or 'mage-c'"),
+    ("TrainConfig", lambda: mage.TrainConfig(objective="mae", model="mage_vit_base_patch16"), ValueError,
+     "TrainConfig.model belongs to objective"),
+    ("TrainConfig", lambda: mage.TrainConfig(objective="mae", tokenizer={"n_embed": 64}), ValueError,
+     "TrainConfig.tokenizer belongs to objective"),
+    ("TrainConfig", lambda: mage.TrainConfig(objective="mage", mae={"depth": 2}), ValueError,
+     "TrainConfig.mae belongs to objective 'mae'"),
+    ("TrainConfig", lambda: mage.TrainConfig(objective="tokenizer", disc_layers=2), ValueError,
+     "TrainConfig.disc_layers sets up the discriminator, which trains only with disc_weight > 0"),
+    ("TrainConfig", lambda: mage.TrainConfig(objective="tokenizer", disc_betas=[0.5, 0.99]), ValueError,
+     "TrainConfig.disc_betas"),
+    ("TrainConfig", lambda: mage.TrainConfig(objective="tokenizer", perceptual_weight=0.5), ValueError,
+     "TrainConfig.perceptual_weight weighs the LPIPS term, which needs perceptual_weights"),
 ]
 # Names of mage.__all__ that take no user input worth a row (results, errors, the demo as a whole).
-NOT_INPUT = {"CheckpointError", "LoadReport", "ProbeResult", "DemoConfig", "run_demo"}
+NOT_INPUT = {"CheckpointError", "InputError", "LoadReport", "ProbeResult", "DemoConfig", "run_demo"}
 
 
 @pytest.mark.parametrize("name,call,err,arg", MODEL_CASES,
                          ids=[f"{c[0]}-{c[3]}-{i}" for i, c in enumerate(MODEL_CASES)])
 def test_model_layer_bad_input(name, call, err, arg):
     raises_naming(err, arg, call)
+    # An InputError or OSError, which the CLI prints as one line (any other exception keeps its traceback there).
+    raises_naming(OSError if issubclass(err, OSError) else mage.InputError, arg, call)
 
 
 def test_every_public_model_function_has_bad_input_cases():
@@ -574,10 +597,10 @@ def cli_files(tmp_path_factory):
 
 
 # `mage train` flags of a run that builds in milliseconds (8x8 digits, a tiny tokenizer and MAGE).
-TINY_RUN = ("--data digits --image-size 8 --tokenizer '{{\"in_channels\": 1, \"ch\": 8, \"ch_mult\": [1, 2], "
-            "\"num_res_blocks\": 1, \"embed_dim\": 8, \"n_embed\": 32, \"norm_groups\": 4}}' --model-overrides "
-            "'{{\"embed_dim\": 32, \"depth\": 1, \"num_heads\": 2, \"decoder_embed_dim\": 32, \"decoder_depth\": 1, "
-            "\"decoder_num_heads\": 2}}' --no-progress")
+TINY_TOKENIZER = ("--data digits --image-size 8 --no-progress --tokenizer '{{\"in_channels\": 1, \"ch\": 8, "
+                  "\"ch_mult\": [1, 2], \"num_res_blocks\": 1, \"embed_dim\": 8, \"n_embed\": 32, \"norm_groups\": 4}}'")
+TINY_RUN = (TINY_TOKENIZER + " --model-overrides '{{\"embed_dim\": 32, \"depth\": 1, \"num_heads\": 2, "
+            "\"decoder_embed_dim\": 32, \"decoder_depth\": 1, \"decoder_num_heads\": 2}}'")
 # (command line with {root} for the fixture folder, exit status, what stderr must name)
 CLI_CASES = [
     ("sample --checkpoint {root}/missing.safetensors", 1, "missing.safetensors"),
@@ -677,7 +700,7 @@ CLI_CASES = [
      "--model-overrides: TrainConfig.model_overrides: unknown MAGEConfig fields ['stepz']"),
     ("train " + TINY_RUN + " --batch-size 4096 --out-dir {root}/run", 1, "--batch-size"),
     ("train " + TINY_RUN + " --batch-size 32 --accum-steps 3 --out-dir {root}/run", 1, "--accum-steps"),
-    ("train " + TINY_RUN + " --objective tokenizer --disc-weight 0.8 --disc-layers 2 --out-dir {root}/run", 1,
+    ("train " + TINY_TOKENIZER + " --objective tokenizer --disc-weight 0.8 --disc-layers 2 --out-dir {root}/run", 1,
      "--disc-layers"),
     ("sample --checkpoint {root}/model.safetensors --device cpu --num 1 --steps 1 --out {root}/no_dir_1/x.png", 1,
      "--out {root}/no_dir_1/x.png: the folder {root}/no_dir_1 does not exist"),
@@ -693,6 +716,16 @@ CLI_CASES = [
     ("cache --tokenizer-checkpoint {root}/notes.txt --data digits --out c.pt --seed -1", 1, "--seed"),
     ("eval --checkpoint {root}/model.safetensors --num 2 --steps 2 --seed -1", 1, "--seed"),
     ("probe --checkpoint {root}/model.safetensors --data digits --epochs 1 --seed -1", 1, "--seed"),
+    # Settings the run would have ignored without a word, named by their flag; demo named TrainConfig's seed.
+    ("train --objective tokenizer --disc-layers 2 --out-dir {root}/run", 1,
+     "--disc-layers: TrainConfig.disc_layers sets up the discriminator, which trains only with disc_weight > 0 "
+     "(--disc-weight"),
+    ("train --objective tokenizer --perceptual-weight 0.5 --out-dir {root}/run", 1,
+     "--perceptual-weight: TrainConfig.perceptual_weight weighs the LPIPS term, which needs perceptual_weights "
+     "(--perceptual-weights"),
+    ("train --objective mae --model-overrides '{{\"depth\": 2}}' --out-dir {root}/run", 1,
+     "--model-overrides: TrainConfig.model_overrides belongs to objective 'mage' or 'mage-c'"),
+    ("demo --seed -1 --out {root}/no_dir_8", 1, "--seed must be >= 0, got -1"),
 ]
 
 
@@ -718,3 +751,17 @@ def test_every_cli_command_has_bad_input_cases():
 
     commands = set(cli.build_parser()._subparsers._group_actions[0].choices)
     assert commands <= {c[0].split()[0] for c in CLI_CASES}
+
+
+@pytest.mark.skipif(mk.build_info()["native"] is None, reason="needs the native library")
+def test_cli_checks_the_cpu_isa_variable_first(monkeypatch, capsys):
+    # The C++ kernels raise a plain ValueError at their first call, which the CLI no longer takes for a user
+    # error: the CLI checks the variable before the command runs.
+    from mage import cli
+
+    monkeypatch.setenv("MAGE_CPU_ISA", "avx1024")
+    with pytest.raises(SystemExit) as info:
+        cli.main(["fid", "digits"])
+    err = capsys.readouterr().err
+    assert info.value.code == 1 and "Traceback" not in err
+    assert err == "mage fid: error: MAGE_CPU_ISA must be one of auto, scalar, avx2, avx512_bf16, got 'avx1024'\n"

@@ -163,3 +163,33 @@ def test_save_after_a_kill_between_link_and_rename_leaves_no_stray_link(tmp_path
     save_checkpoint(_state(2), path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "ckpt.pt.prev"]
     _assert_same(load_checkpoint(previous_path(path)), _state(1))
+
+
+def test_atomic_writes_use_a_temp_file_of_their_own_with_normal_permissions(tmp_path):
+    # Writers used one fixed temp name per target (.x.png.tmp, m.jsonl.tmp), so two writers of one folder wrote
+    # into each other's file; mkstemp's temp files left every written file readable by its owner only (0600).
+    from PIL import Image
+
+    from mage.checkpoint_io import write_atomic
+    from mage.evaluation import write_png
+    from mage.report import JsonlLogger
+
+    others = {name: tmp_path / name for name in (".000000.png.tmp", "m.jsonl.tmp")}
+    for p in others.values():
+        p.write_bytes(b"another writer's file")
+    write_png(torch.zeros(1, 4, 4, dtype=torch.uint8), tmp_path / "000000.png")
+    JsonlLogger(tmp_path / "m.jsonl").close()
+    JsonlLogger(tmp_path / "m.jsonl", resume_step=3).close()
+    assert all(p.read_bytes() == b"another writer's file" for p in others.values())
+    assert Image.open(tmp_path / "000000.png").size == (4, 4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["000000.png", "m.jsonl", *others])
+    if os.name == "posix":
+        mask = os.umask(0o022)
+        try:
+            write_atomic(tmp_path / "r.json", "{}")
+            save_checkpoint(_state(1), tmp_path / "c.pt")
+            write_png(torch.zeros(3, 2, 2, dtype=torch.uint8), tmp_path / "000001.png")
+        finally:
+            os.umask(mask)
+        for name in ("r.json", "c.pt", "000001.png"):
+            assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name

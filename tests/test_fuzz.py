@@ -85,8 +85,8 @@ def differential(backend: str, op: str, args, kwargs=None, compare=None):
     kwargs = kwargs or {}
     try:
         expected = getattr(R, op)(*args, **kwargs)
-    except (ValueError, TypeError) as err:
-        with pytest.raises(type(err)):
+    except (ValueError, TypeError) as err:  # the C++ kernels raise the builtin class, our checks InputError's
+        with pytest.raises(TypeError if isinstance(err, TypeError) else ValueError):
             kernel(op, backend)(*args, **kwargs)
         return None
     actual = kernel(op, backend)(*args, **kwargs)

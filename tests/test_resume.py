@@ -101,6 +101,38 @@ def test_fresh_run_does_not_overwrite_an_earlier_runs_checkpoint(tmp_path):
     assert list(losses(tmp_path)) == [1, 2]
 
 
+def test_overwrite_leaves_nothing_of_the_earlier_run_beside_its_config(tmp_path, monkeypatch):
+    # --overwrite replaced config.json and the log but kept the earlier run's checkpoint until the first new one:
+    # a run that died before it left the old checkpoint beside the new config, and --resume continued it.
+    import mage.train as train_module
+
+    train(run_config(tmp_path, mae={**MAE, "embed_dim": 32}))
+    assert {"checkpoint.pt", "checkpoint.pt.prev", "mae.pt", "curves.png"} <= {p.name for p in tmp_path.iterdir()}
+
+    def dies(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "backward_step", dies)
+    with pytest.raises(KeyboardInterrupt):
+        train(run_config(tmp_path, overwrite=True))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "metrics.jsonl"]
+    assert json.loads((tmp_path / "config.json").read_text())["mae"] == MAE
+    monkeypatch.undo()
+    with pytest.warns(RuntimeWarning, match="no checkpoint"):
+        train(run_config(tmp_path, resume=True))  # the new run from step 0, not the earlier run's weights
+
+
+def test_fresh_run_refuses_a_folder_with_an_earlier_runs_weights(tmp_path):
+    # Without its checkpoint (deleted to save space), a finished run's weights were overwritten without a word.
+    train(run_config(tmp_path, steps=2))
+    for name in ("checkpoint.pt", "checkpoint.pt.prev"):
+        (tmp_path / name).unlink(missing_ok=True)
+    snapshot = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    with pytest.raises(CheckpointError, match=r"holds the weights of an earlier run \(mae.pt\): .*--overwrite"):
+        train(run_config(tmp_path, steps=2))
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == snapshot
+
+
 @pytest.mark.parametrize("changed", [dict(batch_size=8), dict(blr=1e-3, lr=None), dict(mask_ratio_min=0.4),
                                      dict(seed=1), dict(mae={**MAE, "embed_dim": 32})])
 def test_resume_refuses_settings_that_change_the_math(tmp_path, changed):

@@ -45,10 +45,12 @@ VQGAN = dict(disc_weight=0.8, disc_start=3, disc_layers=1, disc_channels=8, ema_
 
 
 def tiny(out_dir, objective: str, **overrides) -> TrainConfig:
-    fields = dict(objective=objective, out_dir=str(out_dir), data="digits", image_size=8, tokenizer=TOKENIZER,
-                  model_overrides=MODEL, mae=MAE, steps=24, batch_size=32, lr=3e-3, warmup_steps=2,
-                  max_warmup_fraction=1.0, log_every=1,
-                  ckpt_every=10**6, progress=False, seed=0)
+    fields = dict(objective=objective, out_dir=str(out_dir), data="digits", image_size=8, steps=24, batch_size=32,
+                  lr=3e-3, warmup_steps=2, max_warmup_fraction=1.0, log_every=1, ckpt_every=10**6, progress=False,
+                  seed=0)
+    # Only the model settings the objective reads (the others would be errors: they would be ignored).
+    models = dict(tokenizer=dict(tokenizer=TOKENIZER), mae=dict(mae=MAE))
+    fields.update(models.get(objective, dict(tokenizer=TOKENIZER, model_overrides=MODEL)))
     return TrainConfig(**{**fields, **overrides})
 
 
@@ -90,6 +92,21 @@ def test_mage_takes_channels_and_size_from_the_tokenizer_checkpoint(tmp_path):
         assert torch.equal(model.vqgan.state_dict()[k], v), k
 
 
+def test_tokenizer_settings_beside_a_tokenizer_checkpoint_must_be_the_files(tmp_path):
+    # They were ignored without a word: the tokenizer (and the image size) come from the file.
+    train(tiny(tmp_path / "tok", "tokenizer", steps=1))
+    path = str(tmp_path / "tok" / "tokenizer.safetensors")
+    run = dict(objective="mage", data="digits", tokenizer_checkpoint=path, model_overrides=MODEL, steps=1,
+               batch_size=8, out_dir=str(tmp_path / "mage"), progress=False)
+    with pytest.raises(ValueError, match=r"TrainConfig.tokenizer: the tokenizer comes from tokenizer_checkpoint "
+                                         r".*: n_embed=64 \(the file's: 32\), stride=2 \(the file's: no such field\)"):
+        train(TrainConfig(**run, tokenizer={**TOKENIZER, "n_embed": 64, "stride": 2}))
+    with pytest.raises(ValueError, match=r"TrainConfig.image_size: .* 8x8; leave image_size unset or give 8, got 16"):
+        train(TrainConfig(**run, image_size=16))
+    assert not (tmp_path / "mage").exists()
+    train(TrainConfig(**run, tokenizer=TOKENIZER, image_size=8))  # the file's own settings are fine
+
+
 # ------------------------------------------------------------------------------------ resume
 
 
@@ -102,8 +119,9 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, objectiv
     # Dropout on (global RNG, restored from the checkpoint); tokenizer restarts straddle the checkpoint, so
     # the codebook usage counted before it must come back too. VQGAN: the discriminator (its weights, Adam
     # state) and the EMA straddle it as well.
-    over = dict(steps=8, ckpt_every=4, codebook_restart_every=3,
-                model_overrides={**MODEL, "dropout": 0.1}, tokenizer={**TOKENIZER, "n_embed": 64})
+    over = dict(steps=8, ckpt_every=4, codebook_restart_every=3, tokenizer={**TOKENIZER, "n_embed": 64})
+    if objective == "mage":
+        over["model_overrides"] = {**MODEL, "dropout": 0.1}
     if objective == "vqgan":
         objective, over = "tokenizer", {**over, **VQGAN}
     train(tiny(tmp_path / "full", objective, **over))
@@ -353,6 +371,7 @@ def test_tensorboard_logs_the_jsonl_scalars(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # not installed
     with pytest.raises(ImportError, match="pip install tensorboard"):
         train(tiny(tmp_path / "none", "mae", steps=1, tensorboard=True))
+    assert not (tmp_path / "none").exists()  # it failed before out_dir changed (it wrote config.json, a log)
 
 
 def test_train_on_a_flat_webp_folder(tmp_path):
@@ -547,7 +566,9 @@ def test_cli_train_flags_reach_the_config(tmp_path, capsys):
     # schedule, so it must be asked for).
     with pytest.raises(SystemExit):
         main(["train", "--config", str(tmp_path / "config.json"), "--steps", "4", "--resume"])
-    assert "steps: 2 -> 4" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "steps: 2 -> 4" in err and err.startswith("mage train: error: cannot resume from")  # was led by a flag:
+    # "--resume-with-changes: cannot resume ...", after the first field the message mentioned
     assert main(["train", "--config", str(tmp_path / "config.json"), "--steps", "4", "--resume",
                  "--resume-with-changes"]) == 0
     assert list(logged(tmp_path)) == [1, 2, 3, 4]
@@ -585,6 +606,19 @@ def test_a_bug_while_building_the_model_is_not_reported_as_bad_settings(tmp_path
         train(cfg)
     assert str(info.value) == "a bug in Block.__init__"
     assert not (tmp_path / "config.json").exists()
+
+
+def test_cli_keeps_the_traceback_of_a_bug(tmp_path, monkeypatch):
+    # The CLI printed every TypeError / ValueError / OSError as "mage train: error: <message>", a user error,
+    # bugs included. Only our checks' InputError (and OSError) are; anything else propagates.
+    from mage.cli import main
+
+    def broken(self, *args, **kwargs):
+        raise TypeError("a bug in Block.__init__")
+
+    monkeypatch.setattr(train_mod.Block, "__init__", broken)
+    with pytest.raises(TypeError, match="a bug in Block.__init__"):
+        main(_cli_flags(tmp_path, 1))
 
 
 def test_cli_train_under_torchrun(tmp_path):

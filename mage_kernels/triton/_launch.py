@@ -9,6 +9,7 @@ import os
 from typing import Callable
 
 import torch
+from .._checks import InputValueError
 
 # Read once, like triton.jit reads it when it decorates the kernels.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -32,7 +33,7 @@ def on_device(op: str, **tensors: torch.Tensor | None) -> contextlib.AbstractCon
     devices = {t.device for t in given.values()}
     if len(devices) > 1:
         got = ", ".join(f"{name} on {t.device}" for name, t in given.items())
-        raise ValueError(f"{op}: {', '.join(given)} must be on the same device, got {got}")
+        raise InputValueError(f"{op}: {', '.join(given)} must be on the same device, got {got}")
     device = next(iter(devices)) if devices else None
     if device is not None and device.type == "cuda":
         return torch.cuda.device(device)

@@ -15,6 +15,7 @@ Training and evaluation (sections 4.4-4.10, 6, 7):
 
 import mage_kernels  # noqa: F401  (registers the ops the model calls)
 
+from ._checks import InputError
 from .checkpoint import (
     CheckpointError,
     LoadReport,
@@ -51,6 +52,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError",
+    "InputError",
     "DemoConfig",
     "ImageFolder",
     "LoadReport",

@@ -12,10 +12,12 @@ import math
 
 import torch
 
-from mage_kernels._checks import check_generator, check_int, check_real, check_steps, check_tensor
+from mage_kernels._checks import (InputError, InputTypeError, InputValueError, check_generator, check_int, check_real,
+                                  check_steps, check_tensor)
 
 __all__ = ["all_finite", "check_config", "check_dtype", "check_generation", "check_ids", "check_images", "check_model", "check_pixel_mask",
-           "check_generator", "check_int", "check_real", "check_steps", "check_tensor", "to_model_dtype"]
+           "check_generator", "check_int", "check_real", "check_steps", "check_tensor", "to_model_dtype",
+           "InputError", "InputTypeError", "InputValueError"]
 
 INF = math.inf
 # Bounds of config fields: (low, high, low excluded). Model configs: every int not listed is >= 1. Run configs
@@ -61,10 +63,10 @@ def check_config(config) -> None:
             lo, hi = (-INF if lo is None else lo), (INF if hi is None else hi)
             check_real(what, f.name, value, lo, hi, lo_open=lo_open)
         elif kind in ("bool", "str", "dict") and not isinstance(value, {"bool": bool, "str": str, "dict": dict}[kind]):
-            raise TypeError(f"{what}: {f.name} must be a {kind}, got {type(value).__name__} {value!r}")
+            raise InputTypeError(f"{what}: {f.name} must be a {kind}, got {type(value).__name__} {value!r}")
         elif kind.startswith("tuple"):
             if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) == 0:
-                raise TypeError(f"{what}: {f.name} must be a non-empty sequence, got {value!r}")
+                raise InputTypeError(f"{what}: {f.name} must be a non-empty sequence, got {value!r}")
             for v in value:
                 if kind.startswith("tuple[int"):
                     check_int(what, f.name, v, lo, hi)
@@ -84,7 +86,7 @@ def all_finite(t: torch.Tensor) -> bool:
 def check_dtype(op: str, dtype, name: str = "dtype") -> None:
     """None or a floating-point torch.dtype (what the model's weights are cast to)."""
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"{op}: {name} must be None or a floating-point torch.dtype (torch.float32, torch.bfloat16, "
+        raise InputTypeError(f"{op}: {name} must be None or a floating-point torch.dtype (torch.float32, torch.bfloat16, "
                         f"torch.float16, torch.float64), got {dtype!r}")
 
 
@@ -104,12 +106,12 @@ def check_images(images, cfg, name: str = "images", check_range: bool = True,
     on `device` when given. The range check reads the values (a host sync on GPU); training loops skip it."""
     check_tensor("images", name, images)
     if not images.is_floating_point():
-        raise TypeError(f"{name} must be a float tensor in [0, 1], got {images.dtype} (convert uint8 with x / 255)")
+        raise InputTypeError(f"{name} must be a float tensor in [0, 1], got {images.dtype} (convert uint8 with x / 255)")
     r = cfg.resolution
     if images.dim() != 4 or images.shape[1] != cfg.in_channels or tuple(images.shape[2:]) != (r, r):
-        raise ValueError(f"{name} must be [B, {cfg.in_channels}, {r}, {r}], got shape {tuple(images.shape)}")
+        raise InputValueError(f"{name} must be [B, {cfg.in_channels}, {r}, {r}], got shape {tuple(images.shape)}")
     if device is not None and images.device != device:
-        raise ValueError(f"{name} must be on the model's device {device}, got {images.device}")
+        raise InputValueError(f"{name} must be on the model's device {device}, got {images.device}")
     if check_range:
         check_unit_range(name, images)
 
@@ -123,7 +125,7 @@ def check_unit_range(name: str, images: torch.Tensor) -> None:
         nan = int(torch.isnan(images).sum())
         finite = images[torch.isfinite(images)]
         span = f"min {float(finite.min()):.4g}, max {float(finite.max()):.4g}" if finite.numel() else "no finite value"
-        raise ValueError(
+        raise InputValueError(
             f"{name} must hold values in [0, 1] (no mean/std normalisation, docs/REFERENCE.md 3.2), got "
             f"{span}" + (f" and {nan} NaN value(s)" if nan else "")
         )
@@ -134,43 +136,43 @@ def check_ids(config, ids, mask=None, name: str = "ids") -> None:
     L, V = config.num_tokens, config.vocab_size
     if not isinstance(ids, torch.Tensor) or ids.dtype != torch.long:
         got = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
-        raise TypeError(f"MAGE: {name} must be an int64 tensor [B, {L}], got {got}")
+        raise InputTypeError(f"MAGE: {name} must be an int64 tensor [B, {L}], got {got}")
     if ids.dim() != 2 or ids.shape[1] != L:
         g = config.tokenizer.grid
-        raise ValueError(f"MAGE: {name} must be [B, {L}] (one id per token of the {g}x{g} grid), "
+        raise InputValueError(f"MAGE: {name} must be [B, {L}] (one id per token of the {g}x{g} grid), "
                          f"got shape {tuple(ids.shape)}")
     if mask is not None:
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
             got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
-            raise TypeError(f"MAGE: mask must be a bool tensor [B, L], got {got}")
+            raise InputTypeError(f"MAGE: mask must be a bool tensor [B, L], got {got}")
         if mask.shape != ids.shape:
-            raise ValueError(f"MAGE: mask must have the shape of ids {tuple(ids.shape)}, got {tuple(mask.shape)}")
+            raise InputValueError(f"MAGE: mask must have the shape of ids {tuple(ids.shape)}, got {tuple(mask.shape)}")
         if mask.device != ids.device:
-            raise ValueError(f"MAGE: mask is on {mask.device} but ids on {ids.device}")
+            raise InputValueError(f"MAGE: mask is on {mask.device} but ids on {ids.device}")
     # Reading values costs a host sync on GPU, so the range is checked on CPU tensors only.
     if ids.device.type == "cpu" and ids.numel() and not torch.compiler.is_compiling():
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= V:
-            raise ValueError(f"MAGE: {name} must lie in [0, {V}) (vocabulary of {V}), got min {lo}, max {hi}")
+            raise InputValueError(f"MAGE: {name} must lie in [0, {V}) (vocabulary of {V}), got min {lo}, max {hi}")
 
 
 def check_pixel_mask(pixel_mask, images: torch.Tensor) -> None:
     """pixel_mask: a tensor [B, H, W] or [B, 1, H, W] matching images [B, C, H, W] in batch and size."""
     check_tensor("inpaint", "pixel_mask", pixel_mask)
     if pixel_mask.dim() not in (3, 4) or (pixel_mask.dim() == 4 and pixel_mask.shape[1] != 1):
-        raise ValueError(f"inpaint: pixel_mask must be [B, H, W] or [B, 1, H, W], got shape {tuple(pixel_mask.shape)}")
+        raise InputValueError(f"inpaint: pixel_mask must be [B, H, W] or [B, 1, H, W], got shape {tuple(pixel_mask.shape)}")
     if pixel_mask.shape[0] != images.shape[0] or pixel_mask.shape[-2:] != images.shape[-2:]:
-        raise ValueError(f"inpaint: pixel_mask {tuple(pixel_mask.shape)} must match images {tuple(images.shape)} "
+        raise InputValueError(f"inpaint: pixel_mask {tuple(pixel_mask.shape)} must match images {tuple(images.shape)} "
                          "in batch and size")
 
 
 def check_model(op: str, model, cls: type) -> None:
     """`model` is a `cls` instance with weights (not on the meta device)."""
     if not isinstance(model, cls):
-        raise TypeError(f"{op}: model must be a {cls.__module__.split('.')[0]}.{cls.__name__}, "
+        raise InputTypeError(f"{op}: model must be a {cls.__module__.split('.')[0]}.{cls.__name__}, "
                         f"got {type(model).__name__}")
     if model.device.type == "meta":
-        raise ValueError(f"{op}: model is on the meta device (built without weights): load its weights first, "
+        raise InputValueError(f"{op}: model is on the meta device (built without weights): load its weights first, "
                          "e.g. with mage.load or mage.load_official")
 
 
@@ -181,8 +183,8 @@ def check_generation(op: str, *, steps, choice_temperature, generator, dtype, de
     check_real(op, "choice_temperature", choice_temperature, 0.0)
     check_generator(op, "generator", generator)
     if generator is not None and generator.device.type not in ("cpu", device.type):
-        raise ValueError(f"{op}: generator is on {generator.device}, the model on {device}: use a generator on "
+        raise InputValueError(f"{op}: generator is on {generator.device}, the model on {device}: use a generator on "
                          f"the model's device or the CPU")
     if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"{op}: dtype must be None, torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}")
+        raise InputValueError(f"{op}: dtype must be None, torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}")
     check_steps(op, steps, num_tokens)

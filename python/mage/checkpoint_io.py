@@ -18,6 +18,7 @@ import math
 import os
 import pickle
 import random
+import secrets
 import struct
 import tempfile
 import warnings
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._checks import all_finite
+from ._checks import InputValueError, all_finite
 
 MAGIC = b"MAGECKPT"
 FORMAT_VERSION = 1
@@ -37,7 +38,7 @@ TOKENIZER_FORMAT = "mage-kernels/tokenizer-v1"
 _HEADER = struct.Struct("<8sQQ32s")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputValueError):
     """A checkpoint or weights file that cannot be read (missing, truncated, corrupted, not in a format we
     read, unsafe to unpickle) or does not match the model; the message says which and what to do."""
 
@@ -91,12 +92,25 @@ def check_writable(path: str | os.PathLike, name: str | None = None) -> None:
                                 "does not exist") + ": create it first, or write somewhere else")
 
 
+def create_temp(path: str | os.PathLike) -> tuple[int, str]:
+    """A new, empty temp file next to `path` and its open descriptor: `.<name>.<random>.tmp` (the pattern
+    `clean_stale_files` removes), created exclusively, so writers of one folder never share one, with the
+    permissions of any new file (mkstemp's would be 0600, and the renamed file would keep them)."""
+    path = Path(path)
+    while True:
+        tmp = str(path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp"))
+        try:
+            return os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), tmp
+        except FileExistsError:  # 2^-48 per try
+            continue
+
+
 def _atomic_write(path: Path, chunks: list, keep_previous: bool, write_file=None) -> Path:
     """Write `chunks` (bytes-like), or call `write_file(temp_path)`, into a temp file next to `path`, fsync it,
     keep the old file as `<path>.prev` if asked, and rename the temp file over `path`: a crash at any moment
     leaves the old file or the new one."""
     check_writable(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = create_temp(path)
     try:
         with os.fdopen(fd, "r+b") as f:
             if write_file is not None:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .report import save_image, save_image_grid
+from ._checks import InputError, InputValueError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -43,13 +44,13 @@ def load_image(path: str, size: int, *, mode: str = "RGB", name: str = "--image"
     try:
         img = Image.open(path)
     except (OSError, Image.DecompressionBombError) as err:
-        raise ValueError(f"{name} {path}: cannot read it as an image ({err})") from None
+        raise InputValueError(f"{name} {path}: cannot read it as an image ({err})") from None
     w, h = img.size
     if w * h > MAX_PIXELS:
-        raise ValueError(f"{name} {path} is {w}x{h} pixels, more than {MAX_PIXELS // 10**6}M: downscale it first "
+        raise InputValueError(f"{name} {path} is {w}x{h} pixels, more than {MAX_PIXELS // 10**6}M: downscale it first "
                          f"(the model works at {size}x{size})")
     if max(w, h) > MAX_ASPECT * min(w, h):
-        raise ValueError(f"{name} {path} is {w}x{h} pixels, an aspect ratio above {MAX_ASPECT}:1: crop it to the "
+        raise InputValueError(f"{name} {path} is {w}x{h} pixels, an aspect ratio above {MAX_ASPECT}:1: crop it to the "
                          f"region you want first (the model sees a {size}x{size} square)")
     side = min(w, h)
     left, top = (w - side) // 2, (h - side) // 2
@@ -69,11 +70,11 @@ def _device(name: str | None) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"--device must be a torch device such as cpu, cuda or cuda:1, got {name!r}") from None
+        raise InputValueError(f"--device must be a torch device such as cpu, cuda or cuda:1, got {name!r}") from None
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0 or (device.index is not None and device.index >= count):
-            raise ValueError(f"--device {name}: this machine has {count} CUDA device(s) usable by torch "
+            raise InputValueError(f"--device {name}: this machine has {count} CUDA device(s) usable by torch "
                              f"{torch.__version__}" + ("" if count else " (a CPU-only build or no GPU): use --device cpu"))
     return device
 
@@ -89,7 +90,7 @@ def _require(flag: str, value, lo, hi=None, *, lo_open: bool = False, why: str =
     if hi is not None:
         ok, text = ok and value <= hi, f"in {'(' if lo_open else '['}{lo}, {hi}]"
     if not (ok and math.isfinite(value)):
-        raise ValueError(f"{flag} must be {'a finite number ' if isinstance(value, float) else ''}{text}"
+        raise InputValueError(f"{flag} must be {'a finite number ' if isinstance(value, float) else ''}{text}"
                          f"{f' ({why})' if why else ''}, got {value}")
 
 
@@ -128,11 +129,11 @@ def _check_output(flag: str, path: str) -> None:
     from PIL import Image
 
     if os.path.isdir(path):
-        raise ValueError(f"{flag} {path} is a directory: give an image file name, e.g. {os.path.join(path, 'out.png')}")
+        raise InputValueError(f"{flag} {path} is a directory: give an image file name, e.g. {os.path.join(path, 'out.png')}")
     _check_file(flag, path)
     Image.init()
     if os.path.splitext(path)[1].lower() not in Image.registered_extensions():
-        raise ValueError(f"{flag} {path}: unknown image file extension (use .png)")
+        raise InputValueError(f"{flag} {path}: unknown image file extension (use .png)")
 
 
 def _generator(seed: int, device: torch.device) -> torch.Generator:
@@ -181,10 +182,10 @@ def run_sample(args) -> int:
         _require(flag, value, 1)
     _check_decoding(args)
     if args.cuda_graph and _device(args.device).type != "cuda":
-        raise ValueError(f"--cuda-graph needs a CUDA --device, got {_device(args.device)}")
+        raise InputValueError(f"--cuda-graph needs a CUDA --device, got {_device(args.device)}")
     images_dir = args.images_dir or os.path.splitext(args.out)[0]
     if os.path.exists(images_dir) and not os.path.isdir(images_dir):
-        raise ValueError(f"--images-dir {images_dir} is a file, not a folder" +
+        raise InputValueError(f"--images-dir {images_dir} is a file, not a folder" +
                          ("" if args.images_dir else " (the default, --out without its extension): set --images-dir"))
     model = _load_model(args)
     _check_decoding(args, model)
@@ -228,7 +229,7 @@ def run_inpaint(args) -> int:
     size = model.config.tokenizer.resolution
     mode = {1: "L", 3: "RGB"}.get(model.config.tokenizer.in_channels)
     if mode is None:
-        raise ValueError(f"--checkpoint: the model takes {model.config.tokenizer.in_channels}-channel images; "
+        raise InputValueError(f"--checkpoint: the model takes {model.config.tokenizer.in_channels}-channel images; "
                          "image files are read as grey (1) or RGB (3)")
     image = load_image(args.image, size, mode=mode).to(model.device)
     mask = load_image(args.mask, size, mode="L", name="--mask").to(model.device) > 0.5
@@ -239,10 +240,10 @@ def run_inpaint(args) -> int:
     if args.outpaint:
         mask = ~mask
     if not mask.any():
-        raise ValueError(f"--mask {args.mask}: nothing to regenerate, " + (
+        raise InputValueError(f"--mask {args.mask}: nothing to regenerate, " + (
             "it is all white (with --outpaint white = keep)" if args.outpaint else "it has no white pixel (white = hole)"))
     if not mask.all() and token_mask_from_pixels(mask, grid, args.ring).all():
-        raise ValueError(f"--ring {args.ring} with --mask {args.mask} regenerates every token: each of the {grid}x{grid} "
+        raise InputValueError(f"--ring {args.ring} with --mask {args.mask} regenerates every token: each of the {grid}x{grid} "
                          "tokens has a hole pixel within that many tokens, so nothing of --image is kept; lower --ring "
                          "or keep a larger region")
     out = inpaint(model, image, mask, ring=args.ring, steps=args.steps, choice_temperature=args.temperature,
@@ -300,6 +301,8 @@ _HELP = {
     "lr": "absolute learning rate (default: blr * batch_size / 256)",
     "amp": "autocast dtype; fp16 adds a GradScaler; bf16 on a CPU without native bf16 is several times slower",
     "resume": "continue from out_dir/checkpoint.pt when it exists",
+    "overwrite": "start afresh in an --out-dir holding an earlier run: its checkpoint, weights and log are deleted "
+                 "(once the new settings are checked)",
     "warmup_steps": "linear warm-up steps, capped by --max-warmup-fraction",
     "max_warmup_fraction": "the warm-up lasts at most this fraction of --steps (1: no cap)",
     "accum_steps": "gradient accumulation: micro-batches per optimizer step (the same step as the large batch)",
@@ -366,11 +369,12 @@ def add_train(subparsers) -> None:
 
 
 def _name_train_flag(message: str, flags: dict, config: str | None) -> str:
-    """An error about a TrainConfig field ("TrainConfig: lr ...", "TrainConfig.lr ...") led by the flag that
-    set it, or by --config when the value came from that file."""
+    """An error about a TrainConfig field (a message that starts "TrainConfig: lr ..." or "TrainConfig.lr ...") led
+    by the flag that set it, or by --config when the value came from that file. Other messages are left as they
+    are (they may mention fields, as in "--resume (TrainConfig.resume=True)", without being about them)."""
     import re
 
-    match = re.search(r"TrainConfig[.:] ?(\w+)", message)
+    match = re.match(r"TrainConfig[.:] ?(\w+)", message)
     if match is None:
         return message
     field = match.group(1)
@@ -387,23 +391,23 @@ def run_train(args) -> int:
             with open(args.config) as f:
                 values = json.load(f)
         except json.JSONDecodeError as err:
-            raise ValueError(f"--config {args.config} is not valid JSON ({err})") from None
+            raise InputValueError(f"--config {args.config} is not valid JSON ({err})") from None
         if not isinstance(values, dict):
-            raise ValueError(f"--config {args.config} must hold a JSON object of TrainConfig fields")
+            raise InputValueError(f"--config {args.config} must hold a JSON object of TrainConfig fields")
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise ValueError(f"--config {args.config} has unknown fields {unknown}")
+        raise InputValueError(f"--config {args.config} has unknown fields {unknown}")
     flags = {k: v for k, v in vars(args).items() if k in names and v is not None}
     values.update(flags)
     try:
         cfg = TrainConfig(**values)
         last = train(cfg, governor=_governor(args.threads))
-    except (TypeError, ValueError) as err:
+    except InputError as err:  # said in terms of the flag (or --config) that set the field
         named = _name_train_flag(str(err), flags, args.config)
         if named == str(err):
             raise
-        raise (TypeError if isinstance(err, TypeError) else ValueError)(named) from None
+        raise type(err)(named) from None
     if last and int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: v for k, v in last.items() if k != "time"}))
     return 0
@@ -441,8 +445,8 @@ def run_cache(args) -> int:
     try:
         dataset = make_dataset(TrainConfig(objective="mage", data=args.data, seed=args.seed), c.in_channels,
                                c.resolution)
-    except ValueError as err:  # about TrainConfig.data: said in terms of --data
-        raise ValueError(_name_train_flag(str(err), {"data": args.data}, None)) from None
+    except InputError as err:  # about TrainConfig.data: said in terms of --data
+        raise type(err)(_name_train_flag(str(err), {"data": args.data}, None)) from None
     build_token_cache(tokenizer, dataset, args.out, crops=args.crops, batch_size=args.batch_size)
     print(f"wrote {args.out}: {len(dataset)} images x {args.crops} crops x {c.num_tokens} tokens")
     return 0
@@ -488,9 +492,9 @@ def run_fid(args) -> int:
     from .metrics import InceptionMetric
 
     if args.b is None and not args.save_stats:
-        raise ValueError("give a second source to compare with, or --save-stats to store the first's statistics")
+        raise InputValueError("give a second source to compare with, or --save-stats to store the first's statistics")
     if args.save_stats and not args.save_stats.endswith(".npz"):
-        raise ValueError(f"--save-stats must name a .npz file (so that mage fid reads it back as statistics), "
+        raise InputValueError(f"--save-stats must name a .npz file (so that mage fid reads it back as statistics), "
                          f"got {args.save_stats!r}")
     _require("--max-images", args.max_images, 1)
     _require("--inception-batch-size", args.inception_batch_size, 1)
@@ -671,6 +675,7 @@ def add_demo(subparsers) -> None:
 def run_demo(args) -> int:
     from .demo import DemoConfig, run_demo as demo, summary
 
+    _require("--seed", args.seed, 0)  # before anything is written (it reached TrainConfig, named "seed")
     cfg = DemoConfig.quick(args.out) if args.quick else DemoConfig(out_dir=args.out)
     cfg.seed = args.seed
     print(summary(demo(cfg, governor=_governor(args.threads))))
@@ -689,9 +694,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run a command. Errors in what the user gave (files, values) print one line, `mage <command>: error:
-    <message>`, and exit with status 1; MAGE_DEBUG=1 shows the traceback instead."""
-    from .checkpoint_io import CheckpointError
+    """Run a command. Errors in what the user gave (values, files: InputError, raised by our checks, and OSError)
+    print one line, `mage <command>: error: <message>`, and exit with status 1; MAGE_DEBUG=1 shows the traceback
+    instead. Any other exception is a bug and keeps its traceback."""
+
+    from mage_kernels._cpu_isa import check_cpu_isa
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -700,8 +707,9 @@ def main(argv: list[str] | None = None) -> int:
 
         ensure_passive_wait()  # from the command line only: it re-executes the process
     try:
+        check_cpu_isa()
         return args.func(args)
-    except (CheckpointError, OSError, ValueError, TypeError) as err:
+    except (InputError, OSError) as err:
         if os.environ.get("MAGE_DEBUG"):
             raise
         parser.exit(1, f"mage {args.command}: error: {err}\n")

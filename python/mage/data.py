@@ -23,6 +23,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+from ._checks import InputTypeError, InputValueError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = (
@@ -52,12 +53,12 @@ def _read_idx(path: Path, offset: int, expected_magic: int) -> tuple[np.ndarray,
         raw = f.read()
     magic = int.from_bytes(raw[:4], "big")
     if magic != expected_magic:
-        raise ValueError(f"{path} is not the expected IDX file: magic {magic:#x}, expected {expected_magic:#x}")
+        raise InputValueError(f"{path} is not the expected IDX file: magic {magic:#x}, expected {expected_magic:#x}")
     ndim = raw[3]
     dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
     data = np.frombuffer(raw, dtype=np.uint8, offset=offset)
     if data.size != math.prod(dims):
-        raise ValueError(f"{path} is truncated: header says {dims}, found {data.size} values")
+        raise InputValueError(f"{path} is truncated: header says {dims}, found {data.size} values")
     return data, dims
 
 
@@ -72,7 +73,7 @@ def load_fashion_mnist(
     N is 60000 for "train" and 10000 for "test". Raises DatasetNotFoundError naming the package to install.
     """
     if split not in _FASHION_MNIST_FILES:
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        raise InputValueError(f"split must be 'train' or 'test', got {split!r}")
     folder = fashion_mnist_root(root)
     image_file, label_file, count = _FASHION_MNIST_FILES[split]
     missing = [name for name in (image_file, label_file) if not (folder / name).is_file()]
@@ -85,7 +86,7 @@ def load_fashion_mnist(
     images, dims = _read_idx(folder / image_file, offset=16, expected_magic=0x00000803)
     labels, _ = _read_idx(folder / label_file, offset=8, expected_magic=0x00000801)
     if dims[0] != count or labels.size != count:
-        raise ValueError(f"Fashion-MNIST {split}: expected {count} images and labels, got {dims[0]} and {labels.size}")
+        raise InputValueError(f"Fashion-MNIST {split}: expected {count} images and labels, got {dims[0]} and {labels.size}")
     x = torch.from_numpy(images.copy()).view(count, 1, dims[1], dims[2])
     y = torch.from_numpy(labels.astype(np.int64))
     if dtype != torch.uint8:
@@ -98,7 +99,7 @@ def load_digits(dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch
     from sklearn.datasets import load_digits as _sk_load_digits
 
     if not dtype.is_floating_point:
-        raise TypeError(f"load_digits: dtype must be a float dtype (images in [0, 1]), got {dtype}")
+        raise InputTypeError(f"load_digits: dtype must be a float dtype (images in [0, 1]), got {dtype}")
     bunch = _sk_load_digits()
     x = torch.from_numpy(bunch.images).to(dtype).div_(16).unsqueeze(1)
     return x, torch.from_numpy(bunch.target.astype(np.int64))
@@ -109,7 +110,7 @@ def to_float_image(image: torch.Tensor, channels: int | None = None) -> torch.Te
     x = image.float().div_(255) if image.dtype == torch.uint8 else image.float()
     if channels is not None and x.shape[-3] != channels:
         if x.shape[-3] != 1:
-            raise ValueError(f"cannot turn a {x.shape[-3]}-channel image into {channels} channels (only grey expands)")
+            raise InputValueError(f"cannot turn a {x.shape[-3]}-channel image into {channels} channels (only grey expands)")
         x = x.expand(*x.shape[:-3], channels, *x.shape[-2:]).contiguous()
     return x
 
@@ -157,9 +158,9 @@ class TensorImageDataset(_AugmentedDataset):
         seed: int = 0,
     ):
         if images.dim() != 4:
-            raise ValueError(f"images must have shape [N, C, H, W], got {tuple(images.shape)}")
+            raise InputValueError(f"images must have shape [N, C, H, W], got {tuple(images.shape)}")
         if labels.shape != images.shape[:1]:
-            raise ValueError(f"labels must have shape [{images.shape[0]}], got {tuple(labels.shape)}")
+            raise InputValueError(f"labels must have shape [{images.shape[0]}], got {tuple(labels.shape)}")
         super().__init__(transform, channels, seed)
         self.images = images
         self.labels = labels
@@ -192,7 +193,7 @@ def _load_image(path: Path) -> torch.Tensor:
             rgb = im.convert("RGB")
             array = np.asarray(rgb, dtype=np.uint8).copy()
     except (OSError, ValueError, Image.DecompressionBombError) as err:  # a damaged or hostile file in the folder
-        raise ValueError(f"{path}: cannot read it as an image ({err}); remove or replace it") from None
+        raise InputValueError(f"{path}: cannot read it as an image ({err}); remove or replace it") from None
     return torch.from_numpy(array).permute(2, 0, 1)  # (3, H, W)
 
 
@@ -260,7 +261,7 @@ class EpochSampler(Sampler[int]):
         drop_last: bool = False,
     ):
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+            raise InputValueError(f"rank must be in [0, {world_size}), got {rank}")
         self.length = length
         self.shuffle = shuffle
         self.seed = seed
@@ -368,7 +369,7 @@ def build_token_cache(
     dataset.set_epoch(0)
     cache = torch.stack(views, dim=1)  # (N, K, L)
     if cache.numel() and (int(cache.min()) < 0 or int(cache.max()) > torch.iinfo(torch.int32).max):
-        raise ValueError("encode returned ids outside [0, 2^31)")
+        raise InputValueError("encode returned ids outside [0, 2^31)")
     return cache.to(torch.int16 if cache.numel() == 0 or int(cache.max()) < 2**15 else torch.int32)
 
 
@@ -410,13 +411,13 @@ class TokenCacheDataset(Dataset):
 
     def __init__(self, ids: torch.Tensor, labels: torch.Tensor, seed: int = 0, views: int = 1):
         if ids.dim() != 3:
-            raise ValueError(f"ids must have shape [N, K, L], got {tuple(ids.shape)}")
+            raise InputValueError(f"ids must have shape [N, K, L], got {tuple(ids.shape)}")
         if ids.is_floating_point() or ids.dtype == torch.bool:
-            raise TypeError(f"ids must be an integer tensor, got {ids.dtype}")
+            raise InputTypeError(f"ids must be an integer tensor, got {ids.dtype}")
         if labels.shape != ids.shape[:1]:
-            raise ValueError(f"labels must have shape [{ids.shape[0]}], got {tuple(labels.shape)}")
+            raise InputValueError(f"labels must have shape [{ids.shape[0]}], got {tuple(labels.shape)}")
         if views not in (1, 2) or views > ids.shape[1]:
-            raise ValueError(f"views must be 1, or 2 with at least 2 cached views per image; got views={views} "
+            raise InputValueError(f"views must be 1, or 2 with at least 2 cached views per image; got views={views} "
                              f"for a cache of {ids.shape[1]} view(s)")
         self.ids, self.labels, self.seed, self.epoch, self.views = ids, labels, seed, 0, views
 

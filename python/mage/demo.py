@@ -20,6 +20,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import data as data_lib
+from .checkpoint_io import write_atomic
 from .demo_report import write_index
 from .fmnist_classifier import ClassifierConfig, classifier_accuracy, classifier_outputs, load_or_train_classifier
 from .inpaint import inpaint
@@ -294,7 +295,7 @@ def _run_demo(cfg: DemoConfig, governor) -> dict:
     report["times_s"] = stage.times
     report["cpu_times_s"] = stage.cpu_times
     report["threads"] = _threads_report(governor)
-    (out / "report.json").write_text(json.dumps(report, indent=1))
+    write_atomic(out / "report.json", json.dumps(report, indent=1))
     write_index(report, out)
     return report
 

@@ -149,6 +149,6 @@ def render_index(report: dict) -> str:
 
 
 def write_index(report: dict, out_dir: str | Path) -> Path:
-    path = Path(out_dir) / "index.html"
-    path.write_text(render_index(report))
-    return path
+    from .checkpoint_io import write_atomic
+
+    return write_atomic(Path(out_dir) / "index.html", render_index(report))

@@ -20,6 +20,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from ._checks import InputValueError
 
 DISC_LOSSES = ("hinge", "non-saturating")
 DISC_NORMS = ("group", "batch")
@@ -42,9 +43,9 @@ class PatchDiscriminator(nn.Module):
     def __init__(self, in_channels: int = 3, channels: int = 64, layers: int = 3, norm: str = "group"):
         super().__init__()
         if norm not in DISC_NORMS:
-            raise ValueError(f"norm must be one of {DISC_NORMS}, got {norm!r}")
+            raise InputValueError(f"norm must be one of {DISC_NORMS}, got {norm!r}")
         if layers < 1 or channels < 1:
-            raise ValueError(f"need layers >= 1 and channels >= 1, got layers={layers}, channels={channels}")
+            raise InputValueError(f"need layers >= 1 and channels >= 1, got layers={layers}, channels={channels}")
         self.layers = layers
         seq: list[nn.Module] = [nn.Conv2d(in_channels, channels, 4, 2, 1), nn.LeakyReLU(0.2, True)]
         mult = 1
@@ -77,7 +78,7 @@ class PatchDiscriminator(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         h, w = images.shape[-2:]
         if min(self.output_size(h), self.output_size(w)) < 1:
-            raise ValueError(f"images of {h}x{w} are too small for a {self.layers}-layer PatchGAN discriminator "
+            raise InputValueError(f"images of {h}x{w} are too small for a {self.layers}-layer PatchGAN discriminator "
                              "(it would output no patch); use fewer disc_layers")
         return self.main(images * 2 - 1)
 
@@ -103,7 +104,7 @@ def discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor, kin
         return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
     if kind == "non-saturating":
         return 0.5 * (F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean())
-    raise ValueError(f"disc_loss must be one of {DISC_LOSSES}, got {kind!r}")
+    raise InputValueError(f"disc_loss must be one of {DISC_LOSSES}, got {kind!r}")
 
 
 def generator_loss(logits_fake: torch.Tensor, kind: str = "hinge") -> torch.Tensor:
@@ -113,7 +114,7 @@ def generator_loss(logits_fake: torch.Tensor, kind: str = "hinge") -> torch.Tens
         return -logits_fake.mean()
     if kind == "non-saturating":
         return F.softplus(-logits_fake).mean()
-    raise ValueError(f"disc_loss must be one of {DISC_LOSSES}, got {kind!r}")
+    raise InputValueError(f"disc_loss must be one of {DISC_LOSSES}, got {kind!r}")
 
 
 def adaptive_weight(rec_grad: torch.Tensor, gan_grad: torch.Tensor, max_weight: float = 1e4) -> torch.Tensor:
@@ -129,7 +130,7 @@ class DiscriminatorObjective(nn.Module):
     def __init__(self, net: PatchDiscriminator, kind: str = "hinge"):
         super().__init__()
         if kind not in DISC_LOSSES:
-            raise ValueError(f"disc_loss must be one of {DISC_LOSSES}, got {kind!r}")
+            raise InputValueError(f"disc_loss must be one of {DISC_LOSSES}, got {kind!r}")
         self.net = net
         self.kind = kind
 

@@ -19,12 +19,13 @@ import contextlib
 
 import torch
 import torch.nn as nn
+from ._checks import InputValueError
 
 
 class EMA:
     def __init__(self, model: nn.Module, decay: float):
         if not 0.0 < decay < 1.0:
-            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+            raise InputValueError(f"EMA decay must be in (0, 1), got {decay}")
         self.decay = decay
         self.updates = 0
         self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -68,19 +69,19 @@ class EMA:
         """Checked before anything is changed: copy_ would broadcast a wrong-shaped average into place, and
         NaN averages would reach the final weights."""
         if not isinstance(state, dict) or not isinstance(state.get("shadow"), dict):
-            raise ValueError(f"the EMA state must be a dict with 'shadow' and 'updates', got "
+            raise InputValueError(f"the EMA state must be a dict with 'shadow' and 'updates', got "
                              f"{sorted(state) if isinstance(state, dict) else type(state).__name__}")
         updates = state.get("updates")
         if isinstance(updates, bool) or not isinstance(updates, int) or updates < 0:
-            raise ValueError(f"the EMA state's updates must be an int >= 0, got {updates!r}")
+            raise InputValueError(f"the EMA state's updates must be an int >= 0, got {updates!r}")
         if set(state["shadow"]) != set(self.shadow):
-            raise ValueError("the EMA state does not match the model's trainable parameters")
+            raise InputValueError("the EMA state does not match the model's trainable parameters")
         for n, v in state["shadow"].items():
             if not isinstance(v, torch.Tensor) or v.shape != self.shadow[n].shape:
                 got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-                raise ValueError(f"the EMA average of {n!r} must have shape {tuple(self.shadow[n].shape)}, got {got}")
+                raise InputValueError(f"the EMA average of {n!r} must have shape {tuple(self.shadow[n].shape)}, got {got}")
             if not bool(torch.isfinite(v).all()):
-                raise ValueError(f"the EMA average of {n!r} has NaN or inf values")
+                raise InputValueError(f"the EMA average of {n!r} has NaN or inf values")
         self.updates = updates
         for n, v in state["shadow"].items():
             self.shadow[n].copy_(v)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from . import data as data_lib
-from ._checks import check_config, check_int, check_model, check_steps
+from ._checks import InputTypeError, InputValueError, check_config, check_int, check_model, check_steps
 from .metrics import FeatureStats, InceptionMetric
 
 BUILTIN_SOURCES = ("fashion-mnist", "fashion-mnist:train", "fashion-mnist:test", "digits")
@@ -44,13 +44,23 @@ def read_image(path: str | os.PathLike) -> torch.Tensor:
 
 
 def write_png(image: torch.Tensor, path: Path) -> None:
-    """uint8 [1 or 3, H, W] -> RGB PNG, written to a temporary name and renamed: a killed run leaves whole files."""
+    """uint8 [1 or 3, H, W] -> RGB PNG, written to a temporary name of its own and renamed: a killed run leaves
+    whole files, and two processes writing one folder never write into each other's temp file. (No fsync: a
+    sample folder is cheap to regenerate, and 50,000 syncs are not.)"""
     from PIL import Image
 
+    from .checkpoint_io import create_temp
+
     arr = image.expand(3, -1, -1).permute(1, 2, 0).contiguous().cpu().numpy()
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(arr, "RGB").save(tmp, format="PNG")
-    os.replace(tmp, path)
+    fd, tmp = create_temp(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            Image.fromarray(arr, "RGB").save(f, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def builtin_images(name: str) -> torch.Tensor:
@@ -59,7 +69,7 @@ def builtin_images(name: str) -> torch.Tensor:
         return data_lib.load_fashion_mnist("test" if name.endswith(":test") else "train")[0]
     if name == "digits":
         return (data_lib.load_digits()[0] * 255).round().to(torch.uint8)
-    raise ValueError(f"unknown built-in data set {name!r}; choose from {BUILTIN_SOURCES}")
+    raise InputValueError(f"unknown built-in data set {name!r}; choose from {BUILTIN_SOURCES}")
 
 
 def describe_source(source: str) -> str:
@@ -69,7 +79,7 @@ def describe_source(source: str) -> str:
         return "folder"
     if source in BUILTIN_SOURCES:
         return "builtin"
-    raise ValueError(f"{source!r} is not a .npz of statistics, an existing image folder or a built-in data set "
+    raise InputValueError(f"{source!r} is not a .npz of statistics, an existing image folder or a built-in data set "
                      f"({', '.join(BUILTIN_SOURCES)})")
 
 
@@ -77,6 +87,12 @@ def load_source(source: str, metric_factory, max_images: int | None = None, prog
                 chunk: int = 256) -> tuple[FeatureStats, InceptionMetric | None]:
     """Statistics of a source (see the module docstring). For images also the metric (its IS when the network
     has a classifier); for a .npz only the statistics. `metric_factory(total)` makes an InceptionMetric."""
+    if not isinstance(source, str):
+        raise InputTypeError(f"load_source: source must be a str (a .npz, an image folder or one of {BUILTIN_SOURCES}), "
+                        f"got {type(source).__name__}")
+    if not callable(metric_factory):
+        raise InputTypeError(f"load_source: metric_factory must be a callable total -> InceptionMetric, "
+                        f"got {type(metric_factory).__name__}")
     if max_images is not None:
         check_int("load_source", "max_images", max_images, 1)  # a negative slice bound would drop the last images
     check_int("load_source", "chunk", chunk, 1)
@@ -86,7 +102,7 @@ def load_source(source: str, metric_factory, max_images: int | None = None, prog
     if kind == "folder":
         files = image_files(source)[:max_images]
         if not files:
-            raise ValueError(f"no png/jpg/jpeg/webp images under {source}")
+            raise InputValueError(f"no png/jpg/jpeg/webp images under {source}")
         total, get = len(files), lambda i, j: [read_image(f) for f in files[i:j]]
     else:
         images = builtin_images(source)[:max_images]
@@ -128,7 +144,7 @@ class EvalConfig:
         """Every field's type and range (run again by generate_into: a dataclass field can change after init)."""
         check_config(self)
         if self.dtype not in SAMPLING_DTYPES:
-            raise ValueError(f"EvalConfig: dtype must be None, torch.float32, torch.bfloat16 or torch.float16, "
+            raise InputValueError(f"EvalConfig: dtype must be None, torch.float32, torch.bfloat16 or torch.float16, "
                              f"got {self.dtype!r}")
 
 
@@ -149,13 +165,13 @@ def generate_into(model, metric: InceptionMetric, cfg: EvalConfig, rank: int = 0
 
     check_model("generate_into", model, MAGE)
     if not isinstance(cfg, EvalConfig):
-        raise TypeError(f"generate_into: cfg must be an EvalConfig, got {type(cfg).__name__}")
+        raise InputTypeError(f"generate_into: cfg must be an EvalConfig, got {type(cfg).__name__}")
     cfg.check()
     check_steps("generate_into", cfg.steps, model.config.num_tokens)
     world = check_int("generate_into", "world", world, 1)
     check_int("generate_into", "rank", rank, 0, world - 1)
     if not isinstance(metric, InceptionMetric):
-        raise TypeError(f"generate_into: metric must be a mage.metrics.InceptionMetric, got {type(metric).__name__}")
+        raise InputTypeError(f"generate_into: metric must be a mage.metrics.InceptionMetric, got {type(metric).__name__}")
     out = Path(cfg.images_dir) if cfg.images_dir else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -198,6 +214,13 @@ def probe_images(source: str, split: str, size: int, channels: int,
     [0, 1] and labels) or an image folder with the evaluation view (resize + centre crop, section 6)."""
     from . import transforms as T
 
+    if not isinstance(source, str):
+        raise InputTypeError(f"probe_images: source must be a str (fashion-mnist, digits or a folder), "
+                        f"got {type(source).__name__}")
+    if split not in ("train", "test"):  # digits took any other split for "test"
+        raise InputValueError(f"probe_images: split must be 'train' or 'test', got {split!r}")
+    check_int("probe_images", "size", size, 1)
+    check_int("probe_images", "channels", channels, 1)
     if limit is not None:
         check_int("probe_images", "limit", limit, 1)  # a negative slice bound would drop the last images
     if source in ("fashion-mnist", "digits"):
@@ -217,9 +240,9 @@ def probe_images(source: str, split: str, size: int, channels: int,
     names = ("train",) if split == "train" else ("val", "test")
     folder = next((root / n for n in names if (root / n).is_dir()), None)
     if folder is None:
-        raise ValueError(f"a probe folder needs {root}/train/ and {root}/val/ (or test/), each root/<class>/<image>")
+        raise InputValueError(f"a probe folder needs {root}/train/ and {root}/val/ (or test/), each root/<class>/<image>")
     if channels != 3:
-        raise ValueError(f"image folders are read as RGB; the model's tokenizer takes {channels} channel(s)")
+        raise InputValueError(f"image folders are read as RGB; the model's tokenizer takes {channels} channel(s)")
     ds = data_lib.ImageFolder(folder, transform=T.eval_transform(size))
     if limit is not None and limit < len(ds):
         # Folders are sorted by class: a fixed random subset keeps every class.

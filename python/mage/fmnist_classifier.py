@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import all_finite, check_config
+from ._checks import InputValueError, all_finite, check_config
 from .checkpoint_io import CheckpointError, load_checkpoint, save_checkpoint
 from .metrics import classifier_score, frechet_distance_from_features
 
@@ -60,7 +60,7 @@ class FashionClassifier(nn.Module):
     def prepare(images: torch.Tensor) -> torch.Tensor:
         """uint8 or [0, 1] float images [N, 1 or 3, H, W] -> float [N, 1, 28, 28] (RGB averaged, resized)."""
         if images.dim() != 4 or images.shape[1] not in (1, 3):
-            raise ValueError(f"images must have shape [N, 1 or 3, H, W], got {tuple(images.shape)}")
+            raise InputValueError(f"images must have shape [N, 1 or 3, H, W], got {tuple(images.shape)}")
         x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
         if x.shape[1] == 3:
             x = x.mean(1, keepdim=True)

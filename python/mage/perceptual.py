@@ -31,6 +31,7 @@ import sys
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from ._checks import InputValueError
 
 # VGG16's `features` up to relu5_3: output channels of each conv, "M" for a 2x2 max-pool.
 _VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
@@ -77,9 +78,9 @@ class LPIPS(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if x.shape != y.shape or x.dim() != 4 or x.shape[1] not in (1, 3):
-            raise ValueError(f"x and y must have one shape [B, 1 or 3, H, W], got {tuple(x.shape)} and {tuple(y.shape)}")
+            raise InputValueError(f"x and y must have one shape [B, 1 or 3, H, W], got {tuple(x.shape)} and {tuple(y.shape)}")
         if min(x.shape[-2:]) < MIN_SIZE:
-            raise ValueError(f"LPIPS-VGG16 needs images of at least {MIN_SIZE}x{MIN_SIZE}, got {tuple(x.shape[-2:])}")
+            raise InputValueError(f"LPIPS-VGG16 needs images of at least {MIN_SIZE}x{MIN_SIZE}, got {tuple(x.shape[-2:])}")
         both = self.scale_input(torch.cat([x, y]).expand(-1, 3, -1, -1))
         total = 0
         for k, f in enumerate(self._taps(both)):
@@ -98,12 +99,12 @@ class LPIPS(nn.Module):
         expected = {k: v.shape for k, v in model.state_dict().items()}
         missing = sorted(set(expected) - set(state))
         if missing:
-            raise ValueError(f"{path}: not an LPIPS-VGG16 weights file, missing {len(missing)} keys "
+            raise InputValueError(f"{path}: not an LPIPS-VGG16 weights file, missing {len(missing)} keys "
                              f"(e.g. {missing[:4]}); see `mage.perceptual` for the expected layout")
         wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(s)})" for k, s in expected.items()
                  if state[k].shape != s]
         if wrong:
-            raise ValueError(f"{path}: wrong shapes: {wrong[:4]}")
+            raise InputValueError(f"{path}: wrong shapes: {wrong[:4]}")
         model.load_state_dict({k: state[k].float() for k in expected}, assign=True)
         return model.requires_grad_(False).to(device)
 
@@ -123,7 +124,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
     if not isinstance(obj, dict):
-        raise ValueError(f"{path} does not hold a state dict (got {type(obj).__name__})")
+        raise InputValueError(f"{path} does not hold a state dict (got {type(obj).__name__})")
     return obj
 
 
@@ -140,16 +141,17 @@ def canonical_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 
 
 def convert(vgg_path: str, lin_path: str, out_path: str) -> None:
-    """Merge torchvision's VGG16 state dict and LPIPS's `vgg.pth` into one .safetensors in our layout."""
-    from safetensors.torch import save_file
+    """Merge torchvision's VGG16 state dict and LPIPS's `vgg.pth` into one .safetensors in our layout (written
+    atomically: an interrupted conversion leaves no half file)."""
+    from .checkpoint_io import save_safetensors
 
     state = {**canonical_state_dict(read_state_dict(vgg_path)), **canonical_state_dict(read_state_dict(lin_path))}
     with torch.device("meta"):
         keys = list(LPIPS().state_dict())
     missing = sorted(set(keys) - set(state))
     if missing:
-        raise ValueError(f"{vgg_path} + {lin_path} lack {missing[:4]} ...: expected torchvision's vgg16 and LPIPS's vgg.pth")
-    save_file({k: state[k].contiguous() for k in keys}, out_path)
+        raise InputValueError(f"{vgg_path} + {lin_path} lack {missing[:4]} ...: expected torchvision's vgg16 and LPIPS's vgg.pth")
+    save_safetensors({k: state[k] for k in keys}, {}, out_path)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import all_finite, check_config, check_int, check_tensor
+from ._checks import InputTypeError, InputValueError, all_finite, check_config, check_int, check_tensor
 from .schedule import cosine_lr, scaled_lr, set_lr
 
 
@@ -104,7 +104,7 @@ class ProbeConfig:
     def __post_init__(self):
         check_config(self)
         if self.optimizer not in ("lars", "sgd"):
-            raise ValueError(f"ProbeConfig: optimizer must be 'lars' or 'sgd', got {self.optimizer!r}")
+            raise InputValueError(f"ProbeConfig: optimizer must be 'lars' or 'sgd', got {self.optimizer!r}")
 
 
 @dataclass
@@ -146,26 +146,26 @@ def linear_probe(
                     ("test_features", test_features), ("test_labels", test_labels)):
         check_tensor("linear_probe", name, t)
     if train_features.dim() != 2 or test_features.dim() != 2 or train_features.shape[1] != test_features.shape[1]:
-        raise ValueError(
+        raise InputValueError(
             "linear_probe: train_features and test_features must be [N, D] with one D, got train_features "
             f"{tuple(train_features.shape)}, test_features {tuple(test_features.shape)}"
         )
     if train_features.shape[0] < 2:
-        raise ValueError(f"linear_probe: train_features must have at least 2 rows (the head's BatchNorm trains on "
+        raise InputValueError(f"linear_probe: train_features must have at least 2 rows (the head's BatchNorm trains on "
                          f"batches of them), got {train_features.shape[0]}")
     if train_labels.shape != train_features.shape[:1] or test_labels.shape != test_features.shape[:1]:
-        raise ValueError(f"linear_probe: train_labels and test_labels must be [N], one per feature row, got "
+        raise InputValueError(f"linear_probe: train_labels and test_labels must be [N], one per feature row, got "
                          f"train_labels {tuple(train_labels.shape)} for {train_features.shape[0]} rows, test_labels "
                          f"{tuple(test_labels.shape)} for {test_features.shape[0]} rows")
     for name, labels in (("train_labels", train_labels), ("test_labels", test_labels)):
         if labels.is_floating_point() or labels.dtype == torch.bool or (labels.numel() and int(labels.min()) < 0):
-            raise ValueError(f"linear_probe: {name} must be non-negative integer class ids, got {labels.dtype}"
+            raise InputValueError(f"linear_probe: {name} must be non-negative integer class ids, got {labels.dtype}"
                              + (f" with min {labels.min().item()}" if labels.numel() else ""))
     for name, features in (("train_features", train_features), ("test_features", test_features)):
         if not all_finite(features):
-            raise ValueError(f"linear_probe: {name} has NaN or inf values")
+            raise InputValueError(f"linear_probe: {name} has NaN or inf values")
     if not isinstance(config, ProbeConfig):
-        raise TypeError(f"linear_probe: config must be a ProbeConfig, got {type(config).__name__}")
+        raise InputTypeError(f"linear_probe: config must be a ProbeConfig, got {type(config).__name__}")
     device = train_features.device
     train_labels, test_labels = train_labels.long().to(device), test_labels.long().to(device)
     x_train, x_test = train_features.float(), test_features.float().to(device)
@@ -174,7 +174,7 @@ def linear_probe(
     if num_classes is None:
         num_classes = seen
     elif check_int("linear_probe", "num_classes", num_classes, 1) < seen:
-        raise ValueError(f"linear_probe: num_classes must be at least the largest label + 1 ({seen}), "
+        raise InputValueError(f"linear_probe: num_classes must be at least the largest label + 1 ({seen}), "
                          f"got {num_classes}")
     generator = torch.Generator().manual_seed(config.seed)
     head = LinearProbeHead(x_train.shape[1], num_classes, config.layer_norm, generator).to(device)
@@ -236,7 +236,7 @@ def extract_features(
             x = x.to(device, non_blocking=True)
         f = extractor(x)
         if f.dim() != 2:
-            raise ValueError(f"the extractor must return features [B, D], got {tuple(f.shape)}")
+            raise InputValueError(f"the extractor must return features [B, D], got {tuple(f.shape)}")
         feats.append(f.float().cpu())
         labs.append(torch.as_tensor(y).cpu())
     return torch.cat(feats), torch.cat(labs)

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from ._checks import check_dtype
+from ._checks import InputTypeError, InputValueError, check_dtype
 from .checkpoint import CheckpointError, load_checked, read_state_dict
 from .model import CONSTRUCTORS, MAGE
 
@@ -15,7 +15,7 @@ from .model import CONSTRUCTORS, MAGE
 def list_models(pattern: str = "*") -> list[str]:
     """Names `create_model` accepts, sorted; `pattern` filters them shell-style ("*large*")."""
     if not isinstance(pattern, str):
-        raise TypeError(f"list_models: pattern must be a str such as '*large*', got {type(pattern).__name__}")
+        raise InputTypeError(f"list_models: pattern must be a str such as '*large*', got {type(pattern).__name__}")
     return sorted(n for n in CONSTRUCTORS if fnmatch.fnmatch(n, pattern))
 
 
@@ -38,7 +38,7 @@ def create_model(
         model = mage.create_model("mage_vit_tiny", tokenizer=mage.TokenizerConfig.tiny())
     """
     if not isinstance(name, str) or name not in CONSTRUCTORS:
-        raise ValueError(f"create_model: name must be one of mage.list_models() {list_models()}, got {name!r}")
+        raise InputValueError(f"create_model: name must be one of mage.list_models() {list_models()}, got {name!r}")
     check_dtype("create_model", dtype)
     build = CONSTRUCTORS[name]
     if checkpoint_path is None:

@@ -11,7 +11,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from ._checks import check_int
+from ._checks import InputValueError, check_int
 from .checkpoint_io import check_writable, write_atomic
 
 
@@ -42,9 +42,7 @@ class JsonlLogger:
         check_writable(self.path, "JsonlLogger: path")
         if resume_step is not None and self.path.exists():
             kept = [r for r in read_jsonl(self.path) if r.get("step", -1) <= resume_step]
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            os.replace(tmp, self.path)
+            write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         self._file = open(self.path, "a")
@@ -68,7 +66,7 @@ def image_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2, pad_value:
     """[N, C, H, W] in [0, 1] (C = 1 or 3) -> one [3, H', W'] image, `nrow` images per row."""
     check_int("image_grid", "nrow", nrow, 1)
     if images.dim() != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"images must have shape [N, 1 or 3, H, W], got {tuple(images.shape)}")
+        raise InputValueError(f"images must have shape [N, 1 or 3, H, W], got {tuple(images.shape)}")
     n, _, h, w = images.shape
     x = images.detach().float().cpu().clamp(0, 1).expand(-1, 3, -1, -1)
     cols = min(nrow, max(n, 1))
@@ -94,7 +92,7 @@ def save_image(image: torch.Tensor, path: str | os.PathLike, scale: int = 1) -> 
     path = Path(path)
     fmt = Image.registered_extensions().get(path.suffix.lower())
     if fmt is None:
-        raise ValueError(f"save_image: path {path}: unknown image file extension (use .png)")
+        raise InputValueError(f"save_image: path {path}: unknown image file extension (use .png)")
     encoded = io.BytesIO()
     pil.save(encoded, format=fmt)
     return write_atomic(path, encoded.getvalue())  # an interrupted overwrite leaves the old picture, not half of it

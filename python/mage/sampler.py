@@ -24,7 +24,7 @@ import torch
 import mage_kernels
 from mage_kernels.sampling import schedule_counts
 
-from ._checks import check_generation, check_int, check_model
+from ._checks import InputValueError, check_generation, check_int, check_model
 from .model import MAGE
 
 
@@ -186,10 +186,10 @@ def generate(
     check_generation("generate", steps=steps, choice_temperature=choice_temperature, generator=generator,
                      dtype=dtype, device=device, num_tokens=model.config.num_tokens)
     if cuda_graph and device.type != "cuda":
-        raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {device}")
+        raise InputValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {device}")
     if cuda_graph and generator is not None and generator.device.type != "cuda":
         # A CPU generator's draws would be baked into the graph: every replay would repeat them.
-        raise ValueError("cuda_graph=True needs generator=None or a CUDA torch.Generator")
+        raise InputValueError("cuda_graph=True needs generator=None or a CUDA torch.Generator")
     c = model.config
     batch_size = min(batch_size, max(num_images, 1))
 

@@ -22,6 +22,7 @@ import mage_kernels
 
 from ._checks import check_config, check_images, to_model_dtype  # noqa: F401  (check_images: public here too)
 from .hub import HubMixin
+from ._checks import InputTypeError, InputValueError
 
 
 @dataclasses.dataclass
@@ -42,13 +43,13 @@ class TokenizerConfig:
         check_config(self)
         self.ch_mult = tuple(self.ch_mult)
         if self.resolution % self.downsample != 0:
-            raise ValueError(
+            raise InputValueError(
                 f"TokenizerConfig: resolution {self.resolution} must be divisible by the downsampling "
                 f"factor 2^(len(ch_mult)-1) = {self.downsample}"
             )
         for c in {self.ch * m for m in self.ch_mult}:
             if c % self.norm_groups != 0:
-                raise ValueError(
+                raise InputValueError(
                     f"TokenizerConfig: channel count {c} is not divisible by norm_groups={self.norm_groups}"
                 )
 
@@ -221,13 +222,13 @@ class VQGANTokenizer(nn.Module, HubMixin):
         """ids [B, h*w] -> code vectors [B, D, h, w] (the reference's `get_codebook_entry`)."""
         g = self.config.grid
         if ids.dim() != 2 or ids.shape[1] != g * g:
-            raise ValueError(f"ids must be [B, {g * g}] (a {g}x{g} token grid), got shape {tuple(ids.shape)}")
+            raise InputValueError(f"ids must be [B, {g * g}] (a {g}x{g} token grid), got shape {tuple(ids.shape)}")
         if ids.dtype != torch.long:
-            raise TypeError(f"ids must be int64, got {ids.dtype}")
+            raise InputTypeError(f"ids must be int64, got {ids.dtype}")
         if ids.device.type == "cpu" and ids.numel() > 0:
             lo, hi = int(ids.min()), int(ids.max())
             if lo < 0 or hi >= self.config.n_embed:
-                raise ValueError(f"ids must be codebook indices in [0, {self.config.n_embed}), got min {lo}, max {hi}")
+                raise InputValueError(f"ids must be codebook indices in [0, {self.config.n_embed}), got min {lo}, max {hi}")
         z = F.embedding(ids, self.codebook)  # (B, h*w, D)
         return z.transpose(1, 2).reshape(ids.shape[0], self.config.embed_dim, g, g)
 

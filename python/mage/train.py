@@ -36,7 +36,7 @@ import mage_kernels
 
 from . import data as data_lib
 from . import transforms as T
-from ._checks import all_finite, check_config, check_int
+from ._checks import InputError, InputValueError, all_finite, check_config, check_int
 from .checkpoint_io import (
     CheckpointError,
     check_training_state,
@@ -45,7 +45,6 @@ from .checkpoint_io import (
     config_changes,
     damaged_checkpoint_error,
     load_checkpoint,
-    previous_path,
     restore_training_state,
     resume_source,
     save_checkpoint,
@@ -66,9 +65,14 @@ from .tokenizer_io import load_tokenizer, save_tokenizer
 OBJECTIVES = ("tokenizer", "mage", "mage-c", "mae")
 
 
-# Fields that only one kind of run reads: set for another objective they would be ignored, or fail much later.
+# Fields that only some kinds of run read: set (away from their default) for another objective they would be
+# ignored, or fail much later.
 _OBJECTIVE_FIELDS = {"disc_weight": ("tokenizer",), "perceptual_weights": ("tokenizer",),
-                     "tokenizer_checkpoint": ("mage", "mage-c"), "token_cache": ("mage", "mage-c")}
+                     "tokenizer_checkpoint": ("mage", "mage-c"), "token_cache": ("mage", "mage-c"),
+                     "model": ("mage", "mage-c"), "model_overrides": ("mage", "mage-c"),
+                     "tokenizer": ("tokenizer", "mage", "mage-c"), "mae": ("mae",)}
+# The discriminator's settings: read only when disc_weight > 0.
+_DISC_FIELDS = ("disc_start", "disc_loss", "disc_lr", "disc_betas", "disc_layers", "disc_channels", "disc_norm")
 
 
 @dataclasses.dataclass
@@ -137,42 +141,60 @@ class TrainConfig:
     sample_every: int = 0
     resume: bool = False
     resume_with_changes: bool = False  # resume although settings that change the run's math differ
-    overwrite: bool = False  # start afresh in an out_dir that holds another run's checkpoint
+    overwrite: bool = False  # start afresh in an out_dir holding an earlier run (its checkpoint, weights, log: deleted)
     progress: bool = True
     tensorboard: bool = False  # also log to out_dir/tensorboard (needs the tensorboard package)
 
     def __post_init__(self):
         check_config(self)
         if self.objective not in OBJECTIVES:
-            raise ValueError(f"TrainConfig.objective must be one of {OBJECTIVES}, got {self.objective!r}")
+            raise InputValueError(f"TrainConfig.objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.amp not in ("none", "bf16", "fp16"):
-            raise ValueError(f"TrainConfig.amp must be 'none', 'bf16' or 'fp16', got {self.amp!r}")
+            raise InputValueError(f"TrainConfig.amp must be 'none', 'bf16' or 'fp16', got {self.amp!r}")
         if self.model not in CONSTRUCTORS:
-            raise ValueError(f"TrainConfig.model must be one of {sorted(CONSTRUCTORS)}, got {self.model!r}")
+            raise InputValueError(f"TrainConfig.model must be one of {sorted(CONSTRUCTORS)}, got {self.model!r}")
         if self.accum_steps < 1:
-            raise ValueError(f"TrainConfig.accum_steps must be >= 1, got {self.accum_steps}")
+            raise InputValueError(f"TrainConfig.accum_steps must be >= 1, got {self.accum_steps}")
         if not 0.0 <= self.max_warmup_fraction <= 1.0:
-            raise ValueError(f"TrainConfig.max_warmup_fraction must be in [0, 1], got {self.max_warmup_fraction}")
+            raise InputValueError(f"TrainConfig.max_warmup_fraction must be in [0, 1], got {self.max_warmup_fraction}")
         if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"TrainConfig.ema_decay must be in [0, 1) (0: off), got {self.ema_decay}")
+            raise InputValueError(f"TrainConfig.ema_decay must be in [0, 1) (0: off), got {self.ema_decay}")
         if self.disc_loss not in DISC_LOSSES:
-            raise ValueError(f"TrainConfig.disc_loss must be one of {DISC_LOSSES}, got {self.disc_loss!r}")
+            raise InputValueError(f"TrainConfig.disc_loss must be one of {DISC_LOSSES}, got {self.disc_loss!r}")
         if self.disc_norm not in DISC_NORMS:
-            raise ValueError(f"TrainConfig.disc_norm must be one of {DISC_NORMS}, got {self.disc_norm!r}")
+            raise InputValueError(f"TrainConfig.disc_norm must be one of {DISC_NORMS}, got {self.disc_norm!r}")
         if self.disc_weight < 0:
-            raise ValueError(f"TrainConfig.disc_weight must be >= 0, got {self.disc_weight}")
-        for name, objectives in _OBJECTIVE_FIELDS.items():
-            value = getattr(self, name)
-            if value and self.objective not in objectives:  # the field is named first: the CLI leads with its flag
-                raise ValueError(f"TrainConfig.{name} belongs to objective {' or '.join(map(repr, objectives))}: "
-                                 f"unset it for objective {self.objective!r}, got {value!r}")
+            raise InputValueError(f"TrainConfig.disc_weight must be >= 0, got {self.disc_weight}")
         self.betas = tuple(self.betas)
         self.disc_betas = tuple(self.disc_betas)
         self.crop_scale = tuple(self.crop_scale)
         if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1]:
-            raise ValueError(f"TrainConfig.crop_scale must be (low, high) with 0 < low <= high <= 1, "
+            raise InputValueError(f"TrainConfig.crop_scale must be (low, high) with 0 < low <= high <= 1, "
                              f"got {self.crop_scale}")
+        self._check_unused()
         self._check_nested()
+
+    def _check_unused(self) -> None:
+        """Settings this run would ignore are errors (each message names the field first: the CLI leads with its
+        flag): fields of another objective, the discriminator's without disc_weight, perceptual_weight without
+        perceptual_weights. Only values away from the default count: a replayed config.json holds every field."""
+        default = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                   for f in dataclasses.fields(self)}
+        changed = [f.name for f in dataclasses.fields(self) if getattr(self, f.name) != default[f.name]]
+        for name in changed:
+            objectives = _OBJECTIVE_FIELDS.get(name, (self.objective,))
+            if self.objective not in objectives:
+                raise InputValueError(f"TrainConfig.{name} belongs to objective {' or '.join(map(repr, objectives))}: "
+                                 f"unset it for objective {self.objective!r}, got {getattr(self, name)!r}")
+        for name in changed:
+            if name in _DISC_FIELDS and not self.disc_weight:
+                raise InputValueError(f"TrainConfig.{name} sets up the discriminator, which trains only with disc_weight "
+                                 f"> 0 (--disc-weight; taming uses 0.8): set disc_weight or leave {name} at its "
+                                 f"default {default[name]!r}, got {getattr(self, name)!r}")
+        if "perceptual_weight" in changed and not self.perceptual_weights:
+            raise InputValueError(f"TrainConfig.perceptual_weight weighs the LPIPS term, which needs perceptual_weights "
+                             f"(--perceptual-weights, an LPIPS-VGG16 weights file, see mage.perceptual): give it or "
+                             f"leave perceptual_weight at {default['perceptual_weight']}, got {self.perceptual_weight}")
 
     def _check_nested(self) -> None:
         """The dict fields as the configs they become (MAGEConfig, TokenizerConfig, MAEConfig), so a bad override
@@ -241,12 +263,12 @@ def _config_from(field: str, kind: type, values: dict, defaults: dict | None = N
     allowed = {f.name for f in dataclasses.fields(kind)} - set(fixed)
     unknown = sorted(str(k) for k in set(values) - allowed)
     if unknown:
-        raise ValueError(f"TrainConfig.{field}: unknown {kind.__name__} fields {unknown}" +
+        raise InputValueError(f"TrainConfig.{field}: unknown {kind.__name__} fields {unknown}" +
                          (f" ({', '.join(fixed)} cannot be set here)" if set(unknown) & set(fixed) else "") +
                          f"; the fields are {sorted(allowed)}")
     try:
         return kind(**{**(defaults or {}), **values, **fixed})
-    except (TypeError, ValueError) as err:
+    except InputError as err:
         raise type(err)(f"TrainConfig.{field}: {err}") from None
 
 
@@ -275,6 +297,7 @@ def build_model(cfg: TrainConfig) -> nn.Module:
         return MAE(make_mae_config(cfg))
     if cfg.tokenizer_checkpoint:
         tokenizer = load_tokenizer(cfg.tokenizer_checkpoint)
+        _check_tokenizer_settings(cfg, tokenizer.config)
     else:
         warnings.warn(f"objective {cfg.objective!r} without tokenizer_checkpoint: the model's tokenizer is randomly "
                       "initialised (train one with objective='tokenizer' first)", UserWarning, stacklevel=3)
@@ -282,6 +305,28 @@ def build_model(cfg: TrainConfig) -> nn.Module:
     model = MAGE(make_model_config(cfg, tokenizer.config))
     model.vqgan.load_state_dict(tokenizer.state_dict())
     return model
+
+
+def _check_tokenizer_settings(cfg: TrainConfig, file: TokenizerConfig) -> None:
+    """With a tokenizer_checkpoint the tokenizer and the image size are the file's: `tokenizer` and `image_size`
+    given beside it must say the same (they cannot change it; anything else would be silently ignored)."""
+    def plain(v):
+        return list(v) if isinstance(v, (tuple, list)) else v
+
+    missing, differ = object(), []
+    for k, v in cfg.tokenizer.items():
+        ours = getattr(file, k, missing)
+        if plain(ours) != plain(v):
+            differ.append(f"{k}={v!r} (the file's: {'no such field' if ours is missing else repr(ours)})")
+    if differ:
+        raise InputValueError(f"TrainConfig.tokenizer: the tokenizer comes from tokenizer_checkpoint "
+                         f"{cfg.tokenizer_checkpoint}, and these settings differ from it: {', '.join(differ)}; leave "
+                         "tokenizer unset (the file's settings are used)")
+    default = TrainConfig.__dataclass_fields__["image_size"].default
+    if cfg.image_size not in (default, file.resolution):
+        raise InputValueError(f"TrainConfig.image_size: MAGE trains at the resolution of its tokenizer_checkpoint "
+                         f"{cfg.tokenizer_checkpoint}, {file.resolution}x{file.resolution}; leave image_size unset or "
+                         f"give {file.resolution}, got {cfg.image_size}")
 
 
 class Projector(nn.Module):
@@ -428,7 +473,7 @@ def make_dataset(cfg: TrainConfig, channels: int, size: int, split: str = "train
     source = load_images(cfg.data, split)
     if isinstance(source, data_lib.ImageFolder):
         if channels != 3:
-            raise ValueError(f"TrainConfig.data {cfg.data}: image folders are read as RGB, but the model takes "
+            raise InputValueError(f"TrainConfig.data {cfg.data}: image folders are read as RGB, but the model takes "
                              f"{channels} channel(s) (set the tokenizer's in_channels to 3)")
         source.transform, source.seed = views, cfg.seed
         return source
@@ -454,18 +499,18 @@ class Batches:
 
     def __init__(self, dataset, cfg: TrainConfig, d: Dist):
         if cfg.batch_size % d.world:
-            raise ValueError(f"TrainConfig.batch_size {cfg.batch_size} must be divisible by the number of processes "
+            raise InputValueError(f"TrainConfig.batch_size {cfg.batch_size} must be divisible by the number of processes "
                              f"{d.world}")
         self.dataset, self.cfg, self.d = dataset, cfg, d
         self.local = cfg.batch_size // d.world
         if self.local % cfg.accum_steps:
-            raise ValueError(f"TrainConfig.accum_steps: each process's batch ({self.local} = batch_size / processes) "
+            raise InputValueError(f"TrainConfig.accum_steps: each process's batch ({self.local} = batch_size / processes) "
                              f"must be divisible by accum_steps {cfg.accum_steps}")
         self.sampler = data_lib.EpochSampler(len(dataset), seed=cfg.seed, rank=d.rank, world_size=d.world,
                                              drop_last=True)
         self.steps_per_epoch = self.sampler.num_per_rank() // self.local
         if self.steps_per_epoch < 1:
-            raise ValueError(f"TrainConfig.batch_size {cfg.batch_size} is larger than the data set ({len(dataset)} "
+            raise InputValueError(f"TrainConfig.batch_size {cfg.batch_size} is larger than the data set ({len(dataset)} "
                              "items): one global batch must fit in it")
 
     def from_step(self, step: int):
@@ -608,7 +653,7 @@ def build_adversary(cfg: TrainConfig, tok: VQGANTokenizer, lr: float, d: Dist) -
     net = PatchDiscriminator(tok.config.in_channels, cfg.disc_channels, cfg.disc_layers, cfg.disc_norm)
     size = tok.config.resolution
     if net.output_size(size) < 1:
-        raise ValueError(f"TrainConfig.disc_layers={cfg.disc_layers} is too deep for {size}x{size} images (the "
+        raise InputValueError(f"TrainConfig.disc_layers={cfg.disc_layers} is too deep for {size}x{size} images (the "
                          "discriminator would output no patch); use fewer disc_layers")
     objective = DiscriminatorObjective(net, cfg.disc_loss).to(d.device)
     trained: nn.Module = objective
@@ -696,13 +741,14 @@ def enable_grad_checkpointing(model: nn.Module, block_type: type) -> int:
     return len(blocks)
 
 
-def _tensorboard(path: Path):
+def _tensorboard_writer() -> type:
+    """tensorboard's SummaryWriter class, imported before out_dir changes (a missing package fails first)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as err:
         raise ImportError("tensorboard=True needs the tensorboard package (pip install tensorboard); the JSONL "
                           "log needs nothing") from err
-    return SummaryWriter(str(path))
+    return SummaryWriter
 
 
 def _averaged(ema: EMA | None, model: nn.Module):
@@ -710,16 +756,25 @@ def _averaged(ema: EMA | None, model: nn.Module):
     return ema.applied(model) if ema is not None else contextlib.nullcontext()
 
 
+# What a run writes at the top of out_dir besides config.json. A fresh run refuses to start where RESULT_FILES of
+# an earlier run exist, unless told to overwrite; then it removes all of them first, so that no file of the earlier
+# run is left beside the new run's config.json (a crash before the first checkpoint would otherwise leave the old
+# checkpoint there, and a resume would continue it).
+RESULT_FILES = ("checkpoint.pt", "checkpoint.pt.prev", "model.safetensors", "tokenizer.safetensors", "mae.pt")
+RUN_FILES = RESULT_FILES + ("metrics.jsonl", "curves.png")
+
+
 def _resume_state(cfg: TrainConfig, ckpt_path: Path, main: bool) -> tuple[dict | None, Path | None]:
     """The training state a run continues from and its file ((None, None): a fresh start), after the checks
-    that keep an earlier run's checkpoint and log from being overwritten (docs/TRAINING.md)."""
+    that keep an earlier run's checkpoint, weights and log from being overwritten (docs/TRAINING.md)."""
     if not cfg.resume:
-        existing = [p for p in (ckpt_path, previous_path(ckpt_path)) if p.exists()]
+        existing = [name for name in RESULT_FILES if (ckpt_path.parent / name).exists()]
         if existing and not cfg.overwrite:
             raise CheckpointError(
-                f"{cfg.out_dir} holds the checkpoint of an earlier run ({existing[0].name}): continue it with "
-                "--resume (TrainConfig.resume=True), or start afresh over it with --overwrite "
-                "(TrainConfig.overwrite=True) or in another --out-dir")
+                f"{cfg.out_dir} holds the {'checkpoint' if 'checkpoint' in existing[0] else 'weights'} of an "
+                f"earlier run ({existing[0]}): continue it with --resume (TrainConfig.resume=True), or start afresh "
+                "over it with --overwrite (TrainConfig.overwrite=True; deletes its checkpoint, weights and log) or "
+                "in another --out-dir")
         return None, None
     source, note = resume_source(ckpt_path)
     if source is None:
@@ -789,19 +844,23 @@ def train(cfg: TrainConfig, governor=None) -> dict:
     if cfg.token_cache:
         data_lib.check_token_cache(cfg.token_cache, batches.dataset.ids, model.config.num_tokens,
                                    model.config.codebook_size)
+    writer = _tensorboard_writer() if cfg.tensorboard and d.main else None
+    if d.main and cfg.progress:
+        from tqdm import tqdm
     # Only now, with everything built and checked, does out_dir change: a run that fails on its settings leaves
     # an earlier run's config.json and log as they were.
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
         clean_stale_files(ckpt_path)  # temp files of a write that was killed
+        if resumed is None and cfg.overwrite:  # a crash before this run's first checkpoint must not leave the
+            for name in RUN_FILES:             # earlier run's checkpoint (or weights) beside this run's config
+                (out / name).unlink(missing_ok=True)
         write_atomic(out / "config.json", json.dumps(cfg.to_dict(), indent=1))
     log_path = out / "metrics.jsonl"
     logger = JsonlLogger(log_path, resume_step=start if start else None) if d.main else None
-    board = _tensorboard(out / "tensorboard") if cfg.tensorboard and d.main else None
+    board = writer(str(out / "tensorboard")) if writer is not None else None
     bar = None
     if d.main and cfg.progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=cfg.steps, initial=start, desc=cfg.objective, dynamic_ncols=True)
     last: dict = {}
     t0, seen = time.perf_counter(), 0

@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from ._checks import InputTypeError, InputValueError
 
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, as PIL's convert("L")
 EVAL_CROP_FRACTION = 256 / 292  # docs/REFERENCE.md 6: Resize(292) + CenterCrop(256)
@@ -28,9 +29,9 @@ EVAL_CROP_FRACTION = 256 / 292  # docs/REFERENCE.md 6: Resize(292) + CenterCrop(
 
 def _check_image(img: torch.Tensor) -> None:
     if img.dim() != 3:
-        raise ValueError(f"img must have shape [C, H, W], got {tuple(img.shape)}")
+        raise InputValueError(f"img must have shape [C, H, W], got {tuple(img.shape)}")
     if not img.is_floating_point():
-        raise TypeError(f"img must be a float tensor in [0, 1], got {img.dtype}")
+        raise InputTypeError(f"img must be a float tensor in [0, 1], got {img.dtype}")
 
 
 def _size2(size: int | Sequence[int]) -> tuple[int, int]:
