@@ -597,6 +597,18 @@ __attribute__((target("avx2"))) void pair_f32_avx2(float* acc, const float* g0, 
        : pair_f32_impl<false>(acc, g0, g1, k0, d0, k1, d1, n, stream);
 }
 
+// One row's 16 bf16 gradients `raw` (widened: lo, hi) to where its kind sends them (see pair_f32_impl).
+__attribute__((target("avx2"))) inline void route_bf16x16(int kind, void* dst, bool stream, int64_t i, __m256i raw,
+                                                         __m256 lo, __m256 hi) {
+  if (kind == kPairCopy) {
+    __m256i* o = reinterpret_cast<__m256i*>(static_cast<uint16_t*>(dst) + i);
+    stream ? _mm256_stream_si256(o, raw) : _mm256_storeu_si256(o, raw);
+  } else if (kind == kPairPad) {
+    add_into(static_cast<float*>(dst) + i, lo);
+    add_into(static_cast<float*>(dst) + i + 8, hi);
+  }
+}
+
 template <bool kInit>
 __attribute__((target("avx2"))) void pair_bf16_impl(float* acc, const uint16_t* g0, const uint16_t* g1, int k0,
                                                     void* d0, int k1, void* d1, int64_t n, bool stream) {
@@ -610,20 +622,8 @@ __attribute__((target("avx2"))) void pair_bf16_impl(float* acc, const uint16_t* 
     const __m256 b0 = widen_bf16x8(_mm256_castsi256_si128(rb)), b1 = widen_bf16x8(_mm256_extracti128_si256(rb, 1));
     _mm256_storeu_ps(acc + i, pair_sum<kInit>(acc + i, a0, b0));
     _mm256_storeu_ps(acc + i + 8, pair_sum<kInit>(acc + i + 8, a1, b1));
-    if (k0 == kPairCopy) {
-      __m256i* o = reinterpret_cast<__m256i*>(static_cast<uint16_t*>(d0) + i);
-      s0 ? _mm256_stream_si256(o, ra) : _mm256_storeu_si256(o, ra);
-    } else if (k0 == kPairPad) {
-      add_into(static_cast<float*>(d0) + i, a0);
-      add_into(static_cast<float*>(d0) + i + 8, a1);
-    }
-    if (k1 == kPairCopy) {
-      __m256i* o = reinterpret_cast<__m256i*>(static_cast<uint16_t*>(d1) + i);
-      s1 ? _mm256_stream_si256(o, rb) : _mm256_storeu_si256(o, rb);
-    } else if (k1 == kPairPad) {
-      add_into(static_cast<float*>(d1) + i, b0);
-      add_into(static_cast<float*>(d1) + i + 8, b1);
-    }
+    route_bf16x16(k0, d0, s0, i, ra, a0, a1);
+    route_bf16x16(k1, d1, s1, i, rb, b0, b1);
   }
   for (; i < n; ++i) {
     const float a = bf16_to_float(g0[i]), b = bf16_to_float(g1[i]);
