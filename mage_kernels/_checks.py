@@ -78,8 +78,8 @@ def check_steps(op: str, steps, num_tokens) -> int:
     the one token left masked (docs/REFERENCE.md 5.2.9)."""
     check_int(op, "steps", steps, 1)
     if isinstance(steps, numbers.Integral) and isinstance(num_tokens, numbers.Integral) and steps > max(num_tokens, 1):
-        raise InputValueError(f"{op}: steps must be in [1, {max(num_tokens, 1)}] for {num_tokens} token positions (each "
-                         f"step commits at least one token), got {steps}")
+        raise InputValueError(f"{op}: steps must be in [1, {max(num_tokens, 1)}] for {num_tokens} token positions "
+                              f"(each step commits at least one token), got {steps}")
     return steps
 
 

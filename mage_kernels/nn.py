@@ -62,8 +62,8 @@ def kmeans(
     the average of its rows, summed over all ranks when `sync`; a mean with no rows stays where it is.
     """
     if rows.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(torch.isfinite(rows).all()):
-        raise InputValueError(f"kmeans: rows has {int((~torch.isfinite(rows)).sum())} non-finite value(s) (NaN or inf); "
-                         "k-means needs finite vectors")
+        raise InputValueError(f"kmeans: rows has {int((~torch.isfinite(rows)).sum())} non-finite value(s) (NaN or "
+                              f"inf); k-means needs finite vectors")
     if sync and dist.get_rank() != 0:
         means = rows.new_empty(num_clusters, rows.shape[1])
     else:
@@ -175,7 +175,8 @@ class VectorQuantize(nn.Module):
         if decay is not None:
             decay = check_real(op, "decay", decay, 0.0, 1.0)
             if decay == 1.0:
-                raise InputValueError(f"{op}: decay must be None (codebook learned by gradient) or in [0, 1), got {decay}")
+                raise InputValueError(f"{op}: decay must be None (codebook learned by gradient) or in [0, 1), got "
+                                      f"{decay}")
         for name, value in (("commitment_weight", commitment_weight), ("codebook_weight", codebook_weight),
                             ("threshold_ema_dead_code", threshold_ema_dead_code), ("eps", eps)):
             check_real(op, name, value, 0.0)

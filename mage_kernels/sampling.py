@@ -37,7 +37,8 @@ def mask_ratio(schedule: Schedule, step: int, steps: int, *, op: str = "mask_rat
         return cosine_mask_ratio(step, steps)
     fn = SCHEDULES.get(schedule) if isinstance(schedule, str) else schedule
     if not callable(fn):
-        raise InputValueError(f"{op}: schedule must be 'cosine', one of {sorted(SCHEDULES)} or a callable, got {schedule!r}")
+        raise InputValueError(f"{op}: schedule must be 'cosine', one of {sorted(SCHEDULES)} or a callable, got "
+                              f"{schedule!r}")
     return check_real(op, "schedule(r)", fn((step + 1) / steps), 0.0, 1.0)
 
 

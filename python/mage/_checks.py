@@ -86,8 +86,8 @@ def all_finite(t: torch.Tensor) -> bool:
 def check_dtype(op: str, dtype, name: str = "dtype") -> None:
     """None or a floating-point torch.dtype (what the model's weights are cast to)."""
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise InputTypeError(f"{op}: {name} must be None or a floating-point torch.dtype (torch.float32, torch.bfloat16, "
-                        f"torch.float16, torch.float64), got {dtype!r}")
+        raise InputTypeError(f"{op}: {name} must be None or a floating-point torch.dtype (torch.float32, "
+                             f"torch.bfloat16, torch.float16, torch.float64), got {dtype!r}")
 
 
 def to_model_dtype(x: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
@@ -106,7 +106,8 @@ def check_images(images, cfg, name: str = "images", check_range: bool = True,
     on `device` when given. The range check reads the values (a host sync on GPU); training loops skip it."""
     check_tensor("images", name, images)
     if not images.is_floating_point():
-        raise InputTypeError(f"{name} must be a float tensor in [0, 1], got {images.dtype} (convert uint8 with x / 255)")
+        raise InputTypeError(f"{name} must be a float tensor in [0, 1], got {images.dtype} (convert uint8 with "
+                             "x / 255)")
     r = cfg.resolution
     if images.dim() != 4 or images.shape[1] != cfg.in_channels or tuple(images.shape[2:]) != (r, r):
         raise InputValueError(f"{name} must be [B, {cfg.in_channels}, {r}, {r}], got shape {tuple(images.shape)}")
@@ -160,7 +161,8 @@ def check_pixel_mask(pixel_mask, images: torch.Tensor) -> None:
     """pixel_mask: a tensor [B, H, W] or [B, 1, H, W] matching images [B, C, H, W] in batch and size."""
     check_tensor("inpaint", "pixel_mask", pixel_mask)
     if pixel_mask.dim() not in (3, 4) or (pixel_mask.dim() == 4 and pixel_mask.shape[1] != 1):
-        raise InputValueError(f"inpaint: pixel_mask must be [B, H, W] or [B, 1, H, W], got shape {tuple(pixel_mask.shape)}")
+        raise InputValueError(f"inpaint: pixel_mask must be [B, H, W] or [B, 1, H, W], got shape "
+                              f"{tuple(pixel_mask.shape)}")
     if pixel_mask.shape[0] != images.shape[0] or pixel_mask.shape[-2:] != images.shape[-2:]:
         raise InputValueError(f"inpaint: pixel_mask {tuple(pixel_mask.shape)} must match images {tuple(images.shape)} "
                          "in batch and size")
@@ -186,5 +188,6 @@ def check_generation(op: str, *, steps, choice_temperature, generator, dtype, de
         raise InputValueError(f"{op}: generator is on {generator.device}, the model on {device}: use a generator on "
                          f"the model's device or the CPU")
     if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
-        raise InputValueError(f"{op}: dtype must be None, torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}")
+        raise InputValueError(f"{op}: dtype must be None, torch.float32, torch.bfloat16 or torch.float16, "
+                              f"got {dtype!r}")
     check_steps(op, steps, num_tokens)

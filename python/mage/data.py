@@ -86,7 +86,8 @@ def load_fashion_mnist(
     images, dims = _read_idx(folder / image_file, offset=16, expected_magic=0x00000803)
     labels, _ = _read_idx(folder / label_file, offset=8, expected_magic=0x00000801)
     if dims[0] != count or labels.size != count:
-        raise InputValueError(f"Fashion-MNIST {split}: expected {count} images and labels, got {dims[0]} and {labels.size}")
+        raise InputValueError(f"Fashion-MNIST {split}: expected {count} images and labels, got {dims[0]} and "
+                              f"{labels.size}")
     x = torch.from_numpy(images.copy()).view(count, 1, dims[1], dims[2])
     y = torch.from_numpy(labels.astype(np.int64))
     if dtype != torch.uint8:
@@ -110,7 +111,8 @@ def to_float_image(image: torch.Tensor, channels: int | None = None) -> torch.Te
     x = image.float().div_(255) if image.dtype == torch.uint8 else image.float()
     if channels is not None and x.shape[-3] != channels:
         if x.shape[-3] != 1:
-            raise InputValueError(f"cannot turn a {x.shape[-3]}-channel image into {channels} channels (only grey expands)")
+            raise InputValueError(f"cannot turn a {x.shape[-3]}-channel image into {channels} channels (only grey "
+                                  f"expands)")
         x = x.expand(*x.shape[:-3], channels, *x.shape[-2:]).contiguous()
     return x
 

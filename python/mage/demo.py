@@ -287,8 +287,8 @@ def _run_demo(cfg: DemoConfig, governor) -> dict:
             for name, (ftr, fte) in features.items()}
         report["probe_features"] = (
             "Encoder features of the unmasked image (last block's token outputs): "
-            f"'{key}' and 'random_init' average them over a 3x3 grid of cells of the 7x7 token grid (this demo's probe); "
-            "'..._global_pool' averages all tokens (the paper's probe); 'raw_pixels' is the 784 pixel values.")
+            f"'{key}' and 'random_init' average them over a 3x3 grid of cells of the 7x7 token grid (this demo's "
+            f"probe); '..._global_pool' averages all tokens (the paper's probe); 'raw_pixels' is the 784 pixel values.")
 
     stage.times["total_s"] = time.perf_counter() - t_all
     stage.cpu_times["total_s"] = time.process_time() - c_all
@@ -327,8 +327,8 @@ def summary(report: dict) -> str:
         + ", ".join(f"{k} {v['frechet_distance']:.1f}" for k, v in gen.items()),
         f"samples vs tokenizer reconstructions: Frechet distance {ratio['frechet_distance_ratio']:.2f}x, "
         f"classifier score {ratio['classifier_score_ratio'] * 100:.0f}%",
-        f"time: {t['total_s'] / 60:.1f} min (tokenizer {t['tokenizer_train_s']:.0f} s, MAGE {t['mage_train_s']:.0f} s); "
-        f"threads: {report['threads']['summary']}",
+        f"time: {t['total_s'] / 60:.1f} min (tokenizer {t['tokenizer_train_s']:.0f} s, MAGE {t['mage_train_s']:.0f} "
+        f"s); threads: {report['threads']['summary']}",
         f"report: {out / 'index.html'}",
         f"try: {report['inpaint_command']}",
     ]

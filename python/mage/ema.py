@@ -79,7 +79,8 @@ class EMA:
         for n, v in state["shadow"].items():
             if not isinstance(v, torch.Tensor) or v.shape != self.shadow[n].shape:
                 got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-                raise InputValueError(f"the EMA average of {n!r} must have shape {tuple(self.shadow[n].shape)}, got {got}")
+                raise InputValueError(f"the EMA average of {n!r} must have shape {tuple(self.shadow[n].shape)}, got "
+                                      f"{got}")
             if not bool(torch.isfinite(v).all()):
                 raise InputValueError(f"the EMA average of {n!r} has NaN or inf values")
         self.updates = updates

@@ -88,8 +88,8 @@ def load_source(source: str, metric_factory, max_images: int | None = None, prog
     """Statistics of a source (see the module docstring). For images also the metric (its IS when the network
     has a classifier); for a .npz only the statistics. `metric_factory(total)` makes an InceptionMetric."""
     if not isinstance(source, str):
-        raise InputTypeError(f"load_source: source must be a str (a .npz, an image folder or one of {BUILTIN_SOURCES}), "
-                        f"got {type(source).__name__}")
+        raise InputTypeError(f"load_source: source must be a str (a .npz, an image folder or one of "
+                             f"{BUILTIN_SOURCES}), got {type(source).__name__}")
     if not callable(metric_factory):
         raise InputTypeError(f"load_source: metric_factory must be a callable total -> InceptionMetric, "
                         f"got {type(metric_factory).__name__}")
@@ -171,7 +171,8 @@ def generate_into(model, metric: InceptionMetric, cfg: EvalConfig, rank: int = 0
     world = check_int("generate_into", "world", world, 1)
     check_int("generate_into", "rank", rank, 0, world - 1)
     if not isinstance(metric, InceptionMetric):
-        raise InputTypeError(f"generate_into: metric must be a mage.metrics.InceptionMetric, got {type(metric).__name__}")
+        raise InputTypeError(f"generate_into: metric must be a mage.metrics.InceptionMetric, got "
+                             f"{type(metric).__name__}")
     out = Path(cfg.images_dir) if cfg.images_dir else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -240,7 +241,8 @@ def probe_images(source: str, split: str, size: int, channels: int,
     names = ("train",) if split == "train" else ("val", "test")
     folder = next((root / n for n in names if (root / n).is_dir()), None)
     if folder is None:
-        raise InputValueError(f"a probe folder needs {root}/train/ and {root}/val/ (or test/), each root/<class>/<image>")
+        raise InputValueError(f"a probe folder needs {root}/train/ and {root}/val/ (or test/), each "
+                              f"root/<class>/<image>")
     if channels != 3:
         raise InputValueError(f"image folders are read as RGB; the model's tokenizer takes {channels} channel(s)")
     ds = data_lib.ImageFolder(folder, transform=T.eval_transform(size))

@@ -68,7 +68,8 @@ class MAE(nn.Module):
         super().__init__()
         self.config = c = config or MAEConfig()
         if c.image_size % c.patch_size:
-            raise InputValueError(f"MAEConfig: image_size {c.image_size} must be divisible by patch_size {c.patch_size}")
+            raise InputValueError(f"MAEConfig: image_size {c.image_size} must be divisible by patch_size "
+                                  f"{c.patch_size}")
         D, Dd = c.embed_dim, c.decoder_embed_dim
         self.patch_embed = nn.Conv2d(c.in_channels, D, c.patch_size, c.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))

@@ -40,8 +40,8 @@ def _psd_sqrt(matrix: torch.Tensor, name: str = "sigma") -> torch.Tensor:
     eigval, eigvec = torch.linalg.eigh(sym)
     scale = float(eigval.abs().max()) if eigval.numel() else 0.0
     if eigval.numel() and float(eigval.min()) < -1e-6 * scale:
-        raise InputValueError(f"frechet_distance: {name} is not a covariance matrix (eigenvalue {float(eigval.min()):.3g} "
-                         f"< 0, largest magnitude {scale:.3g})")
+        raise InputValueError(f"frechet_distance: {name} is not a covariance matrix (eigenvalue "
+                              f"{float(eigval.min()):.3g} < 0, largest magnitude {scale:.3g})")
     return (eigvec * eigval.clamp_min(0).sqrt()) @ eigvec.T
 
 
@@ -109,8 +109,8 @@ def _check_probs(op: str, name: str, p: torch.Tensor) -> None:
     sums = p.sum(1)
     worst = int((sums - 1).abs().argmax())
     if abs(float(sums[worst]) - 1) > 1e-3:
-        raise InputValueError(f"{op}: {name} must have rows (one per sample, over the class axis 1) summing to 1, got row "
-                         f"{worst} summing to {float(sums[worst]):.6g}")
+        raise InputValueError(f"{op}: {name} must have rows (one per sample, over the class axis 1) summing to 1, got "
+                              f"row {worst} summing to {float(sums[worst]):.6g}")
 
 
 def classifier_score(probs: torch.Tensor, splits: int = 1) -> tuple[float, float]:
@@ -215,7 +215,8 @@ def codebook_usage(counts: torch.Tensor) -> dict[str, float]:
     """
     c = torch.as_tensor(counts)
     if c.dim() != 1 or c.dtype == torch.bool or c.is_complex():
-        raise InputValueError(f"codebook_usage: counts must be per-code counts [K], got {c.dtype} of shape {tuple(c.shape)}")
+        raise InputValueError(f"codebook_usage: counts must be per-code counts [K], got {c.dtype} of shape "
+                              f"{tuple(c.shape)}")
     c = c.to(torch.float64)  # integer counts, or float ones such as an EMA of the usage
     if c.numel() and (not all_finite(c) or float(c.min()) < 0):
         raise InputValueError(f"codebook_usage: counts must be finite and non-negative, got min {float(c.min())}, "
@@ -250,7 +251,8 @@ class FeatureStats:
             self.n, self.mean, self.m2 = n, mean.clone(), m2.clone()
             return
         if mean.shape != self.mean.shape:
-            raise InputValueError(f"feature dimension {mean.shape[0]} does not match the statistics' {self.mean.shape[0]}")
+            raise InputValueError(f"feature dimension {mean.shape[0]} does not match the statistics' "
+                                  f"{self.mean.shape[0]}")
         mean, m2 = mean.to(self.mean.device), m2.to(self.mean.device)
         total = self.n + n
         delta = mean - self.mean
@@ -346,7 +348,8 @@ class FeatureStats:
                 raise
             raise InputValueError(f"{path} is not a readable .npz of statistics ({err})") from err
         if mu.dim() != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-            raise InputValueError(f"{path}: mu must be [D] and sigma [D, D], got {tuple(mu.shape)} and {tuple(sigma.shape)}")
+            raise InputValueError(f"{path}: mu must be [D] and sigma [D, D], got {tuple(mu.shape)} and "
+                                  f"{tuple(sigma.shape)}")
         n = count.item() if count.shape == () and count.dtype.kind in "iuf" else None
         if n is None or not math.isfinite(n) or n != int(n) or n < 2:
             raise InputValueError(f"{path}: num_samples must be a whole number >= 2, got {count.tolist()!r}")
@@ -391,7 +394,8 @@ class ScoreStats:
             raise InputValueError(f"ScoreStats.update: probs must be [B, {k}] (num_classes={k}), got shape "
                              f"{tuple(probs.shape)}")
         if not probs.is_floating_point():
-            raise InputTypeError(f"ScoreStats.update: probs must be a float tensor of class probabilities, got {probs.dtype}")
+            raise InputTypeError(f"ScoreStats.update: probs must be a float tensor of class probabilities, got "
+                                 f"{probs.dtype}")
         p = probs.detach().to(torch.float64).cpu()
         _check_probs("ScoreStats.update", "probs", p)
         index = torch.arange(start, start + p.shape[0])
@@ -422,7 +426,8 @@ class ScoreStats:
     def compute(self) -> tuple[float, float]:
         """(mean, std) over the parts of exp(E_x KL(p(y|x) || p(y))), p(y) the part's marginal."""
         if (self.count == 0).any():
-            raise InputValueError(f"every one of the {self.splits} splits needs samples, got counts {self.count.tolist()}")
+            raise InputValueError(f"every one of the {self.splits} splits needs samples, got counts "
+                                  f"{self.count.tolist()}")
         marginal = self.prob_sum / self.count[:, None]
         kl = self.plogp_sum / self.count - torch.special.xlogy(marginal, marginal).sum(1)
         scores = kl.exp()

@@ -81,7 +81,8 @@ class MAGEConfig:
         if isinstance(self.tokenizer, dict):
             self.tokenizer = TokenizerConfig(**self.tokenizer)
         if not isinstance(self.tokenizer, TokenizerConfig):
-            raise InputTypeError(f"MAGEConfig: tokenizer must be a TokenizerConfig or dict, got {type(self.tokenizer).__name__}")
+            raise InputTypeError(f"MAGEConfig: tokenizer must be a TokenizerConfig or dict, got "
+                                 f"{type(self.tokenizer).__name__}")
         check_config(self)
         if self.vocab not in ("official", "compact"):
             raise InputValueError(f"MAGEConfig.vocab must be 'official' or 'compact', got {self.vocab!r}")

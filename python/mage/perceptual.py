@@ -78,9 +78,11 @@ class LPIPS(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if x.shape != y.shape or x.dim() != 4 or x.shape[1] not in (1, 3):
-            raise InputValueError(f"x and y must have one shape [B, 1 or 3, H, W], got {tuple(x.shape)} and {tuple(y.shape)}")
+            raise InputValueError(f"x and y must have one shape [B, 1 or 3, H, W], got {tuple(x.shape)} and "
+                                  f"{tuple(y.shape)}")
         if min(x.shape[-2:]) < MIN_SIZE:
-            raise InputValueError(f"LPIPS-VGG16 needs images of at least {MIN_SIZE}x{MIN_SIZE}, got {tuple(x.shape[-2:])}")
+            raise InputValueError(f"LPIPS-VGG16 needs images of at least {MIN_SIZE}x{MIN_SIZE}, got "
+                                  f"{tuple(x.shape[-2:])}")
         both = self.scale_input(torch.cat([x, y]).expand(-1, 3, -1, -1))
         total = 0
         for k, f in enumerate(self._taps(both)):
@@ -150,7 +152,8 @@ def convert(vgg_path: str, lin_path: str, out_path: str) -> None:
         keys = list(LPIPS().state_dict())
     missing = sorted(set(keys) - set(state))
     if missing:
-        raise InputValueError(f"{vgg_path} + {lin_path} lack {missing[:4]} ...: expected torchvision's vgg16 and LPIPS's vgg.pth")
+        raise InputValueError(f"{vgg_path} + {lin_path} lack {missing[:4]} ...: expected torchvision's vgg16 and "
+                              f"LPIPS's vgg.pth")
     save_safetensors({k: state[k] for k in keys}, {}, out_path)
 
 

@@ -228,7 +228,8 @@ class VQGANTokenizer(nn.Module, HubMixin):
         if ids.device.type == "cpu" and ids.numel() > 0:
             lo, hi = int(ids.min()), int(ids.max())
             if lo < 0 or hi >= self.config.n_embed:
-                raise InputValueError(f"ids must be codebook indices in [0, {self.config.n_embed}), got min {lo}, max {hi}")
+                raise InputValueError(f"ids must be codebook indices in [0, {self.config.n_embed}), got min {lo}, max "
+                                      f"{hi}")
         z = F.embedding(ids, self.codebook)  # (B, h*w, D)
         return z.transpose(1, 2).reshape(ids.shape[0], self.config.embed_dim, g, g)
 
