@@ -443,6 +443,44 @@ MODEL_CASES = [
      "TrainConfig.disc_betas"),
     ("TrainConfig", lambda: mage.TrainConfig(objective="tokenizer", perceptual_weight=0.5), ValueError,
      "TrainConfig.perceptual_weight weighs the LPIPS term, which needs perceptual_weights"),
+    ("TrainConfig", lambda: mage.TrainConfig(objective="mage", contrastive_weight=0.5), ValueError,
+     "TrainConfig.contrastive_weight belongs to objective 'mage-c': unset it for objective 'mage', got 0.5"),
+    ("TrainConfig", lambda: mage.TrainConfig(objective="mae", contrastive_temperature=0.1), ValueError,
+     "TrainConfig.contrastive_temperature belongs to objective 'mage-c'"),
+    ("TrainConfig", lambda: mage.TrainConfig(objective="tokenizer", projector_hidden=64), ValueError,
+     "TrainConfig.projector_hidden belongs to objective 'mage-c'"),
+    ("TrainConfig", lambda: mage.TrainConfig(objective="mage", projector_dim=64), ValueError,
+     "TrainConfig.projector_dim belongs to objective 'mage-c'"),
+    ("TrainConfig", lambda: mage.TrainConfig(objective="mage-c", mae_mask_ratio=0.5), ValueError,
+     "TrainConfig.mae_mask_ratio belongs to objective 'mae'"),
+    ("TrainConfig", lambda: mage.TrainConfig(objective="tokenizer", mask_ratio_min=0.6), ValueError,
+     "TrainConfig.mask_ratio_min belongs to objective 'mage' or 'mage-c'"),
+    ("TrainConfig", lambda: mage.TrainConfig(objective="mae", mask_ratio_max=0.9), ValueError,
+     "TrainConfig.mask_ratio_max belongs to objective 'mage' or 'mage-c'"),
+    ("TrainConfig", lambda: mage.TrainConfig(objective="mae", mask_ratio_mu=0.6), ValueError,
+     "TrainConfig.mask_ratio_mu belongs to objective 'mage' or 'mage-c'"),
+    ("TrainConfig", lambda: mage.TrainConfig(objective="tokenizer", mask_ratio_std=0.2), ValueError,
+     "TrainConfig.mask_ratio_std belongs to objective 'mage' or 'mage-c'"),
+    ("TrainConfig", lambda: mage.TrainConfig(objective="mae", mask_ratio_per_sample=True), ValueError,
+     "TrainConfig.mask_ratio_per_sample belongs to objective 'mage' or 'mage-c'"),
+    ("TrainConfig", lambda: mage.TrainConfig(objective="tokenizer", label_smoothing=0.0), ValueError,
+     "TrainConfig.label_smoothing belongs to objective 'mage' or 'mage-c'"),
+    ("TrainConfig", lambda: mage.TrainConfig(objective="mae", label_smoothing=0.2), ValueError,
+     "TrainConfig.label_smoothing belongs to objective 'mage' or 'mage-c'"),
+    ("TrainConfig", lambda: mage.TrainConfig(objective="mage", codebook_restart_every=0), ValueError,
+     "TrainConfig.codebook_restart_every belongs to objective 'tokenizer'"),
+    ("TrainConfig", lambda: mage.TrainConfig(objective="mae", sample_every=5), ValueError,
+     "TrainConfig.sample_every belongs to objective 'tokenizer' or 'mage' or 'mage-c'"),
+    ("TrainConfig", lambda: mage.TrainConfig(token_cache="ids.ckpt", crop_scale=(0.5, 1.0)), ValueError,
+     "TrainConfig.crop_scale crops the training images, which a token_cache replaces"),
+    ("TrainConfig", lambda: mage.TrainConfig(compile_backend="aot_eager"), ValueError,
+     "TrainConfig.compile_backend is torch.compile's backend, used only with compile=True (--compile)"),
+    ("TrainConfig", lambda: mage.TrainConfig(blr=1e-3, lr=1e-3), ValueError,
+     "TrainConfig.blr sets the learning rate only without lr"),
+    # An IndexError in the optimizer's set-up (one beta), not a message.
+    ("TrainConfig", lambda: mage.TrainConfig(betas=(0.9,)), ValueError, "TrainConfig.betas must be two numbers"),
+    ("TrainConfig", lambda: mage.TrainConfig(disc_betas=(0.5, 0.9, 0.1)), ValueError,
+     "TrainConfig.disc_betas must be two numbers"),
 ]
 # Names of mage.__all__ that take no user input worth a row (results, errors, the demo as a whole).
 NOT_INPUT = {"CheckpointError", "InputError", "LoadReport", "ProbeResult", "DemoConfig", "run_demo"}
@@ -454,6 +492,23 @@ def test_model_layer_bad_input(name, call, err, arg):
     raises_naming(err, arg, call)
     # An InputError or OSError, which the CLI prints as one line (any other exception keeps its traceback there).
     raises_naming(OSError if issubclass(err, OSError) else mage.InputError, arg, call)
+
+
+def test_settings_are_taken_where_they_are_read_and_defaults_everywhere():
+    # The checks above refuse a setting only away from its default: a config.json replays (it holds every field).
+    from mage.train import OBJECTIVES
+
+    for objective in OBJECTIVES:
+        cfg = mage.TrainConfig(objective=objective)
+        assert mage.TrainConfig(**json.loads(json.dumps(cfg.to_dict()))) == cfg
+    mage.TrainConfig(objective="mage-c", contrastive_weight=0.5, contrastive_temperature=0.1, projector_hidden=64,
+                     projector_dim=32, mask_ratio_min=0.6, mask_ratio_max=0.9, mask_ratio_mu=0.6, mask_ratio_std=0.2,
+                     mask_ratio_per_sample=True, label_smoothing=0.0, sample_every=5)
+    mage.TrainConfig(objective="mae", mae_mask_ratio=0.5, crop_scale=(0.5, 1.0))
+    mage.TrainConfig(objective="tokenizer", codebook_restart_every=0, sample_every=5)
+    mage.TrainConfig(objective="mage", token_cache="ids.ckpt", crop_scale=(0.2, 1.0))  # the default, said again
+    mage.TrainConfig(compile=True, compile_backend="aot_eager")
+    mage.TrainConfig(blr=1e-3) and mage.TrainConfig(lr=1e-3)
 
 
 def test_every_public_model_function_has_bad_input_cases():
@@ -583,6 +638,7 @@ def cli_files(tmp_path_factory):
     (root / "bad.json").write_text("{steps: 3")
     (root / "list.json").write_text("[1, 2]")
     (root / "unknown.json").write_text('{"stepz": 3}')
+    (root / "one_beta.json").write_text('{"betas": [0.9]}')
     import io
 
     import numpy as np
@@ -726,6 +782,32 @@ CLI_CASES = [
     ("train --objective mae --model-overrides '{{\"depth\": 2}}' --out-dir {root}/run", 1,
      "--model-overrides: TrainConfig.model_overrides belongs to objective 'mage' or 'mage-c'"),
     ("demo --seed -1 --out {root}/no_dir_8", 1, "--seed must be >= 0, got -1"),
+    ("train --objective mage --contrastive-weight 0.5 --out-dir {root}/run", 1,
+     "--contrastive-weight: TrainConfig.contrastive_weight belongs to objective 'mage-c'"),
+    ("train --objective mae --contrastive-temperature 0.1 --out-dir {root}/run", 1, "--contrastive-temperature: "),
+    ("train --objective tokenizer --projector-hidden 64 --out-dir {root}/run", 1, "--projector-hidden: "),
+    ("train --objective mage --projector-dim 64 --out-dir {root}/run", 1, "--projector-dim: "),
+    ("train --objective mage --mae-mask-ratio 0.5 --out-dir {root}/run", 1,
+     "--mae-mask-ratio: TrainConfig.mae_mask_ratio belongs to objective 'mae'"),
+    ("train --objective tokenizer --mask-ratio-min 0.6 --out-dir {root}/run", 1,
+     "--mask-ratio-min: TrainConfig.mask_ratio_min belongs to objective 'mage' or 'mage-c'"),
+    ("train --objective mae --mask-ratio-max 0.9 --out-dir {root}/run", 1, "--mask-ratio-max: "),
+    ("train --objective mae --mask-ratio-mu 0.6 --out-dir {root}/run", 1, "--mask-ratio-mu: "),
+    ("train --objective tokenizer --mask-ratio-std 0.2 --out-dir {root}/run", 1, "--mask-ratio-std: "),
+    ("train --objective mae --mask-ratio-per-sample --out-dir {root}/run", 1, "--mask-ratio-per-sample: "),
+    ("train --objective mae --label-smoothing 0 --out-dir {root}/run", 1,
+     "--label-smoothing: TrainConfig.label_smoothing belongs to objective 'mage' or 'mage-c'"),
+    ("train --objective mage-c --codebook-restart-every 0 --out-dir {root}/run", 1,
+     "--codebook-restart-every: TrainConfig.codebook_restart_every belongs to objective 'tokenizer'"),
+    ("train --objective mae --sample-every 5 --out-dir {root}/run", 1, "--sample-every: "),
+    ("train --objective mage --token-cache {root}/ids.ckpt --crop-scale 0.5 1 --out-dir {root}/run", 1,
+     "--crop-scale: TrainConfig.crop_scale crops the training images, which a token_cache replaces"),
+    ("train --compile-backend aot_eager --out-dir {root}/run", 1,
+     "--compile-backend: TrainConfig.compile_backend is torch.compile's backend, used only with compile=True"),
+    ("train --blr 1e-3 --lr 1e-3 --out-dir {root}/run", 1, "--blr: TrainConfig.blr sets the learning rate only"),
+    ("train --config {root}/one_beta.json --out-dir {root}/run", 1,
+     "--config {root}/one_beta.json (betas): TrainConfig.betas must be two numbers"),
+    ("cache --tokenizer-checkpoint {root}/notes.txt --data digits --out c.pt --crop-scale 0.5 2", 1, "--crop-scale"),
 ]
 
 
@@ -744,6 +826,39 @@ def test_cli_bad_input(cli_files, capsys, line, status, word, monkeypatch, tmp_p
     assert "Traceback" not in err
     for folder in re.findall(r"no_dir_\d+", line):
         assert not (cli_files / folder).exists(), "an output file's missing folder was created"
+
+
+def test_cli_error_in_a_dataloader_worker_is_one_line(tmp_path, capsys, monkeypatch):
+    # An unreadable image read by a DataLoader worker came back as torch re-raises it: the worker's whole traceback
+    # in the message, ending "mage_kernels._checks.InputValueError: ...".
+    from PIL import Image
+
+    from mage import cli
+
+    (tmp_path / "images" / "a").mkdir(parents=True)
+    for i in range(4):
+        Image.new("RGB", (8, 8)).save(tmp_path / "images" / "a" / f"{i}.png")
+    (tmp_path / "images" / "a" / "bad.png").write_bytes(b"not a png")
+    mae = {"patch_size": 2, "in_channels": 3, "embed_dim": 8, "depth": 1, "num_heads": 1, "decoder_embed_dim": 8,
+           "decoder_depth": 1, "decoder_num_heads": 1}
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        cli.main(["train", "--objective", "mae", "--data", "images", "--image-size", "8", "--mae", json.dumps(mae),
+                  "--batch-size", "5", "--steps", "1", "--num-workers", "1", "--no-progress", "--out-dir", "run"])
+    err = capsys.readouterr().err
+    assert info.value.code == 1 and "Traceback" not in err and "_checks" not in err, err
+    assert err == ("mage train: error: images/a/bad.png: cannot read it as an image (cannot identify image file "
+                   "'images/a/bad.png'); remove or replace it (in DataLoader worker process 0)\n")
+
+
+def test_cli_user_message_keeps_the_worker_errors_own_text():
+    from mage.cli import _user_message
+
+    text = ("Caught PermissionError in DataLoader worker process 1.\nOriginal Traceback (most recent call last):\n"
+            '  File "x.py", line 1, in f\n    open(p)\nPermissionError: [Errno 13] Permission denied: \'a.png\'\n')
+    assert _user_message(PermissionError(text)) == ("[Errno 13] Permission denied: 'a.png' "
+                                                    "(in DataLoader worker process 1)")
+    assert _user_message(mage.InputError("--steps must be >= 1, got 0")) == "--steps must be >= 1, got 0"
 
 
 def test_every_cli_command_has_bad_input_cases():

@@ -128,12 +128,46 @@ def test_fresh_run_refuses_a_folder_with_an_earlier_runs_weights(tmp_path):
     for name in ("checkpoint.pt", "checkpoint.pt.prev"):
         (tmp_path / name).unlink(missing_ok=True)
     snapshot = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
-    with pytest.raises(CheckpointError, match=r"holds the weights of an earlier run \(mae.pt\): .*--overwrite"):
+    with pytest.raises(CheckpointError, match=r"holds the weights of an earlier run \(mae.pt\) and no checkpoint "
+                                              "to resume: .*--overwrite") as info:
         train(run_config(tmp_path, steps=2))
+    assert "--resume" not in str(info.value)  # it said "continue it with --resume", which could not
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == snapshot
 
 
-@pytest.mark.parametrize("changed", [dict(batch_size=8), dict(blr=1e-3, lr=None), dict(mask_ratio_min=0.4),
+def test_resume_refuses_a_folder_with_only_an_earlier_runs_weights(tmp_path, full_run):
+    # --resume warned "no checkpoint" and started at step 0, over the finished run's weights and log.
+    train(run_config(tmp_path, steps=2))
+    for name in ("checkpoint.pt", "checkpoint.pt.prev"):
+        (tmp_path / name).unlink(missing_ok=True)
+    snapshot = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    with pytest.raises(CheckpointError, match=r"cannot resume: .* holds the weights of an earlier run \(mae.pt\) but "
+                                              r"no checkpoint to continue from .*--overwrite"):
+        train(run_config(tmp_path, steps=2, resume=True))
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == snapshot
+    # --overwrite with it: resume when there is a checkpoint, else start afresh over the weights, as told.
+    with pytest.warns(RuntimeWarning, match="no checkpoint"):
+        train(run_config(tmp_path, resume=True, overwrite=True))
+    assert losses(tmp_path) == full_run
+
+
+def test_cli_resume_into_a_folder_with_only_weights_says_what_is_there(tmp_path, capsys):
+    from mage.cli import main
+
+    train(TrainConfig(objective="tokenizer", out_dir=str(tmp_path), data="digits", image_size=8, steps=1,
+                      batch_size=8, progress=False, tokenizer=dict(in_channels=1, ch=8, ch_mult=(1, 2),
+                                                                    num_res_blocks=1, embed_dim=8, n_embed=16,
+                                                                    norm_groups=4)))
+    (tmp_path / "checkpoint.pt").unlink()
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--config", str(tmp_path / "config.json"), "--resume"])
+    err = capsys.readouterr().err
+    assert info.value.code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "holds the weights of an earlier run (tokenizer.safetensors) but no checkpoint" in err
+    assert "--overwrite" in err and "--tokenizer-checkpoint" in err  # what else the weights are good for
+
+
+@pytest.mark.parametrize("changed", [dict(batch_size=8), dict(blr=1e-3, lr=None), dict(mae_mask_ratio=0.5),
                                      dict(seed=1), dict(mae={**MAE, "embed_dim": 32})])
 def test_resume_refuses_settings_that_change_the_math(tmp_path, changed):
     # Item 7: --resume with a changed --batch-size continued without a word.
@@ -257,3 +291,82 @@ def test_sigkill_during_checkpoint_write_resumes_bit_exactly(tmp_path, full_run,
     assert losses(tmp_path) == full_run  # bitwise, every step
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
     assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 6
+
+
+# ------------------------------------------------------------------------- one run per out_dir
+
+
+def test_a_second_run_into_a_busy_out_dir_fails_at_once_and_changes_nothing(tmp_path):
+    # Two runs could write into one out_dir, interleaving their checkpoints, weights and log.
+    from mage.train import OutDirInUseError, out_dir_lock
+
+    train(run_config(tmp_path, steps=2))
+    snapshot = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    with out_dir_lock(tmp_path):  # what another run holds while it runs
+        for over in (dict(resume=True), dict(overwrite=True)):
+            with pytest.raises(OutDirInUseError, match=f"TrainConfig.out_dir {tmp_path}: another training run is "
+                                                       "writing into this folder"):
+                train(run_config(tmp_path, steps=2, **over))
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == snapshot
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(snapshot)  # no lock file: the folder is locked
+    train(run_config(tmp_path, steps=2, resume=True))  # released with the block; and by a run when it ends
+    train(run_config(tmp_path, steps=2, resume=True))
+
+
+def test_of_two_runs_starting_in_a_new_folder_the_second_fails(tmp_path, monkeypatch):
+    # The folder does not exist while a run checks its settings: it locks the folder once it has made it.
+    import contextlib
+
+    import mage.train as train_module
+
+    out, build = tmp_path / "new", train_module.build_model
+    with contextlib.ExitStack() as other_run:
+        def build_while_another_run_starts(cfg):
+            model = build(cfg)
+            out.mkdir()
+            other_run.enter_context(train_module.out_dir_lock(out))
+            return model
+
+        monkeypatch.setattr(train_module, "build_model", build_while_another_run_starts)
+        with pytest.raises(train_module.OutDirInUseError, match=f"{out}: another training run"):
+            train(run_config(out))
+    assert list(out.iterdir()) == []
+
+
+def test_cli_lock_holds_against_a_running_process_and_dies_with_it(tmp_path, capsys):
+    # A second `mage train` into the folder of a running one fails at once; after kill -9 of the first, --resume
+    # works at once: the lock is the process's alone, not also its DataLoader worker's (which notices its
+    # parent's death only seconds later).
+    import signal
+    import time
+
+    from mage.checkpoint_io import resume_source
+    from mage.cli import main
+    from mage.train import out_dir_lock
+
+    args = ["train", "--objective", "mae", "--data", "digits", "--image-size", "8", "--mae", json.dumps(MAE),
+            "--batch-size", "16", "--lr", "3e-3", "--log-every", "5", "--ckpt-every", "5", "--no-progress",
+            "--threads", "1", "--out-dir", str(tmp_path)]
+    roots = [os.path.dirname(os.path.dirname(m.__file__)) for m in (mage, mage_kernels)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(roots)}
+    proc = subprocess.Popen([sys.executable, "-m", "mage.cli", *args, "--steps", "1000000", "--num-workers", "1"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "checkpoint.pt").exists():  # its first checkpoint: from now on there is one to resume
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "the first run did not start"
+            time.sleep(0.1)
+        with pytest.raises(SystemExit) as info:
+            main([*args, "--resume"])
+        err = capsys.readouterr().err
+        assert info.value.code == 1 and "Traceback" not in err, err
+        assert f"--out-dir: TrainConfig.out_dir {tmp_path}: another training run is writing into this folder" in err
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    with out_dir_lock(tmp_path):  # free at once
+        pass
+    step = load_checkpoint(resume_source(tmp_path / "checkpoint.pt")[0])["step"]
+    assert main([*args, "--resume", "--resume-with-changes", "--steps", str(step + 2)]) == 0
+    assert max(records(tmp_path)) == step + 2

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import mage_kernels
 from mage import train as train_mod
+from mage import InputError
 from mage.checkpoint_io import CheckpointError, load_checkpoint, previous_path, save_checkpoint
 from mage.losses import info_nce, masked_positions, masked_token_loss, patch_pixel_loss
 from mage.model import mage_vit_tiny
@@ -119,9 +120,11 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, objectiv
     # Dropout on (global RNG, restored from the checkpoint); tokenizer restarts straddle the checkpoint, so
     # the codebook usage counted before it must come back too. VQGAN: the discriminator (its weights, Adam
     # state) and the EMA straddle it as well.
-    over = dict(steps=8, ckpt_every=4, codebook_restart_every=3, tokenizer={**TOKENIZER, "n_embed": 64})
+    over = dict(steps=8, ckpt_every=4, tokenizer={**TOKENIZER, "n_embed": 64})
     if objective == "mage":
         over["model_overrides"] = {**MODEL, "dropout": 0.1}
+    else:  # the tokenizer's (MAGE would ignore it: an error)
+        over["codebook_restart_every"] = 3
     if objective == "vqgan":
         objective, over = "tokenizer", {**over, **VQGAN}
     train(tiny(tmp_path / "full", objective, **over))
@@ -369,9 +372,10 @@ def test_tensorboard_logs_the_jsonl_scalars(tmp_path, monkeypatch):
     assert losses == logged(tmp_path) and ("lr", 2, logged(tmp_path, "lr")[2]) in scalars
     assert scalars[-1][0] == "closed"
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # not installed
-    with pytest.raises(ImportError, match="pip install tensorboard"):
+    with pytest.raises(ImportError, match="pip install tensorboard") as info:
         train(tiny(tmp_path / "none", "mae", steps=1, tensorboard=True))
     assert not (tmp_path / "none").exists()  # it failed before out_dir changed (it wrote config.json, a log)
+    assert isinstance(info.value, InputError)  # the CLI prints it as one line, not a traceback
 
 
 def test_train_on_a_flat_webp_folder(tmp_path):
@@ -387,7 +391,7 @@ def test_train_on_a_flat_webp_folder(tmp_path):
     assert list(logged(tmp_path / "run")) == [1, 2]
 
 
-def test_cli_cache_then_train_from_the_cache(tmp_path, capsys):
+def test_cli_cache_then_train_from_the_cache(tmp_path, capsys, monkeypatch):
     from mage.cli import main
 
     train(tiny(tmp_path / "tok", "tokenizer", steps=1))
@@ -399,6 +403,19 @@ def test_cli_cache_then_train_from_the_cache(tmp_path, capsys):
     assert "1437 images x 2 crops" in capsys.readouterr().out
     train(tiny(tmp_path / "mage", "mage-c", steps=2, tokenizer_checkpoint=tok, token_cache=str(tmp_path / "ids.ckpt")))
     assert list(logged(tmp_path / "mage")) == [1, 2]
+    # The crops' scale is the cache's (--crop-scale of mage cache; the training's has no effect with a cache).
+    scales = []
+    real = train_mod.build_token_cache
+
+    def spy(tokenizer, dataset, *args, **kwargs):
+        scales.append(dataset.transform.transforms[0].scale)
+        return real(tokenizer, dataset, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "build_token_cache", spy)
+    for extra, scale in (([], (0.2, 1.0)), (["--crop-scale", "0.5", "0.9"], (0.5, 0.9))):
+        assert main(["cache", "--tokenizer-checkpoint", tok, "--data", "digits", "--out", str(tmp_path / "b.ckpt"),
+                     "--batch-size", "512", *extra]) == 0
+        assert scales.pop() == scale
     # An RGB image folder for the 1-channel tokenizer: the error names the flag, not TrainConfig's field alone.
     (tmp_path / "rgb" / "cls").mkdir(parents=True)
     from PIL import Image

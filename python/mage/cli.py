@@ -74,8 +74,9 @@ def _device(name: str | None) -> torch.device:
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0 or (device.index is not None and device.index >= count):
+            hint = "" if count else " (a CPU-only build or no GPU): use --device cpu"
             raise InputValueError(f"--device {name}: this machine has {count} CUDA device(s) usable by torch "
-                             f"{torch.__version__}" + ("" if count else " (a CPU-only build or no GPU): use --device cpu"))
+                                  f"{torch.__version__}{hint}")
     return device
 
 
@@ -129,7 +130,8 @@ def _check_output(flag: str, path: str) -> None:
     from PIL import Image
 
     if os.path.isdir(path):
-        raise InputValueError(f"{flag} {path} is a directory: give an image file name, e.g. {os.path.join(path, 'out.png')}")
+        raise InputValueError(f"{flag} {path} is a directory: give an image file name, e.g. "
+                              f"{os.path.join(path, 'out.png')}")
     _check_file(flag, path)
     Image.init()
     if os.path.splitext(path)[1].lower() not in Image.registered_extensions():
@@ -240,12 +242,13 @@ def run_inpaint(args) -> int:
     if args.outpaint:
         mask = ~mask
     if not mask.any():
-        raise InputValueError(f"--mask {args.mask}: nothing to regenerate, " + (
-            "it is all white (with --outpaint white = keep)" if args.outpaint else "it has no white pixel (white = hole)"))
+        hint = "it is all white (with --outpaint white = keep)" if args.outpaint else \
+            "it has no white pixel (white = hole)"
+        raise InputValueError(f"--mask {args.mask}: nothing to regenerate, {hint}")
     if not mask.all() and token_mask_from_pixels(mask, grid, args.ring).all():
-        raise InputValueError(f"--ring {args.ring} with --mask {args.mask} regenerates every token: each of the {grid}x{grid} "
-                         "tokens has a hole pixel within that many tokens, so nothing of --image is kept; lower --ring "
-                         "or keep a larger region")
+        raise InputValueError(f"--ring {args.ring} with --mask {args.mask} regenerates every token: each of the "
+                              f"{grid}x{grid} tokens has a hole pixel within that many tokens, so nothing of --image "
+                              f"is kept; lower --ring or keep a larger region")
     out = inpaint(model, image, mask, ring=args.ring, steps=args.steps, choice_temperature=args.temperature,
                   generator=_generator(args.seed, model.device), dtype=DTYPES[args.dtype], paste=args.paste,
                   choice_temperature_power=args.temperature_power)
@@ -300,9 +303,10 @@ _HELP = {
     "batch_size": "global batch, split over the torchrun processes",
     "lr": "absolute learning rate (default: blr * batch_size / 256)",
     "amp": "autocast dtype; fp16 adds a GradScaler; bf16 on a CPU without native bf16 is several times slower",
-    "resume": "continue from out_dir/checkpoint.pt when it exists",
+    "resume": "continue from out_dir/checkpoint.pt (none there: start at step 0, but not over a finished run's "
+              "weights)",
     "overwrite": "start afresh in an --out-dir holding an earlier run: its checkpoint, weights and log are deleted "
-                 "(once the new settings are checked)",
+                 "(once the new settings are checked); with --resume only when there is no checkpoint",
     "warmup_steps": "linear warm-up steps, capped by --max-warmup-fraction",
     "max_warmup_fraction": "the warm-up lasts at most this fraction of --steps (1: no cap)",
     "accum_steps": "gradient accumulation: micro-batches per optimizer step (the same step as the large batch)",
@@ -422,12 +426,16 @@ def add_cache(subparsers) -> None:
         description="Encodes --crops augmented crops (random resized crop + flip, as MAGE pre-training) of every "
                     "image with a trained tokenizer and saves the ids and labels; MAGE then trains without "
                     "running the tokenizer (docs/TRAINING.md).")
-    p.add_argument("--tokenizer-checkpoint", required=True, help="tokenizer.safetensors from `mage train --objective tokenizer`")
+    p.add_argument("--tokenizer-checkpoint", required=True,
+                   help="tokenizer.safetensors from `mage train --objective tokenizer`")
     p.add_argument("--data", required=True, help="fashion-mnist | digits | an image folder (root/<class>/ or flat)")
     p.add_argument("--out", required=True, help="cache file to write (e.g. tokens.ckpt)")
     p.add_argument("--crops", type=int, default=2, help="augmented crops per image (MAGE-C needs >= 2; default 2)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0, help="seed of the augmentation (default 0)")
+    p.add_argument("--crop-scale", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                   help="area range of the random resized crops (default 0.2 1.0, as MAGE pre-training; the "
+                        "training's --crop-scale has no effect with a cache)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.set_defaults(func=run_cache)
 
@@ -440,13 +448,17 @@ def run_cache(args) -> int:
     _require("--batch-size", args.batch_size, 1)
     _require("--seed", args.seed, 0)
     _check_file("--out", args.out)
-    tokenizer = load_tokenizer(args.tokenizer_checkpoint).to(_device(args.device)).eval()
-    c = tokenizer.config
-    try:
-        dataset = make_dataset(TrainConfig(objective="mage", data=args.data, seed=args.seed), c.in_channels,
-                               c.resolution)
-    except InputError as err:  # about TrainConfig.data: said in terms of --data
-        raise type(err)(_name_train_flag(str(err), {"data": args.data}, None)) from None
+    given = {"data": args.data, "seed": args.seed, **({"crop_scale": args.crop_scale} if args.crop_scale else {})}
+    try:  # errors about TrainConfig.data or crop_scale: said in terms of the flag
+        cfg = TrainConfig(objective="mage", **given)
+        tokenizer = load_tokenizer(args.tokenizer_checkpoint).to(_device(args.device)).eval()
+        c = tokenizer.config
+        dataset = make_dataset(cfg, c.in_channels, c.resolution)
+    except InputError as err:
+        named = _name_train_flag(str(err), given, None)
+        if named == str(err):
+            raise
+        raise type(err)(named) from None
     build_token_cache(tokenizer, dataset, args.out, crops=args.crops, batch_size=args.batch_size)
     print(f"wrote {args.out}: {len(dataset)} images x {args.crops} crops x {c.num_tokens} tokens")
     return 0
@@ -531,7 +543,8 @@ def add_eval(subparsers) -> None:
                     "statistics (never holding them all), optionally writing PNGs, and prints the result as JSON. "
                     "Under torchrun each process generates its share. With --images-dir an interrupted run "
                     "resumes from the images already written (docs/EVALUATION.md).")
-    p.add_argument("--checkpoint", required=True, help="official .pth or our .safetensors (EMA weights when trained with them)")
+    p.add_argument("--checkpoint", required=True,
+                   help="official .pth or our .safetensors (EMA weights when trained with them)")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="allow arbitrary pickled objects in a .pth (only for files whose origin you trust)")
     p.add_argument("--num", type=int, default=50000, help="images to generate (default 50000, the paper's protocol)")
@@ -572,8 +585,9 @@ def run_eval(args) -> int:
     n = model.config.num_tokens
     _require("--steps", args.steps, 1, n, why=f"the model has {n} token positions and each step fills at least one")
     metric = InceptionMetric(args.weights, device, args.inception_batch_size, total=args.num)
-    cfg = EvalConfig(num=args.num, batch_size=args.batch_size, steps=args.steps, choice_temperature=args.choice_temperature,
-                     seed=args.seed, dtype=None if args.dtype == "fp32" else DTYPES[args.dtype], images_dir=args.images_dir)
+    cfg = EvalConfig(num=args.num, batch_size=args.batch_size, steps=args.steps,
+                     choice_temperature=args.choice_temperature, seed=args.seed,
+                     dtype=None if args.dtype == "fp32" else DTYPES[args.dtype], images_dir=args.images_dir)
     t = time.perf_counter()
     counts = generate_into(model, metric, cfg, d.rank, d.world, progress=args.progress and d.main)
     metric.all_reduce()
@@ -646,8 +660,9 @@ def run_probe(args) -> int:
             source = make_loader(source, args.batch_size, shuffle=False)
         splits[split] = extract_features(lambda x: model.forward_features(model.vqgan.encode(x)), source,
                                          args.batch_size, device)
-    cfg = ProbeConfig(epochs=args.epochs, warmup_epochs=min(args.warmup_epochs, args.epochs), batch_size=args.batch_size,
-                      base_lr=args.blr, optimizer=args.optimizer, layer_norm=True, seed=args.seed)
+    cfg = ProbeConfig(epochs=args.epochs, warmup_epochs=min(args.warmup_epochs, args.epochs),
+                      batch_size=args.batch_size, base_lr=args.blr, optimizer=args.optimizer, layer_norm=True,
+                      seed=args.seed)
     result = linear_probe(*splits["train"], *splits["test"], cfg)
     _write_json({"top1": result.top1, "top5": result.top5, "train_top1": result.train_top1,
                  "train_images": splits["train"][0].shape[0], "test_images": splits["test"][0].shape[0],
@@ -712,7 +727,21 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, OSError) as err:
         if os.environ.get("MAGE_DEBUG"):
             raise
-        parser.exit(1, f"mage {args.command}: error: {err}\n")
+        parser.exit(1, f"mage {args.command}: error: {_user_message(err)}\n")
+
+
+def _user_message(err: BaseException) -> str:
+    """The message of a user error. One raised in a DataLoader worker (an unreadable image of --data) comes back
+    re-raised by torch with the worker's traceback in its text: only the original message is kept, said to come
+    from the worker (MAGE_DEBUG=1 shows it all)."""
+    text = str(err)
+    head, marker, trace = text.partition("\nOriginal Traceback (most recent call last):\n")
+    module = type(err).__module__
+    kind = f"{'' if module == 'builtins' else module + '.'}{type(err).__qualname__}: "  # how tracebacks end
+    if marker and kind in trace:
+        where = head.split(" in ", 1)[1].rstrip(".") if " in " in head else "a worker"
+        return f"{trace[trace.rindex(kind) + len(kind):].strip()} (in {where})"
+    return text
 
 
 if __name__ == "__main__":

@@ -67,10 +67,17 @@ OBJECTIVES = ("tokenizer", "mage", "mage-c", "mae")
 
 # Fields that only some kinds of run read: set (away from their default) for another objective they would be
 # ignored, or fail much later.
+_MAGE = ("mage", "mage-c")
 _OBJECTIVE_FIELDS = {"disc_weight": ("tokenizer",), "perceptual_weights": ("tokenizer",),
-                     "tokenizer_checkpoint": ("mage", "mage-c"), "token_cache": ("mage", "mage-c"),
-                     "model": ("mage", "mage-c"), "model_overrides": ("mage", "mage-c"),
-                     "tokenizer": ("tokenizer", "mage", "mage-c"), "mae": ("mae",)}
+                     "codebook_restart_every": ("tokenizer",),
+                     "tokenizer_checkpoint": _MAGE, "token_cache": _MAGE, "model": _MAGE, "model_overrides": _MAGE,
+                     "tokenizer": ("tokenizer", *_MAGE), "mae": ("mae",), "mae_mask_ratio": ("mae",),
+                     # MAGE's token masking and loss (MAE masks mae_mask_ratio of its patches; the tokenizer none)
+                     **{name: _MAGE for name in ("mask_ratio_min", "mask_ratio_max", "mask_ratio_mu",
+                                                 "mask_ratio_std", "mask_ratio_per_sample", "label_smoothing")},
+                     **{name: ("mage-c",) for name in ("contrastive_weight", "contrastive_temperature",
+                                                       "projector_hidden", "projector_dim")},
+                     "sample_every": ("tokenizer", *_MAGE)}  # MAE writes no sample grid
 # The discriminator's settings: read only when disc_weight > 0.
 _DISC_FIELDS = ("disc_start", "disc_loss", "disc_lr", "disc_betas", "disc_layers", "disc_channels", "disc_norm")
 
@@ -112,7 +119,7 @@ class TrainConfig:
     mask_ratio_std: float = 0.25
     mask_ratio_per_sample: bool = False  # one ratio per image instead of one per step (the reference's)
     label_smoothing: float = 0.1
-    # RandomResizedCrop area range of the training images (4.10: 0.2-1; no effect with a token_cache).
+    # RandomResizedCrop area range of the training images (4.10: 0.2-1; a token_cache has its own, see `mage cache`).
     crop_scale: tuple = (0.2, 1.0)
     # MAGE-C (section 7; the paper's weight 0.1; temperature 0.2 and the projector widths are assumed).
     contrastive_weight: float = 0.1
@@ -167,6 +174,10 @@ class TrainConfig:
             raise InputValueError(f"TrainConfig.disc_weight must be >= 0, got {self.disc_weight}")
         self.betas = tuple(self.betas)
         self.disc_betas = tuple(self.disc_betas)
+        for name in ("betas", "disc_betas"):
+            if len(getattr(self, name)) != 2:
+                raise InputValueError(f"TrainConfig.{name} must be two numbers (beta1, beta2), got "
+                                      f"{getattr(self, name)}")
         self.crop_scale = tuple(self.crop_scale)
         if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1]:
             raise InputValueError(f"TrainConfig.crop_scale must be (low, high) with 0 < low <= high <= 1, "
@@ -176,8 +187,9 @@ class TrainConfig:
 
     def _check_unused(self) -> None:
         """Settings this run would ignore are errors (each message names the field first: the CLI leads with its
-        flag): fields of another objective, the discriminator's without disc_weight, perceptual_weight without
-        perceptual_weights. Only values away from the default count: a replayed config.json holds every field."""
+        flag): fields of another objective, the discriminator's without disc_weight, crop_scale with a token_cache,
+        compile_backend without compile, blr beside lr, perceptual_weight without perceptual_weights. Only values
+        away from the default count: a replayed config.json holds every field."""
         default = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
                    for f in dataclasses.fields(self)}
         changed = [f.name for f in dataclasses.fields(self) if getattr(self, f.name) != default[f.name]]
@@ -188,13 +200,26 @@ class TrainConfig:
                                  f"unset it for objective {self.objective!r}, got {getattr(self, name)!r}")
         for name in changed:
             if name in _DISC_FIELDS and not self.disc_weight:
-                raise InputValueError(f"TrainConfig.{name} sets up the discriminator, which trains only with disc_weight "
-                                 f"> 0 (--disc-weight; taming uses 0.8): set disc_weight or leave {name} at its "
-                                 f"default {default[name]!r}, got {getattr(self, name)!r}")
+                raise InputValueError(f"TrainConfig.{name} sets up the discriminator, which trains only with "
+                                      f"disc_weight > 0 (--disc-weight; taming uses 0.8): set disc_weight or leave "
+                                      f"{name} at its default {default[name]!r}, got {getattr(self, name)!r}")
+        if "crop_scale" in changed and self.token_cache:
+            raise InputValueError(f"TrainConfig.crop_scale crops the training images, which a token_cache replaces "
+                                  f"(its ids are of crops made when it was built: `mage cache --crop-scale`): leave "
+                                  f"crop_scale at its default {default['crop_scale']} or drop token_cache "
+                                  f"(--token-cache), got {self.crop_scale}")
+        if "compile_backend" in changed and not self.compile:
+            raise InputValueError(f"TrainConfig.compile_backend is torch.compile's backend, used only with "
+                                  f"compile=True (--compile): set compile or leave compile_backend at its default "
+                                  f"{default['compile_backend']!r}, got {self.compile_backend!r}")
+        if "blr" in changed and self.lr is not None:
+            raise InputValueError(f"TrainConfig.blr sets the learning rate only without lr (lr = blr * batch_size / "
+                                  f"256): give one of blr (--blr) and lr (--lr), got blr={self.blr} and lr={self.lr}")
         if "perceptual_weight" in changed and not self.perceptual_weights:
-            raise InputValueError(f"TrainConfig.perceptual_weight weighs the LPIPS term, which needs perceptual_weights "
-                             f"(--perceptual-weights, an LPIPS-VGG16 weights file, see mage.perceptual): give it or "
-                             f"leave perceptual_weight at {default['perceptual_weight']}, got {self.perceptual_weight}")
+            raise InputValueError(f"TrainConfig.perceptual_weight weighs the LPIPS term, which needs "
+                                  f"perceptual_weights (--perceptual-weights, an LPIPS-VGG16 weights file, see "
+                                  f"mage.perceptual): give it or leave perceptual_weight at "
+                                  f"{default['perceptual_weight']}, got {self.perceptual_weight}")
 
     def _check_nested(self) -> None:
         """The dict fields as the configs they become (MAGEConfig, TokenizerConfig, MAEConfig), so a bad override
@@ -300,7 +325,7 @@ def build_model(cfg: TrainConfig) -> nn.Module:
         _check_tokenizer_settings(cfg, tokenizer.config)
     else:
         warnings.warn(f"objective {cfg.objective!r} without tokenizer_checkpoint: the model's tokenizer is randomly "
-                      "initialised (train one with objective='tokenizer' first)", UserWarning, stacklevel=3)
+                      "initialised (train one with objective='tokenizer' first)", UserWarning, stacklevel=4)
         tokenizer = VQGANTokenizer(make_tokenizer_config(cfg))
     model = MAGE(make_model_config(cfg, tokenizer.config))
     model.vqgan.load_state_dict(tokenizer.state_dict())
@@ -499,19 +524,19 @@ class Batches:
 
     def __init__(self, dataset, cfg: TrainConfig, d: Dist):
         if cfg.batch_size % d.world:
-            raise InputValueError(f"TrainConfig.batch_size {cfg.batch_size} must be divisible by the number of processes "
-                             f"{d.world}")
+            raise InputValueError(f"TrainConfig.batch_size {cfg.batch_size} must be divisible by the number of "
+                                  f"processes {d.world}")
         self.dataset, self.cfg, self.d = dataset, cfg, d
         self.local = cfg.batch_size // d.world
         if self.local % cfg.accum_steps:
-            raise InputValueError(f"TrainConfig.accum_steps: each process's batch ({self.local} = batch_size / processes) "
-                             f"must be divisible by accum_steps {cfg.accum_steps}")
+            raise InputValueError(f"TrainConfig.accum_steps: each process's batch ({self.local} = batch_size / "
+                                  f"processes) must be divisible by accum_steps {cfg.accum_steps}")
         self.sampler = data_lib.EpochSampler(len(dataset), seed=cfg.seed, rank=d.rank, world_size=d.world,
                                              drop_last=True)
         self.steps_per_epoch = self.sampler.num_per_rank() // self.local
         if self.steps_per_epoch < 1:
-            raise InputValueError(f"TrainConfig.batch_size {cfg.batch_size} is larger than the data set ({len(dataset)} "
-                             "items): one global batch must fit in it")
+            raise InputValueError(f"TrainConfig.batch_size {cfg.batch_size} is larger than the data set "
+                                  f"({len(dataset)} items): one global batch must fit in it")
 
     def from_step(self, step: int):
         while True:
@@ -741,13 +766,17 @@ def enable_grad_checkpointing(model: nn.Module, block_type: type) -> int:
     return len(blocks)
 
 
+class MissingPackageError(InputError, ImportError):
+    """An optional package a setting needs is not installed: an ImportError the `mage` command prints as one line."""
+
+
 def _tensorboard_writer() -> type:
     """tensorboard's SummaryWriter class, imported before out_dir changes (a missing package fails first)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as err:
-        raise ImportError("tensorboard=True needs the tensorboard package (pip install tensorboard); the JSONL "
-                          "log needs nothing") from err
+        raise MissingPackageError("TrainConfig.tensorboard needs the tensorboard package (pip install "
+                                  "tensorboard); the JSONL log needs nothing") from err
     return SummaryWriter
 
 
@@ -768,21 +797,22 @@ def _resume_state(cfg: TrainConfig, ckpt_path: Path, main: bool) -> tuple[dict |
     """The training state a run continues from and its file ((None, None): a fresh start), after the checks
     that keep an earlier run's checkpoint, weights and log from being overwritten (docs/TRAINING.md)."""
     if not cfg.resume:
-        existing = [name for name in RESULT_FILES if (ckpt_path.parent / name).exists()]
-        if existing and not cfg.overwrite:
-            raise CheckpointError(
-                f"{cfg.out_dir} holds the {'checkpoint' if 'checkpoint' in existing[0] else 'weights'} of an "
-                f"earlier run ({existing[0]}): continue it with --resume (TrainConfig.resume=True), or start afresh "
-                "over it with --overwrite (TrainConfig.overwrite=True; deletes its checkpoint, weights and log) or "
-                "in another --out-dir")
+        _refuse_earlier_run(cfg, ckpt_path.parent)
         return None, None
     source, note = resume_source(ckpt_path)
     if source is None:
+        weights = [name for name in RESULT_FILES if (ckpt_path.parent / name).exists()]
+        if weights and not cfg.overwrite:  # starting at step 0 would overwrite them
+            raise CheckpointError(
+                f"cannot resume: {cfg.out_dir} holds the weights of an earlier run ({', '.join(weights)}) but no "
+                f"checkpoint to continue from ({ckpt_path.name}); start afresh over them with --overwrite "
+                "(TrainConfig.overwrite=True; deletes them and the log) or in another --out-dir" +
+                _WEIGHTS_USE.get(weights[0], ""))
         if main:
-            warnings.warn(f"--resume: no checkpoint in {cfg.out_dir}, starting at step 0", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"--resume: no checkpoint in {cfg.out_dir}, starting at step 0", RuntimeWarning, stacklevel=4)
         return None, None
     if note and main:
-        warnings.warn(note, RuntimeWarning, stacklevel=3)
+        warnings.warn(note, RuntimeWarning, stacklevel=4)
     try:
         state = load_checkpoint(source)
     except CheckpointError as err:
@@ -794,12 +824,81 @@ def _resume_state(cfg: TrainConfig, ckpt_path: Path, main: bool) -> tuple[dict |
         if changes and not cfg.resume_with_changes:
             raise CheckpointError(
                 f"cannot resume from {source}: these settings differ from the run's and change what it computes: "
-                f"{'; '.join(changes)}. Resume with the run's settings (e.g. --config {Path(cfg.out_dir) / 'config.json'})"
+                f"{'; '.join(changes)}. Resume with the run's settings (e.g. --config "
+                f"{Path(cfg.out_dir) / 'config.json'})"
                 ", or pass --resume-with-changes (TrainConfig.resume_with_changes=True) to continue with the new ones")
         if changes and main:
             warnings.warn(f"resuming {source} with changed settings: {'; '.join(changes)}", RuntimeWarning,
-                          stacklevel=3)
+                          stacklevel=4)
     return state, source
+
+
+# What else a finished run's weights are good for, said when a run refuses to start over them.
+_WEIGHTS_USE = {"tokenizer.safetensors": "; a MAGE run takes the tokenizer as --tokenizer-checkpoint "
+                                         "(TrainConfig.tokenizer_checkpoint)",
+                "model.safetensors": "; mage sample / mage eval take the model as --checkpoint"}
+
+
+def _refuse_earlier_run(cfg: TrainConfig, out: Path) -> None:
+    """A fresh run (not resume, not overwrite) refuses an out_dir holding an earlier run's checkpoint or weights."""
+    existing = [name for name in RESULT_FILES if (out / name).exists()]
+    if not existing or cfg.overwrite:
+        return
+    if existing[0].startswith("checkpoint"):
+        raise CheckpointError(
+            f"{cfg.out_dir} holds the checkpoint of an earlier run ({existing[0]}): continue it with --resume "
+            "(TrainConfig.resume=True), or start afresh over it with --overwrite (TrainConfig.overwrite=True; "
+            "deletes its checkpoint, weights and log) or in another --out-dir")
+    raise CheckpointError(
+        f"{cfg.out_dir} holds the weights of an earlier run ({', '.join(existing)}) and no checkpoint to resume: "
+        "start afresh over them with --overwrite (TrainConfig.overwrite=True; deletes them and the log) or in "
+        "another --out-dir" + _WEIGHTS_USE.get(existing[0], ""))
+
+
+class OutDirInUseError(InputValueError):
+    """Another training run holds the lock of the out_dir (see `out_dir_lock`)."""
+
+
+_HELD_LOCKS: set[int] = set()  # descriptors of the out_dir locks this process holds
+
+
+def _drop_locks_in_child() -> None:
+    """A forked child (a DataLoader worker) closes its copies of the lock descriptors: the lock stays with the run's
+    process alone (the parent's descriptor keeps it), so it ends with that process, even under kill -9, and not
+    when its workers notice, seconds later."""
+    for fd in _HELD_LOCKS:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_locks_in_child)
+
+
+@contextlib.contextmanager
+def out_dir_lock(out: str | os.PathLike):
+    """Hold an exclusive lock on the folder `out` (flock on the folder itself, so no lock file is left) for the
+    block: a second run into it fails at once with OutDirInUseError. It is an OS lock, released when the process
+    ends however it ends (kill -9 included), so it never needs cleaning up. POSIX only; elsewhere no lock."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(out, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutDirInUseError(f"TrainConfig.out_dir {out}: another training run is writing into this folder "
+                                   "(it holds the folder's lock); wait for it to end, or give another out_dir "
+                                   "(--out-dir)") from None
+        _HELD_LOCKS.add(fd)
+        yield
+    finally:
+        _HELD_LOCKS.discard(fd)
+        os.close(fd)
 
 
 def train(cfg: TrainConfig, governor=None) -> dict:
@@ -808,10 +907,21 @@ def train(cfg: TrainConfig, governor=None) -> dict:
     (model.safetensors for MAGE, tokenizer.safetensors for the tokenizer, mae.pt for MAE; the EMA weights
     when ema_decay > 0).
 
+    The main process holds `out_dir_lock(out_dir)` while the run reads and writes there: a second run into the
+    same out_dir fails at once.
+
     governor: a `mage.threads.ThreadGovernor` to re-choose the CPU thread count as the load changes."""
     d = init_distributed()
+    with contextlib.ExitStack() as held:
+        return _train(cfg, governor, d, held)
+
+
+def _train(cfg: TrainConfig, governor, d: Dist, held: contextlib.ExitStack) -> dict:
     out = Path(cfg.out_dir)
     ckpt_path = out / "checkpoint.pt"
+    locked = d.main and out.is_dir()
+    if locked:  # before its checkpoint is read: no other run writes there from now on
+        held.enter_context(out_dir_lock(out))
     resumed, resumed_from = _resume_state(cfg, ckpt_path, d.main)  # before anything in out_dir changes
     torch.manual_seed(cfg.seed)
     model = build_model(cfg).to(d.device)
@@ -851,6 +961,9 @@ def train(cfg: TrainConfig, governor=None) -> dict:
     # an earlier run's config.json and log as they were.
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
+        if not locked:  # a new folder: locked once made, then checked for what a run started meanwhile left there
+            held.enter_context(out_dir_lock(out))
+            _refuse_earlier_run(cfg, out)
         clean_stale_files(ckpt_path)  # temp files of a write that was killed
         if resumed is None and cfg.overwrite:  # a crash before this run's first checkpoint must not leave the
             for name in RUN_FILES:             # earlier run's checkpoint (or weights) beside this run's config
@@ -997,7 +1110,8 @@ def save_samples(cfg: TrainConfig, model: nn.Module, path: Path, batch: torch.Te
 
     model.eval()
     if cfg.objective in ("mage", "mage-c"):
-        images = generate(model, 16, steps=min(8, model.config.num_tokens), generator=torch.Generator(model.device).manual_seed(cfg.seed))
+        generator = torch.Generator(model.device).manual_seed(cfg.seed)
+        images = generate(model, 16, steps=min(8, model.config.num_tokens), generator=generator)
     elif cfg.objective == "tokenizer":
         x = batch[:8]
         images = torch.cat([x, model.decode(model.encode(x, check_range=False))])
