@@ -343,6 +343,17 @@ __attribute__((target("avx2"))) void zero_stream_avx2(void* dst, int64_t bytes) 
 void fence_stores() { _mm_sfence(); }
 #endif
 
+// Rows per group: 3 and 4 measured 10-50% slower than 2 (each copied row is another stream of streaming
+// stores, and the write-combining buffers run out).
+constexpr int kRowSumOnly = 0, kRowCopy = 1, kRowPad = 2, kGroupRows = 2;
+
+// One batch row's gradient at one position, and where it goes besides the positional sum (RowLoops::group_*).
+struct GroupRow {
+  const void* g;
+  int kind;
+  void* dst;
+};
+
 struct RowLoops {
   void (*add_f32)(float* out, const float* a, const float* b, int64_t n);
   void (*add_bf16)(uint16_t* out, const uint16_t* a, const uint16_t* b, int64_t n);
@@ -357,17 +368,14 @@ struct RowLoops {
   void (*accumulate2_bf16)(float* acc, float* pad, const uint16_t* g, int64_t n);
   void (*accumulate_copy_f32)(float* acc, float* out, const float* g, int64_t n, bool stream);
   void (*accumulate_copy_bf16)(float* acc, uint16_t* out, const uint16_t* g, int64_t n, bool stream);
-  // Two batch rows' gradients at one position in one pass over the positional partial: acc += g0, then
-  // acc += g1 (acc = (0 + g0) + g1 without reading acc when `init`); row r's gradient also goes by kind kr:
-  // kPairSumOnly (the class slot), kPairCopy (dr = the row's output, streaming stores when `stream`) or
-  // kPairPad (dr = the row's opmath pad sum, += gr).
-  void (*pair_f32)(float* acc, const float* g0, const float* g1, int k0, void* d0, int k1, void* d1, int64_t n,
-                   bool stream, bool init);
-  void (*pair_bf16)(float* acc, const uint16_t* g0, const uint16_t* g1, int k0, void* d0, int k1, void* d1,
-                    int64_t n, bool stream, bool init);
+  // Up to kGroupRows batch rows' gradients at one position in one pass over the positional partial: acc +=
+  // g[0], then acc += g[1], ... (acc = (0 + g[0]) + g[1] ... without reading acc when `init`); row r's
+  // gradient also goes where its kind sends it: kRowSumOnly (the class slot), kRowCopy (dst = the row's
+  // output, streaming stores when `stream`) or kRowPad (dst = the row's opmath pad sum, += g[r]).
+  void (*group_f32)(float* acc, const GroupRow* rows, int count, int64_t n, bool stream, bool init);
+  void (*group_bf16)(float* acc, const GroupRow* rows, int count, int64_t n, bool stream, bool init);
 };
 
-constexpr int kPairSumOnly = 0, kPairCopy = 1, kPairPad = 2;
 
 #define MAGE_ROW_LOOPS(NAME, ATTR)                                                                          \
   static ATTR void add_f32_##NAME(float* out, const float* a, const float* b, int64_t n) {                 \
@@ -551,94 +559,143 @@ __attribute__((target("avx2"))) void accumulate_copy_bf16_avx2(float* acc, uint1
   }
 }
 
-// The pair loops (RowLoops::pair_*). Per element the same adds in the same order as two calls of the
-// single-row loops after a zero fill (0 + g0 is g0 except that -0.0 becomes +0.0, as in the zero-filled
-// partial), so the same bits; the partial is read and written once per two rows instead of once per row.
+// The group loops (RowLoops::group_*). Per element the same adds in the same order as one call of the
+// single-row loops per row after a zero fill (0 + g0 is g0 except that -0.0 becomes +0.0, as in the
+// zero-filled partial), so the same bits; the partial is read and written once per group instead of once per
+// row.
 template <bool kInit>
-__attribute__((target("avx2"))) inline __m256 pair_sum(const float* acc, __m256 a, __m256 b) {
-  const __m256 p = kInit ? _mm256_add_ps(_mm256_setzero_ps(), a) : _mm256_add_ps(_mm256_loadu_ps(acc), a);
-  return _mm256_add_ps(p, b);
+__attribute__((target("avx2"))) inline __m256 group_start(const float* acc, __m256 g) {
+  return _mm256_add_ps(kInit ? _mm256_setzero_ps() : _mm256_loadu_ps(acc), g);
 }
 
-template <bool kInit>
-__attribute__((target("avx2"))) void pair_f32_impl(float* acc, const float* g0, const float* g1, int k0, void* d0,
-                                                   int k1, void* d1, int64_t n, bool stream) {
-  const bool s0 = stream && k0 == kPairCopy && reinterpret_cast<uintptr_t>(d0) % 32 == 0;
-  const bool s1 = stream && k1 == kPairCopy && reinterpret_cast<uintptr_t>(d1) % 32 == 0;
-  float* f0 = static_cast<float*>(d0);
-  float* f1 = static_cast<float*>(d1);
+// Where row r's streaming stores may go: a copy whose output row starts on a 32-byte boundary.
+inline bool streams_to(const GroupRow& r, bool stream) {
+  return stream && r.kind == kRowCopy && reinterpret_cast<uintptr_t>(r.dst) % 32 == 0;
+}
+
+template <int R, bool kInit>
+__attribute__((target("avx2"))) void group_f32_impl(float* acc, const GroupRow* rows, int64_t n, bool stream) {
+  // Locals: the vector stores below may alias `rows`, which would be read again on every iteration.
+  const float* g[R];
+  int kind[R] = {};
+  void* dst[R] = {};
+  bool st[R] = {};
+  for (int r = 0; r < R; ++r) {
+    g[r] = static_cast<const float*>(rows[r].g);
+    kind[r] = rows[r].kind;
+    dst[r] = rows[r].dst;
+    st[r] = streams_to(rows[r], stream);
+  }
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
-    const __m256 a = _mm256_loadu_ps(g0 + i), b = _mm256_loadu_ps(g1 + i);
-    _mm256_storeu_ps(acc + i, pair_sum<kInit>(acc + i, a, b));
-    if (k0 == kPairCopy) {
-      s0 ? _mm256_stream_ps(f0 + i, a) : _mm256_storeu_ps(f0 + i, a);
-    } else if (k0 == kPairPad) {
-      add_into(f0 + i, a);
-    }
-    if (k1 == kPairCopy) {
-      s1 ? _mm256_stream_ps(f1 + i, b) : _mm256_storeu_ps(f1 + i, b);
-    } else if (k1 == kPairPad) {
-      add_into(f1 + i, b);
+    __m256 v[R];
+    for (int r = 0; r < R; ++r) v[r] = _mm256_loadu_ps(g[r] + i);
+    __m256 p = group_start<kInit>(acc + i, v[0]);
+    for (int r = 1; r < R; ++r) p = _mm256_add_ps(p, v[r]);
+    _mm256_storeu_ps(acc + i, p);
+    for (int r = 0; r < R; ++r) {
+      float* d = static_cast<float*>(dst[r]) + i;
+      if (kind[r] == kRowCopy) {
+        st[r] ? _mm256_stream_ps(d, v[r]) : _mm256_storeu_ps(d, v[r]);
+      } else if (kind[r] == kRowPad) {
+        add_into(d, v[r]);
+      }
     }
   }
   for (; i < n; ++i) {
-    acc[i] = ((kInit ? 0.0f : acc[i]) + g0[i]) + g1[i];
-    if (k0 == kPairCopy) f0[i] = g0[i];
-    if (k0 == kPairPad) f0[i] += g0[i];
-    if (k1 == kPairCopy) f1[i] = g1[i];
-    if (k1 == kPairPad) f1[i] += g1[i];
+    float p = (kInit ? 0.0f : acc[i]) + g[0][i];
+    for (int r = 1; r < R; ++r) p += g[r][i];
+    acc[i] = p;
+    for (int r = 0; r < R; ++r) {
+      if (kind[r] == kRowCopy) static_cast<float*>(dst[r])[i] = g[r][i];
+      if (kind[r] == kRowPad) static_cast<float*>(dst[r])[i] += g[r][i];
+    }
   }
 }
 
-__attribute__((target("avx2"))) void pair_f32_avx2(float* acc, const float* g0, const float* g1, int k0, void* d0,
-                                                   int k1, void* d1, int64_t n, bool stream, bool init) {
-  init ? pair_f32_impl<true>(acc, g0, g1, k0, d0, k1, d1, n, stream)
-       : pair_f32_impl<false>(acc, g0, g1, k0, d0, k1, d1, n, stream);
-}
-
-// One row's 16 bf16 gradients `raw` (widened: lo, hi) to where its kind sends them (see pair_f32_impl).
-__attribute__((target("avx2"))) inline void route_bf16x16(int kind, void* dst, bool stream, int64_t i, __m256i raw,
-                                                         __m256 lo, __m256 hi) {
-  if (kind == kPairCopy) {
-    __m256i* o = reinterpret_cast<__m256i*>(static_cast<uint16_t*>(dst) + i);
-    stream ? _mm256_stream_si256(o, raw) : _mm256_storeu_si256(o, raw);
-  } else if (kind == kPairPad) {
-    add_into(static_cast<float*>(dst) + i, lo);
-    add_into(static_cast<float*>(dst) + i + 8, hi);
+template <int R, bool kInit>
+__attribute__((target("avx2"))) void group_bf16_impl(float* acc, const GroupRow* rows, int64_t n, bool stream) {
+  // Locals: the vector stores below may alias `rows`, which would be read again on every iteration.
+  const uint16_t* g[R];
+  int kind[R] = {};
+  void* dst[R] = {};
+  bool st[R] = {};
+  for (int r = 0; r < R; ++r) {
+    g[r] = static_cast<const uint16_t*>(rows[r].g);
+    kind[r] = rows[r].kind;
+    dst[r] = rows[r].dst;
+    st[r] = streams_to(rows[r], stream);
   }
-}
-
-template <bool kInit>
-__attribute__((target("avx2"))) void pair_bf16_impl(float* acc, const uint16_t* g0, const uint16_t* g1, int k0,
-                                                    void* d0, int k1, void* d1, int64_t n, bool stream) {
-  const bool s0 = stream && k0 == kPairCopy && reinterpret_cast<uintptr_t>(d0) % 32 == 0;
-  const bool s1 = stream && k1 == kPairCopy && reinterpret_cast<uintptr_t>(d1) % 32 == 0;
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
-    const __m256i ra = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g0 + i));
-    const __m256i rb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g1 + i));
-    const __m256 a0 = widen_bf16x8(_mm256_castsi256_si128(ra)), a1 = widen_bf16x8(_mm256_extracti128_si256(ra, 1));
-    const __m256 b0 = widen_bf16x8(_mm256_castsi256_si128(rb)), b1 = widen_bf16x8(_mm256_extracti128_si256(rb, 1));
-    _mm256_storeu_ps(acc + i, pair_sum<kInit>(acc + i, a0, b0));
-    _mm256_storeu_ps(acc + i + 8, pair_sum<kInit>(acc + i + 8, a1, b1));
-    route_bf16x16(k0, d0, s0, i, ra, a0, a1);
-    route_bf16x16(k1, d1, s1, i, rb, b0, b1);
+    __m256i raw[R];
+    __m256 lo[R], hi[R];
+    for (int r = 0; r < R; ++r) {
+      raw[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g[r] + i));
+      lo[r] = widen_bf16x8(_mm256_castsi256_si128(raw[r]));
+      hi[r] = widen_bf16x8(_mm256_extracti128_si256(raw[r], 1));
+    }
+    __m256 p0 = group_start<kInit>(acc + i, lo[0]), p1 = group_start<kInit>(acc + i + 8, hi[0]);
+    for (int r = 1; r < R; ++r) {
+      p0 = _mm256_add_ps(p0, lo[r]);
+      p1 = _mm256_add_ps(p1, hi[r]);
+    }
+    _mm256_storeu_ps(acc + i, p0);
+    _mm256_storeu_ps(acc + i + 8, p1);
+    for (int r = 0; r < R; ++r) {
+      if (kind[r] == kRowCopy) {
+        __m256i* o = reinterpret_cast<__m256i*>(static_cast<uint16_t*>(dst[r]) + i);
+        st[r] ? _mm256_stream_si256(o, raw[r]) : _mm256_storeu_si256(o, raw[r]);
+      } else if (kind[r] == kRowPad) {
+        add_into(static_cast<float*>(dst[r]) + i, lo[r]);
+        add_into(static_cast<float*>(dst[r]) + i + 8, hi[r]);
+      }
+    }
   }
   for (; i < n; ++i) {
-    const float a = bf16_to_float(g0[i]), b = bf16_to_float(g1[i]);
-    acc[i] = ((kInit ? 0.0f : acc[i]) + a) + b;
-    if (k0 == kPairCopy) static_cast<uint16_t*>(d0)[i] = g0[i];
-    if (k0 == kPairPad) static_cast<float*>(d0)[i] += a;
-    if (k1 == kPairCopy) static_cast<uint16_t*>(d1)[i] = g1[i];
-    if (k1 == kPairPad) static_cast<float*>(d1)[i] += b;
+    float v[R];
+    for (int r = 0; r < R; ++r) v[r] = bf16_to_float(g[r][i]);
+    float p = (kInit ? 0.0f : acc[i]) + v[0];
+    for (int r = 1; r < R; ++r) p += v[r];
+    acc[i] = p;
+    for (int r = 0; r < R; ++r) {
+      if (kind[r] == kRowCopy) static_cast<uint16_t*>(dst[r])[i] = g[r][i];
+      if (kind[r] == kRowPad) static_cast<float*>(dst[r])[i] += v[r];
+    }
   }
 }
 
-__attribute__((target("avx2"))) void pair_bf16_avx2(float* acc, const uint16_t* g0, const uint16_t* g1, int k0,
-                                                    void* d0, int k1, void* d1, int64_t n, bool stream, bool init) {
-  init ? pair_bf16_impl<true>(acc, g0, g1, k0, d0, k1, d1, n, stream)
-       : pair_bf16_impl<false>(acc, g0, g1, k0, d0, k1, d1, n, stream);
+// group_*_impl for a run-time group size (1 or 2) and init.
+template <template <int, bool> class Impl>
+void group_dispatch(float* acc, const GroupRow* rows, int count, int64_t n, bool stream, bool init) {
+  static_assert(kGroupRows == 2);
+  if (count == 2) {
+    init ? Impl<2, true>::run(acc, rows, n, stream) : Impl<2, false>::run(acc, rows, n, stream);
+  } else {
+    init ? Impl<1, true>::run(acc, rows, n, stream) : Impl<1, false>::run(acc, rows, n, stream);
+  }
+}
+
+template <int R, bool kInit>
+struct GroupF32 {
+  static void run(float* acc, const GroupRow* rows, int64_t n, bool stream) {
+    group_f32_impl<R, kInit>(acc, rows, n, stream);
+  }
+};
+
+template <int R, bool kInit>
+struct GroupBf16 {
+  static void run(float* acc, const GroupRow* rows, int64_t n, bool stream) {
+    group_bf16_impl<R, kInit>(acc, rows, n, stream);
+  }
+};
+
+void group_f32_avx2(float* acc, const GroupRow* rows, int count, int64_t n, bool stream, bool init) {
+  group_dispatch<GroupF32>(acc, rows, count, n, stream, init);
+}
+
+void group_bf16_avx2(float* acc, const GroupRow* rows, int count, int64_t n, bool stream, bool init) {
+  group_dispatch<GroupBf16>(acc, rows, count, n, stream, init);
 }
 
 constexpr RowLoops kRowLoops_avx2{add_f32_avx2,
@@ -652,8 +709,8 @@ constexpr RowLoops kRowLoops_avx2{add_f32_avx2,
                                   accumulate2_bf16_avx2,
                                   accumulate_copy_f32_avx2,
                                   accumulate_copy_bf16_avx2,
-                                  pair_f32_avx2,
-                                  pair_bf16_avx2};
+                                  group_f32_avx2,
+                                  group_bf16_avx2};
 #endif
 
 // The loops for this call's path (read once per op call, not per row).
@@ -1000,15 +1057,15 @@ at::Tensor pad_with_cls_cpu(const at::Tensor& y_in, const at::Tensor& keep_in, c
   return z;
 }
 
-// RowLoops::pair_* for T (null for types without them).
+// RowLoops::group_* for T (null for types without them).
 template <typename T>
-auto pair_loop(const RowLoops& k) {
+auto group_loop(const RowLoops& k) {
   if constexpr (std::is_same_v<T, float>) {
-    return k.pair_f32;
+    return k.group_f32;
   } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    return k.pair_bf16;
+    return k.group_bf16;
   } else {
-    return static_cast<decltype(k.pair_bf16)>(nullptr);
+    return static_cast<decltype(k.group_bf16)>(nullptr);
   }
 }
 
@@ -1055,7 +1112,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pad_with_cls_backward_cpu(const a
     const RowWriter w = row_writer(grad_y);
     const int64_t task_bytes = std::min(B, kBatchBlock) * S * std::min(C, kChunk) * es;
     parallel_chunks(blocks * chunks, 1, [&](int64_t begin, int64_t end) {
-      acc_t pad_accs[2][kChunk];
+      // The group's pad sums, kChunk + 48 elements apart: 4 KiB apart, a store to one would hold up the next
+      // load from the other (4K aliasing; ~5% of the call on 2 threads).
+      alignas(64) acc_t pad_buf[kGroupRows * (kChunk + 48)];
+      acc_t* pad_accs[kGroupRows];
+      for (int r = 0; r < kGroupRows; ++r) pad_accs[r] = pad_buf + r * (kChunk + 48);
       acc_t* pad_acc = pad_accs[0];
       for (int64_t task = begin; task < end; ++task) {
         const int64_t blk = task / chunks, c0 = (task % chunks) * kChunk, n = std::min(kChunk, C - c0);
@@ -1077,52 +1138,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pad_with_cls_backward_cpu(const a
             store_row(loops, gyb, pa, n);
           }
         };
-        // Two batch rows per pass over the block's partial where the loops have it (fp32, bf16 on AVX2); the
-        // partial's first pass stores (0 + g0) + g1 instead of adding to a zero fill.
-        constexpr bool kPairTypes = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>;
-        using raw_t = std::conditional_t<std::is_same_v<scalar_t, float>, float, uint16_t>;
-        using PairFn = void (*)(float*, const raw_t*, const raw_t*, int, void*, int, void*, int64_t, bool, bool);
-        const PairFn pair_fn = pair_loop<scalar_t>(loops);
-        const bool pairs = bp && pair_fn && b_end - b0 >= 2;
+        // Up to kGroupRows batch rows per pass over the block's partial where the loops have it (fp32, bf16 on
+        // AVX2); the partial's first pass stores ((0 + g0) + g1) ... instead of adding to a zero fill.
+        const auto group_fn = group_loop<scalar_t>(loops);
         int64_t b = b0;
-        if constexpr (kPairTypes) {
-        if (pairs) {
-          for (; b + 2 <= b_end; b += 2) {
-            scalar_t* gyb[2] = {gy + b * (1 + Lk) * C + c0, gy + (b + 1) * (1 + Lk) * C + c0};
-            std::fill(pad_accs[0], pad_accs[0] + n, acc_t(0));
-            std::fill(pad_accs[1], pad_accs[1] + n, acc_t(0));
+        if (bp && group_fn) {
+          for (int count; b < b_end; b += count) {
+            count = static_cast<int>(std::min<int64_t>(kGroupRows, b_end - b));
+            for (int r = 0; r < count; ++r) std::fill(pad_accs[r], pad_accs[r] + n, acc_t(0));
             for (int64_t s = 0; s < S; ++s) {
-              if (prefetch.rows) {  // both rows' rest, then the next pair's
-                if (s + prefetch.rows < S) {
-                  prefetch(row(b, s + prefetch.rows, c0));
-                  prefetch(row(b + 1, s + prefetch.rows, c0));
-                } else if (b + 3 < b_end && s + prefetch.rows - S < S) {
-                  prefetch(row(b + 2, s + prefetch.rows - S, c0));
-                  prefetch(row(b + 3, s + prefetch.rows - S, c0));
+              if (prefetch.rows) {  // the group's rows' rest, then the next group's
+                const int64_t ahead = s + prefetch.rows;
+                for (int r = 0; r < count; ++r) {
+                  if (ahead < S) {
+                    prefetch(row(b + r, ahead, c0));
+                  } else if (b + count + r < b_end && ahead - S < S) {
+                    prefetch(row(b + count + r, ahead - S, c0));
+                  }
                 }
               }
-              int kind[2];
-              void* dst[2];
-              for (int r = 0; r < 2; ++r) {
+              GroupRow rows[kGroupRows];
+              for (int r = 0; r < count; ++r) {
                 const int64_t j = s == 0 ? -1 : src[(b + r) * L + s - 1];
-                kind[r] = s == 0 ? kPairSumOnly : j >= 0 ? kPairCopy : kPairPad;
-                dst[r] = s == 0 ? nullptr
-                         : j >= 0 ? static_cast<void*>(gyb[r] + (1 + j) * C)
-                                  : static_cast<void*>(pad_accs[r]);
+                scalar_t* gyb = gy + (b + r) * (1 + Lk) * C + c0;
+                rows[r] = {row(b + r, s, c0), s == 0 ? kRowSumOnly : j >= 0 ? kRowCopy : kRowPad,
+                           s == 0 ? nullptr : j >= 0 ? static_cast<void*>(gyb + (1 + j) * C) : pad_accs[r]};
               }
-              pair_fn(reinterpret_cast<float*>(bp + s * C), reinterpret_cast<const raw_t*>(row(b, s, c0)),
-                      reinterpret_cast<const raw_t*>(row(b + 1, s, c0)), kind[0], dst[0], kind[1], dst[1], n,
-                      w.streaming, b == b0);
+              group_fn(reinterpret_cast<float*>(bp + s * C), rows, count, n, w.streaming, b == b0);
             }
-            finish_row(b, pad_accs[0]);
-            finish_row(b + 1, pad_accs[1]);
+            for (int r = 0; r < count; ++r) finish_row(b + r, pad_accs[r]);
           }
-        }
-        }
-        if (!pairs && bp) {
+        } else if (bp) {
           for (int64_t s = 0; s < S; ++s) std::fill(bp + s * C, bp + s * C + n, acc_t(0));
         }
-        for (; b < b_end; ++b) {  // one row per pass (an odd block's last row, or no pair loops)
+        for (; b < b_end; ++b) {  // one row per pass (no group loops, or no positional sum)
           scalar_t* gyb = gy + b * (1 + Lk) * C + c0;
           std::fill(pad_acc, pad_acc + n, acc_t(0));
           for (int64_t s = 0; s < S; ++s) {
