@@ -4,10 +4,11 @@
 // environment variable MAGE_CPU_ISA, read on every call so tests can switch it:
 //   scalar       portable code only (what a CPU without AVX2 runs);
 //   avx2         AVX2 + FMA kernels; refused with a clear error on a CPU without them;
-//   avx512_bf16  the nearest-code search ranks with a bf16 GEMM (the default on CPUs with native bf16
-//                dot products). The GEMM is ATen's, which emulates bf16 where the CPU lacks it, so the
-//                path runs (slowly) on every CPU: that is how it is tested on machines without it.
-//   auto / unset the best path for this CPU.
+//   avx512_bf16  as avx2, but the nearest-code search ranks with a bf16 GEMM (opt-in: on the CPU with
+//                native bf16 dot products we measured, a Zen 4 EPYC, it is 2x slower than the int16
+//                search). The GEMM is ATen's, which emulates bf16 where the CPU lacks it, so the path runs
+//                (slowly) on every CPU: that is how it is tested on machines without it.
+//   auto / unset the best path for this CPU: avx2 where the CPU has AVX2 + FMA, else scalar.
 #pragma once
 
 namespace mage {
@@ -18,7 +19,7 @@ enum class CpuIsa { kScalar = 0, kAvx2 = 1, kAvx512Bf16 = 2 };
 // CPU lacks), else the best the CPU supports.
 CpuIsa cpu_isa();
 
-// The best path the CPU supports, ignoring MAGE_CPU_ISA.
+// The path auto takes on this CPU (avx2 or scalar), ignoring MAGE_CPU_ISA.
 CpuIsa cpu_isa_detected();
 
 const char* cpu_isa_name(CpuIsa isa);
