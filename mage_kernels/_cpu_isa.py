@@ -23,7 +23,7 @@ def _lib() -> ctypes.CDLL | None:
 
 def cpu_isa() -> dict:
     """{"path": the path a CPU kernel call takes now ("invalid" if MAGE_CPU_ISA is unusable),
-    "detected": the best path this CPU supports}; both None without the native library."""
+    "detected": the path auto takes on this CPU}; both None without the native library."""
     lib = _lib()
     if lib is None:
         return {"path": None, "detected": None}
