@@ -167,6 +167,26 @@ def test_cli_resume_into_a_folder_with_only_weights_says_what_is_there(tmp_path,
     assert "--overwrite" in err and "--tokenizer-checkpoint" in err  # what else the weights are good for
 
 
+def test_replayed_config_neither_resumes_nor_overwrites_another_folder(tmp_path, capsys):
+    # config.json held resume / overwrite: replaying an --overwrite run's file into another --out-dir deleted the
+    # earlier run there without being asked.
+    from mage.cli import main
+
+    train(run_config(tmp_path / "a", overwrite=True))
+    written = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert not {"resume", "resume_with_changes", "overwrite"} & set(written)
+    train(run_config(tmp_path / "b", steps=2))
+    snapshot = {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir() if p.is_file()}
+    old_style = tmp_path / "old.json"  # as a config.json of the previous release held them
+    old_style.write_text(json.dumps({**written, "overwrite": True, "resume": True}))
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--config", str(old_style), "--out-dir", str(tmp_path / "b")])
+    err = capsys.readouterr().err
+    assert info.value.code == 1 and "sets overwrite, which only the flag --overwrite asks for: ignored" in err
+    assert "sets resume, which only the flag --resume asks for: ignored" in err and "holds the checkpoint" in err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir() if p.is_file()} == snapshot
+
+
 @pytest.mark.parametrize("changed", [dict(batch_size=8), dict(blr=1e-3, lr=None), dict(mae_mask_ratio=0.5),
                                      dict(seed=1), dict(mae={**MAE, "embed_dim": 32})])
 def test_resume_refuses_settings_that_change_the_math(tmp_path, changed):

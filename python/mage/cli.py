@@ -387,7 +387,7 @@ def _name_train_flag(message: str, flags: dict, config: str | None) -> str:
 
 
 def run_train(args) -> int:
-    from .train import TrainConfig, train
+    from .train import INVOCATION_FIELDS, TrainConfig, train
 
     values = {}
     if args.config:
@@ -402,6 +402,12 @@ def run_train(args) -> int:
     unknown = sorted(set(values) - names)
     if unknown:
         raise InputValueError(f"--config {args.config} has unknown fields {unknown}")
+    # Resuming or deleting a run is asked for by flags only: a config.json written before these were left out
+    # of it must not resume or overwrite the run in another --out-dir.
+    for name in INVOCATION_FIELDS:
+        if values.pop(name, False):
+            print(f"mage train: --config {args.config} sets {name}, which only the flag "
+                  f"--{name.replace('_', '-')} asks for: ignored", file=sys.stderr)
     flags = {k: v for k, v in vars(args).items() if k in names and v is not None}
     values.update(flags)
     try:

@@ -242,6 +242,10 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+# What to do with out_dir on this invocation, not settings of the run: never written to config.json, so that
+# replaying it (`--config`) cannot resume or delete a run in another out_dir unasked.
+INVOCATION_FIELDS = ("resume", "resume_with_changes", "overwrite")
+
 # Fields that never change what a run computes: a resume may change them freely.
 RUN_ONLY_FIELDS = frozenset({"out_dir", "resume", "resume_with_changes", "overwrite", "progress", "log_every",
                              "ckpt_every", "sample_every", "num_workers", "tensorboard",
@@ -968,7 +972,8 @@ def _train(cfg: TrainConfig, governor, d: Dist, held: contextlib.ExitStack) -> d
         if resumed is None and cfg.overwrite:  # a crash before this run's first checkpoint must not leave the
             for name in RUN_FILES:             # earlier run's checkpoint (or weights) beside this run's config
                 (out / name).unlink(missing_ok=True)
-        write_atomic(out / "config.json", json.dumps(cfg.to_dict(), indent=1))
+        settings = {k: v for k, v in cfg.to_dict().items() if k not in INVOCATION_FIELDS}
+        write_atomic(out / "config.json", json.dumps(settings, indent=1))
     log_path = out / "metrics.jsonl"
     logger = JsonlLogger(log_path, resume_step=start if start else None) if d.main else None
     board = writer(str(out / "tensorboard")) if writer is not None else None
