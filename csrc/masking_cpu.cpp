@@ -343,8 +343,8 @@ __attribute__((target("avx2"))) void zero_stream_avx2(void* dst, int64_t bytes) 
 void fence_stores() { _mm_sfence(); }
 #endif
 
-// Rows per group: 3 and 4 measured 10-50% slower than 2 (each copied row is another stream of streaming
-// stores, and the write-combining buffers run out).
+// Rows per group: 3 and 4 measured 10-50% slower than 2 (each copied row is one more stream of streaming
+// stores; cpu-avx512bf16-masking-ab.txt).
 constexpr int kRowSumOnly = 0, kRowCopy = 1, kRowPad = 2, kGroupRows = 2;
 
 // One batch row's gradient at one position, and where it goes besides the positional sum (RowLoops::group_*).
@@ -360,14 +360,10 @@ struct RowLoops {
   void (*accumulate_f32)(float* acc, const float* g, int64_t n);
   void (*accumulate_bf16)(float* acc, const uint16_t* g, int64_t n);
   void (*round_to_bf16)(uint16_t* out, const float* acc, int64_t n);
-  // One pass over a row where two would read it twice (AVX2 only; null: the separate loops above). out = a + b
-  // with streaming stores; acc += g and pad += g; acc += g and out = g (streaming stores when `stream`).
+  // One pass over a row where two would read it twice (AVX2 only; null: the separate loops above): out = a + b
+  // with streaming stores.
   void (*add_stream_f32)(float* out, const float* a, const float* b, int64_t n);
   void (*add_stream_bf16)(uint16_t* out, const uint16_t* a, const uint16_t* b, int64_t n);
-  void (*accumulate2_f32)(float* acc, float* pad, const float* g, int64_t n);
-  void (*accumulate2_bf16)(float* acc, float* pad, const uint16_t* g, int64_t n);
-  void (*accumulate_copy_f32)(float* acc, float* out, const float* g, int64_t n, bool stream);
-  void (*accumulate_copy_bf16)(float* acc, uint16_t* out, const uint16_t* g, int64_t n, bool stream);
   // Up to kGroupRows batch rows' gradients at one position in one pass over the positional partial: acc +=
   // g[0], then acc += g[1], ... (acc = (0 + g[0]) + g[1] ... without reading acc when `init`); row r's
   // gradient also goes where its kind sends it: kRowSumOnly (the class slot), kRowCopy (dst = the row's
@@ -375,7 +371,6 @@ struct RowLoops {
   void (*group_f32)(float* acc, const GroupRow* rows, int count, int64_t n, bool stream, bool init);
   void (*group_bf16)(float* acc, const GroupRow* rows, int count, int64_t n, bool stream, bool init);
 };
-
 
 #define MAGE_ROW_LOOPS(NAME, ATTR)                                                                          \
   static ATTR void add_f32_##NAME(float* out, const float* a, const float* b, int64_t n) {                 \
@@ -456,9 +451,8 @@ __attribute__((target("avx2"))) void round_to_bf16_avx2(uint16_t* out, const flo
   for (; i < n; ++i) out[i] = float_to_bf16(acc[i]);
 }
 
-// One pass where two loops would each read the row: pad_with_cls forward's sums streamed out as computed
-// (no L1 buffer and copy), and its backward's gradient rows added to the positional sum while they are
-// copied or added to the padded sum. Same adds, same bits. Streaming stores start at out's first 32-byte
+// pad_with_cls forward's sums streamed out as computed (no L1 buffer and copy; the backward's one pass over
+// each row is the group loops below). Same adds, same bits. Streaming stores start at out's first 32-byte
 // boundary (plain stores before it and for the tail). See benchmarks/results/cpu-avx2-masking-ab.txt.
 __attribute__((target("avx2"))) void add_stream_f32_avx2(float* out, const float* a, const float* b, int64_t n) {
   int64_t i = unaligned_head(reinterpret_cast<const char*>(out), n * 4) / 4;
@@ -486,77 +480,6 @@ __attribute__((target("avx2"))) inline __m256 widen_bf16x8(__m128i h) {
 
 __attribute__((target("avx2"))) inline void add_into(float* acc, __m256 v) {
   _mm256_storeu_ps(acc, _mm256_add_ps(_mm256_loadu_ps(acc), v));
-}
-
-__attribute__((target("avx2"))) void accumulate2_f32_avx2(float* acc, float* pad, const float* g, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m256 v = _mm256_loadu_ps(g + i);
-    add_into(acc + i, v);
-    add_into(pad + i, v);
-  }
-  for (; i < n; ++i) {
-    acc[i] += g[i];
-    pad[i] += g[i];
-  }
-}
-
-__attribute__((target("avx2"))) void accumulate2_bf16_avx2(float* acc, float* pad, const uint16_t* g, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m256 v = widen_bf16x8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(g + i)));
-    add_into(acc + i, v);
-    add_into(pad + i, v);
-  }
-  for (; i < n; ++i) {
-    acc[i] += bf16_to_float(g[i]);
-    pad[i] += bf16_to_float(g[i]);
-  }
-}
-
-__attribute__((target("avx2"))) void accumulate_copy_f32_avx2(float* acc, float* out, const float* g, int64_t n,
-                                                              bool stream) {
-  int64_t i = stream ? unaligned_head(reinterpret_cast<const char*>(out), n * 4) / 4 : 0;
-  for (int64_t k = 0; k < i; ++k) {
-    acc[k] += g[k];
-    out[k] = g[k];
-  }
-  for (; i + 8 <= n; i += 8) {
-    const __m256 v = _mm256_loadu_ps(g + i);
-    add_into(acc + i, v);
-    if (stream) {
-      _mm256_stream_ps(out + i, v);
-    } else {
-      _mm256_storeu_ps(out + i, v);
-    }
-  }
-  for (; i < n; ++i) {
-    acc[i] += g[i];
-    out[i] = g[i];
-  }
-}
-
-__attribute__((target("avx2"))) void accumulate_copy_bf16_avx2(float* acc, uint16_t* out, const uint16_t* g,
-                                                               int64_t n, bool stream) {
-  int64_t i = stream ? unaligned_head(reinterpret_cast<const char*>(out), n * 2) / 2 : 0;
-  for (int64_t k = 0; k < i; ++k) {
-    acc[k] += bf16_to_float(g[k]);
-    out[k] = g[k];
-  }
-  for (; i + 16 <= n; i += 16) {
-    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g + i));
-    add_into(acc + i, widen_bf16x8(_mm256_castsi256_si128(raw)));
-    add_into(acc + i + 8, widen_bf16x8(_mm256_extracti128_si256(raw, 1)));
-    if (stream) {
-      _mm256_stream_si256(reinterpret_cast<__m256i*>(out + i), raw);
-    } else {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), raw);
-    }
-  }
-  for (; i < n; ++i) {
-    acc[i] += bf16_to_float(g[i]);
-    out[i] = g[i];
-  }
 }
 
 // The group loops (RowLoops::group_*). Per element the same adds in the same order as one call of the
@@ -705,10 +628,6 @@ constexpr RowLoops kRowLoops_avx2{add_f32_avx2,
                                   round_to_bf16_avx2,
                                   add_stream_f32_avx2,
                                   add_stream_bf16_avx2,
-                                  accumulate2_f32_avx2,
-                                  accumulate2_bf16_avx2,
-                                  accumulate_copy_f32_avx2,
-                                  accumulate_copy_bf16_avx2,
                                   group_f32_avx2,
                                   group_bf16_avx2};
 #endif
@@ -791,34 +710,6 @@ void add_row_to(const RowLoops& k, const RowWriter& w, T* out, const T* a, const
   } else {
     add_row(k, out, a, b, n);
   }
-}
-
-// acc += g and pad += g, in opmath.
-template <typename T>
-void accumulate_row2(const RowLoops& k, at::opmath_type<T>* acc, at::opmath_type<T>* pad, const T* g, int64_t n) {
-  if constexpr (std::is_same_v<T, float>) {
-    if (k.accumulate2_f32) return k.accumulate2_f32(acc, pad, g, n);
-  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (k.accumulate2_bf16) return k.accumulate2_bf16(acc, pad, reinterpret_cast<const uint16_t*>(g), n);
-  }
-  accumulate_row(k, acc, g, n);
-  accumulate_row(k, pad, g, n);
-}
-
-// acc += g in opmath, and out = g written by w.
-template <typename T>
-void accumulate_copy_row(const RowLoops& k, const RowWriter& w, at::opmath_type<T>* acc, T* out, const T* g,
-                         int64_t n) {
-  if constexpr (std::is_same_v<T, float>) {
-    if (k.accumulate_copy_f32) return k.accumulate_copy_f32(acc, out, g, n, w.streaming);
-  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (k.accumulate_copy_bf16) {
-      return k.accumulate_copy_bf16(acc, reinterpret_cast<uint16_t*>(out), reinterpret_cast<const uint16_t*>(g), n,
-                                    w.streaming);
-    }
-  }
-  accumulate_row(k, acc, g, n);
-  w.copy(out, g, n * sizeof(T));
 }
 
 // Rows read ahead of their use. The rows a call reads are scattered (a gather) or start a new 4 KiB page
@@ -1187,14 +1078,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pad_with_cls_backward_cpu(const a
             if (s == 0) {  // the class slot: handled in finish_row
               if (bp) accumulate_row(loops, bp, g, n);
             } else if (j >= 0) {  // a kept, unmasked token: its gradient goes back to its row
-              if (bp) {
-                accumulate_copy_row(loops, w, bp + s * C, gyb + (1 + j) * C, g, n);
-              } else {
-                w.copy(gyb + (1 + j) * C, g, n * es);
-              }
-            } else if (bp) {  // padded: summed into the row's [C] (or pad) gradient, in token order
-              accumulate_row2(loops, bp + s * C, pad_acc, g, n);
-            } else {
+              if (bp) accumulate_row(loops, bp + s * C, g, n);
+              w.copy(gyb + (1 + j) * C, g, n * es);
+            } else {  // padded: summed into the row's [C] (or pad) gradient, in token order
+              if (bp) accumulate_row(loops, bp + s * C, g, n);
               accumulate_row(loops, pad_acc, g, n);
             }
           }
