@@ -3,8 +3,9 @@
 // The ops are data movement: every output row is a copy of one input row, a zero row, or (pad_with_cls
 // with pos_embed) a row plus the positional row. Work is split over output rows (b, slot) in chunks of
 // ~256 KiB handed out dynamically (cpu_parallel.h); the inner loops run over C and are plain copies or
-// element-wise adds. The loops prefetch the rows about 4 KiB ahead (hardware prefetchers stop at 4 KiB
-// pages). pad_with_cls's backward reads grad_z once: each task of (batch block, channel chunk) copies or
+// element-wise adds. The gathering loops prefetch the rows about 4 KiB ahead (hardware prefetchers stop at
+// 4 KiB pages); pad_with_cls's backward, which reads grad_z in order, leaves it to the hardware (software
+// prefetches made it 5-30% slower on a Zen 4; cpu-avx512bf16-masking-ab.txt). It reads grad_z once: each task of (batch block, channel chunk) copies or
 // sums its rows and adds them to its block's partial positional sum, in one pass over each row; the
 // partials are summed in block order afterwards, so the bits do not depend on the thread count. The mask plan
 // selects the D-th and M-th smallest (noise, position) keys per row with nth_element instead of a sort.
@@ -712,8 +713,8 @@ void add_row_to(const RowLoops& k, const RowWriter& w, T* out, const T* a, const
   }
 }
 
-// Rows read ahead of their use. The rows a call reads are scattered (a gather) or start a new 4 KiB page
-// every few rows, and the hardware prefetchers stop at page boundaries and need a few misses to pick up
+// Rows read ahead of their use. The rows a gather reads are scattered and start a new 4 KiB page every few
+// rows, and the hardware prefetchers stop at page boundaries and need a few misses to pick up
 // each new run, so the loops ask for the lines of the row about 4 KiB ahead while working on the current one.
 // Rows over 16 KiB are left to the hardware (most of their lines are mid-page). Prefetch only: no result
 // depends on it.
@@ -1013,7 +1014,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pad_with_cls_backward_cpu(const a
         const int64_t blk = task / chunks, c0 = (task % chunks) * kChunk, n = std::min(kChunk, C - c0);
         acc_t* bp = part ? part + blk * S * C + c0 : nullptr;
         const int64_t b0 = blk * kBatchBlock, b_end = std::min(B, (blk + 1) * kBatchBlock);
-        const Prefetch prefetch(n * es);
         // Rows whose token is dropped or masked get zero; then the class row's gradient.
         auto finish_row = [&](int64_t b, acc_t* pa) {
           scalar_t* gyb = gy + b * (1 + Lk) * C + c0;
@@ -1038,16 +1038,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pad_with_cls_backward_cpu(const a
             count = static_cast<int>(std::min<int64_t>(kGroupRows, b_end - b));
             for (int r = 0; r < count; ++r) std::fill(pad_accs[r], pad_accs[r] + n, acc_t(0));
             for (int64_t s = 0; s < S; ++s) {
-              if (prefetch.rows) {  // the group's rows' rest, then the next group's
-                const int64_t ahead = s + prefetch.rows;
-                for (int r = 0; r < count; ++r) {
-                  if (ahead < S) {
-                    prefetch(row(b + r, ahead, c0));
-                  } else if (b + count + r < b_end && ahead - S < S) {
-                    prefetch(row(b + count + r, ahead - S, c0));
-                  }
-                }
-              }
               GroupRow rows[kGroupRows];
               for (int r = 0; r < count; ++r) {
                 const int64_t j = s == 0 ? -1 : src[(b + r) * L + s - 1];
@@ -1066,13 +1056,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pad_with_cls_backward_cpu(const a
           scalar_t* gyb = gy + b * (1 + Lk) * C + c0;
           std::fill(pad_acc, pad_acc + n, acc_t(0));
           for (int64_t s = 0; s < S; ++s) {
-            if (prefetch.rows) {  // the rows are read in order: this row's rest, then the next batch row's
-              if (s + prefetch.rows < S) {
-                prefetch(row(b, s + prefetch.rows, c0));
-              } else if (b + 1 < b_end && s + prefetch.rows - S < S) {
-                prefetch(row(b + 1, s + prefetch.rows - S, c0));
-              }
-            }
             const scalar_t* g = row(b, s, c0);
             const int64_t j = s == 0 ? -1 : src[b * L + s - 1];
             if (s == 0) {  // the class slot: handled in finish_row
