@@ -740,17 +740,22 @@ void copy_rows(at::Tensor& out, const Rows& in, int64_t C, Source source) {
   const RowWriter w = row_writer(out);
   const Prefetch prefetch(row_bytes);
   parallel_chunks(B * S, row_grain(row_bytes), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      if (prefetch.rows && r + prefetch.rows < end) {
-        const int64_t ahead = r + prefetch.rows, from = source(ahead / S, ahead % S);
-        if (from >= 0) prefetch(in.row(ahead / S, from));
+    // (b, s) of row r and of the row prefetch.rows ahead, stepped rather than divided out per row.
+    int64_t b = begin / S, s = begin % S;
+    int64_t ahead = begin + prefetch.rows, ba = ahead / S, sa = ahead % S;
+    for (int64_t r = begin; r < end; ++r, ++ahead) {
+      if (prefetch.rows && ahead < end) {
+        const int64_t from = source(ba, sa);
+        if (from >= 0) prefetch(in.row(ba, from));
       }
-      const int64_t b = r / S, s = r % S, from = source(b, s);
+      const int64_t from = source(b, s);
       if (from >= 0) {
         w.copy(o + r * row_bytes, in.row(b, from), row_bytes);
       } else {
         w.zero(o + r * row_bytes, row_bytes);
       }
+      if (++s == S) s = 0, ++b;
+      if (++sa == S) sa = 0, ++ba;
     }
     w.fence();
   });
@@ -925,12 +930,13 @@ at::Tensor pad_with_cls_cpu(const at::Tensor& y_in, const at::Tensor& keep_in, c
     const Prefetch prefetch(C * es);
     parallel_chunks(B * S, row_grain(C * es), [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> sum(pep && w.streaming ? C : 0);  // for row sums streamed out by a copy
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t b = r / S, s = r % S;
-        if (prefetch.rows && r + prefetch.rows < end) {  // rows of y (the class row and pad stay in cache)
-          const int64_t ahead = r + prefetch.rows, sa = ahead % S;
-          const int64_t ja = sa == 0 ? -1 : src[(ahead / S) * L + sa - 1];
-          if (ja >= 0) prefetch(yr.row(ahead / S, 1 + ja));
+      // (b, s) of row r and of the row prefetch.rows ahead, stepped rather than divided out per row.
+      int64_t b = begin / S, s = begin % S;
+      int64_t ahead = begin + prefetch.rows, ba = ahead / S, sa = ahead % S;
+      for (int64_t r = begin; r < end; ++r, ++ahead) {
+        if (prefetch.rows && ahead < end) {  // rows of y (the class row and pad stay in cache)
+          const int64_t ja = sa == 0 ? -1 : src[ba * L + sa - 1];
+          if (ja >= 0) prefetch(yr.row(ba, 1 + ja));
         }
         const int64_t j = s == 0 ? -1 : src[b * L + s - 1];
         const scalar_t* from = j >= 0     ? reinterpret_cast<const scalar_t*>(yr.row(b, 1 + j))
@@ -942,6 +948,8 @@ at::Tensor pad_with_cls_cpu(const at::Tensor& y_in, const at::Tensor& keep_in, c
         } else {
           w.copy(out, from, C * es);
         }
+        if (++s == S) s = 0, ++b;
+        if (++sa == S) sa = 0, ++ba;
       }
       w.fence();
     });
