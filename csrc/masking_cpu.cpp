@@ -5,9 +5,10 @@
 // ~256 KiB handed out dynamically (cpu_parallel.h); the inner loops run over C and are plain copies or
 // element-wise adds. The gathering loops prefetch the rows about 4 KiB ahead (hardware prefetchers stop at
 // 4 KiB pages); pad_with_cls's backward, which reads grad_z in order, leaves it to the hardware (software
-// prefetches made it 5-30% slower on a Zen 4; cpu-avx512bf16-masking-ab.txt). It reads grad_z once: each task of (batch block, channel chunk) copies or
-// sums its rows and adds them to its block's partial positional sum, in one pass over each row; the
-// partials are summed in block order afterwards, so the bits do not depend on the thread count. The mask plan
+// prefetches made it 5-30% slower on a Zen 4; cpu-avx512bf16-masking-ab.txt). It reads grad_z once: each
+// task of (batch block, channel chunk) copies or sums its rows and adds them to its block's partial
+// positional sum, in one pass over each row; the partials are summed in block order afterwards, so the
+// bits do not depend on the thread count. The mask plan
 // selects the D-th and M-th smallest (noise, position) keys per row with nth_element instead of a sort.
 // Unlike the CUDA kernels, these validate keep_idx values (range, strictly increasing, -1 only at the
 // end) and the per-row counts, since reading them costs no host sync here.
@@ -497,19 +498,28 @@ inline bool streams_to(const GroupRow& r, bool stream) {
   return stream && r.kind == kRowCopy && reinterpret_cast<uintptr_t>(r.dst) % 32 == 0;
 }
 
-template <int R, bool kInit>
-__attribute__((target("avx2"))) void group_f32_impl(float* acc, const GroupRow* rows, int64_t n, bool stream) {
-  // Locals: the vector stores below may alias `rows`, which would be read again on every iteration.
-  const float* g[R];
+// A group's rows as locals: the vector stores of the group loops may alias `rows`, which would otherwise be
+// read again on every iteration.
+template <typename T, int R>
+struct GroupLocals {
+  const T* g[R];
   int kind[R] = {};
   void* dst[R] = {};
-  bool st[R] = {};
-  for (int r = 0; r < R; ++r) {
-    g[r] = static_cast<const float*>(rows[r].g);
-    kind[r] = rows[r].kind;
-    dst[r] = rows[r].dst;
-    st[r] = streams_to(rows[r], stream);
+  bool st[R] = {};  // streaming stores
+  GroupLocals(const GroupRow* rows, bool stream) {
+    for (int r = 0; r < R; ++r) {
+      g[r] = static_cast<const T*>(rows[r].g);
+      kind[r] = rows[r].kind;
+      dst[r] = rows[r].dst;
+      st[r] = streams_to(rows[r], stream);
+    }
   }
+};
+
+template <int R, bool kInit>
+__attribute__((target("avx2"))) void group_f32_impl(float* acc, const GroupRow* rows, int64_t n, bool stream) {
+  const GroupLocals<float, R> l(rows, stream);
+  const auto& [g, kind, dst, st] = l;
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     __m256 v[R];
@@ -539,17 +549,8 @@ __attribute__((target("avx2"))) void group_f32_impl(float* acc, const GroupRow* 
 
 template <int R, bool kInit>
 __attribute__((target("avx2"))) void group_bf16_impl(float* acc, const GroupRow* rows, int64_t n, bool stream) {
-  // Locals: the vector stores below may alias `rows`, which would be read again on every iteration.
-  const uint16_t* g[R];
-  int kind[R] = {};
-  void* dst[R] = {};
-  bool st[R] = {};
-  for (int r = 0; r < R; ++r) {
-    g[r] = static_cast<const uint16_t*>(rows[r].g);
-    kind[r] = rows[r].kind;
-    dst[r] = rows[r].dst;
-    st[r] = streams_to(rows[r], stream);
-  }
+  const GroupLocals<uint16_t, R> l(rows, stream);
+  const auto& [g, kind, dst, st] = l;
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
     __m256i raw[R];
@@ -1014,9 +1015,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pad_with_cls_backward_cpu(const a
     parallel_chunks(blocks * chunks, 1, [&](int64_t begin, int64_t end) {
       // The group's pad sums, kChunk + 48 elements apart: 4 KiB apart, a store to one would hold up the next
       // load from the other (4K aliasing; ~5% of the call on 2 threads).
-      alignas(64) acc_t pad_buf[kGroupRows * (kChunk + 48)];
+      constexpr int64_t kPadStride = kChunk + 48;
+      alignas(64) acc_t pad_buf[kGroupRows * kPadStride];
       acc_t* pad_accs[kGroupRows];
-      for (int r = 0; r < kGroupRows; ++r) pad_accs[r] = pad_buf + r * (kChunk + 48);
+      for (int r = 0; r < kGroupRows; ++r) pad_accs[r] = pad_buf + r * kPadStride;
       acc_t* pad_acc = pad_accs[0];
       for (int64_t task = begin; task < end; ++task) {
         const int64_t blk = task / chunks, c0 = (task % chunks) * kChunk, n = std::min(kChunk, C - c0);
