@@ -613,8 +613,6 @@ def run_eval(args) -> int:
                   "choice_temperature": args.choice_temperature, "batch_size": args.batch_size, "seed": args.seed,
                   "dtype": args.dtype, "processes": d.world, "device": str(device)}
         _write_json(result, args.out)
-    if d.world > 1:
-        dist.barrier()
     return 0
 
 
@@ -729,11 +727,15 @@ def main(argv: list[str] | None = None) -> int:
         ensure_passive_wait()  # from the command line only: it re-executes the process
     try:
         check_cpu_isa()
-        return args.func(args)
+        status = args.func(args)
     except (InputError, OSError) as err:
         if os.environ.get("MAGE_DEBUG"):
             raise
         parser.exit(1, f"mage {args.command}: error: {_user_message(err)}\n")
+    from .train import finish_distributed
+
+    finish_distributed()  # under torchrun: every rank got here
+    return status
 
 
 def _user_message(err: BaseException) -> str:

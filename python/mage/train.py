@@ -279,6 +279,22 @@ def init_distributed() -> Dist:
     return Dist(dist.get_rank() if world > 1 else 0, world, device)
 
 
+def finish_distributed() -> None:
+    """End this process's part in a torchrun job that finished normally on every rank: a barrier, the default
+    process group destroyed, then a short pause. Call it last in a script that runs collectives (`mage train` and
+    `mage eval` do).
+
+    Why: a gloo worker thread frees a collective's tensors (and a barrier the collectives before it) a moment after
+    the collective returns, and needs the GIL to do so. If the interpreter is shutting down by then, Python ends
+    that thread inside torch and the process aborts ("terminate called without an active exception", exit 134)
+    after all its work was done; once DDP has been used, torch keeps the group's threads to the end. No torch call
+    waits for that moment, so the pause (GIL released) gives the workers 0.1 s, far more than they need."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+        time.sleep(0.1)
+
+
 def step_generator(seed: int, step: int, stream: int) -> torch.Generator:
     """A CPU generator determined by (seed, step, stream): the randomness of one training step."""
     return torch.Generator().manual_seed((seed * 1_000_003 + step * 8191 + stream) % (2**62))
