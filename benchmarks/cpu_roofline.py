@@ -57,8 +57,10 @@ def isa() -> str:
         hw = "avx2+fma"
     else:
         hw = "sse"
-    path = _cpu_isa.cpu_isa()["path"]
-    return hw if path is None else f"{hw} (mage path {path})"
+    info = _cpu_isa.cpu_isa()
+    if info["path"] is None:
+        return hw
+    return f"{hw} (mage path {info['path']}{', avx512_bf16 adds' if info['avx512_bf16_loops'] else ''})"
 
 
 def _lib():

@@ -23,6 +23,7 @@ namespace {
 
 struct Features {
   bool avx2 = false;
+  bool avx512_bf16 = false;  // with the AVX-512 F/BW/DQ/VL it comes with
 };
 
 Features detect() {
@@ -30,6 +31,8 @@ Features detect() {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();
   f.avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  f.avx512_bf16 = f.avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                  __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
 #endif
   return f;
 }
@@ -66,6 +69,12 @@ CpuIsa cpu_isa() {
   return CpuIsa::kAvx2;
 }
 
+bool cpu_avx512_bf16_loops() {
+  if (!kFeatures.avx512_bf16) return false;
+  const char* env = std::getenv("MAGE_CPU_ISA");
+  return cpu_isa() != CpuIsa::kScalar && !(env != nullptr && std::strcmp(env, "avx2") == 0);
+}
+
 }  // namespace mage
 
 // For Python (ctypes), so build_info() and benchmarks can report the path: the name of the path a call
@@ -79,6 +88,15 @@ extern "C" const char* mage_cpu_isa() {
 }
 
 extern "C" const char* mage_cpu_isa_detected() { return mage::cpu_isa_name(mage::cpu_isa_detected()); }
+
+// 1 when this call's bf16 element-wise loops take AVX-512 BF16, 0 when not, -1 when MAGE_CPU_ISA is unusable.
+extern "C" int mage_cpu_avx512_bf16_loops() {
+  try {
+    return mage::cpu_avx512_bf16_loops() ? 1 : 0;
+  } catch (const std::exception&) {
+    return -1;
+  }
+}
 
 // For tests (ctypes): how many threads one at::parallel_for region of this library runs on; 1 when the
 // library was built without OpenMP (then every region is serial, whatever torch.set_num_threads says).

@@ -23,11 +23,14 @@ def _lib() -> ctypes.CDLL | None:
 
 def cpu_isa() -> dict:
     """{"path": the path a CPU kernel call takes now ("invalid" if MAGE_CPU_ISA is unusable),
-    "detected": the path auto takes on this CPU}; both None without the native library."""
+    "detected": the path auto takes on this CPU, "avx512_bf16_loops": whether the masking ops' bf16 adds take
+    AVX-512 BF16 now (None if MAGE_CPU_ISA is unusable)}; all None without the native library."""
     lib = _lib()
     if lib is None:
-        return {"path": None, "detected": None}
-    return {"path": lib.mage_cpu_isa().decode(), "detected": lib.mage_cpu_isa_detected().decode()}
+        return {"path": None, "detected": None, "avx512_bf16_loops": None}
+    loops = lib.mage_cpu_avx512_bf16_loops()
+    return {"path": lib.mage_cpu_isa().decode(), "detected": lib.mage_cpu_isa_detected().decode(),
+            "avx512_bf16_loops": None if loops < 0 else bool(loops)}
 
 
 def check_cpu_isa() -> None:

@@ -376,16 +376,26 @@ def test_pad_with_cls_backward_op_matches_reference(device, dtype, mae, pos):
     _check_pad_backward(actual, _pad_with_cls_backward_reference(gz, keep, masked, mae, pos), L)
 
 
-@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512_bf16"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_row_loops_every_isa_path_and_thread_count(isa, dtype, monkeypatch, on_threads):
-    """MAGE_CPU_ISA picks the row loops' portable or AVX2 build per call (avx512_bf16 takes the AVX2 loops);
-    each, on 1 or 2 threads, gives the reference's bits (forward) and the same bits on 1 and 2 threads
-    (backward sums in a fixed order)."""
+def _set_isa(monkeypatch, isa: str) -> None:
+    """MAGE_CPU_ISA=isa for the test (skipped where the CPU lacks it); checks that the bf16 adds take AVX-512 BF16
+    exactly where they should: auto and avx512_bf16 on a CPU whose /proc/cpuinfo lists it."""
     if isa != "scalar" and mage_kernels.cpu_isa()["detected"] == "scalar":
         pytest.skip("this CPU lacks AVX2/FMA")
     monkeypatch.setenv("MAGE_CPU_ISA", isa)
-    assert mage_kernels.cpu_isa()["path"] == isa
+    info = mage_kernels.cpu_isa()
+    assert info["path"] == (info["detected"] if isa == "auto" else isa)
+    flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
+    has_bf16 = {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_bf16"} <= set(flags)
+    assert info["avx512_bf16_loops"] == (has_bf16 and isa in ("auto", "avx512_bf16"))
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512_bf16", "auto"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_row_loops_every_isa_path_and_thread_count(isa, dtype, monkeypatch, on_threads):
+    """MAGE_CPU_ISA picks the row loops' portable, AVX2 or (auto and avx512_bf16, where the CPU has it) AVX-512
+    BF16 build per call; each, on 1 or 2 threads, gives the reference's bits (forward) and the same bits on 1
+    and 2 threads (backward sums in a fixed order)."""
+    _set_isa(monkeypatch, isa)
     B, L, C = 6, 37, 1027  # C: whole vectors and a tail
     y, keep, masked, pos, _ = _pad_inputs(B, L, C, dtype, "cpu")
     gz = _rand((B, 1 + L, C), dtype, "cpu", seed=5)
@@ -410,15 +420,15 @@ def _bf16_bits_equal(actual, expected):
     assert (a[nan] == 0x7FC0).all()
 
 
-@pytest.mark.parametrize("isa", ["scalar", "avx2"])
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512_bf16"])
 def test_cpu_bf16_add_and_round_every_bit_pattern(isa, monkeypatch):
     """The bf16 adds and roundings of the CPU row loops (hand-vectorized on the AVX2 path: widen, fp32 add,
-    round to nearest even, NaN, pack) on every one of the 65,536 bf16 bit patterns: forward y + pos_embed
-    against fp32 add rounded by torch, in an output of >= 8 MiB (rows streamed out) and a small one; the
-    backward's grad_pos, two rows summed in fp32 from +0 and rounded once, likewise."""
-    if isa != "scalar" and mage_kernels.cpu_isa()["detected"] == "scalar":
-        pytest.skip("this CPU lacks AVX2/FMA")
-    monkeypatch.setenv("MAGE_CPU_ISA", isa)
+    round to nearest even, NaN, pack; on AVX-512 BF16 vcvtne2ps2bf16, with the subnormal and NaN sums it
+    rounds otherwise redone) on every one of the 65,536 bf16 bit patterns: forward y + pos_embed against fp32
+    add rounded by torch, in an output of >= 8 MiB (rows streamed out) and a small one, and y + 0 (every
+    subnormal pattern a subnormal sum); the backward's grad_pos, two rows summed in fp32 from +0 and rounded
+    once, likewise."""
+    _set_isa(monkeypatch, isa)
     L, C = 255, 257  # (1 + L) * C >= 2^16; C: whole vectors and a tail
     patterns = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
     flat = torch.cat([patterns, patterns[: (1 + L) * C - 2**16]]).view(torch.bfloat16)
@@ -429,6 +439,8 @@ def test_cpu_bf16_add_and_round_every_bit_pattern(isa, monkeypatch):
         masked, _, keep = mage_kernels.mask_plan(_noise(B, L), 0, 0)  # every row is y's own
         z = mage_kernels.pad_with_cls(y, keep, masked, pos_embed=pos)
         _bf16_bits_equal(z, (y.float() + pos.float()).to(torch.bfloat16))
+    z = mage_kernels.pad_with_cls(y, keep, masked, pos_embed=torch.zeros_like(pos))
+    _bf16_bits_equal(z, (y.float() + 0.0).to(torch.bfloat16))
     gy, _, gp = torch.ops.mage.pad_with_cls_backward(y, keep, masked, False, True)
     _bf16_bits_equal(gp, (torch.zeros(1 + L, C) + y[0].float() + y[1].float()).to(torch.bfloat16))
 
