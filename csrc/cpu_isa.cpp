@@ -69,6 +69,8 @@ CpuIsa cpu_isa() {
   return CpuIsa::kAvx2;
 }
 
+bool cpu_avx2_kernels() { return cpu_isa() != CpuIsa::kScalar && kFeatures.avx2; }  // cpu_isa() validates
+
 bool cpu_avx512_bf16_loops() {
   if (!kFeatures.avx512_bf16) return false;
   const char* env = std::getenv("MAGE_CPU_ISA");

@@ -29,6 +29,10 @@ const char* cpu_isa_name(CpuIsa isa);
 // True when the CPU executes AVX2 and FMA instructions (independent of MAGE_CPU_ISA).
 bool cpu_has_avx2();
 
+// True when this call may run AVX2 + FMA code: the path is avx2, or avx512_bf16 (which runs everywhere) on a
+// CPU that has AVX2 + FMA.
+bool cpu_avx2_kernels();
+
 // True when this call's element-wise bf16 loops may use AVX-512 BF16: the CPU has it (with AVX-512 F/BW/DQ/VL)
 // and MAGE_CPU_ISA is unset, auto or avx512_bf16.
 bool cpu_avx512_bf16_loops();

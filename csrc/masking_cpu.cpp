@@ -696,7 +696,7 @@ constexpr RowLoops kRowLoops_avx512bf16{add_f32_avx2,
 const RowLoops& row_loops() {
 #if defined(__x86_64__)
   if (cpu_avx512_bf16_loops()) return kRowLoops_avx512bf16;
-  if (cpu_isa() != CpuIsa::kScalar) return kRowLoops_avx2;
+  if (cpu_avx2_kernels()) return kRowLoops_avx2;
 #endif
   return kRowLoops_portable;
 }
@@ -747,7 +747,7 @@ struct RowWriter {
 
 RowWriter row_writer(const at::Tensor& out) {
 #if defined(__x86_64__)
-  if (static_cast<int64_t>(out.nbytes()) >= kStreamBytes && cpu_isa() != CpuIsa::kScalar) {
+  if (static_cast<int64_t>(out.nbytes()) >= kStreamBytes && cpu_avx2_kernels()) {
     return {copy_stream_avx2, zero_stream_avx2, fence_stores, true};
   }
 #endif

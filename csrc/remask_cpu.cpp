@@ -200,9 +200,9 @@ __attribute__((target("avx2"))) Sample sample_token_avx2(float* s, int64_t V, ui
 #endif
 Sample sample_token_portable(float* s, int64_t V, uint32_t h, uint32_t g) { return sample_token(s, V, h, g); }
 
-SampleFn sample_token_for(CpuIsa isa) {
+SampleFn sample_token_for(bool avx2) {
 #if defined(__x86_64__)
-  if (isa != CpuIsa::kScalar) return sample_token_avx2;
+  if (avx2) return sample_token_avx2;
 #endif
   return sample_token_portable;
 }
@@ -311,7 +311,7 @@ struct Call {
     c.sampled = sampled.data_ptr<int64_t>();
     confidence.assign(c.B * c.L, kInf);
     c.confidence = confidence.data();
-    c.sample_row = sample_token_for(cpu_isa());
+    c.sample_row = sample_token_for(cpu_avx2_kernels());
     prepare_rows(op, c, num_masked);
   }
   Call(const Call&) = delete;

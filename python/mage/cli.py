@@ -734,7 +734,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(1, f"mage {args.command}: error: {_user_message(err)}\n")
     from .train import finish_distributed
 
-    finish_distributed()  # under torchrun: every rank got here
+    finish_distributed(own_group_only=True)  # under torchrun: every rank got here
     return status
 
 

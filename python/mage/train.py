@@ -266,8 +266,12 @@ class Dist:
         return self.rank == 0
 
 
+_started_group = False  # whether init_distributed started the default process group
+
+
 def init_distributed() -> Dist:
     """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; a plain `python` run is one process."""
+    global _started_group
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -276,22 +280,27 @@ def init_distributed() -> Dist:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        _started_group = True
     return Dist(dist.get_rank() if world > 1 else 0, world, device)
 
 
-def finish_distributed() -> None:
+def finish_distributed(own_group_only: bool = False) -> None:
     """End this process's part in a torchrun job that finished normally on every rank: a barrier, the default
     process group destroyed, then a short pause. Call it last in a script that runs collectives (`mage train` and
-    `mage eval` do).
+    `mage eval` do). `own_group_only`: only if `init_distributed` (`train`, `mage eval`) started the group, so that
+    a group the caller started is left alone (what the `mage` command does).
 
     Why: a gloo worker thread frees a collective's tensors (and a barrier the collectives before it) a moment after
     the collective returns, and needs the GIL to do so. If the interpreter is shutting down by then, Python ends
-    that thread inside torch and the process aborts ("terminate called without an active exception", exit 134)
+    that thread inside torch and the process aborts (SIGABRT, "terminate called without an active exception")
     after all its work was done; once DDP has been used, torch keeps the group's threads to the end. No torch call
-    waits for that moment, so the pause (GIL released) gives the workers 0.1 s, far more than they need."""
-    if dist.is_available() and dist.is_initialized():
+    waits for that moment, so the pause (GIL released) gives the workers 0.1 s, far more than they need. A rank
+    that failed never gets here; torchrun then ends the others waiting in the barrier."""
+    global _started_group
+    if dist.is_available() and dist.is_initialized() and (_started_group or not own_group_only):
         dist.barrier()
         dist.destroy_process_group()
+        _started_group = False
         time.sleep(0.1)
 
 
