@@ -516,6 +516,26 @@ struct GroupLocals {
   }
 };
 
+inline float as_float(float x) { return x; }
+inline float as_float(uint16_t h) { return bf16_to_float(h); }
+
+// The elements [i, n) after the group loops' vectors, one at a time: the same adds, copies and pad sums.
+template <typename T, int R, bool kInit>
+void group_tail(float* acc, const GroupLocals<T, R>& l, int64_t i, int64_t n) {
+  const auto& [g, kind, dst, st] = l;
+  for (; i < n; ++i) {
+    float v[R];
+    for (int r = 0; r < R; ++r) v[r] = as_float(g[r][i]);
+    float p = (kInit ? 0.0f : acc[i]) + v[0];
+    for (int r = 1; r < R; ++r) p += v[r];
+    acc[i] = p;
+    for (int r = 0; r < R; ++r) {
+      if (kind[r] == kRowCopy) static_cast<T*>(dst[r])[i] = g[r][i];
+      if (kind[r] == kRowPad) static_cast<float*>(dst[r])[i] += v[r];
+    }
+  }
+}
+
 template <int R, bool kInit>
 __attribute__((target("avx2"))) void group_f32_impl(float* acc, const GroupRow* rows, int64_t n, bool stream) {
   const GroupLocals<float, R> l(rows, stream);
@@ -536,15 +556,7 @@ __attribute__((target("avx2"))) void group_f32_impl(float* acc, const GroupRow* 
       }
     }
   }
-  for (; i < n; ++i) {
-    float p = (kInit ? 0.0f : acc[i]) + g[0][i];
-    for (int r = 1; r < R; ++r) p += g[r][i];
-    acc[i] = p;
-    for (int r = 0; r < R; ++r) {
-      if (kind[r] == kRowCopy) static_cast<float*>(dst[r])[i] = g[r][i];
-      if (kind[r] == kRowPad) static_cast<float*>(dst[r])[i] += g[r][i];
-    }
-  }
+  group_tail<float, R, kInit>(acc, l, i, n);
 }
 
 template <int R, bool kInit>
@@ -577,17 +589,7 @@ __attribute__((target("avx2"))) void group_bf16_impl(float* acc, const GroupRow*
       }
     }
   }
-  for (; i < n; ++i) {
-    float v[R];
-    for (int r = 0; r < R; ++r) v[r] = bf16_to_float(g[r][i]);
-    float p = (kInit ? 0.0f : acc[i]) + v[0];
-    for (int r = 1; r < R; ++r) p += v[r];
-    acc[i] = p;
-    for (int r = 0; r < R; ++r) {
-      if (kind[r] == kRowCopy) static_cast<uint16_t*>(dst[r])[i] = g[r][i];
-      if (kind[r] == kRowPad) static_cast<float*>(dst[r])[i] += v[r];
-    }
-  }
+  group_tail<uint16_t, R, kInit>(acc, l, i, n);
 }
 
 // group_*_impl for a run-time group size (1 or 2) and init.
