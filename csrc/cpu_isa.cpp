@@ -57,24 +57,35 @@ const char* cpu_isa_name(CpuIsa isa) {
   return "unknown";
 }
 
-CpuIsa cpu_isa() {
+namespace {
+
+// MAGE_CPU_ISA, validated: the path it asks for, and whether it names one (false: unset or auto).
+struct Request {
+  CpuIsa isa;
+  bool named;
+};
+
+Request requested() {
   const char* env = std::getenv("MAGE_CPU_ISA");
-  if (env == nullptr || *env == '\0' || std::strcmp(env, "auto") == 0) return cpu_isa_detected();
+  if (env == nullptr || *env == '\0' || std::strcmp(env, "auto") == 0) return {cpu_isa_detected(), false};
   const std::string name(env);
-  if (name == "scalar") return CpuIsa::kScalar;
-  if (name == "avx512_bf16") return CpuIsa::kAvx512Bf16;  // runs everywhere (see cpu_isa.h)
+  if (name == "scalar") return {CpuIsa::kScalar, true};
+  if (name == "avx512_bf16") return {CpuIsa::kAvx512Bf16, true};  // runs everywhere (see cpu_isa.h)
   TORCH_CHECK_VALUE(name == "avx2", "MAGE_CPU_ISA must be one of auto, scalar, avx2, avx512_bf16, got '", name, "'");
   TORCH_CHECK_VALUE(kFeatures.avx2, "MAGE_CPU_ISA=avx2 asks for AVX2/FMA kernels, but this CPU lacks AVX2 or FMA; "
                     "unset MAGE_CPU_ISA or set it to scalar");
-  return CpuIsa::kAvx2;
+  return {CpuIsa::kAvx2, true};
 }
+
+}  // namespace
+
+CpuIsa cpu_isa() { return requested().isa; }
 
 bool cpu_avx2_kernels() { return cpu_isa() != CpuIsa::kScalar && kFeatures.avx2; }  // cpu_isa() validates
 
 bool cpu_avx512_bf16_loops() {
-  if (!kFeatures.avx512_bf16) return false;
-  const char* env = std::getenv("MAGE_CPU_ISA");
-  return cpu_isa() != CpuIsa::kScalar && !(env != nullptr && std::strcmp(env, "avx2") == 0);
+  const Request r = requested();  // validates MAGE_CPU_ISA on every CPU
+  return kFeatures.avx512_bf16 && (r.isa == CpuIsa::kAvx512Bf16 || (r.isa == CpuIsa::kAvx2 && !r.named));
 }
 
 }  // namespace mage
