@@ -145,10 +145,27 @@ def test_resume_refuses_a_folder_with_only_an_earlier_runs_weights(tmp_path, ful
                                               r"no checkpoint to continue from .*--overwrite"):
         train(run_config(tmp_path, steps=2, resume=True))
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == snapshot
-    # --overwrite with it: resume when there is a checkpoint, else start afresh over the weights, as told.
-    with pytest.warns(RuntimeWarning, match="no checkpoint"):
-        train(run_config(tmp_path, resume=True, overwrite=True))
+    train(run_config(tmp_path, overwrite=True))  # what the message says: start afresh over the weights
     assert losses(tmp_path) == full_run
+
+
+def test_resume_with_overwrite_is_refused_before_anything_changes(tmp_path, capsys):
+    # --resume --overwrite resumed the run in --out-dir whenever it had a checkpoint: --overwrite was ignored.
+    from mage.cli import main
+
+    train(run_config(tmp_path, steps=2))
+    snapshot = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    with pytest.raises(mage.InputError, match=r"resume \(--resume\) and overwrite \(--overwrite\), not both"):
+        train(run_config(tmp_path, steps=4, resume=True, overwrite=True))
+    # A sibling: --resume-with-changes without --resume was ignored (a fresh run, refused here for its folder).
+    for flags, lead in ((["--resume", "--overwrite"], "--resume"), (["--resume-with-changes"],
+                                                                     "--resume-with-changes")):
+        with pytest.raises(SystemExit) as info:
+            main(["train", "--config", str(tmp_path / "config.json"), "--steps", "4", *flags])
+        err = capsys.readouterr().err
+        assert info.value.code == 1 and len(err.splitlines()) == 1, err
+        assert err.startswith(f"mage train: error: {lead}: ") and all(f in err for f in [*flags, "--resume"]), err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == snapshot
 
 
 def test_cli_resume_into_a_folder_with_only_weights_says_what_is_there(tmp_path, capsys):

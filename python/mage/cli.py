@@ -306,7 +306,8 @@ _HELP = {
     "resume": "continue from out_dir/checkpoint.pt (none there: start at step 0, but not over a finished run's "
               "weights)",
     "overwrite": "start afresh in an --out-dir holding an earlier run: its checkpoint, weights and log are deleted "
-                 "(once the new settings are checked); with --resume only when there is no checkpoint",
+                 "(once the new settings are checked); not with --resume",
+    "resume_with_changes": "with --resume: continue although settings that change what the run computes differ",
     "warmup_steps": "linear warm-up steps, capped by --max-warmup-fraction",
     "max_warmup_fraction": "the warm-up lasts at most this fraction of --steps (1: no cap)",
     "accum_steps": "gradient accumulation: micro-batches per optimizer step (the same step as the large batch)",

@@ -172,6 +172,12 @@ class TrainConfig:
             raise InputValueError(f"TrainConfig.disc_norm must be one of {DISC_NORMS}, got {self.disc_norm!r}")
         if self.disc_weight < 0:
             raise InputValueError(f"TrainConfig.disc_weight must be >= 0, got {self.disc_weight}")
+        if self.resume and self.overwrite:
+            raise InputValueError("TrainConfig.resume continues the run in out_dir and overwrite deletes it to start "
+                                  "afresh: give one of resume (--resume) and overwrite (--overwrite), not both")
+        if self.resume_with_changes and not self.resume:
+            raise InputValueError("TrainConfig.resume_with_changes lets a resume change settings, so it needs "
+                                  "resume=True (--resume): add --resume or drop --resume-with-changes")
         self.betas = tuple(self.betas)
         self.disc_betas = tuple(self.disc_betas)
         for name in ("betas", "disc_betas"):
@@ -831,11 +837,11 @@ def _resume_state(cfg: TrainConfig, ckpt_path: Path, main: bool) -> tuple[dict |
     source, note = resume_source(ckpt_path)
     if source is None:
         weights = [name for name in RESULT_FILES if (ckpt_path.parent / name).exists()]
-        if weights and not cfg.overwrite:  # starting at step 0 would overwrite them
+        if weights:  # starting at step 0 would overwrite them
             raise CheckpointError(
                 f"cannot resume: {cfg.out_dir} holds the weights of an earlier run ({', '.join(weights)}) but no "
-                f"checkpoint to continue from ({ckpt_path.name}); start afresh over them with --overwrite "
-                "(TrainConfig.overwrite=True; deletes them and the log) or in another --out-dir" +
+                f"checkpoint to continue from ({ckpt_path.name}); start afresh over them with --overwrite instead of "
+                "--resume (TrainConfig.overwrite=True; deletes them and the log) or in another --out-dir" +
                 _WEIGHTS_USE.get(weights[0], ""))
         if main:
             warnings.warn(f"--resume: no checkpoint in {cfg.out_dir}, starting at step 0", RuntimeWarning, stacklevel=4)
@@ -994,8 +1000,8 @@ def _train(cfg: TrainConfig, governor, d: Dist, held: contextlib.ExitStack) -> d
             held.enter_context(out_dir_lock(out))
             _refuse_earlier_run(cfg, out)
         clean_stale_files(ckpt_path)  # temp files of a write that was killed
-        if resumed is None and cfg.overwrite:  # a crash before this run's first checkpoint must not leave the
-            for name in RUN_FILES:             # earlier run's checkpoint (or weights) beside this run's config
+        if cfg.overwrite:  # a crash before this run's first checkpoint must not leave the earlier
+            for name in RUN_FILES:  # run's checkpoint (or weights) beside this run's config
                 (out / name).unlink(missing_ok=True)
         settings = {k: v for k, v in cfg.to_dict().items() if k not in INVOCATION_FIELDS}
         write_atomic(out / "config.json", json.dumps(settings, indent=1))
