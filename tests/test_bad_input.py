@@ -808,6 +808,22 @@ CLI_CASES = [
     ("train --config {root}/one_beta.json --out-dir {root}/run", 1,
      "--config {root}/one_beta.json (betas): TrainConfig.betas must be two numbers"),
     ("cache --tokenizer-checkpoint {root}/notes.txt --data digits --out c.pt --crop-scale 0.5 2", 1, "--crop-scale"),
+    # An --image-size the tokenizer cannot take was said to be --tokenizer's error, MAE's named no flag at all; and
+    # a size set both ways silently took the --tokenizer / --mae one.
+    ("train --objective mage --image-size 40 --out-dir {root}/run", 1,
+     "--image-size: TrainConfig.image_size sets the tokenizer's resolution: resolution 40 must be a multiple of the "
+     "downsampling factor 2^(len(ch_mult)-1) = 16 (ch_mult (1, 1, 2, 2, 4)), e.g. 32 or 48"),
+    ("train --objective mae --image-size 10 --out-dir {root}/run", 1,
+     "--image-size: TrainConfig.image_size sets the MAE's image_size: image_size 10 must be a multiple of patch_size "
+     "4, e.g. 8 or 12"),
+    ("train --objective tokenizer --image-size 64 --tokenizer '{{\"resolution\": 32}}' --steps 1 --batch-size 4 "
+     "--data digits --no-progress --out-dir {root}/run", 1,
+     "--image-size: TrainConfig.image_size 64 and the tokenizer's resolution 32 (TrainConfig.tokenizer) differ"),
+    ("train --objective mae --image-size 16 --mae '{{\"image_size\": 32}}' --steps 1 --batch-size 4 --data digits "
+     "--no-progress --out-dir {root}/run", 1,
+     "--image-size: TrainConfig.image_size 16 and the MAE's image_size 32 (TrainConfig.mae) differ"),
+    ("train --objective tokenizer --tokenizer '{{\"resolution\": 40}}' --out-dir {root}/run", 1,
+     "--tokenizer: TrainConfig.tokenizer: TokenizerConfig: resolution 40 must be a multiple"),
 ]
 
 

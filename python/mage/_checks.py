@@ -15,9 +15,9 @@ import torch
 from mage_kernels._checks import (InputError, InputTypeError, InputValueError, check_generator, check_int, check_real,
                                   check_steps, check_tensor)
 
-__all__ = ["all_finite", "check_config", "check_dtype", "check_generation", "check_ids", "check_images", "check_model", "check_pixel_mask",
-           "check_generator", "check_int", "check_real", "check_steps", "check_tensor", "to_model_dtype",
-           "InputError", "InputTypeError", "InputValueError"]
+__all__ = ["all_finite", "check_config", "check_dtype", "check_generation", "check_ids", "check_images", "check_model",
+           "check_pixel_mask", "check_generator", "check_int", "check_real", "check_steps", "check_tensor",
+           "nearest_multiples", "to_model_dtype", "InputError", "InputTypeError", "InputValueError"]
 
 INF = math.inf
 # Bounds of config fields: (low, high, low excluded). Model configs: every int not listed is >= 1. Run configs
@@ -72,6 +72,12 @@ def check_config(config) -> None:
                     check_int(what, f.name, v, lo, hi)
                 else:
                     check_real(what, f.name, v, -INF if lo is None else lo, INF if hi is None else hi)
+
+
+def nearest_multiples(value: int, factor: int) -> str:
+    """The multiples of `factor` around `value`, for messages: "16" (below 16) or "32 or 48" (for 40)."""
+    below = value // factor * factor
+    return f"{below} or {below + factor}" if below > 0 else f"{below + factor}"
 
 
 def all_finite(t: torch.Tensor) -> bool:

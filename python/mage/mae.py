@@ -14,7 +14,7 @@ import torch.nn as nn
 
 import mage_kernels
 
-from ._checks import InputValueError, check_config
+from ._checks import InputValueError, check_config, nearest_multiples
 from .model import Block
 
 
@@ -35,6 +35,9 @@ class MAEConfig:
 
     def __post_init__(self):
         check_config(self)
+        if self.image_size % self.patch_size:
+            raise InputValueError(f"MAEConfig: image_size {self.image_size} must be a multiple of patch_size "
+                                  f"{self.patch_size}, e.g. {nearest_multiples(self.image_size, self.patch_size)}")
 
     @property
     def grid(self) -> int:
@@ -67,9 +70,6 @@ class MAE(nn.Module):
     def __init__(self, config: MAEConfig | None = None):
         super().__init__()
         self.config = c = config or MAEConfig()
-        if c.image_size % c.patch_size:
-            raise InputValueError(f"MAEConfig: image_size {c.image_size} must be divisible by patch_size "
-                                  f"{c.patch_size}")
         D, Dd = c.embed_dim, c.decoder_embed_dim
         self.patch_embed = nn.Conv2d(c.in_channels, D, c.patch_size, c.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))

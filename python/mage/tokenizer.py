@@ -22,7 +22,7 @@ import mage_kernels
 
 from ._checks import check_config, check_images, to_model_dtype  # noqa: F401  (check_images: public here too)
 from .hub import HubMixin
-from ._checks import InputTypeError, InputValueError
+from ._checks import InputTypeError, InputValueError, nearest_multiples
 
 
 @dataclasses.dataclass
@@ -44,8 +44,9 @@ class TokenizerConfig:
         self.ch_mult = tuple(self.ch_mult)
         if self.resolution % self.downsample != 0:
             raise InputValueError(
-                f"TokenizerConfig: resolution {self.resolution} must be divisible by the downsampling "
-                f"factor 2^(len(ch_mult)-1) = {self.downsample}"
+                f"TokenizerConfig: resolution {self.resolution} must be a multiple of the downsampling factor "
+                f"2^(len(ch_mult)-1) = {self.downsample} (ch_mult {self.ch_mult}), e.g. "
+                f"{nearest_multiples(self.resolution, self.downsample)}"
             )
         for c in {self.ch * m for m in self.ch_mult}:
             if c % self.norm_groups != 0:

@@ -332,12 +332,32 @@ def _config_from(field: str, kind: type, values: dict, defaults: dict | None = N
         raise type(err)(f"TrainConfig.{field}: {err}") from None
 
 
+def _sized_config(cfg: TrainConfig, field: str, kind: type, size: str, what: str):
+    """kind from the dict field `field` (`what`: how messages call it), its `size` field being image_size unless the
+    dict sets it. Set in both (image_size away from its default), they must agree; an image_size the config
+    refuses is said to be image_size's error (the CLI names --image-size, not the dict's flag)."""
+    values = getattr(cfg, field)
+    if size in values:
+        if cfg.image_size != TrainConfig.__dataclass_fields__["image_size"].default and values[size] != cfg.image_size:
+            raise InputValueError(f"TrainConfig.image_size {cfg.image_size} and the {what}'s {size} {values[size]} "
+                                  f"(TrainConfig.{field}) differ: give the size once, as image_size (--image-size) "
+                                  f"or in {field} (--{field})")
+        return _config_from(field, kind, values)
+    try:
+        return _config_from(field, kind, values, defaults={size: cfg.image_size})
+    except InputError as err:
+        detail = str(err).removeprefix(f"TrainConfig.{field}: {kind.__name__}: ")
+        if not detail.startswith(f"{size} "):
+            raise
+        raise type(err)(f"TrainConfig.image_size sets the {what}'s {size}: {detail}") from None
+
+
 def make_tokenizer_config(cfg: TrainConfig) -> TokenizerConfig:
-    return _config_from("tokenizer", TokenizerConfig, cfg.tokenizer, defaults={"resolution": cfg.image_size})
+    return _sized_config(cfg, "tokenizer", TokenizerConfig, "resolution", "tokenizer")
 
 
 def make_mae_config(cfg: TrainConfig) -> MAEConfig:
-    return _config_from("mae", MAEConfig, cfg.mae, defaults={"image_size": cfg.image_size})
+    return _sized_config(cfg, "mae", MAEConfig, "image_size", "MAE")
 
 
 def make_model_config(cfg: TrainConfig, tokenizer: TokenizerConfig) -> MAGEConfig:
