@@ -36,7 +36,7 @@ def demo_files(tmp_path_factory):
         tokenizer = load_tokenizer(out / "tokenizer" / "tokenizer.safetensors")
         x, y = data_lib.load_digits()
         ds = data_lib.TensorImageDataset(x[:16], y[:16], transform=pretrain_transform(28))
-        build_token_cache(tokenizer, ds, str(out / "tokens.ckpt"), crops=2)
+        build_token_cache(tokenizer, ds, str(out / "tokens.ckpt"), crops=2, data="digits")
         train(TrainConfig(objective="mage", model="mage_vit_tiny", model_overrides=demo.MODEL,
                           tokenizer_checkpoint=str(out / "tokenizer" / "tokenizer.safetensors"),
                           token_cache=str(out / "tokens.ckpt"), out_dir=str(out / "mage"), **common))

@@ -61,7 +61,7 @@ def test_jsonl_lines_that_are_not_records_are_skipped(tmp_path):
 def test_token_cache_of_another_tokenizer_is_refused(tmp_path):
     ids = torch.randint(0, 512, (4, 1, 16), dtype=torch.int16)
     save_checkpoint({"ids": ids, "labels": torch.zeros(4, dtype=torch.long)}, tmp_path / "c.ckpt")
-    cached, _ = load_token_cache(tmp_path / "c.ckpt")
+    cached = load_token_cache(tmp_path / "c.ckpt").ids
     with pytest.raises(CheckpointError, match="built with another tokenizer"):
         check_token_cache(tmp_path / "c.ckpt", cached, 16, 256)
     with pytest.raises(CheckpointError, match="17"):

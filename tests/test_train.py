@@ -429,6 +429,43 @@ def test_cli_cache_then_train_from_the_cache(tmp_path, capsys, monkeypatch):
         capsys.readouterr().err
 
 
+def test_a_token_cache_is_checked_against_the_data_and_tokenizer_given(tmp_path, capsys):
+    # --data beside --token-cache was ignored: the run trained on the cache's images, whatever --data named. So was
+    # a --tokenizer-checkpoint other than the one that made the ids, when it had the same sizes.
+    from mage.cli import main
+
+    train(tiny(tmp_path / "tok", "tokenizer", steps=1))
+    train(tiny(tmp_path / "other", "tokenizer", steps=1, seed=1))  # the same sizes, other weights
+    tok, other = (str(tmp_path / name / "tokenizer.safetensors") for name in ("tok", "other"))
+    cache = str(tmp_path / "ids.ckpt")
+    assert main(["cache", "--tokenizer-checkpoint", tok, "--data", "digits", "--out", cache, "--crops", "1",
+                 "--batch-size", "512"]) == 0
+    assert load_checkpoint(cache)["source"]["data"] == "digits"
+    (tmp_path / "images" / "a").mkdir(parents=True)
+    run = ["train", "--objective", "mage", "--token-cache", cache, "--steps", "1", "--batch-size", "8", "--no-progress",
+           "--model-overrides", json.dumps(MODEL)]
+
+    def error(*flags) -> str:
+        with pytest.raises(SystemExit) as info:
+            main([*run, *flags, "--out-dir", str(tmp_path / "refused")])
+        err = capsys.readouterr().err
+        assert info.value.code == 1 and len(err.splitlines()) == 1 and not (tmp_path / "refused").exists(), err
+        return err
+
+    assert (f"--data: TrainConfig.data {tmp_path / 'images'} is not the data set token_cache {cache} was built from "
+            "(digits)") in error("--tokenizer-checkpoint", tok, "--data", str(tmp_path / "images"))
+    assert (f"--token-cache: TrainConfig.token_cache {cache} was made by another tokenizer than the model's "
+            f"(tokenizer_checkpoint {other})") in error("--tokenizer-checkpoint", other, "--data", "digits")
+    assert (f"--data: TrainConfig.data fashion-mnist (the default) is not the data set token_cache {cache} was built "
+            "from (digits)") in error("--tokenizer-checkpoint", tok)
+    assert main([*run, "--tokenizer-checkpoint", tok, "--data", "digits", "--out-dir", str(tmp_path / "ok")]) == 0
+    # A cache of an earlier release records nothing: it still trains, but not with a --data it cannot check.
+    blob = load_checkpoint(cache)
+    save_checkpoint({"ids": blob["ids"], "labels": blob["labels"]}, cache)
+    assert "does not record the data set it was built from" in error("--tokenizer-checkpoint", tok, "--data", "digits")
+    assert main([*run, "--tokenizer-checkpoint", other, "--out-dir", str(tmp_path / "old")]) == 0
+
+
 # ------------------------------------------------------------------------------------ masking
 
 

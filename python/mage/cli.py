@@ -298,7 +298,8 @@ _HELP = {
     "model_overrides": 'JSON of MAGEConfig fields, e.g. \'{"depth": 6, "dropout": 0.0}\'',
     "tokenizer": 'JSON of TokenizerConfig fields, e.g. \'{"in_channels": 1, "n_embed": 256}\'',
     "tokenizer_checkpoint": "tokenizer.safetensors written by `mage train --objective tokenizer`",
-    "token_cache": "token ids cached with mage.train.build_token_cache (no online tokenizer)",
+    "token_cache": "token ids cached by `mage cache` (no online tokenizer); --data must name the data set the "
+                   "cache was built from",
     "mae": "JSON of MAEConfig fields",
     "batch_size": "global batch, split over the torchrun processes",
     "lr": "absolute learning rate (default: blr * batch_size / 256)",
@@ -466,7 +467,7 @@ def run_cache(args) -> int:
         if named == str(err):
             raise
         raise type(err)(named) from None
-    build_token_cache(tokenizer, dataset, args.out, crops=args.crops, batch_size=args.batch_size)
+    build_token_cache(tokenizer, dataset, args.out, crops=args.crops, batch_size=args.batch_size, data=args.data)
     print(f"wrote {args.out}: {len(dataset)} images x {args.crops} crops x {c.num_tokens} tokens")
     return 0
 

@@ -18,7 +18,7 @@ import math
 import os
 import random
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -375,9 +375,20 @@ def build_token_cache(
     return cache.to(torch.int16 if cache.numel() == 0 or int(cache.max()) < 2**15 else torch.int32)
 
 
-def load_token_cache(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids [N, K, L] integer, labels [N]) of a cache written by `mage.train.build_token_cache`, checked: a
-    file of another kind, or of the wrong structure or dtypes, raises CheckpointError naming it."""
+class TokenCache(NamedTuple):
+    """A token cache as `load_token_cache` reads it."""
+
+    ids: torch.Tensor  # integer [N, K, L]: K augmented views of each of N images
+    labels: torch.Tensor  # [N]
+    # What it was built from, as far as it records it: "data" (a built-in data set's name or a folder's absolute
+    # path; None: not recorded) and "tokenizer" (mage.tokenizer_io.tokenizer_fingerprint). Caches written before
+    # they were recorded have neither.
+    source: dict
+
+
+def load_token_cache(path: str | os.PathLike) -> TokenCache:
+    """The cache written by `mage.train.build_token_cache` at `path`, checked: a file of another kind, or of the
+    wrong structure or dtypes, raises CheckpointError naming it."""
     from .checkpoint_io import CheckpointError, load_checkpoint
 
     blob = load_checkpoint(path)
@@ -391,7 +402,11 @@ def load_token_cache(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tenso
     if ids.dim() != 3 or labels.shape != ids.shape[:1]:
         raise CheckpointError(f"{path}: expected ids [N, K, L] and labels [N], got {tuple(ids.shape)} and "
                               f"{tuple(labels.shape)}")
-    return ids, labels
+    source = blob.get("source", {})
+    if not isinstance(source, dict) or not all(isinstance(v, (str, type(None))) for v in source.values()):
+        raise CheckpointError(f"{path}: 'source' must be a dict of strings (what the cache was built from), got "
+                              f"{source!r}")
+    return TokenCache(ids, labels, source)
 
 
 def check_token_cache(path: str | os.PathLike, ids: torch.Tensor, num_tokens: int, codebook_size: int) -> None:

@@ -185,7 +185,7 @@ def _run_demo(cfg: DemoConfig, governor) -> dict:
     with stage("token_cache_s"):
         ds = data_lib.TensorImageDataset(train_x[: cfg.train_images], train_y[: cfg.train_images], seed=cfg.seed)
         ds.transform = Compose([RandomResizedCrop(28, tuple(cfg.crop_scale)), RandomHorizontalFlip()])
-        build_token_cache(tokenizer, ds, str(out / "tokens.ckpt"), crops=cfg.crops)
+        build_token_cache(tokenizer, ds, str(out / "tokens.ckpt"), crops=cfg.crops, data="fashion-mnist")
 
     # 3. MAGE pre-training on the cached tokens.
     with stage("mage_train_s"):

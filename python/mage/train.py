@@ -60,7 +60,7 @@ from .model import CONSTRUCTORS, MAGE, SIZES, Block, MAGEConfig
 from .report import JsonlLogger, plot_curves, read_jsonl, save_image_grid
 from .schedule import build_adamw, cosine_lr, scaled_lr, set_lr
 from .tokenizer import ResnetBlock, TokenizerConfig, VQGANTokenizer
-from .tokenizer_io import load_tokenizer, save_tokenizer
+from .tokenizer_io import load_tokenizer, save_tokenizer, tokenizer_fingerprint
 
 OBJECTIVES = ("tokenizer", "mage", "mage-c", "mae")
 
@@ -526,6 +526,14 @@ def mae_loss(model: MAE, images: torch.Tensor, plan: dict, cfg: TrainConfig) -> 
 # ------------------------------------------------------------------------------------------ data
 
 
+DATA_SETS = ("fashion-mnist", "digits")  # built in; any other `data` is a folder
+
+
+def data_source(name: str) -> str:
+    """What `data` names, comparable wherever it was given: a built-in data set's name or a folder's absolute path."""
+    return name if name in DATA_SETS else str(Path(name).resolve())
+
+
 def load_images(name: str, split: str) -> tuple[torch.Tensor, torch.Tensor] | data_lib.ImageFolder:
     if name == "fashion-mnist":
         return data_lib.load_fashion_mnist(split)
@@ -542,10 +550,38 @@ def input_shape(model: nn.Module) -> tuple[int, int]:
     return c.in_channels, (c.image_size if isinstance(model, MAE) else c.resolution)
 
 
+def token_cache_dataset(cfg: TrainConfig, model: MAGE) -> data_lib.TokenCacheDataset:
+    """The ids of cfg.token_cache as the run's data, checked against the run: the data set and the tokenizer it was
+    built from (as far as it records them: `data` must be the cache's, and the model's tokenizer the one that made
+    the ids; a cache that does not record its data refuses a `data` away from the default), the model's token count
+    and codebook (docs/TRAINING.md)."""
+    path = cfg.token_cache
+    cache = data_lib.load_token_cache(path)
+    built_from, default = cache.source.get("data"), TrainConfig.__dataclass_fields__["data"].default
+    if built_from is not None and data_source(cfg.data) != built_from:
+        raise InputValueError(f"TrainConfig.data {cfg.data}{' (the default)' if cfg.data == default else ''} is not "
+                              f"the data set token_cache {path} was built from ({built_from}), and the run trains on "
+                              f"the cache's ids: give its data set (--data {built_from}), or a cache of {cfg.data} "
+                              f"(--token-cache; `mage cache --data {cfg.data}`)")
+    if built_from is None and cfg.data != default:
+        raise InputValueError(f"TrainConfig.data {cfg.data}: token_cache {path} does not record the data set it was "
+                              "built from (an earlier release's, or built without data=), and the run trains on its "
+                              f"ids whatever data says: leave data (--data) unset, or rebuild the cache with "
+                              f"`mage cache --data {cfg.data}`")
+    built_with = cache.source.get("tokenizer")
+    if built_with is not None and built_with != tokenizer_fingerprint(model.vqgan):
+        given = (f"tokenizer_checkpoint {cfg.tokenizer_checkpoint}" if cfg.tokenizer_checkpoint else
+                 "a randomly initialised one: no tokenizer_checkpoint")
+        raise InputValueError(f"TrainConfig.token_cache {path} was made by another tokenizer than the model's "
+                              f"({given}), so its ids are not the model's tokens: give the tokenizer the cache was "
+                              "built with (--tokenizer-checkpoint), or rebuild the cache with this one (mage cache)")
+    data_lib.check_token_cache(path, cache.ids, model.config.num_tokens, model.config.codebook_size)
+    return data_lib.TokenCacheDataset(cache.ids, cache.labels, seed=cfg.seed,
+                                      views=2 if cfg.objective == "mage-c" else 1)
+
+
 def make_dataset(cfg: TrainConfig, channels: int, size: int, split: str = "train") -> torch.utils.data.Dataset:
-    if cfg.token_cache:
-        ids, labels = data_lib.load_token_cache(cfg.token_cache)
-        return data_lib.TokenCacheDataset(ids, labels, seed=cfg.seed, views=2 if cfg.objective == "mage-c" else 1)
+    """The images of cfg.data with the objective's augmentation (a token_cache: `token_cache_dataset`)."""
     if cfg.objective == "mage-c":
         views = T.TwoViews(T.contrastive_transform(size, cfg.crop_scale))
     else:
@@ -561,9 +597,12 @@ def make_dataset(cfg: TrainConfig, channels: int, size: int, split: str = "train
 
 
 @torch.no_grad()
-def build_token_cache(tokenizer: VQGANTokenizer, dataset, path: str, crops: int = 1, batch_size: int = 256) -> None:
-    """Tokenize `crops` augmented crops of every image once and save {ids [N, crops, L], labels} to `path`
-    (the online tokenizer is ~40% of MAGE's training compute, docs/REFERENCE.md 4.12)."""
+def build_token_cache(tokenizer: VQGANTokenizer, dataset, path: str, crops: int = 1, batch_size: int = 256,
+                      data: str | None = None) -> None:
+    """Tokenize `crops` augmented crops of every image once and save {ids [N, crops, L], labels, source} to `path`
+    (the online tokenizer is ~40% of MAGE's training compute, docs/REFERENCE.md 4.12). `source` records the
+    tokenizer and `data`, the name of the data set `dataset` holds (as TrainConfig.data: "digits", a folder...;
+    None: not recorded), so that a run can check its own against them."""
     check_int("build_token_cache", "crops", crops, 1)
     check_int("build_token_cache", "batch_size", batch_size, 1)
     check_writable(path, "build_token_cache: path")  # before the minutes of tokenizing, not after
@@ -571,7 +610,9 @@ def build_token_cache(tokenizer: VQGANTokenizer, dataset, path: str, crops: int 
     device = tokenizer.codebook.device
     ids = data_lib.build_token_cache(lambda x: tokenizer.encode(x, check_range=False), dataset, crops, batch_size,
                                      device=device)
-    save_checkpoint({"ids": ids, "labels": torch.as_tensor(dataset.labels)}, path, keep_previous=False)
+    source = {"data": data_source(data) if data is not None else None, "tokenizer": tokenizer_fingerprint(tokenizer)}
+    save_checkpoint({"ids": ids, "labels": torch.as_tensor(dataset.labels), "source": source}, path,
+                    keep_previous=False)
 
 
 class Batches:
@@ -1005,10 +1046,8 @@ def _train(cfg: TrainConfig, governor, d: Dist, held: contextlib.ExitStack) -> d
     if cfg.compile:
         # The whole objective (masking ops included) traces as one graph; DDP splits it at its buckets.
         trained = torch.compile(trained, fullgraph=d.world == 1, backend=cfg.compile_backend)
-    batches = Batches(make_dataset(cfg, *input_shape(model)), cfg, d)
-    if cfg.token_cache:
-        data_lib.check_token_cache(cfg.token_cache, batches.dataset.ids, model.config.num_tokens,
-                                   model.config.codebook_size)
+    batches = Batches(token_cache_dataset(cfg, model) if cfg.token_cache else make_dataset(cfg, *input_shape(model)),
+                      cfg, d)
     writer = _tensorboard_writer() if cfg.tensorboard and d.main else None
     if d.main and cfg.progress:
         from tqdm import tqdm
