@@ -85,8 +85,8 @@ def check_steps(op: str, steps, num_tokens) -> int:
 
 def check_generator(op: str, name: str, g) -> None:
     if g is not None and not isinstance(g, torch.Generator):
-        raise InputTypeError(f"{op}: {name} must be a torch.Generator or None, got {_type_name(g)} {g!r}"
-                        + (" (seed a generator: torch.Generator().manual_seed(seed))" if isinstance(g, int) else ""))
+        hint = " (seed a generator: torch.Generator().manual_seed(seed))" if isinstance(g, int) else ""
+        raise InputTypeError(f"{op}: {name} must be a torch.Generator or None, got {_type_name(g)} {g!r}{hint}")
 
 
 def check_bool(op: str, name: str, v) -> None:
@@ -257,13 +257,13 @@ def check_keep_idx(op: str, keep_idx: torch.Tensor, B: int, L: int, device: torc
     if bool(bad_range.any()):
         b, j = (int(v) for v in bad_range.nonzero()[0])
         raise InputValueError(f"{op}: keep_idx must hold token positions in [0, L) = [0, {L}) or -1, "
-                         f"got keep_idx[{b}, {j}] = {int(keep_idx[b, j])}")
+                              f"got keep_idx[{b}, {j}] = {int(keep_idx[b, j])}")
     prev, nxt = keep_idx[:, :-1], keep_idx[:, 1:]
     bad_order = ((prev >= 0) & (nxt >= 0) & (nxt <= prev)) | ((prev < 0) & (nxt >= 0))
     if bool(bad_order.any()):
         b, j = (int(v) for v in bad_order.nonzero()[0])
         raise InputValueError(f"{op}: keep_idx rows must be strictly increasing positions followed only by -1, "
-                         f"got keep_idx[{b}, {j}:{j + 2}] = {keep_idx[b, j:j + 2].tolist()}")
+                              f"got keep_idx[{b}, {j}:{j + 2}] = {keep_idx[b, j:j + 2].tolist()}")
 
 
 def check_gather_keep_args(op: str, x: torch.Tensor, keep_idx: torch.Tensor, L: int | None = None) -> None:
@@ -275,7 +275,7 @@ def check_gather_keep_args(op: str, x: torch.Tensor, keep_idx: torch.Tensor, L: 
         L = x.shape[1] - 1
     elif x.shape[1] != 1 + keep_idx.shape[-1]:
         raise InputValueError(f"{op}: {name} must be [B, 1+Lk, C] with Lk = keep_idx.size(1) = {keep_idx.shape[-1]}, "
-                         f"got shape {_shape(x)}")
+                              f"got shape {_shape(x)}")
     check_keep_idx(op, keep_idx, x.shape[0], L, x.device)
 
 
@@ -301,7 +301,7 @@ def check_pad_with_cls_args(
     check_keep_idx(op, keep_idx, B, L, y.device)
     if y.shape[1] != 1 + keep_idx.shape[1]:
         raise InputValueError(f"{op}: y must be [B, 1+Lk, C] with Lk = keep_idx.size(1) = {keep_idx.shape[1]}, "
-                         f"got shape {_shape(y)}")
+                              f"got shape {_shape(y)}")
     for name, t, shape in (("pos_embed", pos_embed, (L + 1, C)), ("pad", pad, (C,))):
         if t is None:
             continue
@@ -322,7 +322,7 @@ def check_pad_with_cls_backward_args(op: str, grad_z: torch.Tensor, keep_idx: to
         raise InputTypeError(f"{op}: masked must be bool, got {masked.dtype}")
     if masked.dim() != 2 or masked.shape[0] != B or grad_z.shape[1] != 1 + masked.shape[1]:
         raise InputValueError(f"{op}: masked must be [B, L] with grad_z [B, 1+L, C] = {_shape(grad_z)}, "
-                         f"got shape {_shape(masked)}")
+                              f"got shape {_shape(masked)}")
     if masked.device != grad_z.device:
         raise InputValueError(f"{op}: masked must be on {grad_z.device}, got {masked.device}")
     check_keep_idx(op, keep_idx, B, masked.shape[1], grad_z.device)
@@ -336,7 +336,7 @@ def check_maskgit_args(op: str, logits_fn, hidden_fn, head_weight, head_bias, id
     """The arguments `maskgit_sample` and `maskgit_step` share (Python-side only: no value is read)."""
     if (logits_fn is None) == (hidden_fn is None):
         raise InputValueError(f"{op}: pass either logits_fn (the model's logits) or hidden_fn with head_weight, "
-                         f"got logits_fn={_type_name(logits_fn)}, hidden_fn={_type_name(hidden_fn)}")
+                              f"got logits_fn={_type_name(logits_fn)}, hidden_fn={_type_name(hidden_fn)}")
     for name, fn in (("logits_fn", logits_fn), ("hidden_fn", hidden_fn)):
         if fn is not None and not callable(fn):
             raise InputTypeError(f"{op}: {name} must be callable (ids [B, L] -> tensor), got {_type_name(fn)}")
@@ -368,5 +368,5 @@ def check_sampled_vocab(op: str, mask_id: int, vocab_size: int) -> None:
     mask_id must lie outside the ids the sampler draws from (the C++ and CUDA kernels say the same)."""
     if 0 <= mask_id < vocab_size:
         raise InputValueError(f"{op}: mask_id must not be a token that can be sampled, i.e. outside [0, vocab_size) = "
-                         f"[0, {vocab_size}), got mask_id = {mask_id}, so the sampler could draw [MASK]; pass "
-                         f"vocab_size <= mask_id (the number of token ids to sample from, e.g. the codebook size)")
+                              f"[0, {vocab_size}), got mask_id = {mask_id}, so the sampler could draw [MASK]; pass "
+                              f"vocab_size <= mask_id (the number of token ids to sample from, e.g. the codebook size)")

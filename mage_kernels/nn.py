@@ -308,10 +308,10 @@ class VectorQuantize(nn.Module):
         bad = int((~torch.isfinite(x)).sum())
         if bad:
             raise InputValueError(f"VectorQuantize: x has {bad} non-finite value(s) (NaN or inf); no nearest code "
-                             "exists for them")
+                                  "exists for them")
         if not bool(torch.isfinite(z).all()):
             raise InputValueError("VectorQuantize: project_in maps the finite x to non-finite values (its weights are "
-                             "not finite, or the values overflow)")
+                                  "not finite, or the values overflow)")
         raise InputValueError("VectorQuantize: the codebook has no finite code (every code has a NaN or inf entry)")
 
     def _quantize_and_update(self, x: torch.Tensor, z: torch.Tensor):
@@ -417,7 +417,7 @@ class VectorQuantize(nn.Module):
             lo, hi = int(indices.min()), int(indices.max())
             if lo < 0 or hi >= self.codebook_size:
                 raise InputValueError(f"VectorQuantize.{op}: indices must lie in [0, {self.codebook_size}), "
-                                 f"got min {lo}, max {hi}")
+                                      f"got min {lo}, max {hi}")
         return indices
 
     def get_codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:

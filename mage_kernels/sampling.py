@@ -83,7 +83,7 @@ def maskgit_step(
     check_counts(op, "num_initial", num_initial, ids.shape[0], ids.shape[1], ids.device, like="ids")
     num_masked = schedule_counts(ids, num_initial, step, steps, mask_id=mask_id, schedule=schedule)
     kw = dict(mask_id=mask_id, choice_temperature=annealed_choice_temperature(step, steps, choice_temperature,
-                                                                               choice_temperature_power),
+                                                                              choice_temperature_power),
               temperature=temperature, generator=generator, vocab_size=vocab_size, reference_ties=reference_ties,
               seed=seed)
     if hidden_fn is not None:
@@ -175,7 +175,7 @@ def _checked_logits_fn(logits_fn, mask_id: int, vocab_size: int | None):
         if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[:2] != ids.shape:
             got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
             raise InputValueError(f"maskgit_sample: logits_fn(ids) must return logits [B, L, V] = [{ids.shape[0]}, "
-                             f"{ids.shape[1]}, V] for ids {tuple(ids.shape)} (slice off class slots), got {got}")
+                                  f"{ids.shape[1]}, V] for ids {tuple(ids.shape)} (slice off class slots), got {got}")
         check_sampled_vocab("maskgit_sample", mask_id, logits.shape[2] if vocab_size is None else vocab_size)
         return logits
 

@@ -840,8 +840,55 @@ def test_cli_bad_input(cli_files, capsys, line, status, word, monkeypatch, tmp_p
     assert info.value.code == status, err
     assert word.format(root=cli_files) in err, err
     assert "Traceback" not in err
+    if status == 1:  # our message (2: argparse's usage): no double space where two pieces of it were joined
+        assert err.startswith(f"mage {line.split()[0]}: error: ") and "  " not in err.splitlines()[0], err
     for folder in re.findall(r"no_dir_\d+", line):
         assert not (cli_files / folder).exists(), "an output file's missing folder was created"
+
+
+def test_cli_multi_line_error_indents_its_later_lines(tmp_path, capsys, monkeypatch):
+    # A report (here: a checkpoint with a NaN weight) printed its later lines at column 0, under "mage sample: error:".
+    from safetensors import safe_open
+
+    from mage import cli
+    from mage.checkpoint_io import save_safetensors
+
+    state = {k: v.clone() for k, v in MODEL.state_dict().items()}
+    state["blocks.0.attn.proj.bias"][0] = float("nan")
+    MODEL.save(tmp_path / "model.safetensors")
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        metadata = f.metadata()
+    save_safetensors(state, metadata, tmp_path / "nan.safetensors")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        cli.main(["sample", "--checkpoint", "nan.safetensors", "--device", "cpu", "--num", "1", "--steps", "1"])
+    lines = capsys.readouterr().err.splitlines()
+    assert info.value.code == 1 and lines[0] == "mage sample: error: nan.safetensors does not match the model (MAGE):"
+    assert lines[1:] == [f"  loaded {len(state)} tensors", "  1 key(s) with NaN or inf values:",
+                         "    blocks.0.attn.proj.bias"]
+
+
+def test_message_continuation_lines_line_up_and_join_with_one_space():
+    # Renaming ValueError to InputValueError left the continuation lines of ~50 messages 5 columns to the left of
+    # their first line. A string literal continued on the next line starts in the first one's column, and the two
+    # do not both bring a space to the join.
+    import io
+    import pathlib
+    import tokenize
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    bad = []
+    for path in sorted([*root.glob("python/mage/*.py"), *root.glob("mage_kernels/*.py")]):
+        tokens = [t for t in tokenize.generate_tokens(io.StringIO(path.read_text()).readline)
+                  if t.type not in (tokenize.NL, tokenize.COMMENT)]
+        for a, b in zip(tokens, tokens[1:]):
+            if a.type == b.type == tokenize.STRING and b.start[0] > a.end[0]:
+                where = f"{path.relative_to(root)}:{b.start[0]}"
+                if b.start[1] != a.start[1]:
+                    bad.append(f"{where}: continuation in column {b.start[1]}, the string starts in {a.start[1]}")
+                if re.search(r"[ ][\"']$", a.string) and re.match(r"[a-z]*[\"'][ ]", b.string):
+                    bad.append(f"{where}: a space on both sides of the join")
+    assert not bad, "\n".join(bad)
 
 
 def test_cli_error_in_a_dataloader_worker_is_one_line(tmp_path, capsys, monkeypatch):

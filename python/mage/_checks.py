@@ -147,7 +147,7 @@ def check_ids(config, ids, mask=None, name: str = "ids") -> None:
     if ids.dim() != 2 or ids.shape[1] != L:
         g = config.tokenizer.grid
         raise InputValueError(f"MAGE: {name} must be [B, {L}] (one id per token of the {g}x{g} grid), "
-                         f"got shape {tuple(ids.shape)}")
+                              f"got shape {tuple(ids.shape)}")
     if mask is not None:
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
             got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
@@ -171,17 +171,17 @@ def check_pixel_mask(pixel_mask, images: torch.Tensor) -> None:
                               f"{tuple(pixel_mask.shape)}")
     if pixel_mask.shape[0] != images.shape[0] or pixel_mask.shape[-2:] != images.shape[-2:]:
         raise InputValueError(f"inpaint: pixel_mask {tuple(pixel_mask.shape)} must match images {tuple(images.shape)} "
-                         "in batch and size")
+                              "in batch and size")
 
 
 def check_model(op: str, model, cls: type) -> None:
     """`model` is a `cls` instance with weights (not on the meta device)."""
     if not isinstance(model, cls):
         raise InputTypeError(f"{op}: model must be a {cls.__module__.split('.')[0]}.{cls.__name__}, "
-                        f"got {type(model).__name__}")
+                             f"got {type(model).__name__}")
     if model.device.type == "meta":
         raise InputValueError(f"{op}: model is on the meta device (built without weights): load its weights first, "
-                         "e.g. with mage.load or mage.load_official")
+                              "e.g. with mage.load or mage.load_official")
 
 
 def check_generation(op: str, *, steps, choice_temperature, generator, dtype, device: torch.device,
@@ -192,7 +192,7 @@ def check_generation(op: str, *, steps, choice_temperature, generator, dtype, de
     check_generator(op, "generator", generator)
     if generator is not None and generator.device.type not in ("cpu", device.type):
         raise InputValueError(f"{op}: generator is on {generator.device}, the model on {device}: use a generator on "
-                         f"the model's device or the CPU")
+                              f"the model's device or the CPU")
     if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
         raise InputValueError(f"{op}: dtype must be None, torch.float32, torch.bfloat16 or torch.float16, "
                               f"got {dtype!r}")

@@ -214,8 +214,8 @@ def infer_config(sd: dict) -> MAGEConfig:
     except KeyError as err:
         raise CheckpointError(f"not a MAGE state dict: key {err} is missing") from None
     except (ValueError, IndexError):
-        shapes = {k: list(sd[k].shape) for k in ("token_emb.word_embeddings.weight", "token_emb.position_embeddings."
-                                                  "weight", "decoder_embed.weight") if k in sd}
+        keys = ("token_emb.word_embeddings.weight", "token_emb.position_embeddings.weight", "decoder_embed.weight")
+        shapes = {k: list(sd[k].shape) for k in keys if k in sd}
         raise CheckpointError(f"not a MAGE state dict: its embeddings must be 2-D, got {shapes}") from None
     if D not in _ENCODER_HEADS or Dd not in _DECODER_HEADS:
         raise CheckpointError(f"unknown model width (encoder {D}, decoder {Dd}): attention heads cannot be read from "

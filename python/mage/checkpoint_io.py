@@ -88,8 +88,8 @@ def check_writable(path: str | os.PathLike, name: str | None = None) -> None:
         raise IsADirectoryError(f"{what} is a directory: give the path of a file to write")
     parent = path.parent
     if not parent.is_dir():
-        raise FileNotFoundError(f"{what}: the folder {parent} " + ("is a file" if parent.exists() else
-                                "does not exist") + ": create it first, or write somewhere else")
+        state = "is a file" if parent.exists() else "does not exist"
+        raise FileNotFoundError(f"{what}: the folder {parent} {state}: create it first, or write somewhere else")
 
 
 def create_temp(path: str | os.PathLike) -> tuple[int, str]:

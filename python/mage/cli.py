@@ -48,10 +48,10 @@ def load_image(path: str, size: int, *, mode: str = "RGB", name: str = "--image"
     w, h = img.size
     if w * h > MAX_PIXELS:
         raise InputValueError(f"{name} {path} is {w}x{h} pixels, more than {MAX_PIXELS // 10**6}M: downscale it first "
-                         f"(the model works at {size}x{size})")
+                              f"(the model works at {size}x{size})")
     if max(w, h) > MAX_ASPECT * min(w, h):
         raise InputValueError(f"{name} {path} is {w}x{h} pixels, an aspect ratio above {MAX_ASPECT}:1: crop it to the "
-                         f"region you want first (the model sees a {size}x{size} square)")
+                              f"region you want first (the model sees a {size}x{size} square)")
     side = min(w, h)
     left, top = (w - side) // 2, (h - side) // 2
     resample = Image.NEAREST if mode == "L" else Image.BICUBIC
@@ -92,7 +92,7 @@ def _require(flag: str, value, lo, hi=None, *, lo_open: bool = False, why: str =
         ok, text = ok and value <= hi, f"in {'(' if lo_open else '['}{lo}, {hi}]"
     if not (ok and math.isfinite(value)):
         raise InputValueError(f"{flag} must be {'a finite number ' if isinstance(value, float) else ''}{text}"
-                         f"{f' ({why})' if why else ''}, got {value}")
+                              f"{f' ({why})' if why else ''}, got {value}")
 
 
 def _check_decoding(args, model=None) -> None:
@@ -187,8 +187,8 @@ def run_sample(args) -> int:
         raise InputValueError(f"--cuda-graph needs a CUDA --device, got {_device(args.device)}")
     images_dir = args.images_dir or os.path.splitext(args.out)[0]
     if os.path.exists(images_dir) and not os.path.isdir(images_dir):
-        raise InputValueError(f"--images-dir {images_dir} is a file, not a folder" +
-                         ("" if args.images_dir else " (the default, --out without its extension): set --images-dir"))
+        default = "" if args.images_dir else " (the default, --out without its extension): set --images-dir"
+        raise InputValueError(f"--images-dir {images_dir} is a file, not a folder{default}")
     model = _load_model(args)
     _check_decoding(args, model)
     os.makedirs(images_dir, exist_ok=True)  # a folder of outputs, made as train makes --out-dir
@@ -232,13 +232,13 @@ def run_inpaint(args) -> int:
     mode = {1: "L", 3: "RGB"}.get(model.config.tokenizer.in_channels)
     if mode is None:
         raise InputValueError(f"--checkpoint: the model takes {model.config.tokenizer.in_channels}-channel images; "
-                         "image files are read as grey (1) or RGB (3)")
+                              "image files are read as grey (1) or RGB (3)")
     image = load_image(args.image, size, mode=mode).to(model.device)
     mask = load_image(args.mask, size, mode="L", name="--mask").to(model.device) > 0.5
     _check_decoding(args, model)
     grid = model.config.tokenizer.grid
     _require("--ring", args.ring, 0, grid - 1, why=f"the model's token grid is {grid}x{grid}: a ring of {grid - 1} "
-                                                  "already reaches every token")
+                                                   "already reaches every token")
     if args.outpaint:
         mask = ~mask
     if not mask.any():
@@ -515,7 +515,7 @@ def run_fid(args) -> int:
         raise InputValueError("give a second source to compare with, or --save-stats to store the first's statistics")
     if args.save_stats and not args.save_stats.endswith(".npz"):
         raise InputValueError(f"--save-stats must name a .npz file (so that mage fid reads it back as statistics), "
-                         f"got {args.save_stats!r}")
+                              f"got {args.save_stats!r}")
     _require("--max-images", args.max_images, 1)
     _require("--inception-batch-size", args.inception_batch_size, 1)
     _check_file("--save-stats", args.save_stats)
@@ -561,7 +561,7 @@ def add_eval(subparsers) -> None:
     p.add_argument("--choice-temperature", type=float, default=6.0, help="choice (Gumbel) temperature (default 6.0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stats", default=None, help="reference: a .npz of statistics (or a folder / built-in data set); "
-                                                  "without it only the Inception Score is computed")
+                                                 "without it only the Inception Score is computed")
     p.add_argument("--images-dir", default=None, help="write every sample there as PNG (and resume from them)")
     p.add_argument("--out", default=None, help="also write the JSON result to this file")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
@@ -716,8 +716,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run a command. Errors in what the user gave (values, files: InputError, raised by our checks, and OSError)
-    print one line, `mage <command>: error: <message>`, and exit with status 1; MAGE_DEBUG=1 shows the traceback
-    instead. Any other exception is a bug and keeps its traceback."""
+    print `mage <command>: error: <message>` (the lines of a report, such as a checkpoint's mismatched keys, under
+    it, indented) and exit with status 1; MAGE_DEBUG=1 shows the traceback instead. Any other exception is a bug
+    and keeps its traceback."""
 
     from mage_kernels._cpu_isa import check_cpu_isa
 
@@ -733,7 +734,8 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, OSError) as err:
         if os.environ.get("MAGE_DEBUG"):
             raise
-        parser.exit(1, f"mage {args.command}: error: {_user_message(err)}\n")
+        message = _user_message(err).strip().replace("\n", "\n  ")  # later lines indented under the first
+        parser.exit(1, f"mage {args.command}: error: {message}\n")
     from .train import finish_distributed
 
     finish_distributed(own_group_only=True)  # under torchrun: every rank got here

@@ -435,7 +435,7 @@ class TokenCacheDataset(Dataset):
             raise InputValueError(f"labels must have shape [{ids.shape[0]}], got {tuple(labels.shape)}")
         if views not in (1, 2) or views > ids.shape[1]:
             raise InputValueError(f"views must be 1, or 2 with at least 2 cached views per image; got views={views} "
-                             f"for a cache of {ids.shape[1]} view(s)")
+                                  f"for a cache of {ids.shape[1]} view(s)")
         self.ids, self.labels, self.seed, self.epoch, self.views = ids, labels, seed, 0, views
 
     def set_epoch(self, epoch: int) -> None:

@@ -79,7 +79,7 @@ class PatchDiscriminator(nn.Module):
         h, w = images.shape[-2:]
         if min(self.output_size(h), self.output_size(w)) < 1:
             raise InputValueError(f"images of {h}x{w} are too small for a {self.layers}-layer PatchGAN discriminator "
-                             "(it would output no patch); use fewer disc_layers")
+                                  "(it would output no patch); use fewer disc_layers")
         return self.main(images * 2 - 1)
 
 

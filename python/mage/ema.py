@@ -70,7 +70,7 @@ class EMA:
         NaN averages would reach the final weights."""
         if not isinstance(state, dict) or not isinstance(state.get("shadow"), dict):
             raise InputValueError(f"the EMA state must be a dict with 'shadow' and 'updates', got "
-                             f"{sorted(state) if isinstance(state, dict) else type(state).__name__}")
+                                  f"{sorted(state) if isinstance(state, dict) else type(state).__name__}")
         updates = state.get("updates")
         if isinstance(updates, bool) or not isinstance(updates, int) or updates < 0:
             raise InputValueError(f"the EMA state's updates must be an int >= 0, got {updates!r}")

@@ -80,7 +80,7 @@ def describe_source(source: str) -> str:
     if source in BUILTIN_SOURCES:
         return "builtin"
     raise InputValueError(f"{source!r} is not a .npz of statistics, an existing image folder or a built-in data set "
-                     f"({', '.join(BUILTIN_SOURCES)})")
+                          f"({', '.join(BUILTIN_SOURCES)})")
 
 
 def load_source(source: str, metric_factory, max_images: int | None = None, progress: bool = False,
@@ -92,7 +92,7 @@ def load_source(source: str, metric_factory, max_images: int | None = None, prog
                              f"{BUILTIN_SOURCES}), got {type(source).__name__}")
     if not callable(metric_factory):
         raise InputTypeError(f"load_source: metric_factory must be a callable total -> InceptionMetric, "
-                        f"got {type(metric_factory).__name__}")
+                             f"got {type(metric_factory).__name__}")
     if max_images is not None:
         check_int("load_source", "max_images", max_images, 1)  # a negative slice bound would drop the last images
     check_int("load_source", "chunk", chunk, 1)
@@ -145,7 +145,7 @@ class EvalConfig:
         check_config(self)
         if self.dtype not in SAMPLING_DTYPES:
             raise InputValueError(f"EvalConfig: dtype must be None, torch.float32, torch.bfloat16 or torch.float16, "
-                             f"got {self.dtype!r}")
+                                  f"got {self.dtype!r}")
 
 
 def batch_seed(seed: int, index: int) -> int:
@@ -217,7 +217,7 @@ def probe_images(source: str, split: str, size: int, channels: int,
 
     if not isinstance(source, str):
         raise InputTypeError(f"probe_images: source must be a str (fashion-mnist, digits or a folder), "
-                        f"got {type(source).__name__}")
+                             f"got {type(source).__name__}")
     if split not in ("train", "test"):  # digits took any other split for "test"
         raise InputValueError(f"probe_images: split must be 'train' or 'test', got {split!r}")
     check_int("probe_images", "size", size, 1)

@@ -205,8 +205,8 @@ def load_state_checked(net: FIDInceptionV3, state: dict, source: str) -> None:
              if k in state and state[k].shape != expected[k]]
     if missing or unexpected or wrong:
         raise InputValueError(f"{source} is not the TF-Inception FID weights file (pt_inception-2015-12-05): "
-                         f"{len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, "
-                         f"wrong shapes {wrong[:3]}")
+                              f"{len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected "
+                              f"{unexpected[:3]}, wrong shapes {wrong[:3]}")
     net.load_state_dict(state, strict=False)  # num_batches_tracked is absent from old files and unused
 
 

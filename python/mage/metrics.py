@@ -101,11 +101,11 @@ def _check_probs(op: str, name: str, p: torch.Tensor) -> None:
         return
     if not all_finite(p):
         raise InputValueError(f"{op}: {name} must be class probabilities (finite, in [0, 1], rows summing to 1), got "
-                         f"{int((~torch.isfinite(p)).sum())} NaN/inf value(s)")
+                              f"{int((~torch.isfinite(p)).sum())} NaN/inf value(s)")
     lo, hi = (float(v) for v in torch.aminmax(p))
     if lo < 0 or hi > 1:
         raise InputValueError(f"{op}: {name} must be class probabilities in [0, 1], got min {lo:.4g}, max {hi:.4g} "
-                         "(logits? apply softmax over the class axis first)")
+                              "(logits? apply softmax over the class axis first)")
     sums = p.sum(1)
     worst = int((sums - 1).abs().argmax())
     if abs(float(sums[worst]) - 1) > 1e-3:
@@ -220,7 +220,7 @@ def codebook_usage(counts: torch.Tensor) -> dict[str, float]:
     c = c.to(torch.float64)  # integer counts, or float ones such as an EMA of the usage
     if c.numel() and (not all_finite(c) or float(c.min()) < 0):
         raise InputValueError(f"codebook_usage: counts must be finite and non-negative, got min {float(c.min())}, "
-                         f"max {float(c.max())}")
+                              f"max {float(c.max())}")
     total = float(c.sum())
     if total <= 0:
         raise InputValueError("codebook_usage: counts are all zero: no code was used")
@@ -392,7 +392,7 @@ class ScoreStats:
         k = self.prob_sum.shape[1]
         if probs.dim() != 2 or probs.shape[1] != k:
             raise InputValueError(f"ScoreStats.update: probs must be [B, {k}] (num_classes={k}), got shape "
-                             f"{tuple(probs.shape)}")
+                                  f"{tuple(probs.shape)}")
         if not probs.is_floating_point():
             raise InputTypeError(f"ScoreStats.update: probs must be a float tensor of class probabilities, got "
                                  f"{probs.dtype}")

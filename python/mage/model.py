@@ -307,7 +307,7 @@ class MAGE(nn.Module, HubMixin):
         counts = drop.sum(1)
         if drop.shape[0] and not bool((counts == counts[0]).all()):
             raise InputValueError("MAGE: every row of drop must drop the same number of tokens (static encoder "
-                             f"length), got counts {counts.tolist()}")
+                                  f"length), got counts {counts.tolist()}")
         num_kept = L - (int(counts[0]) if drop.shape[0] else 0)
         # A stable sort of the 0/1 flags puts kept positions first, in ascending order.
         return torch.sort(drop.to(torch.uint8), dim=1, stable=True).indices[:, :num_kept]

@@ -102,7 +102,7 @@ class LPIPS(nn.Module):
         missing = sorted(set(expected) - set(state))
         if missing:
             raise InputValueError(f"{path}: not an LPIPS-VGG16 weights file, missing {len(missing)} keys "
-                             f"(e.g. {missing[:4]}); see `mage.perceptual` for the expected layout")
+                                  f"(e.g. {missing[:4]}); see `mage.perceptual` for the expected layout")
         wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(s)})" for k, s in expected.items()
                  if state[k].shape != s]
         if wrong:

@@ -152,15 +152,15 @@ def linear_probe(
         )
     if train_features.shape[0] < 2:
         raise InputValueError(f"linear_probe: train_features must have at least 2 rows (the head's BatchNorm trains on "
-                         f"batches of them), got {train_features.shape[0]}")
+                              f"batches of them), got {train_features.shape[0]}")
     if train_labels.shape != train_features.shape[:1] or test_labels.shape != test_features.shape[:1]:
         raise InputValueError(f"linear_probe: train_labels and test_labels must be [N], one per feature row, got "
-                         f"train_labels {tuple(train_labels.shape)} for {train_features.shape[0]} rows, test_labels "
-                         f"{tuple(test_labels.shape)} for {test_features.shape[0]} rows")
+                              f"train_labels {tuple(train_labels.shape)} for {train_features.shape[0]} rows, "
+                              f"test_labels {tuple(test_labels.shape)} for {test_features.shape[0]} rows")
     for name, labels in (("train_labels", train_labels), ("test_labels", test_labels)):
         if labels.is_floating_point() or labels.dtype == torch.bool or (labels.numel() and int(labels.min()) < 0):
             raise InputValueError(f"linear_probe: {name} must be non-negative integer class ids, got {labels.dtype}"
-                             + (f" with min {labels.min().item()}" if labels.numel() else ""))
+                                  + (f" with min {labels.min().item()}" if labels.numel() else ""))
     for name, features in (("train_features", train_features), ("test_features", test_features)):
         if not all_finite(features):
             raise InputValueError(f"linear_probe: {name} has NaN or inf values")
@@ -175,7 +175,7 @@ def linear_probe(
         num_classes = seen
     elif check_int("linear_probe", "num_classes", num_classes, 1) < seen:
         raise InputValueError(f"linear_probe: num_classes must be at least the largest label + 1 ({seen}), "
-                         f"got {num_classes}")
+                              f"got {num_classes}")
     generator = torch.Generator().manual_seed(config.seed)
     head = LinearProbeHead(x_train.shape[1], num_classes, config.layer_norm, generator).to(device)
     lr = scaled_lr(config.base_lr, config.batch_size)

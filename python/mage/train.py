@@ -187,7 +187,7 @@ class TrainConfig:
         self.crop_scale = tuple(self.crop_scale)
         if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1]:
             raise InputValueError(f"TrainConfig.crop_scale must be (low, high) with 0 < low <= high <= 1, "
-                             f"got {self.crop_scale}")
+                                  f"got {self.crop_scale}")
         self._check_unused()
         self._check_nested()
 
@@ -203,7 +203,7 @@ class TrainConfig:
             objectives = _OBJECTIVE_FIELDS.get(name, (self.objective,))
             if self.objective not in objectives:
                 raise InputValueError(f"TrainConfig.{name} belongs to objective {' or '.join(map(repr, objectives))}: "
-                                 f"unset it for objective {self.objective!r}, got {getattr(self, name)!r}")
+                                      f"unset it for objective {self.objective!r}, got {getattr(self, name)!r}")
         for name in changed:
             if name in _DISC_FIELDS and not self.disc_weight:
                 raise InputValueError(f"TrainConfig.{name} sets up the discriminator, which trains only with "
@@ -324,8 +324,8 @@ def _config_from(field: str, kind: type, values: dict, defaults: dict | None = N
     unknown = sorted(str(k) for k in set(values) - allowed)
     if unknown:
         raise InputValueError(f"TrainConfig.{field}: unknown {kind.__name__} fields {unknown}" +
-                         (f" ({', '.join(fixed)} cannot be set here)" if set(unknown) & set(fixed) else "") +
-                         f"; the fields are {sorted(allowed)}")
+                              (f" ({', '.join(fixed)} cannot be set here)" if set(unknown) & set(fixed) else "") +
+                              f"; the fields are {sorted(allowed)}")
     try:
         return kind(**{**(defaults or {}), **values, **fixed})
     except InputError as err:
@@ -400,13 +400,13 @@ def _check_tokenizer_settings(cfg: TrainConfig, file: TokenizerConfig) -> None:
             differ.append(f"{k}={v!r} (the file's: {'no such field' if ours is missing else repr(ours)})")
     if differ:
         raise InputValueError(f"TrainConfig.tokenizer: the tokenizer comes from tokenizer_checkpoint "
-                         f"{cfg.tokenizer_checkpoint}, and these settings differ from it: {', '.join(differ)}; leave "
-                         "tokenizer unset (the file's settings are used)")
+                              f"{cfg.tokenizer_checkpoint}, and these settings differ from it: {', '.join(differ)}; "
+                              "leave tokenizer unset (the file's settings are used)")
     default = TrainConfig.__dataclass_fields__["image_size"].default
     if cfg.image_size not in (default, file.resolution):
         raise InputValueError(f"TrainConfig.image_size: MAGE trains at the resolution of its tokenizer_checkpoint "
-                         f"{cfg.tokenizer_checkpoint}, {file.resolution}x{file.resolution}; leave image_size unset or "
-                         f"give {file.resolution}, got {cfg.image_size}")
+                              f"{cfg.tokenizer_checkpoint}, {file.resolution}x{file.resolution}; leave image_size unset "
+                              f"or give {file.resolution}, got {cfg.image_size}")
 
 
 class Projector(nn.Module):
@@ -590,7 +590,7 @@ def make_dataset(cfg: TrainConfig, channels: int, size: int, split: str = "train
     if isinstance(source, data_lib.ImageFolder):
         if channels != 3:
             raise InputValueError(f"TrainConfig.data {cfg.data}: image folders are read as RGB, but the model takes "
-                             f"{channels} channel(s) (set the tokenizer's in_channels to 3)")
+                                  f"{channels} channel(s) (set the tokenizer's in_channels to 3)")
         source.transform, source.seed = views, cfg.seed
         return source
     return data_lib.TensorImageDataset(*source, transform=views, channels=channels, seed=cfg.seed)
@@ -775,7 +775,7 @@ def build_adversary(cfg: TrainConfig, tok: VQGANTokenizer, lr: float, d: Dist) -
     size = tok.config.resolution
     if net.output_size(size) < 1:
         raise InputValueError(f"TrainConfig.disc_layers={cfg.disc_layers} is too deep for {size}x{size} images (the "
-                         "discriminator would output no patch); use fewer disc_layers")
+                              "discriminator would output no patch); use fewer disc_layers")
     objective = DiscriminatorObjective(net, cfg.disc_loss).to(d.device)
     trained: nn.Module = objective
     if d.world > 1:
