@@ -710,6 +710,9 @@ CLI_CASES = [
     ("fid {root}/empty.npz digits", 1, "empty.npz"),
     ("fid {root}/nan.npz {root}/nan.npz", 1, "nan.npz: mu and sigma must be finite"),
     ("fid {root}/one.npz {root}/one.npz", 1, "num_samples"),
+    # Ignored without a word when no source has images: the statistics' own counts and no Inception Score.
+    ("fid {root}/one.npz {root}/one.npz --max-images 5", 1, "--max-images acts on the images of a folder"),
+    ("fid {root}/one.npz {root}/one.npz --weights {root}/missing.pth", 1, "--weights acts on the images of a folder"),
     # Raw tracebacks (ZeroDivisionError, RuntimeError, AssertionError) or errors after the sampling, not naming the flag.
     ("sample --checkpoint {root}/model.safetensors --device cpu --num 1 --steps 1 --nrow 0", 1, "--nrow"),
     ("sample --checkpoint {root}/model.safetensors --device gpu --num 1 --steps 1", 1, "--device"),

@@ -508,7 +508,7 @@ def add_fid(subparsers) -> None:
 
 
 def run_fid(args) -> int:
-    from .evaluation import load_source
+    from .evaluation import describe_source, load_source
     from .metrics import InceptionMetric
 
     if args.b is None and not args.save_stats:
@@ -520,6 +520,13 @@ def run_fid(args) -> int:
     _require("--inception-batch-size", args.inception_batch_size, 1)
     _check_file("--save-stats", args.save_stats)
     _check_file("--out", args.out)
+    sources = [s for s in (args.a, args.b) if s is not None]
+    if all(describe_source(s) == "npz" for s in sources):  # no image is read: these flags would do nothing
+        for flag, value in (("--max-images", args.max_images), ("--weights", args.weights)):
+            if value is not None:
+                raise InputValueError(f"{flag} acts on the images of a folder or built-in data set, but "
+                                      f"{' and '.join(sources)} {'are' if len(sources) > 1 else 'is'} statistics "
+                                      f"(.npz), used as they are: drop {flag}")
 
     def factory(total: int) -> InceptionMetric:
         return InceptionMetric(args.weights, _device(args.device), args.inception_batch_size, total=total)
