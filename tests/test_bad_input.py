@@ -775,6 +775,9 @@ CLI_CASES = [
     ("cache --tokenizer-checkpoint {root}/notes.txt --data digits --out c.pt --seed -1", 1, "--seed"),
     ("eval --checkpoint {root}/model.safetensors --num 2 --steps 2 --seed -1", 1, "--seed"),
     ("probe --checkpoint {root}/model.safetensors --data digits --epochs 1 --seed -1", 1, "--seed"),
+    # Cut to --epochs without a word (the default still is: 10 epochs of warm-up for a 5-epoch probe would not end).
+    ("probe --checkpoint {root}/model.safetensors --data digits --epochs 5 --warmup-epochs 8", 1,
+     "--warmup-epochs must be in [0, 5] (the probe trains 5 epochs), got 8"),
     # Settings the run would have ignored without a word, named by their flag; demo named TrainConfig's seed.
     ("train --objective tokenizer --disc-layers 2 --out-dir {root}/run", 1,
      "--disc-layers: TrainConfig.disc_layers sets up the discriminator, which trains only with disc_weight > 0 "

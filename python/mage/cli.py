@@ -639,7 +639,7 @@ def add_probe(subparsers) -> None:
     p.add_argument("--train-images", type=int, default=None, help="use at most N training images (default all)")
     p.add_argument("--test-images", type=int, default=None, help="use at most N test images (default all)")
     p.add_argument("--epochs", type=int, default=90)
-    p.add_argument("--warmup-epochs", type=int, default=10)
+    p.add_argument("--warmup-epochs", type=int, default=None, help="linear warm-up (default 10, at most --epochs)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--blr", type=float, default=0.1, help="base lr; lr = blr * batch_size / 256")
     p.add_argument("--optimizer", choices=("lars", "sgd"), default="lars")
@@ -655,9 +655,10 @@ def run_probe(args) -> int:
     from .probe import ProbeConfig, extract_features, linear_probe
 
     for flag, value, lo in (("--train-images", args.train_images, 1), ("--test-images", args.test_images, 1),
-                            ("--batch-size", args.batch_size, 1), ("--epochs", args.epochs, 1),
-                            ("--warmup-epochs", args.warmup_epochs, 0)):
+                            ("--batch-size", args.batch_size, 1), ("--epochs", args.epochs, 1)):
         _require(flag, value, lo)
+    # Given, it is kept (not cut to --epochs without a word); the default is cut for short probes.
+    _require("--warmup-epochs", args.warmup_epochs, 0, args.epochs, why=f"the probe trains {args.epochs} epochs")
     _require("--blr", args.blr, 0.0, lo_open=True)
     _require("--seed", args.seed, 0)
     _check_file("--out", args.out)
@@ -673,7 +674,8 @@ def run_probe(args) -> int:
             source = make_loader(source, args.batch_size, shuffle=False)
         splits[split] = extract_features(lambda x: model.forward_features(model.vqgan.encode(x)), source,
                                          args.batch_size, device)
-    cfg = ProbeConfig(epochs=args.epochs, warmup_epochs=min(args.warmup_epochs, args.epochs),
+    warmup = min(10, args.epochs) if args.warmup_epochs is None else args.warmup_epochs
+    cfg = ProbeConfig(epochs=args.epochs, warmup_epochs=warmup,
                       batch_size=args.batch_size, base_lr=args.blr, optimizer=args.optimizer, layer_norm=True,
                       seed=args.seed)
     result = linear_probe(*splits["train"], *splits["test"], cfg)
