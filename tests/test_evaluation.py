@@ -297,6 +297,37 @@ def test_cli_fid_with_the_bundled_network(tmp_path, capsys):
     assert stats.n == 2 and stats.mu.shape == (2048,) and (stats.mu >= 0).all()  # pool features after ReLU
 
 
+def test_cli_eval_reads_back_only_the_samples_of_the_same_model_and_settings(tmp_path, capsys, cheap_inception,
+                                                                             tiny_checkpoint):
+    # --images-dir read back every PNG it held, whichever model or settings made it: the statistics of a run with
+    # another --seed, --steps or checkpoint were those of the earlier run's images.
+    from mage.checkpoint import load
+    from mage.cli import main
+
+    other = load(tiny_checkpoint)
+    with torch.no_grad():
+        next(other.parameters()).add_(1.0)
+    other.save(tmp_path / "other.safetensors")
+    images = tmp_path / "samples"
+    args = ["eval", "--num", "2", "--batch-size", "2", "--steps", "2", "--images-dir", str(images), "--device", "cpu",
+            "--no-progress"]
+    assert main([*args, "--checkpoint", str(tiny_checkpoint)]) == 0
+    capsys.readouterr()
+    written = {p.name: p.read_bytes() for p in images.iterdir()}
+    for changed, said in ((["--seed", "1"], "seed 0 (now 1)"), (["--steps", "3"], "steps 2 (now 3)"),
+                          (["--batch-size", "1"], "batch_size 2 (now 1)"),
+                          (["--checkpoint", str(tmp_path / "other.safetensors")], "another model")):
+        with pytest.raises(SystemExit) as info:
+            main([*args, "--checkpoint", str(tiny_checkpoint), *changed])
+        err = capsys.readouterr().err
+        assert info.value.code == 1 and f"holds the samples of another run ({said})" in err and "--images-dir" in err
+    assert {p.name: p.read_bytes() for p in images.iterdir()} == written
+    (images / "mage-eval.json").unlink()  # PNGs of unknown origin
+    with pytest.raises(SystemExit):
+        main([*args, "--checkpoint", str(tiny_checkpoint)])
+    assert "holds sample PNGs but no mage-eval.json" in capsys.readouterr().err
+
+
 def test_cli_eval_streams_resumes_and_shards(tmp_path, capsys, cheap_inception, tiny_checkpoint):
     from mage.checkpoint import load
     from mage.cli import main
@@ -310,7 +341,7 @@ def test_cli_eval_streams_resumes_and_shards(tmp_path, capsys, cheap_inception, 
     assert main(args + ["--out", str(tmp_path / "eval.json")]) == 0
     first = json.loads(capsys.readouterr().out)
     assert json.loads((tmp_path / "eval.json").read_text()) == first
-    assert sorted(p.name for p in images.iterdir()) == [f"{i:06d}.png" for i in range(5)]
+    assert sorted(p.name for p in images.iterdir()) == [f"{i:06d}.png" for i in range(5)] + ["mage-eval.json"]
     assert first["num_images"] == first["generated"] == 5 and first["reused_from_images_dir"] == 0
     assert first["fid"] > 0 and len(first["inception_score"]) == 2 and first["images_per_s"] > 0
     # Interrupted after batch 0, with half of batch 1 written: batches 0 and 2 are read back, batch 1 regenerated.

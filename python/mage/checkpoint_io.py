@@ -130,6 +130,16 @@ def _atomic_write(path: Path, chunks: list, keep_previous: bool, write_file=None
     return path
 
 
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """SHA-256 of a module's state dict (names and float32 values): the same for the same weights wherever they
+    are, so that a file made with a model (a token cache, sample PNGs) can record which one it was."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
     """`data` (str as UTF-8) written to `path` atomically, as `save_checkpoint` without `.prev`: a crash or a
     full disk mid-write leaves the old file, never a truncated one."""

@@ -381,7 +381,7 @@ class TokenCache(NamedTuple):
     ids: torch.Tensor  # integer [N, K, L]: K augmented views of each of N images
     labels: torch.Tensor  # [N]
     # What it was built from, as far as it records it: "data" (a built-in data set's name or a folder's absolute
-    # path; None: not recorded) and "tokenizer" (mage.tokenizer_io.tokenizer_fingerprint). Caches written before
+    # path; None: not recorded) and "tokenizer" (mage.checkpoint_io.weights_fingerprint). Caches written before
     # they were recorded have neither.
     source: dict
 

@@ -11,6 +11,7 @@ data set: `fashion-mnist` (train), `fashion-mnist:test`, `digits`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import time
@@ -21,6 +22,7 @@ import torch
 
 from . import data as data_lib
 from ._checks import InputTypeError, InputValueError, check_config, check_int, check_model, check_steps
+from .checkpoint_io import weights_fingerprint, write_atomic
 from .metrics import FeatureStats, InceptionMetric
 
 BUILTIN_SOURCES = ("fashion-mnist", "fashion-mnist:train", "fashion-mnist:test", "digits")
@@ -153,6 +155,37 @@ def batch_seed(seed: int, index: int) -> int:
     return (seed * 1_000_003 + index) % (2**63)
 
 
+IMAGES_DIR_RECORD = "mage-eval.json"  # in images_dir: the model and settings that made its PNGs
+
+
+def _check_images_dir(out: Path, model, cfg: EvalConfig) -> None:
+    """PNGs in images_dir are read back only if this model made them with these settings: the first run records
+    both in IMAGES_DIR_RECORD, and a later run with others, or PNGs without a record, are refused (they would go
+    into the statistics as this run's samples)."""
+    made_by = {"model": weights_fingerprint(model), "seed": cfg.seed, "steps": cfg.steps,
+               "choice_temperature": cfg.choice_temperature, "batch_size": cfg.batch_size, "dtype": str(cfg.dtype)}
+    record = out / IMAGES_DIR_RECORD
+    samples = any(out.glob("[0-9]" * 6 + ".png"))  # before the record is read: a PNG is written after its record
+    if record.is_file():
+        try:
+            saved = json.loads(record.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            saved = {}
+        saved = saved if isinstance(saved, dict) else {}
+        differ = ["another model" if k == "model" else f"{k} {saved.get(k)!r} (now {v!r})"
+                  for k, v in made_by.items() if saved.get(k) != v]
+        if differ:
+            raise InputValueError(f"images_dir {out} holds the samples of another run ({', '.join(differ)}), which "
+                                  "this one would count as its own: give another folder (--images-dir), or delete its "
+                                  f"PNGs and {IMAGES_DIR_RECORD} to start over")
+        return
+    if samples:
+        raise InputValueError(f"images_dir {out} holds sample PNGs but no {IMAGES_DIR_RECORD} saying which model and "
+                              "settings made them, so they cannot be counted as this run's: give an empty folder "
+                              "(--images-dir), or delete them")
+    write_atomic(record, json.dumps(made_by, indent=1) + "\n")
+
+
 @torch.no_grad()
 def generate_into(model, metric: InceptionMetric, cfg: EvalConfig, rank: int = 0, world: int = 1,
                   progress: bool = False) -> dict:
@@ -176,6 +209,7 @@ def generate_into(model, metric: InceptionMetric, cfg: EvalConfig, rank: int = 0
     out = Path(cfg.images_dir) if cfg.images_dir else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
+        _check_images_dir(out, model, cfg)
     batches = range(rank, math.ceil(cfg.num / cfg.batch_size), world)
     if progress:
         from tqdm.auto import tqdm

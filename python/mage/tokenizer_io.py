@@ -3,7 +3,6 @@ the same checks as a MAGE model file (mage/checkpoint.py)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 
@@ -36,12 +35,3 @@ def load_tokenizer(path: str | os.PathLike, *, device: str | torch.device = "cpu
     load_checked(tokenizer, tensors, what=path, dtype=dtype, check_finite=check_finite)
     return tokenizer
 
-
-def tokenizer_fingerprint(tokenizer: VQGANTokenizer) -> str:
-    """SHA-256 of the tokenizer's state dict (names and float32 values): the same for the same weights wherever
-    they are, so a token cache can record which tokenizer made its ids."""
-    digest = hashlib.sha256()
-    for name, tensor in tokenizer.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()

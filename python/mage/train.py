@@ -49,6 +49,7 @@ from .checkpoint_io import (
     resume_source,
     save_checkpoint,
     save_training_state,
+    weights_fingerprint,
     write_atomic,
 )
 from .discriminator import DISC_LOSSES, DISC_NORMS, DiscriminatorObjective, PatchDiscriminator, adaptive_weight, \
@@ -60,7 +61,7 @@ from .model import CONSTRUCTORS, MAGE, SIZES, Block, MAGEConfig
 from .report import JsonlLogger, plot_curves, read_jsonl, save_image_grid
 from .schedule import build_adamw, cosine_lr, scaled_lr, set_lr
 from .tokenizer import ResnetBlock, TokenizerConfig, VQGANTokenizer
-from .tokenizer_io import load_tokenizer, save_tokenizer, tokenizer_fingerprint
+from .tokenizer_io import load_tokenizer, save_tokenizer
 
 OBJECTIVES = ("tokenizer", "mage", "mage-c", "mae")
 
@@ -569,7 +570,7 @@ def token_cache_dataset(cfg: TrainConfig, model: MAGE) -> data_lib.TokenCacheDat
                               f"ids whatever data says: leave data (--data) unset, or rebuild the cache with "
                               f"`mage cache --data {cfg.data}`")
     built_with = cache.source.get("tokenizer")
-    if built_with is not None and built_with != tokenizer_fingerprint(model.vqgan):
+    if built_with is not None and built_with != weights_fingerprint(model.vqgan):
         given = (f"tokenizer_checkpoint {cfg.tokenizer_checkpoint}" if cfg.tokenizer_checkpoint else
                  "a randomly initialised one: no tokenizer_checkpoint")
         raise InputValueError(f"TrainConfig.token_cache {path} was made by another tokenizer than the model's "
@@ -610,7 +611,7 @@ def build_token_cache(tokenizer: VQGANTokenizer, dataset, path: str, crops: int 
     device = tokenizer.codebook.device
     ids = data_lib.build_token_cache(lambda x: tokenizer.encode(x, check_range=False), dataset, crops, batch_size,
                                      device=device)
-    source = {"data": data_source(data) if data is not None else None, "tokenizer": tokenizer_fingerprint(tokenizer)}
+    source = {"data": data_source(data) if data is not None else None, "tokenizer": weights_fingerprint(tokenizer)}
     save_checkpoint({"ids": ids, "labels": torch.as_tensor(dataset.labels), "source": source}, path,
                     keep_previous=False)
 
