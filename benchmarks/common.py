@@ -171,7 +171,18 @@ def time_threads_round_robin(cases: list[Case], thread_counts: list[int], rounds
     return times
 
 
-def make_row(case: Case, device: str, times: list[float]) -> Row:
+def stream_copy_case(mib: int = 256) -> Case:
+    """A copy of `mib` MiB (bytes read + written), timed among a family's cases in run.py's rounds: the
+    bandwidth its memory-bound CPU rows are a share of, taken under the same load as they are (median
+    against median) rather than at one moment before them."""
+    src = torch.ones(mib * 2**20 // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # fault the pages in
+    return Case("stream_copy", "torch", "aten", "copy", f"{mib} MiB", "float32", lambda: dst.copy_(src),
+                bytes=2.0 * src.nbytes)
+
+
+def make_row(case: Case, device: str, times: list[float], copy_gbps: float | None = None) -> Row:
     q = statistics.quantiles(times, n=10) if len(times) > 1 else times * 9
     median = statistics.median(times)
     gbps = case.bytes / (median * 1e-3) / 1e9 if case.bytes else 0.0
@@ -179,7 +190,7 @@ def make_row(case: Case, device: str, times: list[float]) -> Row:
         roof = roofline_gbps(device)
         roofline = 100.0 * gbps / roof if roof and gbps else 0.0
     else:
-        roofline = cpu_roofline.roofline_pct(case.flops, case.bytes, median, torch.get_num_threads())
+        roofline = cpu_roofline.roofline_pct(case.flops, case.bytes, median, torch.get_num_threads(), copy_gbps)
     return Row(
         op=case.op, provider=case.provider, backend=case.backend, mode=case.mode, shape=case.shape,
         dtype=case.dtype, median_ms=median, p20_ms=q[1], p80_ms=q[7],

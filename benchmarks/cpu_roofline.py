@@ -110,15 +110,16 @@ def stream_gbps(threads: int, mib: int = 256, repeats: int = 8) -> float:
         torch.set_num_threads(before)
 
 
-def roofline_pct(flops: float, nbytes: float, median_ms: float, threads: int) -> float:
+def roofline_pct(flops: float, nbytes: float, median_ms: float, threads: int, copy_gbps: float | None = None) -> float:
     """% of the machine's limit for this row: the FMA peak when the case counts FLOPs (compute-bound ops),
-    else the copy bandwidth (memory-bound ops); 0 when the case counts neither."""
+    else the copy bandwidth (memory-bound ops): `copy_gbps` where the caller timed a copy beside the row
+    (run.py --rounds), else stream_gbps's best of short repeats; 0 when the case counts neither."""
     if median_ms <= 0:
         return 0.0
     if flops:
         return 100.0 * flops / (median_ms * 1e-3) / 1e9 / peak_gflops(threads)
     if nbytes:
-        return 100.0 * nbytes / (median_ms * 1e-3) / 1e9 / stream_gbps(threads)
+        return 100.0 * nbytes / (median_ms * 1e-3) / 1e9 / (copy_gbps or stream_gbps(threads))
     return 0.0
 
 

@@ -13,12 +13,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import statistics
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import make_row, measure, time_threads_round_robin, write_csv  # noqa: E402
+from common import make_row, measure, stream_copy_case, time_threads_round_robin, write_csv  # noqa: E402
 
 FAMILIES = ["bench_vq", "bench_remask", "bench_masking", "bench_sampling", "bench_vectorquantize"]
 
@@ -65,13 +66,17 @@ def main(argv=None) -> None:
                   f"roofline {row.roofline_pct:5.1f}%  load {row.load:.1f}", flush=True)
 
     if args.rounds and args.device == "cpu":
-        # Round-robin over cases and thread counts alike (common.time_threads_round_robin).
+        # Round-robin over cases and thread counts alike (common.time_threads_round_robin). A family with
+        # memory-bound rows times a stream copy in the same rounds: their roofline_pct is a share of it.
         for family in families:
             cases = importlib.import_module(family).cases(args.device, quick=args.quick)
+            copy = stream_copy_case() if any(c.bytes and not c.flops for c in cases) else None
+            cases += [copy] if copy else []
             times = time_threads_round_robin(cases, thread_counts, args.rounds)
             for threads in thread_counts:
                 torch.set_num_threads(threads)  # make_row reads the thread count
-                report([make_row(c, args.device, t) for c, t in zip(cases, times[threads])])
+                copy_gbps = copy.bytes / (statistics.median(times[threads][-1]) * 1e-3) / 1e9 if copy else None
+                report([make_row(c, args.device, t, copy_gbps) for c, t in zip(cases, times[threads])])
     else:
         for threads in thread_counts:
             torch.set_num_threads(threads)

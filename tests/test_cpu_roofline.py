@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -82,3 +83,36 @@ def test_cuda_rows_are_computed_from_every_timed_call(monkeypatch):
                         testing._summarize_statistics(list(times), quantiles, return_mode))
     assert common.time_cuda(lambda: None, None) == times
     assert common.time_cuda(lambda: None, lambda: None) == times
+
+
+def test_run_times_a_stream_copy_beside_memory_bound_rows(tmp_path, monkeypatch):
+    """run.py --rounds: a family with memory-bound rows times a stream copy in the same rounds, writes it as
+    a row, and takes those rows' roofline_pct against that copy's median bandwidth; FLOP rows keep the peak."""
+    import csv
+    import types
+
+    import run
+
+    x = torch.ones(1 << 16)
+    family = types.ModuleType("bench_fake")
+    family.cases = lambda device, quick: [
+        common.Case("mem", "mage", "cpu", "no-grad", "s", "float32", lambda: x.add(1), bytes=8.0 * x.numel()),
+        common.Case("fma", "mage", "cpu", "no-grad", "s", "float32", lambda: x.add(1), flops=1e6),
+    ]
+    monkeypatch.setitem(sys.modules, "bench_fake", family)
+    monkeypatch.setattr(run, "FAMILIES", ["bench_fake"])
+    monkeypatch.setattr(common, "stream_copy_case", functools.partial(common.stream_copy_case, mib=8))
+    monkeypatch.setattr(run, "stream_copy_case", common.stream_copy_case)
+    out = tmp_path / "rows.csv"
+    threads = torch.get_num_threads()
+    try:
+        run.main(["--device", "cpu", "--threads", "1", "--rounds", "3", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    rows = {r["op"]: r for r in csv.DictReader(open(out))}
+    assert set(rows) == {"mem", "fma", "stream_copy"} and rows["stream_copy"]["shape"] == "8 MiB"
+    copy_gbps = float(rows["stream_copy"]["gbps"])
+    assert float(rows["mem"]["roofline_pct"]) == pytest.approx(100 * float(rows["mem"]["gbps"]) / copy_gbps)
+    assert float(rows["stream_copy"]["roofline_pct"]) == pytest.approx(100.0)
+    peak = cpu_roofline.peak_gflops(1)
+    assert float(rows["fma"]["roofline_pct"]) == pytest.approx(100 * float(rows["fma"]["tflops"]) * 1e3 / peak)

@@ -786,17 +786,16 @@ def _pad_backward_in_cpu_order(gz, keep, masked, mae, pos):
     return rows, pad_sum.new_empty((0, C)), grad_pos
 
 
-@pytest.mark.parametrize("isa", ["scalar", "avx2"])
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512_bf16"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-@pytest.mark.parametrize("B,L,C", [(37, 31, 2051), (20, 9, 13), (64, 64, 96), (24, 255, 1027)])
+@pytest.mark.parametrize("B,L,C", [(37, 31, 2051), (20, 9, 13), (64, 64, 96), (24, 255, 1027), (5, 7, 50)])
 def test_cpu_pad_backward_sums_in_a_fixed_order(isa, dtype, B, L, C, monkeypatch, on_threads):
     """The CPU backward's sums (grad_pos, pad_sum, the class slot) give exactly the bits of the order that
-    `_pad_backward_in_cpu_order` spells out, on 1 and 2 threads, for every (mae, pos): B = 37, 20 and 24 end in
-    a partial batch block, C = 2051 spans two channel chunks, C = 13, 1027 and 2051 end in a vector tail, and
-    grad_y at (24, 255, 1027) is >= 8 MiB in every dtype (rows streamed out, unaligned)."""
-    if isa != "scalar" and mage_kernels.cpu_isa()["detected"] == "scalar":
-        pytest.skip("this CPU lacks AVX2/FMA")
-    monkeypatch.setenv("MAGE_CPU_ISA", isa)
+    `_pad_backward_in_cpu_order` spells out, on 1 and 2 threads, for every (mae, pos) and every loop table
+    (portable, AVX2, AVX-512 BF16 where the CPU has it): B = 37, 20, 24 and 5 end in a partial batch block,
+    C = 2051 spans two channel chunks, C = 13, 50, 1027 and 2051 end in a vector tail, and grad_y at
+    (24, 255, 1027) is >= 8 MiB in every dtype (rows streamed out, unaligned)."""
+    _set_isa(monkeypatch, isa)
     m, d = _counts(B, L, seed=8)
     masked, _, keep = mage_kernels.mask_plan(_noise(B, L, seed=8), m, d)
     gz = _rand((B, 1 + L, C), dtype, "cpu", seed=9)
