@@ -317,7 +317,8 @@ _HELP = {
     "compile_backend": "torch.compile backend (aot_eager traces without generating code)",
     "disc_weight": "VQGAN: weight of the adversarial term times the adaptive weight (0: no discriminator; "
                    "taming uses 0.8)",
-    "disc_start": "VQGAN: step at which the discriminator starts training and contributing",
+    "disc_start": "VQGAN: step (counted from 0, below --steps) at which the discriminator starts training and "
+                  "contributing",
     "disc_loss": "VQGAN: hinge or non-saturating",
     "disc_lr": "VQGAN: discriminator learning rate (default: the generator's)",
     "disc_betas": "VQGAN: the discriminator's Adam betas",
