@@ -633,6 +633,9 @@ def cli_files(tmp_path_factory):
 
     Image.new("RGB", (20, 20)).save(root / "image.png")
     Image.new("L", (20, 20)).save(root / "mask.png")
+    (root / "old_samples").mkdir()  # an earlier `mage sample --num 3`
+    for i in range(3):
+        Image.new("RGB", (16, 16)).save(root / "old_samples" / f"{i:06d}.png")
     hole = Image.new("L", (20, 20))
     hole.paste(255, (0, 0, 4, 4))  # the top-left corner
     hole.save(root / "hole.png")
@@ -837,6 +840,9 @@ CLI_CASES = [
     ("train " + TINY_TOKENIZER + " --objective tokenizer --disc-weight 0.8 --disc-layers 1 --disc-start 2 --steps 2 "
      "--batch-size 4 --out-dir {root}/run_disc", 1,
      "--disc-start: TrainConfig.disc_start 2 is not below steps 2 (--steps)"),
+    # An earlier run's higher-numbered PNGs stayed beside this run's: `mage fid` on the folder mixed the two runs.
+    ("sample --checkpoint {root}/model.safetensors --device cpu --num 2 --steps 1 --images-dir {root}/old_samples", 1,
+     "--images-dir {root}/old_samples holds 1 sample PNG numbered 2 and above (000002.png)"),
 ]
 
 
