@@ -481,6 +481,9 @@ MODEL_CASES = [
     ("TrainConfig", lambda: mage.TrainConfig(betas=(0.9,)), ValueError, "TrainConfig.betas must be two numbers"),
     ("TrainConfig", lambda: mage.TrainConfig(disc_betas=(0.5, 0.9, 0.1)), ValueError,
      "TrainConfig.disc_betas must be two numbers"),
+    # The discriminator never trained (steps are 0..steps-1) and nothing said so.
+    ("TrainConfig", lambda: mage.TrainConfig(objective="tokenizer", disc_weight=0.8, steps=100, disc_start=100),
+     ValueError, "TrainConfig.disc_start 100 is not below steps 100"),
 ]
 # Names of mage.__all__ that take no user input worth a row (results, errors, the demo as a whole).
 NOT_INPUT = {"CheckpointError", "InputError", "LoadReport", "ProbeResult", "DemoConfig", "run_demo"}
@@ -630,6 +633,9 @@ def cli_files(tmp_path_factory):
 
     Image.new("RGB", (20, 20)).save(root / "image.png")
     Image.new("L", (20, 20)).save(root / "mask.png")
+    (root / "old_samples").mkdir()  # an earlier `mage sample --num 3`
+    for i in range(3):
+        Image.new("RGB", (16, 16)).save(root / "old_samples" / f"{i:06d}.png")
     hole = Image.new("L", (20, 20))
     hole.paste(255, (0, 0, 4, 4))  # the top-left corner
     hole.save(root / "hole.png")
@@ -830,6 +836,13 @@ CLI_CASES = [
      "--image-size: TrainConfig.image_size 16 and the MAE's image_size 32 (TrainConfig.mae) differ"),
     ("train --objective tokenizer --tokenizer '{{\"resolution\": 40}}' --out-dir {root}/run", 1,
      "--tokenizer: TrainConfig.tokenizer: TokenizerConfig: resolution 40 must be a multiple"),
+    # The discriminator never trained and nothing said so.
+    ("train " + TINY_TOKENIZER + " --objective tokenizer --disc-weight 0.8 --disc-layers 1 --disc-start 2 --steps 2 "
+     "--batch-size 4 --out-dir {root}/run_disc", 1,
+     "--disc-start: TrainConfig.disc_start 2 is not below steps 2 (--steps)"),
+    # An earlier run's higher-numbered PNGs stayed beside this run's: `mage fid` on the folder mixed the two runs.
+    ("sample --checkpoint {root}/model.safetensors --device cpu --num 2 --steps 1 --images-dir {root}/old_samples", 1,
+     "--images-dir {root}/old_samples holds 1 sample PNG numbered 2 and above (000002.png)"),
 ]
 
 

@@ -219,6 +219,35 @@ def test_cli_sample_and_inpaint(model, tmp_path):
         cli.main(["sample"])  # --checkpoint is required
 
 
+def test_cli_sample_refuses_an_images_dir_it_would_leave_mixed(model, tmp_path, capsys):
+    # A run with a smaller --num overwrote 000000.png.. and left the earlier run's higher-numbered PNGs beside
+    # them: `mage fid` on the folder counted both runs' samples.
+    ckpt, images = tmp_path / "tiny.safetensors", tmp_path / "samples"
+    model.save(ckpt)
+
+    def sample(num: int, seed: int = 0) -> int:
+        return cli.main(["sample", "--checkpoint", str(ckpt), "--num", str(num), "--steps", "2", "--seed", str(seed),
+                         "--out", str(tmp_path / "samples.png"), "--device", "cpu"])  # the default folder: samples/
+
+    assert sample(4) == 0
+    before = {p.name: p.read_bytes() for p in images.iterdir()}
+    with pytest.raises(SystemExit) as info:
+        sample(2, seed=1)
+    err = capsys.readouterr().err
+    assert info.value.code == 1 and "Traceback" not in err
+    assert (f"--images-dir {images} (the default, --out without its extension) holds 2 sample PNGs numbered 2 and "
+            f"above (000002.png to 000003.png), which this run (--num 2) would not overwrite") in err, err
+    assert {p.name: p.read_bytes() for p in images.iterdir()} == before, "the refused run wrote or deleted files"
+    assert sample(4, seed=1) == 0 and sample(5) == 0  # a run that overwrites every PNG there leaves no mix
+    assert sorted(p.name for p in images.iterdir()) == [f"{i:06d}.png" for i in range(5)]
+
+    (images / "mage-eval.json").write_text("{}")  # a mage eval folder: eval would read these PNGs back as its own
+    with pytest.raises(SystemExit) as info:
+        sample(5)
+    err = capsys.readouterr().err
+    assert info.value.code == 1 and "is a mage eval folder" in err and "--images-dir" in err, err
+
+
 def test_cli_inpaint_on_a_grey_model(tmp_path):
     """A one-channel model (the demo's Fashion-MNIST one) reads the image as grey: the demo's own
     inpaint_example.png and inpaint_mask.png, as the report's command passes them."""

@@ -169,11 +169,32 @@ def add_sample(subparsers) -> None:
     p.add_argument("--num", type=int, default=64, help="number of images")
     p.add_argument("--out", default="samples.png", help="grid PNG")
     p.add_argument("--images-dir", default=None,
-                   help="directory for the individual PNGs (default: <out without .png>/)")
+                   help="directory for the individual PNGs (default: <out without .png>/); one holding sample "
+                        "PNGs numbered --num or above, or a mage eval folder, is refused")
     p.add_argument("--nrow", type=int, default=8, help="images per grid row")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--cuda-graph", action="store_true", help="capture one batch as a CUDA graph and replay it")
     p.set_defaults(func=run_sample)
+
+
+def _check_sample_dir(images_dir: str, args) -> None:
+    """The folder holds only this run's samples afterwards (`mage fid` reads every image in it): a sample PNG this
+    run would not overwrite (an earlier run's, with a larger --num) is refused before anything is written, and so is
+    a mage eval folder, whose next run would read the PNGs written here back as its own samples."""
+    from .evaluation import IMAGES_DIR_RECORD, sample_indices
+
+    named = f"--images-dir {images_dir}" + ("" if args.images_dir else " (the default, --out without its extension)")
+    if os.path.exists(os.path.join(images_dir, IMAGES_DIR_RECORD)):
+        raise InputValueError(f"{named} is a mage eval folder ({IMAGES_DIR_RECORD} records the run that made its "
+                              f"PNGs), and mage eval would read the PNGs this run writes there back as its own "
+                              f"samples: give another folder (--images-dir)")
+    left = [i for i in sample_indices(images_dir) if i >= args.num]
+    if left:
+        which = f"{left[0]:06d}.png" + (f" to {left[-1]:06d}.png" if len(left) > 1 else "")
+        raise InputValueError(f"{named} holds {len(left)} sample PNG{'s' if len(left) > 1 else ''} numbered "
+                              f"{args.num} and above ({which}), which this run (--num {args.num}) would not "
+                              f"overwrite, so the folder would mix two runs' samples (mage fid reads them all): give "
+                              f"another folder (--images-dir), or move or delete those PNGs first")
 
 
 def run_sample(args) -> int:
@@ -189,6 +210,8 @@ def run_sample(args) -> int:
     if os.path.exists(images_dir) and not os.path.isdir(images_dir):
         default = "" if args.images_dir else " (the default, --out without its extension): set --images-dir"
         raise InputValueError(f"--images-dir {images_dir} is a file, not a folder{default}")
+    if os.path.isdir(images_dir):
+        _check_sample_dir(images_dir, args)
     model = _load_model(args)
     _check_decoding(args, model)
     os.makedirs(images_dir, exist_ok=True)  # a folder of outputs, made as train makes --out-dir
@@ -317,7 +340,8 @@ _HELP = {
     "compile_backend": "torch.compile backend (aot_eager traces without generating code)",
     "disc_weight": "VQGAN: weight of the adversarial term times the adaptive weight (0: no discriminator; "
                    "taming uses 0.8)",
-    "disc_start": "VQGAN: step at which the discriminator starts training and contributing",
+    "disc_start": "VQGAN: step (counted from 0, below --steps) at which the discriminator starts training and "
+                  "contributing",
     "disc_loss": "VQGAN: hinge or non-saturating",
     "disc_lr": "VQGAN: discriminator learning rate (default: the generator's)",
     "disc_betas": "VQGAN: the discriminator's Adam betas",

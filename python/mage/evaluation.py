@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import time
 from pathlib import Path
 
@@ -156,6 +157,12 @@ def batch_seed(seed: int, index: int) -> int:
 
 
 IMAGES_DIR_RECORD = "mage-eval.json"  # in images_dir: the model and settings that made its PNGs
+_SAMPLE_PNG = re.compile(r"[0-9]{6,}\.png")  # image i is f"{i:06d}.png" (mage eval and mage sample)
+
+
+def sample_indices(folder: str | os.PathLike) -> list[int]:
+    """The numbers of the sample PNGs (000123.png) directly in `folder`, sorted."""
+    return sorted(int(p.name[:-4]) for p in Path(folder).iterdir() if _SAMPLE_PNG.fullmatch(p.name) and p.is_file())
 
 
 def _check_images_dir(out: Path, model, cfg: EvalConfig) -> None:
@@ -165,7 +172,7 @@ def _check_images_dir(out: Path, model, cfg: EvalConfig) -> None:
     made_by = {"model": weights_fingerprint(model), "seed": cfg.seed, "steps": cfg.steps,
                "choice_temperature": cfg.choice_temperature, "batch_size": cfg.batch_size, "dtype": str(cfg.dtype)}
     record = out / IMAGES_DIR_RECORD
-    samples = any(out.glob("[0-9]" * 6 + ".png"))  # before the record is read: a PNG is written after its record
+    samples = bool(sample_indices(out))  # before the record is read: a PNG is written after its record
     if record.is_file():
         try:
             saved = json.loads(record.read_text())

@@ -190,6 +190,11 @@ class TrainConfig:
             raise InputValueError(f"TrainConfig.crop_scale must be (low, high) with 0 < low <= high <= 1, "
                                   f"got {self.crop_scale}")
         self._check_unused()
+        if self.disc_weight and self.disc_start >= self.steps:  # optimizer steps, 0..steps-1, with or without resume
+            raise InputValueError(f"TrainConfig.disc_start {self.disc_start} is not below steps {self.steps} "
+                                  f"(--steps): the discriminator trains from step disc_start on and the run's last "
+                                  f"step is {self.steps - 1}, so it would never train: give a disc_start below steps "
+                                  f"(--disc-start), or disc_weight 0 (--disc-weight) for no discriminator")
         self._check_nested()
 
     def _check_unused(self) -> None:
