@@ -328,6 +328,24 @@ def test_cli_eval_reads_back_only_the_samples_of_the_same_model_and_settings(tmp
     assert "holds sample PNGs but no mage-eval.json" in capsys.readouterr().err
 
 
+def test_cli_eval_takes_a_folder_whose_record_has_no_samples_yet(tmp_path, capsys, cheap_inception, tiny_checkpoint):
+    # A run stopped after writing mage-eval.json but before its first PNG left a record that refused every later
+    # run with other settings, saying the folder "holds the samples of another run" when it held none.
+    from mage.cli import main
+
+    images = tmp_path / "samples"
+    images.mkdir()
+    stale = {"model": "0" * 64, "seed": 5, "steps": 9, "choice_temperature": 1.0, "batch_size": 7, "dtype": "None"}
+    (images / "mage-eval.json").write_text(json.dumps(stale))
+    args = ["eval", "--num", "2", "--batch-size", "2", "--steps", "2", "--images-dir", str(images), "--device", "cpu",
+            "--no-progress", "--checkpoint", str(tiny_checkpoint)]
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["generated"] == 2
+    record = json.loads((images / "mage-eval.json").read_text())
+    assert record["steps"] == 2 and record["seed"] == 0 and record["model"] != stale["model"]
+    assert main(args) == 0 and json.loads(capsys.readouterr().out)["reused_from_images_dir"] == 2
+
+
 def test_cli_eval_streams_resumes_and_shards(tmp_path, capsys, cheap_inception, tiny_checkpoint):
     from mage.checkpoint import load
     from mage.cli import main

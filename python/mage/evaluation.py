@@ -166,26 +166,29 @@ def sample_indices(folder: str | os.PathLike) -> list[int]:
 
 
 def _check_images_dir(out: Path, model, cfg: EvalConfig) -> None:
-    """PNGs in images_dir are read back only if this model made them with these settings: the first run records
-    both in IMAGES_DIR_RECORD, and a later run with others, or PNGs without a record, are refused (they would go
-    into the statistics as this run's samples)."""
+    """PNGs in images_dir are read back only if this model made them with these settings: the run records both in
+    IMAGES_DIR_RECORD before its first PNG, and a later run with others, or PNGs without a record, are refused (they
+    would go into the statistics as this run's samples). A record beside no PNGs (a run stopped before its first) is
+    replaced. Under torchrun every process checks and all write the same record."""
     made_by = {"model": weights_fingerprint(model), "seed": cfg.seed, "steps": cfg.steps,
                "choice_temperature": cfg.choice_temperature, "batch_size": cfg.batch_size, "dtype": str(cfg.dtype)}
     record = out / IMAGES_DIR_RECORD
     samples = bool(sample_indices(out))  # before the record is read: a PNG is written after its record
+    saved = None
     if record.is_file():
         try:
             saved = json.loads(record.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
             saved = {}
         saved = saved if isinstance(saved, dict) else {}
-        differ = ["another model" if k == "model" else f"{k} {saved.get(k)!r} (now {v!r})"
-                  for k, v in made_by.items() if saved.get(k) != v]
-        if differ:
-            raise InputValueError(f"images_dir {out} holds the samples of another run ({', '.join(differ)}), which "
-                                  "this one would count as its own: give another folder (--images-dir), or delete its "
-                                  f"PNGs and {IMAGES_DIR_RECORD} to start over")
+    differ = None if saved is None else ["another model" if k == "model" else f"{k} {saved.get(k)!r} (now {v!r})"
+                                         for k, v in made_by.items() if saved.get(k) != v]
+    if differ == []:
         return
+    if samples and differ:
+        raise InputValueError(f"images_dir {out} holds the samples of another run ({', '.join(differ)}), which "
+                              "this one would count as its own: give another folder (--images-dir), or delete its "
+                              f"PNGs and {IMAGES_DIR_RECORD} to start over")
     if samples:
         raise InputValueError(f"images_dir {out} holds sample PNGs but no {IMAGES_DIR_RECORD} saying which model and "
                               "settings made them, so they cannot be counted as this run's: give an empty folder "
