@@ -34,4 +34,3 @@ def load_tokenizer(path: str | os.PathLike, *, device: str | torch.device = "cpu
         tokenizer = VQGANTokenizer(config)
     load_checked(tokenizer, tensors, what=path, dtype=dtype, check_finite=check_finite)
     return tokenizer
-
