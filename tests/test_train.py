@@ -677,6 +677,37 @@ def test_cli_keeps_the_traceback_of_a_bug(tmp_path, monkeypatch):
         main(_cli_flags(tmp_path, 1))
 
 
+def test_every_cli_flag_reaches_mage_under_torchrun():
+    """torchrun's parser reads the whole command line, `-m mage.cli <command> ...` included, and stops on a flag
+    of ours that abbreviates two of its own (--num: --numa-binding / --numa_binding). Every flag of every command
+    must pass through it, or have an alias for the same setting that does (--num-images)."""
+    import argparse
+    import contextlib
+    import io
+
+    from torch.distributed.run import get_args_parser
+
+    from mage.cli import build_parser
+
+    def passes(command: str, flag: str) -> bool:
+        with contextlib.redirect_stderr(io.StringIO()):
+            try:
+                args = get_args_parser().parse_args(["-m", "mage.cli", command, flag, "1"])
+            except SystemExit:
+                return False
+        return args.training_script_args == [command, flag, "1"]
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    blocked = []
+    for command, parser in commands.items():
+        for action in parser._actions:
+            flags = [f for f in action.option_strings if f not in ("-h", "--help")]
+            if flags and not any(passes(command, f) for f in flags):
+                blocked.append(f"{command} {'/'.join(flags)}")
+    assert not blocked
+    assert not passes("eval", "--num") and passes("eval", "--num-images")  # the case that made the alias
+
+
 def test_cli_train_under_torchrun(tmp_path):
     import subprocess
     import sys

@@ -166,7 +166,8 @@ def add_sample(subparsers) -> None:
                               description="Iterative decoding from all-[MASK] (docs/REFERENCE.md 5); writes a PNG "
                                           "grid and each image as its own PNG.")
     _add_common(p)
-    p.add_argument("--num", type=int, default=64, help="number of images")
+    p.add_argument("--num", "--num-images", dest="num", type=int, default=64,
+                   help=f"number of images{_TORCHRUN_NUM}")
     p.add_argument("--out", default="samples.png", help="grid PNG")
     p.add_argument("--images-dir", default=None,
                    help="directory for the individual PNGs (default: <out without .png>/); one holding sample "
@@ -316,6 +317,9 @@ def _governor(threads: int):
 # ------------------------------------------------------------------------------------ mage train
 
 _JSON_FIELDS = ("model_overrides", "tokenizer", "mae")
+# torchrun's own parser reads a --num after the command as an abbreviation of its --numa-binding (and stops).
+_TORCHRUN_NUM = "; under torchrun write --num-images (torchrun takes --num for its --numa-binding)"
+
 _HELP = {
     "data": "fashion-mnist | digits | an image folder root/<class>/*.png (root/train/ is used when present)",
     "model_overrides": 'JSON of MAGEConfig fields, e.g. \'{"depth": 6, "dropout": 0.0}\'',
@@ -586,7 +590,8 @@ def add_eval(subparsers) -> None:
                    help="official .pth or our .safetensors (EMA weights when trained with them)")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="allow arbitrary pickled objects in a .pth (only for files whose origin you trust)")
-    p.add_argument("--num", type=int, default=50000, help="images to generate (default 50000, the paper's protocol)")
+    p.add_argument("--num", "--num-images", dest="num", type=int, default=50000,
+                   help=f"images to generate (default 50000, the paper's protocol){_TORCHRUN_NUM}")
     p.add_argument("--batch-size", type=int, default=64, help="images per sampling batch (default 64)")
     p.add_argument("--steps", type=int, default=20, help="decoding steps (default 20)")
     p.add_argument("--choice-temperature", type=float, default=6.0, help="choice (Gumbel) temperature (default 6.0)")
