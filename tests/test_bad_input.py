@@ -320,6 +320,7 @@ MODEL_CASES = [
     ("TrainConfig", lambda: mage.TrainConfig(data=3), TypeError, "data"),
     ("ProbeConfig", lambda: mage.ProbeConfig(epochs=0), ValueError, "epochs"),
     ("ProbeConfig", lambda: mage.ProbeConfig(base_lr=-1.0), ValueError, "base_lr"),
+    ("ProbeConfig", lambda: mage.ProbeConfig(epochs=5, warmup_epochs=6), ValueError, "warmup_epochs 6 is more than"),
     ("mage_vit_tiny", lambda: mage.mage_vit_tiny(embed_dim=100), ValueError, "embed_dim"),
     ("mage_vit_small", lambda: mage.mage_vit_small(depth=-1), ValueError, "depth"),
     ("mage_vit_base_patch16", lambda: mage.mage_vit_base_patch16(mlp_ratio=0.0), ValueError, "mlp_ratio"),

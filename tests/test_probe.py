@@ -130,3 +130,9 @@ def test_weight_decay_groups_follow_timm_rule():
     opt.param_groups[0]["lr_scale"] = 0.5
     set_lr(opt, 2e-3)
     assert [g["lr"] for g in opt.param_groups] == [1e-3, 2e-3]
+
+
+def test_default_warmup_is_cut_to_short_probes():
+    """The reference's 10 warm-up epochs, or all of a shorter probe's (its lr would never reach the peak)."""
+    assert ProbeConfig().warmup_epochs == 10 and ProbeConfig(epochs=5).warmup_epochs == 5
+    assert ProbeConfig(epochs=5, warmup_epochs=0).warmup_epochs == 0

@@ -686,7 +686,7 @@ def run_probe(args) -> int:
     for flag, value, lo in (("--train-images", args.train_images, 1), ("--test-images", args.test_images, 1),
                             ("--batch-size", args.batch_size, 1), ("--epochs", args.epochs, 1)):
         _require(flag, value, lo)
-    # Given, it is kept (not cut to --epochs without a word); the default is cut for short probes.
+    # Given, it is kept (not cut to --epochs without a word); unset, ProbeConfig's default is cut for short probes.
     _require("--warmup-epochs", args.warmup_epochs, 0, args.epochs, why=f"the probe trains {args.epochs} epochs")
     _require("--blr", args.blr, 0.0, lo_open=True)
     _require("--seed", args.seed, 0)
@@ -703,8 +703,7 @@ def run_probe(args) -> int:
             source = make_loader(source, args.batch_size, shuffle=False)
         splits[split] = extract_features(lambda x: model.forward_features(model.vqgan.encode(x)), source,
                                          args.batch_size, device)
-    warmup = min(10, args.epochs) if args.warmup_epochs is None else args.warmup_epochs
-    cfg = ProbeConfig(epochs=args.epochs, warmup_epochs=warmup,
+    cfg = ProbeConfig(epochs=args.epochs, warmup_epochs=args.warmup_epochs,
                       batch_size=args.batch_size, base_lr=args.blr, optimizer=args.optimizer, layer_norm=True,
                       seed=args.seed)
     result = linear_probe(*splits["train"], *splits["test"], cfg)

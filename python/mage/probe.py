@@ -92,7 +92,7 @@ class ProbeConfig:
     """
 
     epochs: int = 90
-    warmup_epochs: int = 10
+    warmup_epochs: int | None = None  # None: 10, or `epochs` when fewer (a warm-up longer than the run never ends)
     batch_size: int = 256
     base_lr: float = 0.1
     optimizer: str = "lars"  # or "sgd" (momentum 0.9)
@@ -105,6 +105,12 @@ class ProbeConfig:
         check_config(self)
         if self.optimizer not in ("lars", "sgd"):
             raise InputValueError(f"ProbeConfig: optimizer must be 'lars' or 'sgd', got {self.optimizer!r}")
+        if self.warmup_epochs is None:
+            object.__setattr__(self, "warmup_epochs", min(10, self.epochs))
+        elif self.warmup_epochs > self.epochs:
+            raise InputValueError(f"ProbeConfig: warmup_epochs {self.warmup_epochs} is more than epochs {self.epochs}: "
+                                  "the learning rate would never reach its peak; give at most epochs, or leave it "
+                                  "unset (10, or epochs when fewer)")
 
 
 @dataclass
