@@ -16,6 +16,7 @@ from mage.checkpoint_io import (
     previous_path,
     restore_rng_state,
     save_checkpoint,
+    weights_fingerprint,
 )
 
 
@@ -193,3 +194,23 @@ def test_atomic_writes_use_a_temp_file_of_their_own_with_normal_permissions(tmp_
             os.umask(mask)
         for name in ("r.json", "c.pt", "000001.png"):
             assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+
+
+def test_weights_fingerprint_tells_weights_apart_and_nothing_else():
+    """The same weights give the same fingerprint in another module object or dtype that holds them exactly;
+    one changed value, a renamed parameter, or the same values in another shape give another."""
+    torch.manual_seed(0)
+    a = torch.nn.Linear(3, 2)
+    b = torch.nn.Linear(3, 2)
+    b.load_state_dict(a.state_dict())
+    assert weights_fingerprint(a) == weights_fingerprint(b) == weights_fingerprint(b.double())
+    with torch.no_grad():
+        b.weight[1, 2] += 1e-3
+    assert weights_fingerprint(a) != weights_fingerprint(b)
+    c = torch.nn.Linear(2, 3, bias=False)
+    d = torch.nn.Linear(3, 2, bias=False)
+    with torch.no_grad():
+        d.weight.copy_(c.weight.reshape(2, 3))  # the same values in the same order, shape [2, 3] for [3, 2]
+    assert weights_fingerprint(c) != weights_fingerprint(d)
+    e = torch.nn.Sequential(a)  # names "0.weight", "0.bias"
+    assert weights_fingerprint(e) != weights_fingerprint(a)

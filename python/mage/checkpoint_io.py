@@ -131,12 +131,12 @@ def _atomic_write(path: Path, chunks: list, keep_previous: bool, write_file=None
 
 
 def weights_fingerprint(module: torch.nn.Module) -> str:
-    """SHA-256 of a module's state dict (names and float32 values): the same for the same weights wherever they
-    are, so that a file made with a model (a token cache, sample PNGs) can record which one it was."""
+    """SHA-256 of a module's state dict (names, shapes and float32 values): the same for the same weights wherever
+    they are, so that a file made with a model (a token cache, sample PNGs) can record which one it was."""
     digest = hashlib.sha256()
     for name, tensor in module.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        digest.update(f"{name}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy())
     return digest.hexdigest()
 
 
