@@ -106,6 +106,21 @@ def load_digits(dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch
     return x, torch.from_numpy(bunch.target.astype(np.int64))
 
 
+BUILTIN_DATA = ("fashion-mnist", "digits")  # `data` names a built-in data set or else a folder
+
+
+def load_builtin(name: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split "train" or "test" of a built-in data set (BUILTIN_DATA): Fashion-MNIST's own, or digits' first 80% of
+    images and the rest (the split `mage train --data digits` and its probe use)."""
+    if name == "fashion-mnist":
+        return load_fashion_mnist(split)
+    if name != "digits":
+        raise InputValueError(f"load_builtin: name must be one of {BUILTIN_DATA}, got {name!r}")
+    x, y = load_digits()
+    n = int(0.8 * x.shape[0])
+    return (x[:n], y[:n]) if split == "train" else (x[n:], y[n:])
+
+
 def to_float_image(image: torch.Tensor, channels: int | None = None) -> torch.Tensor:
     """uint8 or float [C, H, W] (or [N, C, H, W]) -> float32 in [0, 1]; grey repeated to `channels` if given."""
     x = image.float().div_(255) if image.dtype == torch.uint8 else image.float()

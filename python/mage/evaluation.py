@@ -174,22 +174,21 @@ def _check_images_dir(out: Path, model, cfg: EvalConfig) -> None:
                "choice_temperature": cfg.choice_temperature, "batch_size": cfg.batch_size, "dtype": str(cfg.dtype)}
     record = out / IMAGES_DIR_RECORD
     samples = bool(sample_indices(out))  # before the record is read: a PNG is written after its record
-    saved = None
     if record.is_file():
         try:
             saved = json.loads(record.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
             saved = {}
         saved = saved if isinstance(saved, dict) else {}
-    differ = None if saved is None else ["another model" if k == "model" else f"{k} {saved.get(k)!r} (now {v!r})"
-                                         for k, v in made_by.items() if saved.get(k) != v]
-    if differ == []:
-        return
-    if samples and differ:
-        raise InputValueError(f"images_dir {out} holds the samples of another run ({', '.join(differ)}), which "
-                              "this one would count as its own: give another folder (--images-dir), or delete its "
-                              f"PNGs and {IMAGES_DIR_RECORD} to start over")
-    if samples:
+        differ = ["another model" if k == "model" else f"{k} {saved.get(k)!r} (now {v!r})"
+                  for k, v in made_by.items() if saved.get(k) != v]
+        if not differ:
+            return
+        if samples:
+            raise InputValueError(f"images_dir {out} holds the samples of another run ({', '.join(differ)}), which "
+                                  "this one would count as its own: give another folder (--images-dir), or delete "
+                                  f"its PNGs and {IMAGES_DIR_RECORD} to start over")
+    elif samples:
         raise InputValueError(f"images_dir {out} holds sample PNGs but no {IMAGES_DIR_RECORD} saying which model and "
                               "settings made them, so they cannot be counted as this run's: give an empty folder "
                               "(--images-dir), or delete them")
@@ -268,13 +267,8 @@ def probe_images(source: str, split: str, size: int, channels: int,
     check_int("probe_images", "channels", channels, 1)
     if limit is not None:
         check_int("probe_images", "limit", limit, 1)  # a negative slice bound would drop the last images
-    if source in ("fashion-mnist", "digits"):
-        if source == "fashion-mnist":
-            x, y = data_lib.load_fashion_mnist(split)
-        else:
-            x, y = data_lib.load_digits()
-            n = int(0.8 * x.shape[0])  # the split `mage train --data digits` uses
-            x, y = (x[:n], y[:n]) if split == "train" else (x[n:], y[n:])
+    if source in data_lib.BUILTIN_DATA:
+        x, y = data_lib.load_builtin(source, split)  # the split `mage train --data` uses
         x, y = x[:limit], y[:limit]
         x = data_lib.to_float_image(x, channels)
         if x.shape[-1] != size:

@@ -532,21 +532,14 @@ def mae_loss(model: MAE, images: torch.Tensor, plan: dict, cfg: TrainConfig) -> 
 # ------------------------------------------------------------------------------------------ data
 
 
-DATA_SETS = ("fashion-mnist", "digits")  # built in; any other `data` is a folder
-
-
 def data_source(name: str) -> str:
     """What `data` names, comparable wherever it was given: a built-in data set's name or a folder's absolute path."""
-    return name if name in DATA_SETS else str(Path(name).resolve())
+    return name if name in data_lib.BUILTIN_DATA else str(Path(name).resolve())
 
 
 def load_images(name: str, split: str) -> tuple[torch.Tensor, torch.Tensor] | data_lib.ImageFolder:
-    if name == "fashion-mnist":
-        return data_lib.load_fashion_mnist(split)
-    if name == "digits":
-        x, y = data_lib.load_digits()
-        n = int(0.8 * x.shape[0])
-        return (x[:n], y[:n]) if split == "train" else (x[n:], y[n:])
+    if name in data_lib.BUILTIN_DATA:
+        return data_lib.load_builtin(name, split)
     return data_lib.ImageFolder(Path(name) / split if (Path(name) / split).is_dir() else name)
 
 
